@@ -1,0 +1,35 @@
+# Two commands: `make lab` opens JupyterLab on the notebooks, `make test` runs every test.
+# Both create .venv on first use and reinstall only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.flashkit-installed
+PORT   ?= 8888
+EXTRAS ?= notebooks,test
+
+.PHONY: lab test bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Localhost only, token kept: open the URL JupyterLab prints (with its token).
+lab: $(STAMP)
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The CPU benchmark. It unsets the OpenBLAS overrides of these machines in its own command only,
+# and records the BLAS kernel in use with the results.
+bench: $(STAMP)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python -m benchmarks.cpu_forward
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,58 @@
+"""flashkit.attention(): validate, pick a backend, call it, shape the result."""
+from __future__ import annotations
+
+from flashkit import registry, validate
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, backend="auto",
+              block_size=None, return_lse=False):
+    """Exact softmax attention, softmax(q k^T * scale) v, computed tile by tile.
+
+    Parameters
+    ----------
+    q : array (B, H, Nq, d), (H, Nq, d) or (Nq, d); NumPy (CPU) or CuPy (GPU)
+    k, v : arrays (B, H_kv, Nk, d) of the same rank, dtype and library as q. H % H_kv == 0: fewer K/V
+        heads than query heads is grouped-query (GQA) or multi-query (MQA) attention.
+    causal : bool. Aligned bottom-right when Nq != Nk (query i sees keys j <= i + Nk - Nq), as
+        FlashAttention >= 2.1 does, so one decoding step against a KV cache is the same call.
+    scale : float > 0, default 1/sqrt(d).
+    window : (left, right) sliding window around the bottom-right diagonal, -1 = unbounded side.
+    mask : bool array broadcastable to (B, H, Nq, Nk), True where a query may attend to a key.
+    backend : "auto" or a name from flashkit.backends(). A named backend that cannot serve the
+        request raises; it never falls back silently.
+    block_size : None (the backend chooses from the cache size), an int, or (Br, Bc).
+    return_lse : also return the logsumexp of each query row (natural log), shape (B, H, Nq).
+
+    Returns
+    -------
+    o, with q's shape and dtype (float16 input to a CPU backend is computed in float32), or (o, lse).
+    A query row that sees no key gives o = 0 and lse = -inf. Inputs are never modified.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string ('auto' or a name from flashkit.backends()); got {backend!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be True or False; got {return_lse!r}")
+    if backend != "auto":
+        registry.get(backend)  # an unknown name fails before any work on the arrays
+    problem = validate.check(q, k, v, causal=causal, scale=scale, window=window, mask=mask,
+                             block_size=block_size)
+    chosen = registry.choose(problem, backend)
+    O, lse = chosen.run(problem)
+    o = O.reshape(q.shape).astype(q.dtype, copy=False)  # back to the caller's rank and dtype
+    if not return_lse:
+        return o
+    lse_dtype = "float64" if q.dtype.name == "float64" else "float32"
+    return o, lse.reshape(q.shape[:-1]).astype(lse_dtype, copy=False)
+
+
+def backends():
+    """Every backend as a list of dicts: name, device, available, reason (why not), summary."""
+    rows = []
+    for b in registry.all_backends():
+        reason = b.unavailable_reason()
+        rows.append({
+            "name": b.name, "device": b.device, "available": reason is None, "reason": reason or "",
+            "dtypes": ", ".join(b.dtypes), "head_dims": "any" if b.head_dims is None else ", ".join(map(str, b.head_dims)),
+            "mask": b.mask, "rung": b.rung, "summary": b.summary,
+        })
+    return rows

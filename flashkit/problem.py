@@ -1,0 +1,95 @@
+"""The validated attention problem that every backend receives.
+
+`flashkit.validate.check()` turns what the user passed into a `Problem`: 4-D contiguous arrays, a
+number for the scale, the causal flag folded into the sliding window, the mask in a fixed 4-D form.
+Backends read a Problem and never look at user input again, so no kernel repeats a check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Tuple
+
+# Tests set this to True: outputs then start as NaN, so an element a kernel forgets to write fails
+# the comparison with the reference instead of passing by luck with whatever memory held.
+POISON = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    Q: Any  # (B, Hq, Nq, d)   contiguous, float; numpy or cupy
+    K: Any  # (B, Hkv, Nk, d)  Hq % Hkv == 0 (GQA / MQA)
+    V: Any  # (B, Hkv, Nk, d)
+    scale: float  # multiplies Q K^T; default 1/sqrt(d)
+    causal: bool  # as the user asked; already folded into `window`
+    window: Tuple[int, int]  # (left, right) around the bottom-right diagonal, -1 = unbounded
+    mask: Optional[Any]  # None or bool (Bm, Hm, Nq, Nk), Bm in {1, B}, Hm in {1, Hq}; True = may attend
+    block_size: Optional[Tuple[int, int]]  # (Br, Bc) forced by the user, or None = backend's choice
+    xp: Any  # the array module: numpy or cupy
+
+    # Shapes, named as in the papers.
+    @property
+    def B(self) -> int:
+        return self.Q.shape[0]
+
+    @property
+    def Hq(self) -> int:
+        return self.Q.shape[1]
+
+    @property
+    def Hkv(self) -> int:
+        return self.K.shape[1]
+
+    @property
+    def group(self) -> int:
+        """Query heads that share one K/V head (1 = plain multi-head, Hq = MQA)."""
+        return self.Hq // self.Hkv
+
+    @property
+    def Nq(self) -> int:
+        return self.Q.shape[2]
+
+    @property
+    def Nk(self) -> int:
+        return self.K.shape[2]
+
+    @property
+    def d(self) -> int:
+        return self.Q.shape[3]
+
+    @property
+    def dtype(self):
+        return self.Q.dtype
+
+    @property
+    def has_window(self) -> bool:
+        """True when causal or a sliding window limits which keys a row sees."""
+        return self.window != (-1, -1)
+
+    def flops(self) -> float:
+        """Forward FLOPs as FlashAttention counts them: 4·B·H·Nq·Nk·d, scaled by the visible fraction."""
+        from flashkit.masks import visible_fraction
+
+        return 4.0 * self.B * self.Hq * self.Nq * self.Nk * self.d * visible_fraction(
+            self.Nq, self.Nk, self.window
+        )
+
+    def new_outputs(self, o_dtype=None, lse_dtype=None):
+        """Fresh (O, lse) arrays for a backend to fill: (B, Hq, Nq, d) and (B, Hq, Nq).
+
+        Every backend allocates its outputs here, so the tests' poisoning reaches all of them.
+        """
+        xp = self.xp
+        shape_o, shape_l = (self.B, self.Hq, self.Nq, self.d), (self.B, self.Hq, self.Nq)
+        o_dtype, lse_dtype = o_dtype or self.dtype, lse_dtype or self.dtype
+        if POISON:
+            return xp.full(shape_o, xp.nan, o_dtype), xp.full(shape_l, xp.nan, lse_dtype)
+        return xp.empty(shape_o, o_dtype), xp.empty(shape_l, lse_dtype)
+
+    def astype(self, dtype) -> "Problem":
+        """The same problem with Q, K, V converted (used to compute float16 input in float32)."""
+        return replace(
+            self,
+            Q=self.Q.astype(dtype),
+            K=self.K.astype(dtype),
+            V=self.V.astype(dtype),
+        )

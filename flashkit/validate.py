@@ -1,0 +1,122 @@
+"""Every check of user input, in one place, with messages that name the argument and what was expected.
+
+`check(...)` returns a `Problem` (flashkit/problem.py) or raises TypeError/ValueError. Nothing the
+user passed is modified: arrays are reshaped as views and copied only when not contiguous.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from flashkit.masks import effective_window
+from flashkit.problem import Problem
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def array_module(x):
+    """numpy or cupy, from the array's type, without importing cupy for NumPy input."""
+    if isinstance(x, np.ndarray):
+        return np
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return None
+
+
+def _check_array(name, x):
+    xp = array_module(x)
+    if xp is None:
+        raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray; got {type(x).__name__}")
+    if x.ndim not in (2, 3, 4):
+        raise ValueError(f"{name} must have 2, 3 or 4 dimensions ((N, d), (H, N, d) or (B, H, N, d)); got shape {tuple(x.shape)}")
+    if x.dtype.name not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype ({', '.join(FLOAT_DTYPES)}); got {x.dtype}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
+    if not bool(xp.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf; attention of non-finite input is undefined")
+    return xp
+
+
+def _as4d(x):
+    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))  # (B, H, N, d), a view
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    return int(v)
+
+
+def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None) -> Problem:
+    xps = [_check_array(n, x) for n, x in (("q", q), ("k", k), ("v", v))]
+    if not (xps[0] is xps[1] is xps[2]):
+        raise TypeError("q, k and v must all be NumPy arrays or all CuPy arrays; got a mix")
+    xp = xps[0]
+    if xp is not np:
+        devices = {x.device.id for x in (q, k, v)}
+        if len(devices) > 1:
+            raise ValueError(f"q, k and v must be on the same GPU; got devices {sorted(devices)}")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(f"q, k and v must have the same number of dimensions; got {q.ndim}, {k.ndim} and {v.ndim}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype; got {q.dtype}, {k.dtype} and {v.dtype}")
+    Q, K, V = _as4d(q), _as4d(k), _as4d(v)
+    (B, Hq, Nq, d), (Bk, Hkv, Nk, dk) = Q.shape, K.shape
+    if V.shape != K.shape:
+        raise ValueError(f"v must have the same shape as k; got v {tuple(v.shape)} and k {tuple(k.shape)}")
+    if dk != d:
+        raise ValueError(f"q and k must have the same head size d (last axis); got {d} and {dk}")
+    if Bk != B:
+        raise ValueError(f"q and k must have the same batch size; got {B} and {Bk}")
+    if Hq % Hkv:
+        raise ValueError(f"the heads of q ({Hq}) must be a multiple of the heads of k and v ({Hkv}) for GQA/MQA")
+
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be True or False; got {causal!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0 (default 1/sqrt(d)); got {scale!r}")
+
+    if window is not None:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window)):
+            raise ValueError(f"window must be a pair (left, right) of integers >= 0, or -1 for unbounded; got {window!r}")
+    win = effective_window(bool(causal), window)
+
+    mask4 = None
+    if mask is not None:
+        mxp = array_module(mask)
+        if mxp is None:
+            raise TypeError(f"mask must be a boolean numpy.ndarray or cupy.ndarray; got {type(mask).__name__}")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must have dtype bool (True = may attend); got {mask.dtype}")
+        if mask.ndim > 4:
+            raise ValueError(f"mask must be broadcastable to (B, H, Nq, Nk) = {(B, Hq, Nq, Nk)}; got shape {tuple(mask.shape)}")
+        m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        if any(s not in (1, full) for s, full in zip(m.shape, (B, Hq, Nq, Nk))):
+            raise ValueError(f"mask must be broadcastable to (B, H, Nq, Nk) = {(B, Hq, Nq, Nk)}; got shape {tuple(mask.shape)}")
+        if mxp is not xp:
+            m = xp.asarray(m.get() if mxp is not np else m)
+        # Keep batch/head broadcasting (Bm, Hm in {1, full}); expand only the (Nq, Nk) plane.
+        mask4 = xp.ascontiguousarray(xp.broadcast_to(m, m.shape[:2] + (Nq, Nk)))
+
+    if block_size is not None:
+        if isinstance(block_size, (tuple, list)):
+            if len(block_size) != 2:
+                raise ValueError(f"block_size must be an integer or a pair (Br, Bc); got {block_size!r}")
+            block_size = (_positive_int("block_size (Br)", block_size[0]), _positive_int("block_size (Bc)", block_size[1]))
+        else:
+            b = _positive_int("block_size", block_size)
+            block_size = (b, b)
+
+    return Problem(
+        Q=xp.ascontiguousarray(Q), K=xp.ascontiguousarray(K), V=xp.ascontiguousarray(V),
+        scale=float(scale), causal=bool(causal), window=win, mask=mask4,
+        block_size=block_size, xp=xp,
+    )

@@ -1,0 +1,58 @@
+"""Shared test helpers: fresh random inputs, the float64 oracle, relative error, output poisoning."""
+import numpy as np
+import pytest
+
+import flashkit
+import flashkit.problem
+from flashkit import registry, validate
+from flashkit.reference import reference
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every backend's outputs start as NaN, so an element it forgets to write fails the check."""
+    monkeypatch.setattr(flashkit.problem, "POISON", True)
+
+
+def cpu_backends():
+    """Names of the CPU backends that can run here (the GPU ones are tested in test_gpu*.py)."""
+    return [b.name for b in registry.all_backends() if b.device == "cpu" and b.available]
+
+
+def random_qkv(rng, B, Hq, Hkv, Nq, Nk, d, dtype=np.float32, spread=1.0):
+    q = (rng.standard_normal((B, Hq, Nq, d)) * spread).astype(dtype)
+    k = (rng.standard_normal((B, Hkv, Nk, d)) * spread).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Nk, d)).astype(dtype)
+    return q, k, v
+
+
+def oracle(q, k, v, **kw):
+    """(O, lse) in float64 from the materialised reference."""
+    kw = {key: val for key, val in kw.items() if key in ("causal", "scale", "window", "mask")}
+    return reference(validate.check(q, k, v, **kw))
+
+
+def rel_err(out, ref):
+    ref = np.asarray(ref, np.float64)
+    out = np.asarray(out, np.float64)
+    denom = np.linalg.norm(ref)
+    return np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0)
+
+
+def assert_matches(o, lse, ref_o, ref_lse, rtol=1e-5, what=""):
+    """O and lse both: relative error of O, then lse elementwise (with -inf rows matching exactly)."""
+    ref_o = np.asarray(ref_o).reshape(np.shape(o))  # the oracle is (B, H, N, d); outputs keep the caller's rank
+    ref_lse = np.asarray(ref_lse).reshape(np.shape(lse))
+    assert np.isfinite(o).all(), f"{what}: output has NaN/Inf at {np.argwhere(~np.isfinite(o))[:5].tolist()}"
+    err = rel_err(o, ref_o)
+    assert err <= rtol, f"{what}: relative error of O {err:.3g} > {rtol:g}"
+    ref_lse = np.asarray(ref_lse, np.float64)
+    lse = np.asarray(lse, np.float64)
+    empty = np.isneginf(ref_lse)
+    assert (np.isneginf(lse) == empty).all(), f"{what}: lse -inf pattern differs at rows {np.argwhere(np.isneginf(lse) != empty)[:5].tolist()}"
+    assert not np.isnan(lse).any(), f"{what}: lse has NaN"
+    diff = np.abs(lse[~empty] - ref_lse[~empty])
+    tol = 1e-4 + rtol * np.abs(ref_lse[~empty])
+    bad = np.argwhere(diff > tol)
+    assert bad.size == 0, f"{what}: lse differs at {bad[:5].tolist()} by up to {diff.max():.3g}"
+    assert (o[..., :][np.broadcast_to(empty[..., None], o.shape)] == 0).all(), f"{what}: rows with no visible key must be 0"
