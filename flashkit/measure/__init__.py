@@ -1,0 +1,1 @@
+"""Measurement: memory (tracemalloc, CuPy pools, analytic), the HBM-traffic model, timing."""
