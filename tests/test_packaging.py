@@ -78,6 +78,9 @@ def test_import_is_light_and_fast():
     code = ("import sys, time; t = time.perf_counter(); import flashkit; dt = time.perf_counter() - t; "
             "heavy = [m for m in ('numba', 'cupy', 'torch', 'plotly', 'ipywidgets', 'scipy') if m in sys.modules]; "
             "print(dt, heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
-    assert float(out[0]) < 0.5, f"import flashkit took {out[0]} s"
+    # best of three fresh processes: a busy 2-core machine can stall any one of them
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+            for _ in range(3)]
+    out = min(runs, key=lambda r: float(r[0]))
+    assert float(out[0]) < 0.5, f"import flashkit took {out[0]} s (best of 3)"
     assert out[1].strip() == "[]", f"import flashkit pulled in {out[1].strip()}"

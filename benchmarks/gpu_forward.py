@@ -1,0 +1,326 @@
+"""Forward attention on one GPU: every flashkit rung beside torch's scaled_dot_product_attention backends.
+
+    python -m benchmarks.gpu_forward [--quick] [--json PATH]
+
+Shapes (issue 3): B*N = 16384 tokens, H*d = 2048, d in {64, 128}, N in {1024, 4096, 16384}, causal and not;
+float16 and bfloat16 for the tensor-core rungs, float32 for the fp32 rungs. Every implementation reads
+the same input tensors (torch allocates them; CuPy sees them through DLPack, bfloat16 as int16 bits).
+
+Timing: CUDA events around each call on the default stream, after a warm-up call (NVRTC compile and
+cuBLAS/cuDNN handle creation stay out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
+FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
+TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at:
+rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-5 -> flash (same dtype).
+Memory: extra GPU bytes beyond inputs at B=1, H=16, d=128, fp16, N = 16384 and 65536 (CuPy pool for the
+flashkit rungs, torch.cuda.max_memory_allocated for torch's flash backend).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+RUNG_NAMES = {1: "cupy-standard", 2: "cupy-fp32-row", 3: "cupy-fp32-tile", 4: "cupy-mma", 5: "cupy-mma-async"}
+TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
+PEER = {1: "math", 2: "efficient", 3: "efficient", 4: "flash", 5: "flash"}
+ELEMENT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
+
+
+def flops(B, H, N, d, causal):
+    """4 B H N^2 d, times (N + 1) / (2N) when causal (the visible fraction of the N x N score matrix)."""
+    f = 4.0 * B * H * N * N * d
+    return f * (N + 1) / (2 * N) if causal else f
+
+
+def time_ms(fn, budget_s=0.25, min_reps=3, max_reps=30):
+    """Median milliseconds of fn() by CUDA events, after one warm-up call."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    while len(times) < max_reps:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if len(times) >= min_reps and sum(times) / 1e3 > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
+def free_all():
+    import cupy
+    import torch
+
+    torch.cuda.synchronize()
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def sdpa_call(backend, q, k, v, causal):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def run():
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def rung_call(rung, q, k, v, causal, dtype, block_size=None):
+    """A closure running one flashkit rung on torch tensors q, k, v (shared with CuPy, no copy)."""
+    import cupy
+    import torch
+
+    from flashkit.gpu.flash import forward
+    from flashkit.masks import effective_window
+
+    d = q.shape[-1]
+    as_cupy = (lambda t: cupy.from_dlpack(t.view(torch.int16))) if dtype == "bfloat16" else cupy.from_dlpack
+    Q, K, V = (as_cupy(t) for t in (q, k, v))
+    window = effective_window(causal, None)
+    if rung == 1:
+        from flashkit.gpu.standard import standard_attention
+        from flashkit.problem import Problem
+
+        if dtype == "bfloat16":
+            return None  # CuPy has no bfloat16 arithmetic for the standard path
+        pb = Problem(Q=Q, K=K, V=V, scale=d ** -0.5, causal=causal, window=window, mask=None, block_size=None, xp=cupy)
+        return lambda: standard_attention(pb)
+    return lambda: forward(rung, Q, K, V, scale=d ** -0.5, window=window, element=ELEMENT[dtype], block_size=block_size)
+
+
+def measure(label, fn, rows, meta):
+    import cupy
+    import torch
+
+    row = dict(meta, impl=label)
+    if fn is None:
+        row.update(status="not applicable")
+    else:
+        try:
+            ms, reps = time_ms(fn)
+            row.update(status="ok", ms=ms, reps=reps, tflops=meta["flops"] / (ms * 1e-3) / 1e12)
+        except (torch.cuda.OutOfMemoryError, cupy.cuda.memory.OutOfMemoryError) as exc:
+            row.update(status=f"out of memory: {str(exc).splitlines()[0][:120]}")
+        except RuntimeError as exc:  # an SDPA backend that does not support this input
+            row.update(status=f"unsupported: {str(exc).splitlines()[0][:160]}")
+    rows.append(row)
+    free_all()
+    shown = f"{row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s" if row["status"] == "ok" else row["status"][:60]
+    print(f"  {label:<22} {shown}", flush=True)
+    return row
+
+
+def run_grid(quick=False):
+    import torch
+
+    rows = []
+    Ns = (1024, 4096) if quick else (1024, 4096, 16384)
+    for d in (64, 128):
+        for N in Ns:
+            B, H = 16384 // N, 2048 // d
+            for causal in (False, True):
+                for dtype in ("float16", "bfloat16", "float32"):
+                    tdt = getattr(torch, dtype)
+                    gen = torch.Generator(device="cuda").manual_seed(0)
+                    q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(3))
+                    meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal))
+                    print(f"d={d} N={N} B={B} H={H} causal={causal} {dtype}", flush=True)
+                    rungs = {"float16": (1, 4, 5), "bfloat16": (4, 5), "float32": (1, 2, 3)}[dtype]
+                    peers = {"float16": TORCH_BACKENDS, "bfloat16": ("flash", "cudnn"), "float32": ("efficient", "math")}[dtype]
+                    for r in rungs:
+                        if quick and r == 2 and N > 4096:
+                            continue
+                        measure(RUNG_NAMES[r], rung_call(r, q, k, v, causal, dtype), rows, dict(meta, rung=r))
+                    for p in peers:
+                        measure(f"torch-{p}", sdpa_call(p, q, k, v, causal), rows, dict(meta, rung=None))
+                    del q, k, v
+                    free_all()
+    return rows
+
+
+def add_ratios(rows):
+    """ratio = peer time / rung time (> 1: the rung is faster), for the peer PEER[rung] in the same row group."""
+    key = lambda r: (r["d"], r["N"], r["causal"], r["dtype"])
+    peers = {(key(r), r["impl"]): r for r in rows if r["impl"].startswith("torch-") and r["status"] == "ok"}
+    for r in rows:
+        if r.get("rung") and r["status"] == "ok":
+            p = peers.get((key(r), f"torch-{PEER[r['rung']]}"))
+            if p is not None:
+                r["peer"] = p["impl"]
+                r["ratio"] = p["ms"] / r["ms"]
+
+
+def block_sweep():
+    """Every allowed (Br, Bc) of rung 5 (fp16) and rung 3 (fp32) at N=4096: evidence for the defaults."""
+    import torch
+
+    from flashkit.gpu.flash import RUNGS
+
+    rows = []
+    N = 4096
+    for rung, dtype in ((5, "float16"), (3, "float32")):
+        for d in (64, 128):
+            B, H = 16384 // N, 2048 // d
+            for causal in (False, True):
+                gen = torch.Generator(device="cuda").manual_seed(1)
+                q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(3))
+                meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal), rung=rung)
+                print(f"sweep rung {rung}: d={d} N={N} causal={causal} {dtype}", flush=True)
+                for bs in RUNGS[rung].allowed_blocks:
+                    measure(f"{RUNG_NAMES[rung]}{bs}", rung_call(rung, q, k, v, causal, dtype, bs), rows,
+                            dict(meta, block_size=list(bs)))
+                del q, k, v
+    return rows
+
+
+def memory_rows():
+    """Extra GPU memory of one forward call beyond the inputs and the output (B=1, H=16, d=128, fp16)."""
+    import cupy
+    import torch
+
+    from flashkit.masks import effective_window
+
+    pool = cupy.get_default_memory_pool()
+    rows = []
+    B, H, d = 1, 16, 128
+    for N in (16384, 65536):
+        gen = torch.Generator(device="cuda").manual_seed(2)
+        q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
+        out_bytes = q.numel() * 2 + B * H * N * 4  # O (fp16) + lse (fp32)
+        analytic_standard = 4 * B * H * N * N  # one float32 S/P matrix per head
+        for label, r in (("cupy-standard", 1), ("cupy-mma", 4), ("cupy-mma-async", 5)):
+            free_all()
+            before = pool.total_bytes()
+            row = dict(impl=label, N=N, B=B, H=H, d=d, dtype="float16", out_bytes=out_bytes,
+                       analytic_standard_bytes=analytic_standard)
+            try:
+                res = rung_call(r, q, k, v, False, "float16")()
+                torch.cuda.synchronize()
+                row.update(status="ok", extra_bytes=pool.total_bytes() - before, extra_beyond_output=pool.total_bytes() - before - out_bytes)
+                del res
+            except cupy.cuda.memory.OutOfMemoryError as exc:
+                row.update(status=f"out of memory: {str(exc).splitlines()[0][:120]}")
+            rows.append(row)
+            print(f"  memory N={N} {label:<16} {row.get('extra_bytes', row['status'])}", flush=True)
+        free_all()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        row = dict(impl="torch-flash", N=N, B=B, H=H, d=d, dtype="float16", out_bytes=out_bytes)
+        try:
+            res = sdpa_call("flash", q, k, v, False)()
+            torch.cuda.synchronize()
+            row.update(status="ok", extra_bytes=torch.cuda.max_memory_allocated() - base)
+            del res
+        except RuntimeError as exc:
+            row.update(status=f"error: {str(exc).splitlines()[0][:120]}")
+        rows.append(row)
+        print(f"  memory N={N} torch-flash      {row.get('extra_bytes', row['status'])}", flush=True)
+        del q, k, v
+        free_all()
+    return rows
+
+
+def environment():
+    import cupy
+    import torch
+
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    drv = cupy.cuda.runtime.driverGetVersion()
+    try:
+        import subprocess
+
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        driver = "unknown"
+    return dict(card=name, driver=driver, cuda_driver_api=drv, cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())), cupy=cupy.__version__, torch=torch.__version__,
+                python=platform.python_version(), sm_count=props["multiProcessorCount"],
+                commit=os.environ.get("FLASHKIT_COMMIT", "unknown"),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def card_slug(card):
+    s = "".join(c if c.isalnum() else "-" for c in card.lower()).replace("nvidia-", "")
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s.strip("-")
+
+
+def print_table(rows):
+    print(f"\n{'d':>4} {'N':>6} {'causal':>6} {'dtype':>9} {'impl':<22} {'ms':>9} {'TFLOP/s':>8} {'ratio':>6}  peer")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['d']:>4} {r['N']:>6} {str(r['causal']):>6} {r['dtype']:>9} {r['impl']:<22} {r['status'][:50]}")
+            continue
+        ratio = f"{r['ratio']:6.2f}" if "ratio" in r else "      "
+        print(f"{r['d']:>4} {r['N']:>6} {str(r['causal']):>6} {r['dtype']:>9} {r['impl']:<22} {r['ms']:9.3f} "
+              f"{r['tflops']:8.1f} {ratio}  {r.get('peer', '')}")
+
+
+CEILING_TFLOPS = {"float16": 790.0, "bfloat16": 790.0, "float32": 52.0}  # measured GEMM ceilings (shared/FACTS.md)
+
+
+def markdown_table(result, N=4096):
+    """The rungs at one N as a markdown table (for NOTES-gpu.md), every number read from `result`."""
+    lines = ["| rung | d | causal | dtype | ms | TFLOP/s | ratio | peer | of GEMM ceiling |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        if r["N"] != N or r["status"] != "ok" or not r.get("rung"):
+            continue
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+        lines.append(f"| {r['rung']} {r['impl']} | {r['d']} | {r['causal']} | {r['dtype']} | {r['ms']:.3f} | "
+                     f"{r['tflops']:.1f} | {ratio} | {r.get('peer', '')} | {r['tflops'] / CEILING_TFLOPS[r['dtype']]:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N in {1024, 4096} only")
+    ap.add_argument("--json", help="where to write the results (default benchmarks/results/gpu-<card>.json)")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--table-from", help="print the markdown table of a results JSON (no GPU needed) and exit")
+    ap.add_argument("--N", type=int, default=4096, help="with --table-from: which N")
+    args = ap.parse_args(argv)
+    if args.table_from:
+        print(markdown_table(json.loads(Path(args.table_from).read_text()), args.N))
+        return 0
+
+    env = environment()
+    print(env, flush=True)
+    rows = run_grid(args.quick)
+    add_ratios(rows)
+    sweep = [] if args.no_sweep else block_sweep()
+    mem = [] if args.no_memory else memory_rows()
+    from flashkit.gpu.flash import COMPILE_SECONDS
+
+    result = dict(env, recorded="measured by benchmarks/gpu_forward.py; shown elsewhere as recorded, not live",
+                  results=rows, block_sweep=sweep, memory=mem,
+                  compile_seconds_this_process=[dict(rung=k[0], d=k[1], element=k[2], Br=k[3], Bc=k[4], seconds=v)
+                                                for k, v in COMPILE_SECONDS.items()])
+    path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"gpu-{card_slug(env['card'])}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print_table(rows)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+// Rung 3: fp32, a block of 128 threads per query tile, each thread a 4 x 8 (or 4 x 4) register block of S.
+// Changed since rung 2: a thread no longer owns a whole row. S_ij (Br x Bc = 64 x 64, 64 x 32) is computed like a
+//   small SGEMM: thread (ty, tx) owns rows ty + 16a (a < 4) and keys tx + 8b (b < Bc/8), reads Q_s and K_s
+//   as float4 (12 LDS.128 per 128 FMA instead of 2 LDS per FMA), and the 8 threads of a row reduce
+//   rowmax with warp shuffles. P_ij goes through shared memory so the same threads can own
+//   4 rows x d/8 columns of O_i for P_ij V_j. K_j and V_j share one buffer (K_j is dead after S).
+// Why: rung 2 is bound by shared-memory loads (one per FMA); register blocking makes it FMA-bound.
+// Expected: 5-10x rung 2, a large fraction of the fp32 FMA roofline (52 TFLOP/s GEMM measured);
+//   aimed at torch's memory-efficient fp32 kernel.
+// Measured (H100 80GB HBM3, fp32, N = 4096, non-causal): 35.8 TFLOP/s at d = 64 (1.04x torch efficient,
+//   69% of the fp32 GEMM ceiling), 33.2 at d = 128 with Bc = 32 (0.73x; 30.5 with Bc = 64). Only 1.6x / 3x
+//   rung 2, far under the 5-10x expected, because rung 2 ran far above its own prediction.
+//
+// Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
+
+#ifndef INFINITY  // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
+#endif
+#define D HEAD_DIM
+#ifndef BC
+#define BC 64     // keys per tile = 8 thread-columns x TN (set by the loader: 32 or 64)
+#endif
+#define BR 64     // query rows per block = 16 thread-rows x TM
+#define TM 4      // query rows per thread
+#define TN (BC / 8)  // keys per thread in S
+#define NT 128    // threads per block (16 x 8)
+#define DV (D / 32)  // float4 groups of O_i columns per thread: columns tx*4 + 32*c
+#define LDQ (D + 4)  // Q_s / KV_s row pitch in floats: 16-byte aligned, and 8 consecutive rows start in
+                     // 8 different 16-byte bank groups, so a warp's float4 loads are conflict-free
+#define LDP (BC + 8) // P_s row pitch: rows ty..ty+3 of one warp land 8 banks apart (no store conflicts)
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
+__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
+    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
+}
+
+// rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDQ] shared tile; rows >= N are 0.
+__device__ __forceinline__ void load_tile(float (*dst)[LDQ], const float* __restrict__ src, int row0, int nrows, int N) {
+    for (int f = threadIdx.x; f < nrows * (D / 4); f += NT) {
+        const int r = f / (D / 4), c = (f % (D / 4)) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row0 + r < N) v = *reinterpret_cast<const float4*>(src + (long long)(row0 + r) * D + c);
+        *reinterpret_cast<float4*>(&dst[r][c]) = v;
+    }
+}
+
+// Grid: (Tr, Hq, B), block: 128 threads. Dynamic shared memory: Q_s [BR][LDQ], KV_s [BC][LDQ], P_s [BR][LDP].
+extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
+    const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
+    float* __restrict__ O, float* __restrict__ lse,
+    int Hq, int Hkv, int Nq, int Nk, float scale_log2, int left, int right) {
+    extern __shared__ __align__(16) float smem[];
+    float(*Q_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem);
+    float(*KV_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem + BR * LDQ);
+    float(*P_s)[LDP] = reinterpret_cast<float(*)[LDP]>(smem + (BR + BC) * LDQ);
+
+    const int tid = threadIdx.x, ty = tid >> 3, tx = tid & 7;  // the 8 threads of a row group share a warp
+    const int i0 = blockIdx.x * BR, hq = blockIdx.y, b = blockIdx.z;
+    const int hkv = hq / (Hq / Hkv);
+    const int offset = Nk - Nq;
+    const float* Qh = Q + ((long long)b * Hq + hq) * Nq * D;
+    const float* Kh = K + ((long long)b * Hkv + hkv) * Nk * D;
+    const float* Vh = V + ((long long)b * Hkv + hkv) * Nk * D;
+
+    load_tile(Q_s, Qh, i0, BR, Nq);
+
+    int lo[TM], hi[TM];
+#pragma unroll
+    for (int a = 0; a < TM; ++a) {
+        lo[a] = row_lo(i0 + ty + 16 * a, offset, left);
+        hi[a] = row_hi(i0 + ty + 16 * a, offset, right, Nk);
+    }
+    const int i_last = min(i0 + BR, Nq) - 1;
+    const int kv_begin = row_lo(i0, offset, left), kv_end = row_hi(i_last, offset, right, Nk);
+    const int full_lo = row_lo(i_last, offset, left), full_hi = row_hi(i0, offset, right, Nk);
+
+    float m[TM], l[TM];  // m_i (log2 units) per row; l is this thread's partial row sum (its 8 keys of each tile)
+    float o[TM][DV][4];  // O_i block: rows ty + 16a, columns tx*4 + 32c + e
+#pragma unroll
+    for (int a = 0; a < TM; ++a) {
+        m[a] = -INFINITY, l[a] = 0.f;
+#pragma unroll
+        for (int c = 0; c < DV; ++c)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[a][c][e] = 0.f;
+    }
+
+    for (int j0 = (kv_begin / BC) * BC; j0 < kv_end; j0 += BC) {
+        __syncthreads();  // previous V_j fully read (and Q_s complete on the first pass)
+        load_tile(KV_s, Kh, j0, BC, Nk);
+        __syncthreads();
+
+        // S_ij = Q_i K_j^T: each thread a TM x TN block, d consumed 4 at a time from float4 loads
+        float s[TM][TN];
+#pragma unroll
+        for (int a = 0; a < TM; ++a)
+#pragma unroll
+            for (int n = 0; n < TN; ++n) s[a][n] = 0.f;
+#pragma unroll 4
+        for (int k = 0; k < D; k += 4) {
+            float4 q[TM], kk[TN];
+#pragma unroll
+            for (int a = 0; a < TM; ++a) q[a] = *reinterpret_cast<const float4*>(&Q_s[ty + 16 * a][k]);
+#pragma unroll
+            for (int n = 0; n < TN; ++n) kk[n] = *reinterpret_cast<const float4*>(&KV_s[tx + 8 * n][k]);
+#pragma unroll
+            for (int a = 0; a < TM; ++a)
+#pragma unroll
+                for (int n = 0; n < TN; ++n) {
+                    s[a][n] = fmaf(q[a].x, kk[n].x, s[a][n]);
+                    s[a][n] = fmaf(q[a].y, kk[n].y, s[a][n]);
+                    s[a][n] = fmaf(q[a].z, kk[n].z, s[a][n]);
+                    s[a][n] = fmaf(q[a].w, kk[n].w, s[a][n]);
+                }
+        }
+
+        // scale into log2 units; mask only tiles that straddle a row's [lo, hi) or the end of K
+        const bool full = (j0 >= full_lo) && (j0 + BC <= full_hi);
+#pragma unroll
+        for (int a = 0; a < TM; ++a)
+#pragma unroll
+            for (int n = 0; n < TN; ++n) {
+                const int j = j0 + tx + 8 * n;
+                s[a][n] = (full || (j >= lo[a] && j < hi[a])) ? s[a][n] * scale_log2 : -INFINITY;
+            }
+
+        // m_new = max(m_i, rowmax(S_ij)) over the row's 8 threads (lanes differing in bits 0-2)
+        // P_ij = exp(S_ij - m_new); l_i = exp(m_i - m_new) l_i + rowsum(P_ij); O_i = exp(m_i - m_new) O_i
+#pragma unroll
+        for (int a = 0; a < TM; ++a) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < TN; ++n) mx = fmaxf(mx, s[a][n]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            const float m_new = fmaxf(m[a], mx);
+            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // no key seen yet: keep everything 0, no NaN
+            const float alpha = fast_exp2(m[a] - m_use);
+            l[a] *= alpha;  // the row sum stays split over 8 threads; they all use the same alpha
+#pragma unroll
+            for (int c = 0; c < DV; ++c)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[a][c][e] *= alpha;
+#pragma unroll
+            for (int n = 0; n < TN; ++n) {
+                const float p = fast_exp2(s[a][n] - m_use);
+                l[a] += p;
+                P_s[ty + 16 * a][tx + 8 * n] = p;
+            }
+            m[a] = m_new;
+        }
+        __syncthreads();  // P_s complete; every thread is done reading K_j
+        load_tile(KV_s, Vh, j0, BC, Nk);
+        __syncthreads();
+
+        // O_i += P_ij V_j: keys consumed 4 at a time (one float4 of P per row)
+#pragma unroll 2
+        for (int c4 = 0; c4 < BC; c4 += 4) {
+            float4 p[TM];
+#pragma unroll
+            for (int a = 0; a < TM; ++a) p[a] = *reinterpret_cast<const float4*>(&P_s[ty + 16 * a][c4]);
+#pragma unroll
+            for (int cc = 0; cc < 4; ++cc) {
+                float4 v[DV];
+#pragma unroll
+                for (int c = 0; c < DV; ++c) v[c] = *reinterpret_cast<const float4*>(&KV_s[c4 + cc][tx * 4 + 32 * c]);
+#pragma unroll
+                for (int a = 0; a < TM; ++a) {
+                    const float pa = cc == 0 ? p[a].x : cc == 1 ? p[a].y : cc == 2 ? p[a].z : p[a].w;
+#pragma unroll
+                    for (int c = 0; c < DV; ++c) {
+                        o[a][c][0] = fmaf(pa, v[c].x, o[a][c][0]);
+                        o[a][c][1] = fmaf(pa, v[c].y, o[a][c][1]);
+                        o[a][c][2] = fmaf(pa, v[c].z, o[a][c][2]);
+                        o[a][c][3] = fmaf(pa, v[c].w, o[a][c][3]);
+                    }
+                }
+            }
+        }
+    }
+
+    // l_i = sum of the 8 partial sums;  O_i = O_i / l_i;  lse_i = m_i + log(l_i)
+#pragma unroll
+    for (int a = 0; a < TM; ++a) {
+        float la = l[a];
+        la += __shfl_xor_sync(0xffffffffu, la, 1);
+        la += __shfl_xor_sync(0xffffffffu, la, 2);
+        la += __shfl_xor_sync(0xffffffffu, la, 4);
+        const int i = i0 + ty + 16 * a;
+        if (i < Nq) {
+            const float inv_l = (la > 0.f) ? 1.f / la : 0.f;  // a row that saw no key: O = 0
+            float* Oi = O + (((long long)b * Hq + hq) * Nq + i) * D;
+#pragma unroll
+            for (int c = 0; c < DV; ++c)
+                *reinterpret_cast<float4*>(Oi + tx * 4 + 32 * c) =
+                    make_float4(o[a][c][0] * inv_l, o[a][c][1] * inv_l, o[a][c][2] * inv_l, o[a][c][3] * inv_l);
+            if (tx == 0)
+                lse[((long long)b * Hq + hq) * Nq + i] = (la > 0.f) ? (m[a] + log2f(la)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+}

@@ -1,0 +1,77 @@
+"""Rung 1, cupy-standard: standard attention on the GPU with CuPy, S and P materialised.
+
+    S = Q K^T * scale        (B, Hkv, group*Nq, Nk), one cuBLAS batched GEMM
+    P = softmax(S)           in place of S: rowmax, exp, rowsum (three passes over Nq x Nk per head)
+    O = P V / l              a second GEMM
+
+What it teaches: this is what FlashAttention avoids. Its extra memory is one Nq x Nk float32 matrix per
+query head (4 B H Nq Nk bytes: 17 GiB at B=1, H=16, N=16384), and S and P cross HBM several times.
+float16/bfloat16 input is computed in float32 (the tiled kernels also accumulate in float32) and the
+output cast back; float64 input is computed in float64, which makes this the on-device oracle.
+"""
+from __future__ import annotations
+
+
+def visibility(problem, xp):
+    """Bool (Nq, Nk) picture of the causal / sliding window (bottom-right aligned), or None if all visible."""
+    if not problem.has_window:
+        return None
+    left, right = problem.window
+    offset = problem.Nk - problem.Nq
+    i = xp.arange(problem.Nq)[:, None]
+    j = xp.arange(problem.Nk)[None, :]
+    vis = xp.ones((problem.Nq, problem.Nk), bool)
+    if left >= 0:
+        vis &= j >= i + offset - left
+    if right >= 0:
+        vis &= j <= i + offset + right
+    return vis
+
+
+def attention_arrays(problem, compute_dtype):
+    """(O, lse) in `compute_dtype` (float32 or float64), O not yet cast to the input dtype."""
+    import cupy as xp
+
+    B, Hkv, g, Nq, Nk, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.Nk, problem.d
+    # Query heads that share a K/V head become extra rows: one GEMM per (b, hkv), no broadcasting.
+    Q = problem.Q.astype(compute_dtype, copy=False).reshape(B, Hkv, g * Nq, d)  # (B, Hkv, g*Nq, d)
+    K = problem.K.astype(compute_dtype, copy=False)  # (B, Hkv, Nk, d)
+    V = problem.V.astype(compute_dtype, copy=False)  # (B, Hkv, Nk, d)
+
+    # S = Q K^T * scale
+    S = xp.matmul(Q, K.transpose(0, 1, 3, 2))  # (B, Hkv, g*Nq, Nk)
+    S *= compute_dtype(problem.scale)
+    S5 = S.reshape(B, Hkv, g, Nq, Nk)  # a view: (B, Hkv, group, Nq, Nk)
+    vis = visibility(problem, xp)
+    if problem.mask is not None:
+        m = problem.mask  # (Bm, Hm, Nq, Nk), Hm in {1, Hq}
+        Bm, Hm = m.shape[:2]
+        m5 = m.reshape(Bm, Hkv, g, Nq, Nk) if Hm > 1 else m[:, :, None]  # (Bm, Hkv|1, g|1, Nq, Nk)
+        vis = m5 if vis is None else (m5 & vis)
+    if vis is not None:
+        xp.copyto(S5, compute_dtype(-xp.inf), where=~vis)
+
+    # P = exp(S - rowmax(S)), in place; a row with no visible key stays all -inf and gives l = 0
+    m = S.max(axis=-1)  # (B, Hkv, g*Nq)
+    m_safe = xp.where(xp.isneginf(m), 0, m).astype(compute_dtype)
+    S -= m_safe[..., None]
+    P = xp.exp(S, out=S)
+    l = P.sum(axis=-1)  # (B, Hkv, g*Nq)
+
+    # O = P V / l
+    O = xp.matmul(P, V)  # (B, Hkv, g*Nq, d)
+    seen = l > 0
+    O /= xp.where(seen, l, 1)[..., None]
+    lse = xp.where(seen, m_safe + xp.log(xp.where(seen, l, 1)), -xp.inf)
+    return O.reshape(B, Hkv * g, Nq, d), lse.reshape(B, Hkv * g, Nq)
+
+
+def standard_attention(problem):
+    """cupy-standard: (O in the input dtype, lse float32; float64 input gives float64 O and lse)."""
+    import cupy
+
+    ct = cupy.float64 if problem.dtype == cupy.float64 else cupy.float32
+    O, lse = attention_arrays(problem, ct)
+    if ct is cupy.float64:
+        return O, lse
+    return O.astype(problem.dtype, copy=False), lse.astype(cupy.float32, copy=False)
