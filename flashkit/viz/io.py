@@ -1,0 +1,158 @@
+"""Figures and the slider app of notebook 5: HBM traffic of standard and tiled attention.
+
+Counts come from flashkit.measure.io_model (elements); figures show them as MiB of float32 traffic
+(4 bytes an element, 2^20 bytes a MiB) and say so on their axes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from flashkit.measure import io_model
+
+MiB = 2 ** 20
+ITEMSIZE = 4  # float32
+
+# The leading constants of the counts, derived in notebook 5 for M <= 4d^2 (Br = Bc = M / 4d):
+# FA1 reads Q_i, O_i and writes O_i for every (j, i): Tc · 3Nd = (4Nd / M) · 3Nd = 12 N^2 d^2 / M;
+# FA2 reads K_j, V_j once per query block: Tr · 2Nd = (4Nd / M) · 2Nd = 8 N^2 d^2 / M.
+LEADING = {"tiled-fa1": 12.0, "tiled-fa2": 8.0}
+
+
+def _colors():
+    # mid-lightness hues: readable on JupyterLab's light and dark themes
+    return {"standard": "hsl(10, 75%, 55%)", "tiled-fa1": "hsl(210, 75%, 55%)", "tiled-fa2": "hsl(140, 60%, 45%)"}
+
+
+def _mib(elements) -> np.ndarray:
+    return np.asarray(elements, np.float64) * ITEMSIZE / MiB
+
+
+def accesses_vs_M_figure(N: int, d: int, Ms: Sequence[int]) -> go.Figure:
+    """HBM traffic against the fast-memory size M, with the Θ(N^2 d^2 / M) lines and the crossover."""
+    Ms = np.asarray(sorted(set(int(m) for m in Ms)))
+    colors = _colors()
+    fig = go.Figure()
+    standard = io_model.standard_io(N, d).total
+    fig.add_scatter(x=Ms, y=_mib(np.full(Ms.size, standard)), mode="lines", name="standard: 4N² + 4Nd",
+                    line=dict(color=colors["standard"], width=3))
+    for order in io_model.ORDERS:
+        name = f"tiled-{order}"
+        totals = [io_model.tiled_io(N, d, int(M), order=order).total for M in Ms]
+        fig.add_scatter(x=Ms, y=_mib(totals), mode="lines+markers", name=f"{name} (counted)",
+                        line=dict(color=colors[name]), marker=dict(size=4))
+        theta = LEADING[name] * np.array([io_model.theta_tiled(N, d, int(M)) for M in Ms])
+        fig.add_scatter(x=Ms, y=_mib(theta), mode="lines", line=dict(color=colors[name], dash="dot"),
+                        name=f"{LEADING[name]:.0f}·N²d²/M")
+    # A reference line as a trace (shape annotations misplace on log axes), in a colour for both themes.
+    top = max(_mib(standard), _mib(io_model.tiled_io(N, d, int(Ms[0]), order="fa1").total))
+    fig.add_scatter(x=[4 * d * d] * 2, y=[_mib(io_model.tiled_io(N, d, int(Ms[-1]), order="fa1").total), top],
+                    mode="lines", line=dict(dash="dash", color="hsl(30, 90%, 55%)"),
+                    name=f"M = 4d² = {4 * d * d:,}: Br reaches d")
+    fig.update_xaxes(type="log", title_text="fast memory M (float32 elements, log scale)")
+    fig.update_yaxes(type="log", title_text="HBM reads + writes (MiB of float32, log scale)")
+    fig.update_layout(title=f"HBM traffic against fast-memory size, N = {N:,}, d = {d}",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def breakdown_figure(N: int, d: int, M: int, counts: Optional[Dict[str, io_model.IOCount]] = None) -> go.Figure:
+    """Stacked bars: what each algorithm reads and writes, array by array, in MiB of float32."""
+    if counts is None:
+        counts = {"standard": io_model.standard_io(N, d),
+                  "tiled-fa2": io_model.tiled_io(N, d, M, order="fa2"),
+                  "tiled-fa1": io_model.tiled_io(N, d, M, order="fa1")}
+    fig = go.Figure()
+    names = list(counts)
+    arrays = []
+    for c in counts.values():
+        for kind, part in (("read", c.reads), ("write", c.writes)):
+            for array in part:
+                if (kind, array) not in arrays:
+                    arrays.append((kind, array))
+    for kind, array in arrays:
+        values = [(counts[n].reads if kind == "read" else counts[n].writes).get(array, 0) for n in names]
+        fig.add_bar(x=names, y=_mib(values), name=f"{kind} {array}",
+                    marker_pattern_shape="" if kind == "read" else "/")
+    fig.update_xaxes(title_text="algorithm")
+    fig.update_yaxes(title_text="HBM traffic (MiB of float32)")
+    c2 = counts.get("tiled-fa2")
+    blocks = f", Br = {c2.Br}, Bc = {c2.Bc}" if c2 is not None else ""
+    fig.update_layout(barmode="stack", title=f"Reads and writes by array, N = {N:,}, d = {d}, M = {M:,} floats{blocks}")
+    return fig
+
+
+def io_summary(N: int, d: int, M: int) -> str:
+    """Text beside the sliders: totals, the ratio to standard, and each count over its Θ formula."""
+    s = io_model.standard_io(N, d)
+    lines = [f"standard : {_mib(s.total):10.2f} MiB   count / (N·d + N²) = {s.total / io_model.theta_standard(N, d):.2f}"]
+    for order in io_model.ORDERS:
+        t = io_model.tiled_io(N, d, M, order=order)
+        lines.append(f"{t.algorithm}: {_mib(t.total):10.2f} MiB   count / (N²d²/M) = "
+                     f"{t.total / io_model.theta_tiled(N, d, M):6.2f}   tiled / standard = {t.total / s.total:.2f}"
+                     f"   (Br = {t.Br}, Bc = {t.Bc})")
+    if M < d or M > N * d:
+        lines.append(f"note: the paper's bounds assume d <= M <= N·d ({d} <= M <= {N * d:,}); M = {M:,} is outside")
+    return "\n".join(lines)
+
+
+def io_explorer():
+    """Sliders for N, d and M; redraws the breakdown and the summary. Errors show in the output area
+    (ipywidgets.interactive prints a callback's traceback below the sliders)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    def show(N, d, M):
+        print(io_summary(N, d, M))
+        display(breakdown_figure(N, d, M))
+
+    powers = lambda lo, hi: [2 ** e for e in range(lo, hi + 1)]  # noqa: E731
+    style = {"description_width": "initial"}
+    return widgets.interactive(
+        show,
+        N=widgets.SelectionSlider(options=powers(8, 16), value=4096, description="N (tokens)", style=style),
+        d=widgets.SelectionSlider(options=powers(4, 8), value=64, description="d (head size)", style=style),
+        M=widgets.SelectionSlider(options=powers(6, 20), value=2 ** 14, description="M (floats of fast memory)",
+                                  style=style, layout=widgets.Layout(width="60%")),
+    )
+
+
+def crossover_figure(N: int, ds: Sequence[int], Ms: Sequence[int]) -> go.Figure:
+    """The smallest M at which tiling moves no more than standard attention, against d, with 2d² and 3d²."""
+    colors = _colors()
+    fig = go.Figure()
+    ds = list(ds)
+    for order, k in (("fa2", 2), ("fa1", 3)):
+        found = [io_model.crossover_M(N, d, Ms, order=order) for d in ds]
+        fig.add_scatter(x=ds, y=[np.nan if f is None else f for f in found], mode="markers", name=f"tiled-{order}: counted",
+                        marker=dict(size=10, color=colors[f"tiled-{order}"]))
+        fig.add_scatter(x=ds, y=[k * d * d for d in ds], mode="lines", name=f"{k}d²",
+                        line=dict(dash="dot", color=colors[f"tiled-{order}"]))
+    fig.update_xaxes(type="log", title_text="head size d (log scale)")
+    fig.update_yaxes(type="log", title_text="crossover fast memory M (float32 elements, log scale)")
+    fig.update_layout(title=f"Below this M, tiling moves more data than standard attention (N = {N:,})")
+    return fig
+
+
+def cpu_caches() -> Dict[str, int]:
+    """This machine's data caches from Linux sysfs as {"L1d": bytes, "L2": bytes, ...} (empty elsewhere)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    out = {}
+    if not os.path.isdir(base):
+        return out
+    for entry in sorted(os.listdir(base)):
+        path = os.path.join(base, entry)
+        try:
+            level = open(os.path.join(path, "level")).read().strip()
+            kind = open(os.path.join(path, "type")).read().strip()
+            size = open(os.path.join(path, "size")).read().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        factor = {"K": 1024, "M": 2 ** 20}.get(size[-1], 1)
+        out[f"L{level}" + ("d" if kind == "Data" else "")] = int(size.rstrip("KM")) * factor
+    return out
