@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Localhost only, token kept: open the URL JupyterLab prints (with its token).
+# Localhost only, token kept: open the URL JupyterLab prints (with its token). The settings in jupyter/
+# open it on 00_start_here.ipynb, turn off the news pop-up and save widget state with the notebook.
 lab: $(STAMP)
-	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks
+	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter" $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -33,3 +34,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The student edition of the exercises (notebooks/exercises): solutions replaced by stubs that raise
+# NotImplementedError, check cells kept, outputs cleared, written to build/student/ (ignored by git).
+.PHONY: student
+student: $(STAMP)
+	$(BIN)/python tools/make_student.py --src notebooks/exercises --out build/student
+
+# A static site of the executed notebooks (nothing re-executed) in site/ (ignored by git): one page
+# each, an index in series order, plotly figures interactive offline from one local plotly.min.js.
+.PHONY: html
+html: $(STAMP)
+	$(BIN)/python tools/build_site.py --out site

@@ -1,0 +1,102 @@
+"""Fixtures of the browser tests: one JupyterLab server and one headless Chromium for the whole run,
+both always shut down (also when a test fails or the run is interrupted), and a fresh page per test.
+
+Skipped, with the reason, when Chromium (/usr/bin/chromium, or $FLASHKIT_CHROMIUM) or the playwright
+client is missing. Screenshots and the server's log go to test-artifacts/browser/, reported at the
+end of the run. $FLASHKIT_BROWSER_NOTEBOOKS points the tests at another notebooks folder (to try the
+driver on a scratch copy); $FLASHKIT_BROWSER_TIMEOUT is the seconds one Run All may take (180).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from . import lab_driver
+
+_REPORT = lab_driver.REPORT
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """test-artifacts/browser/, emptied of the previous run's screenshots and log."""
+    lab_driver.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in list(lab_driver.ARTIFACTS.glob("*.png")) + list(lab_driver.ARTIFACTS.glob("*.log")):
+        old.unlink()
+    return lab_driver.ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def browser_ready():
+    reason = lab_driver.why_no_browser()
+    if reason:
+        _REPORT["skipped"] = reason
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def lab(browser_ready, artifacts, tmp_path_factory):
+    """A JupyterLab on a free 127.0.0.1 port with a random token, serving the notebooks folder."""
+    server = lab_driver.LabServer(lab_driver.NOTEBOOKS_ROOT, tmp_path_factory.mktemp("jupyter"), artifacts / "jupyterlab.log")
+    _REPORT["server_log"] = server.log_path
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser(browser_ready):
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    try:
+        chromium = lab_driver.launch_chromium(pw)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+    finally:
+        pw.stop()
+
+
+@pytest.fixture
+def page(browser, lab):
+    """A fresh context and page, with its kernel traffic recorded as `page.traffic` and its
+    JavaScript errors as `page.page_errors`; closed afterwards, and the server's kernels shut down
+    so the next notebook starts clean. (One context for the whole run was measured no faster.)"""
+    context = browser.new_context(viewport=lab_driver.VIEWPORT)
+    try:
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        pg.traffic = lab_driver.KernelTraffic().attach(pg)
+        pg.page_errors = []
+        pg.on("pageerror", lambda e: pg.page_errors.append(str(e)))
+        yield pg
+    finally:
+        context.close()
+        lab.shutdown_kernels()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    shots, timings = _REPORT["screenshots"], _REPORT["timings"]
+    tr = terminalreporter
+    if _REPORT.get("skipped"):
+        tr.section("browser test")
+        tr.write_line(f"skipped: {_REPORT['skipped']}")
+    if not shots and not timings:
+        return
+    if not _REPORT.get("skipped"):
+        tr.section("browser test")
+    total = 0.0
+    for name, seconds in timings:
+        total += sum(seconds.values())
+        phases = ", ".join(f"{phase} {s:.1f}" for phase, s in seconds.items())
+        tr.write_line(f"  {name}: {sum(seconds.values()):.1f} s ({phases})")
+    if timings:
+        tr.write_line(f"{len(timings)} notebooks in {total:.0f} s")
+    if shots:
+        tr.write_line(f"{len(shots)} screenshots in {shots[0].parent}/")
+    if _REPORT["server_log"]:
+        tr.write_line(f"JupyterLab log: {_REPORT['server_log']}")
