@@ -34,7 +34,8 @@ def backends_table() -> str:
 
 
 def _load(pattern: str):
-    return [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))]
+    """Current results files; earlier runs kept as evidence are named *-history*.json and left out."""
+    return [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern)) if "-history" not in p.name]
 
 
 def results_section() -> str:
@@ -52,19 +53,64 @@ def results_section() -> str:
 
 
 def _label(path, data) -> str:
-    m = data.get("machine", {})
-    where = m.get("cpu") or m.get("card") or m.get("gpu") or data.get("card") or "unknown machine"
-    when = data.get("date", "unknown date")
-    commit = str(data.get("commit", "unknown"))[:10]
+    m = data.get("machine") or data.get("cpu_info") or {}
+    if "card" in data:
+        where = f"{data['card']}, driver {data.get('driver', '?')}, CuPy {data.get('cupy', '?')}, torch {data.get('torch', '?')}"
+    elif m:
+        where = f"{m.get('cpu', 'CPU')} ({m.get('llvm_cpu', '?')}, {', '.join(m.get('llvm_features', []))}), {m.get('cores', '?')} cores"
+    else:
+        where = "unknown machine"
+    when = str(data.get("date") or data.get("when") or "unknown date")[:10]
+    commit = data.get("commit", "unknown")
+    commit = str(commit.get("commit") if isinstance(commit, dict) else commit)
+    commit = commit[:10] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
     return f"_{where}; {when}; commit {commit}; file `{path.relative_to(ROOT)}`_"
 
 
 def _cpu_headline(path, data) -> str:
-    return ""
+    """CPU forward at N = 4096 (B=1, H=8, d=64, fp32): the fastest Numba rung beside its peers."""
+    fastest = data.get("fastest_numba_rung", "numba-gemm")
+    rows = {(r["impl"], r["causal"]): r for r in data["results"] if r["N"] == 4096}
+    out = [f"**CPU forward**, fp32, B=1, H=8, N=4096, d=64, all cores "
+           f"(sgemm on the same cores: {data['sgemm']['gflops']:.0f} GFLOP/s)", "",
+           "| causal | backend | ms | GFLOP/s | time / torch SDPA | speed-up over numpy-standard |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for causal in (False, True):
+        for impl in ("numpy-standard", fastest, "torch-sdpa"):
+            r = rows.get((impl, causal))
+            if r is not None:
+                out.append(f"| {'yes' if causal else 'no'} | {impl} | {r['ms']:.0f} | {r['gflops']:.0f} | "
+                           f"{r['time_vs_torch']:.2f} | {r['speedup_vs_numpy_standard']:.2f} |")
+    mem = {(m["impl"], m["N"]): m for m in data.get("memory", [])}
+    std, fast = mem.get(("numpy-standard", 16384)), mem.get(("numba", 16384))
+    if std and fast:
+        out += ["", f"Extra memory at N=16384: numpy-standard {std['extra_bytes_rss'] / 2**20:,.0f} MiB, "
+                    f"numba {fast['extra_bytes_rss'] / 2**20:,.1f} MiB ({fast['pct_of_numpy_standard']:.3f}%)."]
+    for run in data.get("long_runs", []):
+        if "seconds" in run:
+            out.append(f"numba at N={run['N']}{' causal' if run.get('causal') else ''}: {run['seconds']:.1f} s.")
+    return "\n".join(out + ["", _label(path, data)])
 
 
 def _gpu_headline(path, data) -> str:
-    return ""
+    """GPU forward at N = 4096: the best tensor-core and fp32 rungs against the torch backend each aims at."""
+    rows = [r for r in data["results"] if r["N"] == 4096 and r.get("status") == "ok"]
+    best = {}
+    for r in rows:
+        if r.get("rung") in (None, 1) or "ratio" not in r:
+            continue
+        key = (r["dtype"], r["d"], r["causal"])
+        if key not in best or r["tflops"] > best[key]["tflops"]:
+            best[key] = r
+    out = ["**GPU forward** on " + data["card"] + ", B·N=16384, H·d=2048, N=4096", "",
+           "| dtype | d | causal | best rung | ms | TFLOP/s | peer | ratio (peer time / rung time) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (dtype, d, causal), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        if dtype == "bfloat16":
+            continue
+        out.append(f"| {dtype} | {d} | {'yes' if causal else 'no'} | {r['impl']} | {r['ms']:.2f} | "
+                   f"{r['tflops']:.0f} | {r['peer']} | {r['ratio']:.2f} |")
+    return "\n".join(out + ["", _label(path, data)])
 
 
 def _decode_headline(path, data) -> str:

@@ -69,22 +69,33 @@ def tile_state(i0: int, i1: int, j0: int, j1: int, Nq: int, Nk: int, window) -> 
 def block_map(Nq: int, Nk: int, Br: int, Bc: int, window, mask=None) -> np.ndarray:
     """(Tr, Tc) int8 array of tile states for a window and an optional bool mask (Nq, Nk).
 
-    A tile the mask hides completely is SKIP; one the mask opens completely keeps the window's state.
+    `tile_state` for every tile at once (the same tests on arrays of tile corners). A tile the mask
+    hides completely is SKIP; one the mask opens completely keeps the window's state.
     """
+    left, right = window
+    offset = Nk - Nq
     Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
-    states = np.empty((Tr, Tc), np.int8)
-    for r in range(Tr):
-        for c in range(Tc):
-            states[r, c] = tile_state(r * Br, min(Nq, (r + 1) * Br), c * Bc, min(Nk, (c + 1) * Bc), Nq, Nk, window)
+    i0 = (np.arange(Tr) * Br)[:, None]  # first and last+1 row of each query block, as a column
+    i1 = np.minimum(Nq, i0 + Br)
+    j0 = (np.arange(Tc) * Bc)[None, :]  # first and last+1 key of each key block, as a row
+    j1 = np.minimum(Nk, j0 + Bc)
+    skip = np.zeros((Tr, Tc), bool)
+    full = np.ones((Tr, Tc), bool)
+    if right >= 0:
+        skip |= j0 > (i1 - 1) + offset + right
+        full &= j1 - 1 <= i0 + offset + right
+    if left >= 0:
+        skip |= j1 - 1 < i0 + offset - left
+        full &= j0 >= (i1 - 1) + offset - left
+    states = np.where(skip, SKIP, np.where(full, FULL, PARTIAL)).astype(np.int8)
     if mask is not None:
         m = np.asarray(mask, dtype=bool)
         pad = np.zeros((Tr * Br, Tc * Bc), bool)
         pad[:Nq, :Nk] = m
-        tiles = pad.reshape(Tr, Br, Tc, Bc)  # (Tr, Br, Tc, Bc)
-        any_visible = tiles.any(axis=(1, 3))
-        all_visible = np.ones((Tr * Br, Tc * Bc), bool)
-        all_visible[:Nq, :Nk] = m
-        all_visible = all_visible.reshape(Tr, Br, Tc, Bc).all(axis=(1, 3))
+        any_visible = pad.reshape(Tr, Br, Tc, Bc).any(axis=(1, 3))  # (Tr, Br, Tc, Bc) -> (Tr, Tc)
+        pad[Nq:, :] = True  # padding counts as visible for "all visible"
+        pad[:, Nk:] = True
+        all_visible = pad.reshape(Tr, Br, Tc, Bc).all(axis=(1, 3))
         states = np.where(~any_visible, SKIP, np.where(all_visible, states, np.minimum(states, PARTIAL)))
     return states.astype(np.int8)
 
