@@ -1,0 +1,325 @@
+"""Decoding speed: one new token against a KV cache of 1k..32k tokens, as tokens/s and bytes/s.
+
+    python -m benchmarks.decode                  # CPU (and the GPU when CuPy sees one)
+    python -m benchmarks.decode --device gpu --out $OUT
+
+A decoding step reads the whole cache once: 2 * B * H_kv * L * d * itemsize bytes of K and V, and
+does 4 * B * Hq * L * d FLOPs, about g / itemsize FLOPs per byte (1 for fp32 GQA 32/8): far below
+what any CPU or GPU needs to be compute-bound, so the yardstick is memory bandwidth. Each run measures
+the machine's bandwidth with a large copy (bytes read + bytes written) in the same process and
+reports every method's K+V bytes per second beside it.
+
+Methods, one attention layer, batch B, GQA Hq/H_kv (default 32/8, d = 128, like Llama-3-8B):
+  CPU  numba-splitk (splits="auto"), numba-splitk with splits=1 (unsplit: only the B * H_kv heads run
+       in parallel), numpy-standard (materialises S, P: flashkit.attention on the filled cache);
+       and an MQA case (H_kv = 1) where unsplit leaves all but one core idle.
+  GPU  cupy-splitk (auto splits and a sweep), splits=1, and torch's SDPA backends (flash, cuDNN,
+       efficient, math) when torch sees the GPU. Timed with CUDA events over back-to-back calls.
+Results go to benchmarks/results/decode-<machine>.json (written atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import RESULTS, commit, cpu_info, machine_slug, median_time, now_utc, versions, write_json_atomic
+
+
+def kv_bytes(B, Hkv, L, d, itemsize):
+    return 2 * B * Hkv * L * d * itemsize
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU
+# --------------------------------------------------------------------------------------------------
+def cpu_bandwidth(nbytes=512 * 2**20, repeats=5):
+    """Copy (read + write counted) and read-only bandwidth of large arrays, in GB/s: NumPy's copy (one
+    thread) and Numba parallel loops (all threads)."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def par_copy(a, b):
+        for i in prange(a.shape[0]):
+            b[i] = a[i]
+
+    @njit(parallel=True, fastmath=True, cache=False)
+    def par_sum(a):
+        n_blocks = a.shape[0] // 65536  # one vectorised float32 sum per block of 256 KiB
+        sums = np.zeros(n_blocks, np.float32)
+        for i in prange(n_blocks):
+            s = np.float32(0)
+            for j in range(i * 65536, (i + 1) * 65536):
+                s += a[j]
+            sums[i] = s
+        return sums.sum()
+
+    a = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    out = {"bytes": int(a.nbytes)}
+    t1 = median_time(lambda: np.copyto(b, a), repeats=repeats)
+    t2 = median_time(lambda: par_copy(a, b), repeats=repeats, warmup=2)
+    t3 = median_time(lambda: par_sum(a), repeats=repeats, warmup=2)
+    out["numpy_copy_GBps"] = 2 * a.nbytes / t1["median_s"] / 1e9
+    out["parallel_copy_GBps"] = 2 * a.nbytes / t2["median_s"] / 1e9
+    out["parallel_read_GBps"] = a.nbytes / t3["median_s"] / 1e9
+    out["copy_GBps"] = max(out["numpy_copy_GBps"], out["parallel_copy_GBps"])  # the yardstick (median runs)
+    out["copy_best_GBps"] = 2 * a.nbytes / min(t1["min_s"], t2["min_s"]) / 1e9  # the fastest copy seen
+    return out
+
+
+def run_cpu(lengths, repeats, Hq=32, Hkv=8, d=128):
+    import numba
+
+    from flashkit.decode import attention_decode
+    from flashkit.cpu import decode as cpu_decode
+
+    rng = np.random.default_rng(0)
+    rows = []
+    cases = [("GQA", Hq, Hkv, L) for L in lengths] + [("MQA", Hq // 4, 1, max(lengths))]
+    for kind, hq, hkv, L in tqdm_(cases, "cpu"):
+        q = rng.standard_normal((1, hq, 1, d), dtype=np.float32)
+        k = rng.standard_normal((1, hkv, L, d), dtype=np.float32)
+        v = rng.standard_normal((1, hkv, L, d), dtype=np.float32)
+        nbytes = kv_bytes(1, hkv, L, d, 4)
+        methods = [("numba-splitk", dict(backend="numba-splitk", splits="auto")),
+                   ("numba-unsplit", dict(backend="numba-splitk", splits=1)),
+                   ("numpy-standard", dict(backend="numpy-standard"))]
+        if L == max(lengths):  # the kernel on one core: no wait for a second thread (a busy machine's worst case)
+            methods.append(("numba-1-thread", dict(backend="numba-splitk", splits="auto", threads=1)))
+        for name, kw in methods:
+            kw = dict(kw)
+            n_threads = kw.pop("threads", None)
+            previous = numba.get_num_threads()
+            if n_threads:
+                numba.set_num_threads(n_threads)
+            try:
+                t = median_time(lambda: attention_decode(q, k, v, **kw), repeats=repeats, warmup=2)
+            finally:
+                numba.set_num_threads(previous)
+            rows.append(dict(kind=kind, method=name, B=1, Hq=hq, Hkv=hkv, d=d, L=L, dtype="float32",
+                             threads=n_threads or previous,
+                             splits=(cpu_decode.auto_splits(1, hkv, L, n_threads or previous) if kw.get("splits") == "auto"
+                                     else kw.get("splits")),
+                             ms=t["median_s"] * 1e3, ms_min=t["min_s"] * 1e3, tokens_per_s=1 / t["median_s"],
+                             kv_GBps=nbytes / t["median_s"] / 1e9, kv_bytes=nbytes))
+    return rows
+
+
+def tqdm_(items, desc):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+    except ImportError:
+        return items
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------------------
+def gpu_available():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def cuda_time(fn, inner=50, outer=7, warmup=5):
+    """Median microseconds per call of fn() over `outer` groups of `inner` back-to-back calls (CUDA events)."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    per_call = []
+    for _ in range(outer):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / inner)
+    return statistics.median(per_call)
+
+
+def torch_time(fn, inner=50, outer=7, warmup=5):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(outer):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(inner):
+            fn()
+        e.record()
+        e.synchronize()
+        per_call.append(s.elapsed_time(e) * 1e3 / inner)
+    return statistics.median(per_call)
+
+
+def gpu_bandwidth(nbytes=2 * 2**30):
+    """Device-to-device copy of a large buffer, bytes read + written per second (GB/s)."""
+    import cupy
+
+    a = cupy.random.standard_normal(nbytes // 4, dtype=cupy.float32)
+    b = cupy.empty_like(a)
+    us = cuda_time(lambda: b.data.copy_from_device_async(a.data, a.nbytes), inner=10, outer=5, warmup=2)
+    return {"bytes": int(a.nbytes), "copy_GBps": 2 * a.nbytes / (us * 1e-6) / 1e9}
+
+
+def run_gpu(lengths, batches, Hq=32, Hkv=8, d=128, sweep=(8, 16, 32, 64, 128, 256)):
+    import cupy
+
+    from flashkit.decode import check
+    from flashkit.gpu import decode as gpu_decode
+
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        has_torch = torch.cuda.is_available()
+    except Exception:
+        has_torch = False
+    rows, errors = [], []
+    rng = cupy.random.default_rng(0)
+    for B in batches:
+        for L in tqdm_(lengths, f"gpu B={B}"):
+            q = rng.standard_normal((B, Hq, 1, d), dtype=cupy.float32).astype(cupy.float16)
+            k = rng.standard_normal((B, Hkv, L, d), dtype=cupy.float32).astype(cupy.float16)
+            v = rng.standard_normal((B, Hkv, L, d), dtype=cupy.float32).astype(cupy.float16)
+            nbytes = kv_bytes(B, Hkv, L, d, 2)
+            P = check(q, k, v)
+            auto = gpu_decode.auto_splits(P)
+            splits_list = [("cupy-splitk", auto, True), ("cupy-unsplit", 1, True), ("cupy-splitk-noprefetch", auto, False)]
+            if L == max(lengths):
+                splits_list += [("cupy-splitk-sweep", s, True) for s in sweep if s != auto]
+            ref = None
+            for name, s, prefetch in splits_list:
+                step = gpu_decode.prepare(P, s, prefetch=prefetch)
+                O, _ = step()
+                if ref is None:
+                    ref = O.astype(cupy.float32).copy()
+                err = float(cupy.abs(O.astype(cupy.float32) - ref).max())
+                us = cuda_time(step)
+                rows.append(dict(method=name, B=B, Hq=Hq, Hkv=Hkv, d=d, L=L, dtype="float16", splits=s, us=us, prefetch=prefetch,
+                                 blocks_per_sm=step.config["blocks_per_sm"],
+                                 tokens_per_s=B / (us * 1e-6), kv_GBps=nbytes / (us * 1e-6) / 1e9, kv_bytes=nbytes,
+                                 max_abs_diff_vs_auto=err, grid=list(step.config["grid"])))
+            if has_torch:
+                tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+                for tname, be in (("torch-flash", SDPBackend.FLASH_ATTENTION), ("torch-cudnn", SDPBackend.CUDNN_ATTENTION),
+                                  ("torch-efficient", SDPBackend.EFFICIENT_ATTENTION), ("torch-math", SDPBackend.MATH)):
+                    def call(be=be):
+                        with sdpa_kernel(be):
+                            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+                    try:
+                        out = call()
+                        err = float((cupy.from_dlpack(out.detach()).astype(cupy.float32) - ref).__abs__().max())
+                        us = torch_time(call, inner=20 if be == SDPBackend.MATH else 50)
+                        rows.append(dict(method=tname, B=B, Hq=Hq, Hkv=Hkv, d=d, L=L, dtype="float16", splits=None,
+                                         us=us, tokens_per_s=B / (us * 1e-6), kv_GBps=nbytes / (us * 1e-6) / 1e9,
+                                         kv_bytes=nbytes, max_abs_diff_vs_auto=err))
+                    except Exception as exc:  # a backend that cannot run this shape: say so, keep going
+                        errors.append(f"{tname} B={B} L={L}: {type(exc).__name__}: {str(exc)[:200]}")
+            del q, k, v, P
+            cupy.get_default_memory_pool().free_all_blocks()
+    return rows, errors
+
+
+def gpu_name():
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "gpu", "all"), default="all",
+                    help="what to measure (all: the CPU, and the GPU when CuPy sees one)")
+    ap.add_argument("--lengths", default="1024,4096,16384,32768", help="cache lengths L, comma-separated")
+    ap.add_argument("--batches", default="1,8", help="GPU batch sizes, comma-separated")
+    ap.add_argument("--repeats", type=int, default=7, help="timed CPU calls per point (median reported)")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for decode-<machine>.json")
+    ap.add_argument("--note", default="", help="a note stored with the results (e.g. what else ran)")
+    ap.add_argument("--tag", default="", help="appended to the results file name (decode-<machine>-<tag>.json)")
+    args = ap.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    do_cpu = args.device in ("cpu", "all")
+    do_gpu = args.device == "gpu" or (args.device == "all" and gpu_available())
+    if args.device == "gpu" and not gpu_available():
+        ap.error("--device gpu: CuPy sees no GPU here")
+
+    result = {"benchmark": "decode", "when": now_utc(), "command": " ".join(["python -m benchmarks.decode"] + (argv or sys.argv[1:])),
+              "commit": commit(), "versions": versions("numpy", "numba", "cupy-cuda13x", "cupy-cuda12x", "torch"),
+              "note": args.note, "load_average_before": list(os.getloadavg())}
+    info = cpu_info()
+    result["cpu_info"] = info
+    slug = machine_slug(info)
+    if do_cpu:
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        # NumPy's BLAS (numpy-standard) gets one thread: its pool and Numba's fight over the same cores
+        # otherwise (a 2-thread BLAS matrix-vector product measured 10-30x slower on a busy 2-core machine).
+        with threadpool_limits(1, user_api="blas"):
+            result["cpu"] = {"threads": numba.get_num_threads(), "blas_threads": 1, "bandwidth": cpu_bandwidth(),
+                             "rows": run_cpu(lengths, args.repeats)}
+        result["cpu"]["numba_threading_layer"] = numba.threading_layer()  # omp, tbb or workqueue
+        bw = result["cpu"]["bandwidth"]["copy_GBps"]
+        for r in result["cpu"]["rows"]:
+            r["fraction_of_copy_bandwidth"] = r["kv_GBps"] / bw  # median time
+            r["fraction_of_copy_bandwidth_best"] = (r["kv_bytes"] / (r["ms_min"] * 1e-3) / 1e9
+                                                    / result["cpu"]["bandwidth"]["copy_best_GBps"])  # fastest runs
+    if do_gpu:
+        name = gpu_name()
+        slug = "-".join(filter(None, [slug if do_cpu else None, name.lower()]))
+        slug = "".join(c if c.isalnum() else "-" for c in slug).strip("-")
+        bw = gpu_bandwidth()
+        rows, errors = run_gpu(lengths, [int(x) for x in args.batches.split(",")])
+        for r in rows:
+            r["fraction_of_copy_bandwidth"] = r["kv_GBps"] / bw["copy_GBps"]
+        result["gpu"] = {"name": name, "bandwidth": bw, "rows": rows, "errors": errors}
+    result["load_average_after"] = list(os.getloadavg())
+    path = Path(args.out) / f"decode-{slug}{'-' + args.tag if args.tag else ''}.json"
+    write_json_atomic(path, result)
+    print_tables(result)
+    print(f"wrote {path}")
+    return result
+
+
+def print_tables(result):
+    if "cpu" in result:
+        c = result["cpu"]
+        bw = c["bandwidth"]
+        print(f"CPU ({c['threads']} threads, Numba threading layer {c['numba_threading_layer']}): copy {bw['copy_GBps']:.1f} GB/s, fastest {bw['copy_best_GBps']:.1f} (numpy {bw['numpy_copy_GBps']:.1f}, "
+              f"parallel {bw['parallel_copy_GBps']:.1f}), parallel read {bw['parallel_read_GBps']:.1f} GB/s")
+        print(f"{'case':5} {'method':15} {'Hq/Hkv':>7} {'L':>6} {'splits':>6} {'ms':>8} {'tok/s':>8} {'K+V GB/s':>9} {'of copy':>8} {'best':>6}")
+        for r in c["rows"]:
+            print(f"{r['kind']:5} {r['method']:15} {r['Hq']:>3}/{r['Hkv']:<3} {r['L']:>6} {str(r['splits']):>6} {r['ms']:8.2f} "
+                  f"{r['tokens_per_s']:8.1f} {r['kv_GBps']:9.2f} {r['fraction_of_copy_bandwidth']:8.0%} {r['fraction_of_copy_bandwidth_best']:6.0%}")
+    if "gpu" in result:
+        g = result["gpu"]
+        print(f"GPU {g['name']}: copy {g['bandwidth']['copy_GBps']:.0f} GB/s (read + write)")
+        print(f"{'method':18} {'B':>2} {'L':>6} {'splits':>6} {'us':>8} {'tok/s':>9} {'K+V GB/s':>9} {'of copy':>8} {'maxdiff':>8}")
+        for r in g["rows"]:
+            print(f"{r['method']:18} {r['B']:>2} {r['L']:>6} {str(r['splits']):>6} {r['us']:8.1f} {r['tokens_per_s']:9.0f} "
+                  f"{r['kv_GBps']:9.0f} {r['fraction_of_copy_bandwidth']:8.0%} {r['max_abs_diff_vs_auto']:8.1e}")
+        for e in g["errors"]:
+            print("error:", e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Split-K decoding on the CPU ("flash-decoding", Dao et al. 2023): few queries, a long KV cache.
+
+What changed from the prefill rungs: a decoding step has one query row per head (Nq = 1, or a few),
+so the prefill kernels' parallelism over query blocks (B * Hq * Tr tasks) collapses to B * H_kv tasks
+once the query heads of a GQA group share one pass over their K/V head. With B = 1 and H_kv = 1 (MQA)
+that is one task: one core works, the others wait. Split-K cuts the keys into `splits` chunks instead;
+each (b, h_kv, chunk) task computes a partial online-softmax state (m, l, O) of its keys, and
+`flashkit.online_softmax.merge` combines the states exactly (flashkit/decode.py does that).
+Why it pays: decoding reads the whole cache once per token and does only ~2 FLOPs per byte, so it is
+memory-bound; all cores must stream K and V at once to reach the machine's bandwidth.
+Measured (python -m benchmarks.decode): benchmarks/results/decode-*.json. On the shared 2-core AMD
+EPYC VM, one thread streams a 64 MB cache with one query row at 16.8 GB/s (NumPy there: a copy 19
+GB/s read + write, a sum 13-16 GB/s), and with a GQA group of 4 rows at 9-11 GB/s: compute-bound
+(about 17 ns per key and row, i.e. one dot product and one weighted add of d = 128 floats).
+
+Each task reads its K_j and V_j blocks once for all g * Nq query rows of the group (g = Hq / H_kv):
+GQA makes decoding cheaper in bytes, not only in memory. Per block of Bc keys it does exactly what
+FlashAttention-2 does for one tile:
+
+    S   = Q K_j^T * scale          (R x Bc), masked keys -inf   R = g * Nq rows
+    m'  = max(m, rowmax(S));  P = exp(S - m');  alpha = exp(m - m')
+    l   = alpha * l + rowsum(P);  O = alpha * O + P V_j
+
+Tried and dropped: the rows four at a time through both products (register blocking). 15-20% faster
+with a group of 4 rows, but 4x slower with 8 (LLVM's code for the blocked O update collapsed);
+measured on one thread, d = 128, in cache.
+
+This module imports Numba at the top: load it through flashkit.decode (which imports it only when a
+Numba backend is used), never from `import flashkit`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+from numba import njit, prange
+
+from flashkit.cpu.simd import FASTMATH, fast_exp
+
+Bc = 64  # keys per block: K_j and V_j of 64 x 128 float32 are 32 KiB each, an L1/L2-sized pair
+MIN_CHUNK = 256  # "auto" never cuts the cache finer than this many keys per split (per-task overhead)
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
+def split_task(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
+    """The partial state over keys [j0, j1) of the g * Nq query rows that share K/V head h of batch b.
+
+    Q (B, Hq, Nq, d); K, V (B, Hkv, Nmax, d); lo, hi (B, Nq) int64: row i of batch b sees keys
+    lo[b, i] <= j < hi[b, i]. Writes M[s, b, hq, i], L[s, b, hq, i] and O[s, b, hq, i, :] for the
+    query heads hq of the group: (m, l, O) of the online softmax, O not divided by l.
+    """
+    Hq, Nq, d = Q.shape[1], Q.shape[2], Q.shape[3]
+    g = Hq // K.shape[1]
+    R = g * Nq  # query rows sharing this K/V head: row r = gi * Nq + i
+    neg_inf = -np.inf
+    q = np.empty((R, d), Q.dtype)  # Q_i * scale, so S needs no extra multiply
+    row_lo = np.empty(R, np.int64)
+    row_hi = np.empty(R, np.int64)
+    jlo, jhi = j1, j0  # the keys of [j0, j1) that at least one row sees
+    for gi in range(g):
+        for i in range(Nq):
+            r = gi * Nq + i
+            for c in range(d):
+                q[r, c] = Q[b, h * g + gi, i, c] * scale
+            row_lo[r] = lo[b, i]
+            row_hi[r] = hi[b, i]
+            jlo = min(jlo, max(j0, lo[b, i]))
+            jhi = max(jhi, min(j1, hi[b, i]))
+    m = np.full(R, neg_inf, Q.dtype)
+    l = np.zeros(R, Q.dtype)
+    acc = np.zeros((R, d), Q.dtype)
+    P = np.empty((R, Bc), Q.dtype)  # S, then P = exp(S - m') in place
+
+    zero = Q.dtype.type(0)
+    Kh, Vh = K[b, h], V[b, h]  # (Nmax, d) each
+    for jb in range(jlo, jhi, Bc):
+        n = min(Bc, jhi - jb)
+        # S = Q K_j^T * scale: one pass over the keys, each key used by all R rows while in cache
+        for jj in range(n):
+            k = Kh[jb + jj]
+            for r in range(R):
+                if row_lo[r] <= jb + jj < row_hi[r]:
+                    sc = zero
+                    for c in range(d):
+                        sc += q[r, c] * k[c]
+                    P[r, jj] = sc
+                else:
+                    P[r, jj] = neg_inf
+        # m' = max(m, rowmax(S)); P = exp(S - m'); alpha = exp(m - m'); l = alpha l + rowsum(P); O *= alpha
+        for r in range(R):
+            mx = m[r]
+            for jj in range(n):
+                mx = max(mx, P[r, jj])
+            if mx == neg_inf:  # no visible key yet for this row: P = 0, the state stays empty
+                for jj in range(n):
+                    P[r, jj] = 0
+                continue
+            alpha = fast_exp(m[r] - mx)  # 0 when m = -inf
+            rowsum = zero
+            for jj in range(n):
+                p = fast_exp(P[r, jj] - mx)
+                P[r, jj] = p
+                rowsum += p
+            l[r] = alpha * l[r] + rowsum
+            m[r] = mx
+            for c in range(d):
+                acc[r, c] *= alpha
+        # O += P V_j (masked entries of P are 0)
+        for jj in range(n):
+            v = Vh[jb + jj]
+            for r in range(R):
+                p = P[r, jj]
+                for c in range(d):
+                    acc[r, c] += p * v[c]
+
+    for gi in range(g):
+        for i in range(Nq):
+            r = gi * Nq + i
+            M[s, b, h * g + gi, i] = m[r]
+            L[s, b, h * g + gi, i] = l[r]
+            for c in range(d):
+                O[s, b, h * g + gi, i, c] = acc[r, c]
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def splitk_kernel(Q, K, V, lo, hi, scale, chunk, M, L, O):
+    """All B * H_kv * splits tasks on all threads; split s holds keys [s * chunk, (s + 1) * chunk)."""
+    S = M.shape[0]
+    B, Hkv, Nmax = K.shape[0], K.shape[1], K.shape[2]
+    for t in prange(B * Hkv * S):
+        s = t % S  # the splits of one head are neighbours: with few heads, all threads share each head
+        bh = t // S
+        h = bh % Hkv
+        b = bh // Hkv
+        j0 = min(s * chunk, Nmax)
+        j1 = min(j0 + chunk, Nmax)
+        split_task(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O)
+
+
+def threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def auto_splits(B: int, Hkv: int, n_keys: int, n_threads: int = None) -> int:
+    """Enough tasks for every thread four times over (load balance on a busy machine), but never
+    chunks of fewer than MIN_CHUNK keys. One split when the heads alone already give that."""
+    n_threads = threads() if n_threads is None else n_threads
+    want = math.ceil(4 * n_threads / (B * Hkv))
+    return max(1, min(want, math.ceil(n_keys / MIN_CHUNK)))
+
+
+def new_partials(splits, B, Hq, Nq, d, dtype):
+    """Empty (M, L, O) arrays: (splits, B, Hq, Nq), (splits, B, Hq, Nq), (splits, B, Hq, Nq, d)."""
+    return (np.empty((splits, B, Hq, Nq), dtype), np.empty((splits, B, Hq, Nq), dtype),
+            np.empty((splits, B, Hq, Nq, d), dtype))
+
+
+def partials(Q, K, V, lo, hi, scale, splits, n_keys):
+    """(M, L, O) of every split, computed in parallel. Q (B, Hq, Nq, d) and K, V (B, Hkv, Nmax, d)
+    C-contiguous of one dtype (float32 or float64); lo, hi (B, Nq) int64; keys beyond n_keys unused."""
+    B, Hq, Nq, d = Q.shape
+    chunk = max(1, math.ceil(n_keys / splits))
+    M, L, O = new_partials(splits, B, Hq, Nq, d, Q.dtype)
+    splitk_kernel(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, M, L, O)
+    return M, L, O
+
+
+def traced_partials(Q, K, V, lo, hi, scale, splits, n_keys, n_threads):
+    """`partials` run by a pool of n_threads Python threads (the task releases the GIL), recording
+    when each task starts and ends: the data of a timeline picture. Returns ((M, L, O), events) with
+    events a list of dicts: task, b, h, split, j0, j1, thread, start_s, end_s (seconds from launch).
+    Slower than `partials` by the Python overhead of each call; use it to look, not to time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    B, Hq, Nq, d = Q.shape
+    Hkv = K.shape[1]
+    chunk = max(1, math.ceil(n_keys / splits))
+    M, L, O = new_partials(splits, B, Hq, Nq, d, Q.dtype)
+    sc = Q.dtype.type(scale)
+    split_task(Q, K, V, lo, hi, sc, 0, 0, 0, 0, 0, M, L, O)  # compile (or load) before the clock starts
+    events, names = [], {}
+    t_launch = time.perf_counter()
+
+    def one(t):
+        s, bh = t % splits, t // splits
+        h, b = bh % Hkv, bh // Hkv
+        j0 = min(s * chunk, K.shape[2])
+        j1 = min(j0 + chunk, K.shape[2])
+        start = time.perf_counter()
+        split_task(Q, K, V, lo, hi, sc, b, h, s, j0, j1, M, L, O)
+        end = time.perf_counter()
+        worker = names.setdefault(threading.get_ident(), len(names))
+        events.append(dict(task=t, b=b, h=h, split=s, j0=j0, j1=j1, thread=worker,
+                           start_s=start - t_launch, end_s=end - t_launch))
+
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        list(pool.map(one, range(B * Hkv * splits)))
+    return (M, L, O), sorted(events, key=lambda e: e["task"])
+
+
+def run(problem):
+    """(O, lse) of a flashkit Problem with split-K (a backend runner: causal and windows, no custom mask).
+
+    Meant for few query rows; correct for any Nq, but a prefill should use a prefill kernel."""
+    from flashkit import online_softmax
+    from flashkit.masks import row_bounds
+
+    if problem.mask is not None:
+        raise ValueError("the split-K decode kernel does not support a custom mask (causal and window are supported)")
+    lo, hi = row_bounds(problem.Nq, problem.Nk, problem.window)
+    lo = np.ascontiguousarray(np.broadcast_to(lo, (problem.B, problem.Nq)))
+    hi = np.ascontiguousarray(np.broadcast_to(hi, (problem.B, problem.Nq)))
+    splits = auto_splits(problem.B, problem.Hkv, problem.Nk)
+    M, L, O = partials(problem.Q, problem.K, problem.V, lo, hi, problem.scale, splits, problem.Nk)
+    return online_softmax.finalize(online_softmax.merge([online_softmax.State(M[s], L[s], O[s]) for s in range(splits)]))
