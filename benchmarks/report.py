@@ -33,9 +33,13 @@ def backends_table() -> str:
     return "\n".join(rows)
 
 
+# Results files kept beside the main one as evidence (earlier runs, a different threading layer): not headlines.
+VARIANTS = ("-history", "-workqueue")
+
+
 def _load(pattern: str):
-    """Current results files; earlier runs kept as evidence are named *-history*.json and left out."""
-    return [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern)) if "-history" not in p.name]
+    return [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))
+            if not any(v in p.name for v in VARIANTS)]
 
 
 def results_section() -> str:
@@ -54,7 +58,9 @@ def results_section() -> str:
 
 def _label(path, data) -> str:
     m = data.get("machine") or data.get("cpu_info") or {}
-    if "card" in data:
+    if isinstance(data.get("gpu"), dict):
+        where = f"{data['gpu']['name']}"
+    elif "card" in data:
         where = f"{data['card']}, driver {data.get('driver', '?')}, CuPy {data.get('cupy', '?')}, torch {data.get('torch', '?')}"
     elif m:
         where = f"{m.get('cpu', 'CPU')} ({m.get('llvm_cpu', '?')}, {', '.join(m.get('llvm_features', []))}), {m.get('cores', '?')} cores"
@@ -114,7 +120,22 @@ def _gpu_headline(path, data) -> str:
 
 
 def _decode_headline(path, data) -> str:
-    return ""
+    """One decoding step against the longest cache measured: time, K/V bytes read per second, bandwidth share."""
+    side = data.get("gpu") or data.get("cpu")
+    if not side or not side.get("rows"):
+        return ""
+    rows = [r for r in side["rows"] if r.get("kind", "GQA") == "GQA" and "sweep" not in r["method"]
+            and "noprefetch" not in r["method"]]
+    L = max(r["L"] for r in rows)
+    copy = side["bandwidth"]["copy_GBps"]
+    where = side.get("name", "CPU")
+    out = [f"**Decoding** one token on {where}: GQA {rows[0]['Hq']}/{rows[0]['Hkv']}, d={rows[0]['d']}, "
+           f"{rows[0]['dtype']}, KV cache of {L} tokens (copy bandwidth measured in the same run: {copy:,.0f} GB/s)", "",
+           "| batch | method | µs per step | K+V read GB/s | of copy bandwidth |", "| --- | --- | --- | --- | --- |"]
+    for r in sorted((r for r in rows if r["L"] == L), key=lambda r: (r["B"], r["us"] if "us" in r else r["ms"] * 1e3)):
+        us = r["us"] if "us" in r else r["ms"] * 1e3
+        out.append(f"| {r['B']} | {r['method']} | {us:,.1f} | {r['kv_GBps']:,.0f} | {r['kv_GBps'] / copy:.0%} |")
+    return "\n".join(out + ["", _label(path, data)])
 
 
 SECTIONS = {"backends": backends_table, "results": results_section}
