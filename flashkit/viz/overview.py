@@ -6,13 +6,14 @@ and `cost_figure` draw the measurements; `fit_slope` is the exponent of a power 
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import tracemalloc
 
 import numpy as np
 
 import flashkit
+from flashkit.measure.memory import fit_loglog_slope
+from flashkit.measure.timing import threads_limit
 
 
 def backends_markdown(rows=None) -> str:
@@ -48,26 +49,8 @@ def measure(backend: str, N: int, d: int = 64, H: int = 1, causal: bool = False,
         raise ValueError(f"repeats must be a positive int; got {repeats!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None or a positive int; got {threads!r}")
-    with _thread_limit(threads):
+    with threads_limit(threads):
         return _measure(backend, N, d, H, causal, repeats, seed, window, block_size, threads)
-
-
-@contextlib.contextmanager
-def _thread_limit(threads):
-    """Limit BLAS and Numba threads to `threads` inside the block (no-op for None)."""
-    if threads is None:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        with threadpool_limits(threads):
-            yield
-    finally:
-        numba.set_num_threads(before)
 
 
 def _measure(backend, N, d, H, causal, repeats, seed, window, block_size, threads):
@@ -92,12 +75,8 @@ def _measure(backend, N, d, H, causal, repeats, seed, window, block_size, thread
             "seconds": min(times), "peak_bytes": max(0, peak - o.nbytes)}
 
 
-def fit_slope(x, y) -> float:
-    """The exponent p of y ≈ c·x^p, fitted by least squares on log(x), log(y)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.shape != y.shape or x.size < 2 or (x <= 0).any() or (y <= 0).any():
-        raise ValueError("x and y must be positive arrays of the same length, at least 2 points")
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+# The exponent p of y ≈ c·x^p, fitted by least squares on log(x), log(y).
+fit_slope = fit_loglog_slope
 
 
 def loglog_figure(x, series: dict, title: str, x_title: str, y_title: str, dashed=()):
