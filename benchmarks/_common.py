@@ -3,16 +3,16 @@ BLAS), medians of timed runs, peak memory, and writing a results file atomically
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+
+from flashkit.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -137,15 +137,5 @@ def rss_bytes(field: str = "VmRSS") -> int:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file next to `path`, then rename it over `path` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write JSON through a temporary file and a rename (flashkit.atomic): never half-written."""
+    write_json(path, data)

@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from tqdm import tqdm
+
+from flashkit.atomic import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- notebook-times:begin -->", "<!-- notebook-times:end -->"
@@ -106,16 +107,7 @@ def time_notebook(path: Path, timeout: int) -> dict:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_json(path, data)
 
 
 def missing_series(folder: Path, found: list) -> list:
@@ -184,10 +176,7 @@ def update_workshop(path: Path, table: str, results: dict) -> None:
     if AGENDA_BEGIN in text:
         text = _replace_block(text, AGENDA_BEGIN, AGENDA_END,
                               lambda old: fill_agenda(old.split("\n\nRun time of every notebook")[0], results))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def main(argv=None):

@@ -32,7 +32,6 @@ import numbers
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from flashkit import registry, validate
+from flashkit.atomic import write_text
 from flashkit.masks import visible_fraction
 
 DTYPES = ("float16", "float32", "float64")
@@ -397,25 +397,8 @@ def metadata(spec: Optional[Sweep] = None) -> dict:
 
 
 def write_atomic(path, text: str) -> Path:
-    """Write text to path through a temporary file in the same folder and os.replace: a reader never
-    sees half a file, and an interrupted write leaves the old file in place."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {str(folder)!r} for {str(path)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write text to path atomically (flashkit.atomic): a reader never sees half a file."""
+    return write_text(path, text)
 
 
 def to_json(rows: Sequence[dict], meta: Optional[dict] = None) -> str:
