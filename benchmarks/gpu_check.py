@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flashkit.atomic import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,7 +99,7 @@ def main(argv=None):
                                              compile_seconds_first_launch=c["compile_seconds"])
             dest = ROOT / "benchmarks" / "results" / f"gpu-{card_slug(result['card'])}.json"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(json.dumps(result, indent=1))
+            write_json(dest, result)
             shutil.copy(dest, out / dest.name)
             print_table(result["results"])
             for r in result.get("block_sweep", []):
@@ -115,7 +117,7 @@ def main(argv=None):
         print("   " + " ".join(summary["pytest"]["tail"]))
         if not args.no_bench and bench_json.exists():  # the results file records the test run too
             result["checks"] = summary
-            dest.write_text(json.dumps(result, indent=1))
+            write_json(dest, result)
             shutil.copy(dest, out / dest.name)
 
     print("\nsummary:", json.dumps(summary))

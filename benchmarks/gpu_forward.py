@@ -10,7 +10,7 @@ Timing: CUDA events around each call on the default stream, after a warm-up call
 cuBLAS/cuDNN handle creation stay out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
 TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at:
-rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-5 -> flash (same dtype).
+rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash (same dtype).
 Memory: extra GPU bytes beyond inputs at B=1, H=16, d=128, fp16, N = 16384 and 65536 (CuPy pool for the
 flashkit rungs, torch.cuda.max_memory_allocated for torch's flash backend).
 """
@@ -25,9 +25,11 @@ import statistics
 import sys
 from pathlib import Path
 
-RUNG_NAMES = {1: "cupy-standard", 2: "cupy-fp32-row", 3: "cupy-fp32-tile", 4: "cupy-mma", 5: "cupy-mma-async"}
+from flashkit.atomic import write_json
+
+RUNG_NAMES = {1: "cupy-standard", 2: "cupy-fp32-row", 3: "cupy-fp32-tile", 4: "cupy-mma", 5: "cupy-mma-async", 6: "cupy-mma-2tile"}
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
-PEER = {1: "math", 2: "efficient", 3: "efficient", 4: "flash", 5: "flash"}
+PEER = {1: "math", 2: "efficient", 3: "efficient", 4: "flash", 5: "flash", 6: "flash"}
 ELEMENT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 
 
@@ -139,7 +141,7 @@ def run_grid(quick=False):
                     q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(3))
                     meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal))
                     print(f"d={d} N={N} B={B} H={H} causal={causal} {dtype}", flush=True)
-                    rungs = {"float16": (1, 4, 5), "bfloat16": (4, 5), "float32": (1, 2, 3)}[dtype]
+                    rungs = {"float16": (1, 4, 5, 6), "bfloat16": (4, 5, 6), "float32": (1, 2, 3)}[dtype]
                     peers = {"float16": TORCH_BACKENDS, "bfloat16": ("flash", "cudnn"), "float32": ("efficient", "math")}[dtype]
                     for r in rungs:
                         if quick and r == 2 and N > 4096:
@@ -316,7 +318,7 @@ def main(argv=None):
                                                 for k, v in COMPILE_SECONDS.items()])
     path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"gpu-{card_slug(env['card'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)  # atomic: a crash never leaves half a results file
     print_table(rows)
     print(f"\nwrote {path}")
     return 0

@@ -39,13 +39,13 @@ def test_standard_matches_float64(case, element):
     assert row["ok"], _explain(row)
 
 
-@pytest.mark.parametrize("rung,block", [(r, b) for r in (2, 3, 4, 5) for b in RUNGS[r].allowed_blocks])
+@pytest.mark.parametrize("rung,block", [(r, b) for r in (2, 3, 4, 5, 6) for b in RUNGS[r].allowed_blocks])
 def test_every_allowed_block_size(rung, block):
     row = check.check_rung(rung, check.CASES[2], check.ELEMENT_OF[rung][0], seed=11, block_size=block)
     assert row["ok"], _explain(row)
 
 
-@pytest.mark.parametrize("rung", [2, 3, 4, 5])
+@pytest.mark.parametrize("rung", [2, 3, 4, 5, 6])
 def test_unsupported_head_size_and_block_raise(rung):
     element = check.ELEMENT_OF[rung][0]
     dtype = cupy.float32 if element == "f32" else cupy.float16
@@ -72,8 +72,8 @@ def test_non_contiguous_input_is_copied():
 
 def test_backends_are_registered_with_rungs():
     names = {b.name: b for b in BACKENDS}
-    assert [names[n].rung for n in ("cupy-standard", "cupy-fp32-row", "cupy-fp32-tile", "cupy-mma", "cupy-mma-async")] == [1, 2, 3, 4, 5]
-    assert max(BACKENDS, key=lambda b: b.priority).name == "cupy-mma-async"
+    assert [names[n].rung for n in ("cupy-standard", "cupy-fp32-row", "cupy-fp32-tile", "cupy-mma", "cupy-mma-async", "cupy-mma-2tile")] == [1, 2, 3, 4, 5, 6]
+    assert max(BACKENDS, key=lambda b: b.priority).name == "cupy-mma-2tile"
 
 
 def test_through_flashkit_attention():

@@ -1,6 +1,6 @@
 """FlashAttention forward kernels on an NVIDIA GPU, written in CUDA C++ and launched from CuPy.
 
-A ladder: rung 1 in standard.py, rungs 2-5 one file each under flashkit/gpu/kernels/ (read them in order,
+A ladder: rung 1 in standard.py, rungs 2-6 one file each under flashkit/gpu/kernels/ (read them in order,
 each opens with what changed, why, and what it measured):
 
   rung 1  cupy-standard     S = Q K^T and P = softmax(S) materialised with CuPy (cuBLAS): O(N^2) memory
@@ -8,6 +8,7 @@ each opens with what changed, why, and what it measured):
   rung 3  cupy-fp32-tile    fp32, 4x8 register blocks of S per thread, warp-shuffle row reductions
   rung 4  cupy-mma          fp16/bf16 tensor cores (inline PTX mma.sync.m16n8k16), FA2 warp partition
   rung 5  cupy-mma-async    + ldmatrix, padded bank-conflict-free tiles, cp.async pipelining (FA2 order)
+  rung 6  cupy-mma-2tile    + two 16-row m-tiles per warp (FA2's 4 warps x 32 rows), Q re-read from shared
 
 CuPy arrays in, CuPy arrays out. Nothing here imports CuPy until a kernel runs. Correctness:
 `python -m flashkit.gpu.check`; everything at once (tests, sanitizer, benchmark):
@@ -85,6 +86,19 @@ BACKENDS = (
         priority=100,
         probe="flashkit.gpu:_probe_tensor_cores",
         rung=5,
+    ),
+    Backend(
+        name="cupy-mma-2tile",
+        device="gpu",
+        summary="rung 5 with 32 query rows per warp: each K/V fragment feeds 2 mma (kernels/6_mma_2tile.cu)",
+        runner="flashkit.gpu.flash:run_rung6",
+        dtypes=_KERNEL_DTYPES,
+        head_dims=_DIMS,
+        mask=False,
+        window=True,
+        priority=110,
+        probe="flashkit.gpu:_probe_tensor_cores",
+        rung=6,
     ),
 )
 

@@ -16,6 +16,8 @@ import argparse
 import sys
 from typing import List, Optional, Tuple
 
+from flashkit.atomic import write_json
+
 # (B, Hq, Hkv, Nq, Nk, d, causal, window): none a multiple of every block size, on purpose
 CASES = (
     (1, 1, 1, 1, 1, 64, False, None),          # N = 1
@@ -28,7 +30,7 @@ CASES = (
     (1, 4, 4, 513, 513, 32, True, None),
     (1, 2, 2, 1000, 1000, 128, False, None),
 )
-ELEMENT_OF = {2: ("f32",), 3: ("f32",), 4: ("f16", "bf16"), 5: ("f16", "bf16")}
+ELEMENT_OF = {2: ("f32",), 3: ("f32",), 4: ("f16", "bf16"), 5: ("f16", "bf16"), 6: ("f16", "bf16")}
 
 
 # ---- bfloat16 as uint16 bits (CuPy may not hold a bfloat16 dtype) -------------------------------------
@@ -224,7 +226,7 @@ def run_all(verbose=True, seed=0) -> List[dict]:
             for element in elements:
                 rows.append(check_rung(rung, case, element, seed + ci))
     # every block size a user (or the benchmark's sweep) may force, on two awkward cases
-    for rung in (2, 3, 4, 5):
+    for rung in (2, 3, 4, 5, 6):
         for bs in RUNGS[rung].allowed_blocks:
             for case in (CASES[2], CASES[5]):
                 elem = ELEMENT_OF[rung][0]
@@ -310,8 +312,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         clean = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows]
         compile_s = [dict(rung=k[0], d=k[1], element=k[2], Br=k[3], Bc=k[4], seconds=v) for k, v in COMPILE_SECONDS.items()]
-        with open(args.json, "w") as f:
-            json.dump(dict(rows=clean, passed=sum(r["ok"] for r in rows), total=len(rows), compile_seconds=compile_s), f, indent=1)
+        write_json(args.json, dict(rows=clean, passed=sum(r["ok"] for r in rows), total=len(rows), compile_seconds=compile_s))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

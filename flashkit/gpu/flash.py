@@ -66,6 +66,14 @@ RUNGS = {
             ((64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)),
             threads=lambda Br, Bc: 2 * Br,
             smem=lambda d, Br, Bc: 2 * (Br + 3 * Bc) * (d + 8)),
+    # Rung 5's layout with Br / 32 warps (two 16-row m-tiles each). Defaults from its sweep on an H100 (N=4096,
+    # fp16, benchmarks/NOTES-gpu.md "Rung 6"; d=32 not swept). d = 128 with Bc = 128 spills (ptxas: 832 bytes)
+    # and runs at 0.55x of 128 x 64: allowed, never a default.
+    6: Rung(6, "6_mma_2tile.cu", ("f16", "bf16"),
+            {32: (128, 64), 64: (128, 64), 128: (128, 64)},
+            ((64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)),
+            threads=lambda Br, Bc: Br,
+            smem=lambda d, Br, Bc: 2 * (Br + 3 * Bc) * (d + 8)),
 }
 HEAD_DIMS = (32, 64, 128)
 COMPILE_SECONDS: Dict[tuple, float] = {}  # (rung, d, element, Br, Bc) -> seconds of the first build in this process
@@ -181,6 +189,11 @@ def run_rung4(problem):
 def run_rung5(problem):
     """cupy-mma-async: kernels/5_mma_async.cu."""
     return _run(5, problem)
+
+
+def run_rung6(problem):
+    """cupy-mma-2tile: kernels/6_mma_2tile.cu."""
+    return _run(6, problem)
 
 
 def flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
