@@ -306,8 +306,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     rows = sanitize_run() if args.sanitize else run_all()
     if args.json:
-        import json
-
         from flashkit.gpu.flash import COMPILE_SECONDS
 
         clean = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows]
