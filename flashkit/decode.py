@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from flashkit import online_softmax
-from flashkit.validate import array_module
+from flashkit.validate import _as4d, array_module, check_array, check_scale
+
+DECODE_DTYPES = ("float16", "float32", "float64")  # the split-K kernels have no bfloat16 path
 
 SPLITK_BACKENDS = ("numpy-splitk", "numba-splitk", "cupy-splitk")
 
@@ -56,22 +58,11 @@ class DecodeProblem:
         return int(self.lengths.max()) if self.lengths.size else 0
 
 
-def _as4d(x):
-    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
-
-
 def check(q, k_cache, v_cache, *, length=None, causal=False, scale=None) -> DecodeProblem:
     """Validate a decoding step; raises TypeError/ValueError naming the argument."""
-    xps = []
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        xp = array_module(x)
-        if xp is None:
-            raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray; got {type(x).__name__}")
-        if x.ndim not in (2, 3, 4):
-            raise ValueError(f"{name} must have 2, 3 or 4 dimensions ((N, d), (H, N, d) or (B, H, N, d)); got shape {tuple(x.shape)}")
-        if x.dtype.name not in ("float16", "float32", "float64"):
-            raise TypeError(f"{name} must have dtype float16, float32 or float64; got {x.dtype}")
-        xps.append(xp)
+    # the caches may be empty (no key yet) and hold unwritten slots past `length`: no finiteness check there
+    xps = [check_array(name, x, dtypes=DECODE_DTYPES, finite=False, nonempty=False)
+           for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))]
     if not (xps[0] is xps[1] is xps[2]):
         raise TypeError("q, k_cache and v_cache must all be NumPy arrays or all CuPy arrays; got a mix")
     xp = xps[0]
@@ -95,10 +86,7 @@ def check(q, k_cache, v_cache, *, length=None, causal=False, scale=None) -> Deco
         raise ValueError("q contains NaN or Inf")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be True or False; got {causal!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite number > 0 (default 1/sqrt(d)); got {scale!r}")
+    scale = check_scale(scale, d)
 
     # length: None (the whole buffer), an int, or one int per batch element (ragged batch)
     if length is None:

@@ -27,19 +27,32 @@ def array_module(x):
     return None
 
 
-def _check_array(name, x):
+def check_array(name, x, *, dtypes=FLOAT_DTYPES, finite=True, nonempty=True):
+    """The array module of `x` after checking type, rank, dtype and (optionally) emptiness and finiteness.
+
+    Shared by attention() and flashkit.decode (whose KV caches may be empty and hold unwritten slots).
+    """
     xp = array_module(x)
     if xp is None:
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray; got {type(x).__name__}")
     if x.ndim not in (2, 3, 4):
         raise ValueError(f"{name} must have 2, 3 or 4 dimensions ((N, d), (H, N, d) or (B, H, N, d)); got shape {tuple(x.shape)}")
-    if x.dtype.name not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating dtype ({', '.join(FLOAT_DTYPES)}); got {x.dtype}")
-    if 0 in x.shape:
+    if x.dtype.name not in dtypes:
+        raise TypeError(f"{name} must have a floating dtype ({', '.join(dtypes)}); got {x.dtype}")
+    if nonempty and 0 in x.shape:
         raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
-    if not bool(xp.isfinite(x).all()):
+    if finite and not bool(xp.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf; attention of non-finite input is undefined")
     return xp
+
+
+def check_scale(scale, d: int) -> float:
+    """scale as a float: 1/sqrt(d) for None, else a finite number > 0."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0 (default 1/sqrt(d)); got {scale!r}")
+    return float(scale)
 
 
 def _as4d(x):
@@ -53,7 +66,7 @@ def _positive_int(name, v):
 
 
 def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None) -> Problem:
-    xps = [_check_array(n, x) for n, x in (("q", q), ("k", k), ("v", v))]
+    xps = [check_array(n, x) for n, x in (("q", q), ("k", k), ("v", v))]
     if not (xps[0] is xps[1] is xps[2]):
         raise TypeError("q, k and v must all be NumPy arrays or all CuPy arrays; got a mix")
     xp = xps[0]
@@ -78,10 +91,7 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
 
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be True or False; got {causal!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite number > 0 (default 1/sqrt(d)); got {scale!r}")
+    scale = check_scale(scale, d)
 
     if window is not None:
         if (not isinstance(window, (tuple, list)) or len(window) != 2
