@@ -21,6 +21,9 @@ from flashkit.registry import Backend
 _KERNEL_DTYPES = ("float16", "bfloat16")
 _DIMS = (32, 64, 128)
 
+# What every CUDA rung (2-6) shares: GPU only, d in _DIMS, causal and windows, no custom mask.
+_KERNEL = dict(device="gpu", head_dims=_DIMS, mask=False, window=True)
+
 BACKENDS = (
     Backend(
         name="cupy-standard",
@@ -37,68 +40,53 @@ BACKENDS = (
     ),
     Backend(
         name="cupy-fp32-row",
-        device="gpu",
         summary="CUDA fp32, one thread per query row, K/V tiles in shared memory (kernels/2_fp32_row.cu)",
         runner="flashkit.gpu.flash:run_rung2",
         dtypes=("float32",),
-        head_dims=_DIMS,
-        mask=False,
-        window=True,
         priority=70,
         probe="flashkit.gpu:_probe",
         rung=2,
+        **_KERNEL,
     ),
     Backend(
         name="cupy-fp32-tile",
-        device="gpu",
         summary="CUDA fp32, register-blocked S tiles, warp-shuffle reductions (kernels/3_fp32_tile.cu)",
         runner="flashkit.gpu.flash:run_rung3",
         dtypes=("float32",),
-        head_dims=_DIMS,
-        mask=False,
-        window=True,
         priority=80,
         probe="flashkit.gpu:_probe",
         rung=3,
+        **_KERNEL,
     ),
     Backend(
         name="cupy-mma",
-        device="gpu",
         summary="CUDA fp16/bf16 tensor cores, mma.sync m16n8k16, FA2 partition (kernels/4_mma.cu)",
         runner="flashkit.gpu.flash:run_rung4",
         dtypes=_KERNEL_DTYPES,
-        head_dims=_DIMS,
-        mask=False,
-        window=True,
         priority=90,
         probe="flashkit.gpu:_probe_tensor_cores",
         rung=4,
+        **_KERNEL,
     ),
     Backend(
         name="cupy-mma-async",
-        device="gpu",
         summary="rung 4 + ldmatrix, cp.async pipelining, mask-free full tiles (kernels/5_mma_async.cu)",
         runner="flashkit.gpu.flash:run_rung5",
         dtypes=_KERNEL_DTYPES,
-        head_dims=_DIMS,
-        mask=False,
-        window=True,
         priority=100,
         probe="flashkit.gpu:_probe_tensor_cores",
         rung=5,
+        **_KERNEL,
     ),
     Backend(
         name="cupy-mma-2tile",
-        device="gpu",
         summary="rung 5 with 32 query rows per warp: each K/V fragment feeds 2 mma (kernels/6_mma_2tile.cu)",
         runner="flashkit.gpu.flash:run_rung6",
         dtypes=_KERNEL_DTYPES,
-        head_dims=_DIMS,
-        mask=False,
-        window=True,
         priority=110,
         probe="flashkit.gpu:_probe_tensor_cores",
         rung=6,
+        **_KERNEL,
     ),
 )
 
