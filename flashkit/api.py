@@ -1,4 +1,4 @@
-"""flashkit.attention(): validate, pick a backend, call it, shape the result."""
+"""flashkit.attention() and attention_backward(): validate, pick a backend, call it, shape the result."""
 from __future__ import annotations
 
 from flashkit import registry, validate
@@ -45,14 +45,50 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
     return o, lse.reshape(q.shape[:-1]).astype(lse_dtype, copy=False)
 
 
+def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None, mask=None,
+                       backend="auto", block_size=None):
+    """Gradients (dq, dk, dv) of attention's output, given the gradient do of a loss with respect to it.
+
+    The other half of FlashAttention: P is recomputed tile by tile from the forward's logsumexp
+    instead of being stored, so the memory beyond the inputs and gradients is O(N), not O(N^2).
+
+    Parameters
+    ----------
+    do : array of q's shape and dtype, the gradient of the loss with respect to o
+    q, k, v : the forward's inputs, as in `attention` (any rank 2-4, GQA/MQA, Nq != Nk)
+    o, lse : the forward's outputs, `o, lse = attention(q, k, v, ..., return_lse=True)`, computed with
+        the same causal, window, mask and scale. A lse that does not belong to q and k (another call's,
+        or in log2 units) is detected while P is recomputed and raises ValueError.
+    causal, scale, window, mask, block_size : as in `attention`.
+    backend : "auto" (the fastest backend with a backward that serves the request) or a name; see the
+        'backward' column of flashkit.backends(). A named backend without a backward raises.
+
+    Returns
+    -------
+    dq, dk, dv with the shapes and dtypes of q, k and v. With GQA, dk and dv sum over the query heads
+    of each K/V group. A row that saw no key (lse = -inf) contributes 0. Inputs are never modified.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string ('auto' or a name from flashkit.backends()); got {backend!r}")
+    if backend != "auto":
+        registry.get(backend)
+    problem = validate.check_backward(do, q, k, v, o, lse, causal=causal, scale=scale, window=window,
+                                      mask=mask, block_size=block_size)
+    chosen = registry.choose(problem, backend, direction="backward")
+    dQ, dK, dV = chosen.run_backward(problem)
+    return tuple(g.reshape(x.shape).astype(x.dtype, copy=False) for g, x in ((dQ, q), (dK, k), (dV, v)))
+
+
 def backends():
-    """Every backend as a list of dicts: name, device, available, reason (why not), summary."""
+    """Every backend as a list of dicts: name, device, available, reason (why not), what it supports
+    (dtypes, head_dims, mask, forward, backward), rung and summary."""
     rows = []
     for b in registry.all_backends():
         reason = b.unavailable_reason()
         rows.append({
             "name": b.name, "device": b.device, "available": reason is None, "reason": reason or "",
             "dtypes": ", ".join(b.dtypes), "head_dims": "any" if b.head_dims is None else ", ".join(map(str, b.head_dims)),
-            "mask": b.mask, "rung": b.rung, "summary": b.summary,
+            "mask": b.mask, "forward": b.has_forward, "backward": b.has_backward, "rung": b.rung,
+            "summary": b.summary,
         })
     return rows

@@ -3,6 +3,8 @@
 `flashkit.validate.check()` turns what the user passed into a `Problem`: 4-D contiguous arrays, a
 number for the scale, the causal flag folded into the sliding window, the mask in a fixed 4-D form.
 Backends read a Problem and never look at user input again, so no kernel repeats a check.
+`flashkit.validate.check_backward()` returns the same Problem with the backward's inputs set: the
+gradient of the output dO, the forward's output O and its logsumexp lse.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ class Problem:
     mask: Optional[Any]  # None or bool (Bm, Hm, Nq, Nk), Bm in {1, B}, Hm in {1, Hq}; True = may attend
     block_size: Optional[Tuple[int, int]]  # (Br, Bc) forced by the user, or None = backend's choice
     xp: Any  # the array module: numpy or cupy
+    # The backward's inputs (None for a forward problem), set by validate.check_backward:
+    dO: Optional[Any] = None  # (B, Hq, Nq, d)  gradient of the loss with respect to O, Q's dtype
+    O: Optional[Any] = None  # (B, Hq, Nq, d)   the forward's output, Q's dtype
+    lse: Optional[Any] = None  # (B, Hq, Nq)    the forward's logsumexp (natural log), float32 or float64
 
     # Shapes, named as in the papers.
     @property
@@ -85,11 +91,29 @@ class Problem:
             return xp.full(shape_o, xp.nan, o_dtype), xp.full(shape_l, xp.nan, lse_dtype)
         return xp.empty(shape_o, o_dtype), xp.empty(shape_l, lse_dtype)
 
+    def backward_flops(self) -> float:
+        """Backward FLOPs as FlashAttention's papers count them: 2.5 times the forward's."""
+        return 2.5 * self.flops()
+
+    def new_grads(self):
+        """Fresh (dQ, dK, dV) for a backward to fill, shaped and typed like Q, K and V (NaN when poisoned)."""
+        xp = self.xp
+        make = (lambda x: xp.full(x.shape, xp.nan, x.dtype)) if POISON else (lambda x: xp.empty(x.shape, x.dtype))
+        return make(self.Q), make(self.K), make(self.V)
+
     def astype(self, dtype) -> "Problem":
-        """The same problem with Q, K, V converted (used to compute float16 input in float32)."""
+        """The same problem with its arrays converted (float16 input computed in float32; the float64
+        oracle). lse is converted only to float64: float32 is already its dtype for 16-bit input."""
+        def conv(x, to):
+            return None if x is None else x.astype(to)
+
+        lse_to = dtype if self.xp.dtype(dtype) == self.xp.float64 else None
         return replace(
             self,
             Q=self.Q.astype(dtype),
             K=self.K.astype(dtype),
             V=self.V.astype(dtype),
+            dO=conv(self.dO, dtype),
+            O=conv(self.O, dtype),
+            lse=self.lse if lse_to is None or self.lse is None else self.lse.astype(lse_to),
         )

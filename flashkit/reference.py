@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashkit import validate
 from flashkit.masks import dense_mask
 from flashkit.registry import Backend
 
@@ -17,6 +18,7 @@ BACKENDS = (
         device="cpu",
         summary="NumPy, materialises S and P (Nq x Nk per head): the O(N^2)-memory baseline",
         runner="flashkit.reference:standard_attention",
+        backward="flashkit.reference:standard_backward",
         priority=10,
     ),
 )
@@ -62,6 +64,60 @@ def standard_attention(problem):
     with np.errstate(divide="ignore"):
         lse = np.where(seen, m_safe + np.log(np.where(seen, l, 1.0)), -np.inf).astype(S.dtype)
     return O.reshape(B, Hkv * g, Nq, d), lse.reshape(B, Hkv * g, Nq)
+
+
+def standard_backward(problem):
+    """(dQ, dK, dV) of `problem` (from validate.check_backward) with P and dP materialised.
+
+    The derivation everyone does first. With S = Q K^T * scale, P = softmax(S), O = P V and the
+    incoming gradient dO:
+        dV = P^T dO                          (O is linear in V)
+        dP = dO V^T                          (and in P)
+        dS = P * (dP - D),  D = rowsum(dO * O) = rowsum(P * dP)   (the softmax's Jacobian, row by row)
+        dQ = dS K * scale,  dK = dS^T Q * scale
+    P is recomputed from the forward's lse, P = exp(S - lse), exactly as FlashAttention does, so the
+    backward needs the forward's O and lse but not its P. With GQA, dK and dV sum over the query heads
+    that share a K/V head.
+    """
+    B, Hkv, g, Nq, Nk, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.Nk, problem.d
+    Q5 = problem.Q.reshape(B, Hkv, g, Nq, d)  # (B, Hkv, group, Nq, d)
+    dO5 = problem.dO.reshape(B, Hkv, g, Nq, d)
+    O5 = problem.O.reshape(B, Hkv, g, Nq, d)
+    lse = problem.lse.reshape(B, Hkv, g, Nq).astype(problem.dtype)  # (B, Hkv, group, Nq)
+    K4, V4 = problem.K[:, :, None], problem.V[:, :, None]  # (B, Hkv, 1, Nk, d)
+
+    # S = Q K^T * scale, masked scores -inf
+    S = (Q5 @ K4.transpose(0, 1, 2, 4, 3)) * problem.scale  # (B, Hkv, group, Nq, Nk)
+    vis = visibility(problem)
+    if vis is not None:
+        np.copyto(S, -np.inf, where=~vis)
+    # P = exp(S - lse): a row with lse = -inf saw no key, its P is 0
+    empty = np.isneginf(lse)
+    with np.errstate(invalid="ignore"):
+        P = np.exp(S - np.where(empty, 0.0, lse)[..., None])
+    P[np.broadcast_to(empty[..., None], P.shape)] = 0.0
+    visible = np.ones(S.shape, bool) if vis is None else np.broadcast_to(vis, S.shape)
+    psum = np.where(empty, visible.sum(axis=-1), P.sum(axis=-1))  # 1 per row (0 where lse = -inf)
+    validate.check_lse_rowsums(psum.reshape(B, Hkv * g, Nq), problem.lse, problem.dtype)
+    # dV = P^T dO, summed over the group of query heads that read each K/V head
+    dV = (P.transpose(0, 1, 2, 4, 3) @ dO5).sum(axis=2)  # (B, Hkv, Nk, d)
+    # dP = dO V^T;  D = rowsum(dO * O);  dS = P * (dP - D)
+    dP = dO5 @ V4.transpose(0, 1, 2, 4, 3)  # (B, Hkv, group, Nq, Nk)
+    D = (dO5 * O5).sum(axis=-1)  # (B, Hkv, group, Nq)
+    dS = P * (dP - D[..., None])
+    # dQ = dS K * scale;  dK = dS^T Q * scale (summed over the group)
+    dQ = (dS @ K4) * problem.scale  # (B, Hkv, group, Nq, d)
+    dK = (dS.transpose(0, 1, 2, 4, 3) @ Q5).sum(axis=2) * problem.scale  # (B, Hkv, Nk, d)
+    dQ_out, dK_out, dV_out = problem.new_grads()
+    dQ_out[...] = dQ.reshape(B, Hkv * g, Nq, d)
+    dK_out[...] = dK
+    dV_out[...] = dV
+    return dQ_out, dK_out, dV_out
+
+
+def reference_backward(problem):
+    """The float64 oracle of the backward."""
+    return standard_backward(problem.astype(np.float64))
 
 
 def reference(problem):

@@ -1,7 +1,8 @@
 """The named backends: what each one is, whether it can run here, and which one "auto" picks.
 
-A backend is a name, a device, what it supports, and a `run(problem) -> (O, lse)` loaded lazily, so
-`import flashkit` never imports Numba or CuPy. Modules that provide backends (flashkit.cpu,
+A backend is a name, a device, what it supports, a `run(problem) -> (O, lse)` and, where it has one,
+a `run_backward(problem) -> (dQ, dK, dV)`, both loaded lazily, so `import flashkit` never imports
+Numba or CuPy. Modules that provide backends (flashkit.cpu,
 flashkit.gpu) list them in a `BACKENDS` tuple; this file gathers them.
 """
 from __future__ import annotations
@@ -22,14 +23,17 @@ class Backend:
     head_dims  supported head sizes d, or None for any
     mask       whether a custom boolean mask is supported
     priority   "auto" picks the available backend with the highest priority that supports the request
-    runner     "module:function" that takes a Problem and returns (O, lse)
+    runner     "module:function" that takes a Problem and returns (O, lse); None for a backward-only rung
+    backward   "module:function" that takes a Problem carrying dO, O and lse (validate.check_backward)
+               and returns (dQ, dK, dV) shaped like Q, K, V; None when the backend has no backward
     probe      "module:function" returning None when usable here, else the reason it is not
     """
 
     name: str
     device: str
     summary: str
-    runner: str
+    runner: Optional[str]
+    backward: Optional[str] = None
     dtypes: Tuple[str, ...] = ("float32", "float64")
     head_dims: Optional[Tuple[int, ...]] = None
     mask: bool = True
@@ -55,8 +59,21 @@ class Backend:
     def available(self) -> bool:
         return self.unavailable_reason() is None
 
-    def cannot_serve(self, problem) -> Optional[str]:
-        """None if this backend supports `problem`, else a sentence saying what it lacks."""
+    @property
+    def has_forward(self) -> bool:
+        return self.runner is not None
+
+    @property
+    def has_backward(self) -> bool:
+        return self.backward is not None
+
+    def cannot_serve(self, problem, direction: str = "forward") -> Optional[str]:
+        """None if this backend supports `problem` in `direction` ("forward" or "backward"), else a
+        sentence saying what it lacks."""
+        if direction == "backward" and not self.has_backward:
+            return f"backend {self.name!r} has no backward pass (see flashkit.backends(): column 'backward')"
+        if direction == "forward" and not self.has_forward:
+            return f"backend {self.name!r} computes only the backward pass; use flashkit.attention_backward"
         if self.device == "gpu" and problem.xp.__name__ != "cupy":
             return f"backend {self.name!r} runs on the GPU and needs CuPy arrays; got NumPy arrays"
         if self.device == "cpu" and problem.xp.__name__ != "numpy":
@@ -77,9 +94,18 @@ class Backend:
         """Compute (O, lse) for a validated Problem (float16 input is computed in float32 if needed)."""
         if problem.dtype.name not in self.dtypes:
             problem = problem.astype("float32")
-        if "fn" not in self._cache:
-            self._cache["fn"] = _resolve(self.runner)
-        return self._cache["fn"](problem)
+        return self._function("runner")(problem)
+
+    def run_backward(self, problem):
+        """Compute (dQ, dK, dV) for a Problem from validate.check_backward (float16 in float32 if needed)."""
+        if problem.dtype.name not in self.dtypes:
+            problem = problem.astype("float32")
+        return self._function("backward")(problem)
+
+    def _function(self, which: str) -> Callable:
+        if which not in self._cache:
+            self._cache[which] = _resolve(getattr(self, which))
+        return self._cache[which]
 
 
 def _resolve(path: str) -> Callable:
@@ -106,19 +132,20 @@ def get(name: str) -> Backend:
     raise ValueError(f"backend must be 'auto' or one of {names}; got {name!r}")
 
 
-def choose(problem, name: str = "auto") -> Backend:
-    """The backend to run `problem`: the named one (or a clear error), or the best for "auto"."""
+def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
+    """The backend to run `problem` in `direction` ("forward" or "backward"): the named one (or a
+    clear error), or the best for "auto"."""
     if name != "auto":
         backend = get(name)
         reason = backend.unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"backend {name!r} is not available on this machine: {reason}")
-        why_not = backend.cannot_serve(problem)
+        why_not = backend.cannot_serve(problem, direction)
         if why_not is not None:
             raise ValueError(why_not)
         return backend
-    candidates = [b for b in all_backends() if b.cannot_serve(problem) is None and b.available]
+    candidates = [b for b in all_backends() if b.cannot_serve(problem, direction) is None and b.available]
     if not candidates:
-        raise RuntimeError("no available backend supports this request; see flashkit.backends()")
+        raise RuntimeError(f"no available backend supports this {direction} request; see flashkit.backends()")
     # Prefer a backend that computes the input dtype natively, then the highest priority.
     return max(candidates, key=lambda b: (problem.dtype.name in b.dtypes, b.priority))

@@ -4,7 +4,10 @@ Rung 0 of the CPU ladder. Nothing here is fast (Python loops over tiles); everyt
 algorithm: Q is cut into Tr blocks of Br rows, K and V into Tc blocks of Bc rows, and the Nq x Nk
 score matrix never exists, only one Br x Bc tile S_ij at a time. Memory beyond the inputs: O(N*d).
 
-Two loop orders, both selectable as backends:
+The backward (`fa2_backward_head`) is FlashAttention-2's Algorithm 2: K/V blocks outside, query blocks
+inside, P recomputed from the forward's lse. Both numpy-tiled backends use it.
+
+Two loop orders of the forward, both selectable as backends:
   FA1 (Dao et al. 2022, Algorithm 1): outer loop over K/V blocks j, inner over query blocks i; O_i, l_i
       and m_i go back to (slow) memory after every tile and O_i is kept normalised.
   FA2 (Dao 2023, Algorithm 1): outer loop over query blocks i, inner over K/V blocks j; the state of
@@ -27,6 +30,7 @@ BACKENDS = (
         device="cpu",
         summary="NumPy, FlashAttention-2 loop order (query blocks outside): readable, slow",
         runner="flashkit.tiled:run_fa2",
+        backward="flashkit.tiled:run_backward",
         priority=1,
         rung=0,
     ),
@@ -35,6 +39,7 @@ BACKENDS = (
         device="cpu",
         summary="NumPy, FlashAttention-1 loop order (K/V blocks outside): readable, slow",
         runner="flashkit.tiled:run_fa1",
+        backward="flashkit.tiled:run_backward",
         priority=0,
         rung=0,
     ),
@@ -155,3 +160,83 @@ def run_fa2(problem):
 
 def run_fa1(problem):
     return _run(problem, fa1_head)
+
+
+def fa2_backward_head(Q, K, V, O, dO, lse, scale, window, mask, Br, Bc, dK, dV):
+    """One query head of FlashAttention-2's backward (Dao 2023, Algorithm 2), lines as in the paper.
+
+    Q, O, dO (Nq, d), lse (Nq,), K, V (Nk, d), mask None or (Nq, Nk). Returns dQ (Nq, d) and the row
+    sums of the recomputed P (for the lse check); ADDS this head's dK_j, dV_j into dK, dV (Nk, d), so the
+    query heads of a GQA group sum into their shared K/V head.
+    """
+    Nq, d = Q.shape
+    Nk = K.shape[0]
+    # line 1-2: Q, O, dO, lse cut into Tr blocks of Br rows; K, V into Tc blocks of Bc rows
+    Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
+    tiles = block_map(Nq, Nk, Br, Bc, window, mask)
+    lo, hi = row_bounds(Nq, Nk, window)
+    # line 3: dQ = 0 in slow memory
+    dQ = np.zeros_like(Q)
+    # line 4: D = rowsum(dO * O), once, before any tile (it is rowsum(P * dP): the softmax's Jacobian term)
+    D = (dO * O).sum(axis=1)  # (Nq,)
+    empty = np.isneginf(lse)  # rows that saw no key: P = 0, nothing flows back
+    lse_safe = np.where(empty, 0.0, lse).astype(Q.dtype)
+    psum = np.zeros(Nq, Q.dtype)  # rowsum(P), or visible keys where lse = -inf: the lse check
+    for j in range(Tc):  # line 5: outer loop over K/V blocks (parallel in the kernels: dK_j, dV_j are private)
+        cols = slice(j * Bc, min(Nk, (j + 1) * Bc))
+        K_j, V_j = K[cols], V[cols]  # line 6: load K_j, V_j
+        dK_j = np.zeros_like(K_j)  # line 7: dK_j = 0, dV_j = 0 in fast memory
+        dV_j = np.zeros_like(V_j)
+        for i in range(Tr):  # line 8: inner loop over query blocks
+            if tiles[i, j] == SKIP:
+                continue
+            rows = slice(i * Br, min(Nq, (i + 1) * Br))
+            # line 9: load Q_i, O_i, dO_i, dQ_i, lse_i, D_i
+            Q_i, dO_i, L_i, D_i = Q[rows], dO[rows], lse_safe[rows], D[rows]
+            # line 10: S_ij = Q_i K_j^T * scale
+            S_ij = (Q_i @ K_j.T) * scale
+            if tiles[i, j] != FULL:
+                S_ij = np.where(_tile_visibility(lo, hi, mask, rows, cols), S_ij, -np.inf)
+            # line 11: P_ij = exp(S_ij - L_i): the forward's softmax, recomputed, already normalised
+            P_ij = np.where(empty[rows, None], 0.0, np.exp(S_ij - L_i[:, None])).astype(Q.dtype)
+            psum[rows] += np.where(empty[rows], np.isfinite(S_ij).sum(axis=1), P_ij.sum(axis=1))
+            # line 12: dV_j = dV_j + P_ij^T dO_i
+            dV_j += P_ij.T @ dO_i
+            # line 13: dP_ij = dO_i V_j^T
+            dP_ij = dO_i @ V_j.T
+            # line 14: dS_ij = P_ij * (dP_ij - D_i)
+            dS_ij = P_ij * (dP_ij - D_i[:, None])
+            # line 15: dQ_i = dQ_i + dS_ij K_j * scale   (read-modify-write of slow memory: the race
+            #          that parallel kernels must avoid, since every j touches every dQ_i)
+            dQ[rows] += (dS_ij @ K_j) * scale
+            # line 16: dK_j = dK_j + dS_ij^T Q_i * scale
+            dK_j += (dS_ij.T @ Q_i) * scale
+        # line 18: write dK_j, dV_j to slow memory (added: a GQA group's heads share K/V head)
+        dK[cols] += dK_j
+        dV[cols] += dV_j
+    return dQ, psum
+
+
+def run_backward(problem):
+    """(dQ, dK, dV) of a Problem from validate.check_backward, one query head at a time."""
+    from flashkit import validate
+
+    B, Hq, g = problem.B, problem.Hq, problem.group
+    Br, Bc = problem.block_size or block_sizes(FAST_MEMORY_FLOATS, problem.d)
+    dQ, dK, dV = problem.new_grads()
+    dK[...] = 0  # accumulated over the query heads of each K/V group
+    dV[...] = 0
+    psum = np.empty(problem.lse.shape, problem.dtype)
+    for b in range(B):
+        for h in range(Hq):
+            mask = None
+            if problem.mask is not None:
+                Bm, Hm = problem.mask.shape[:2]
+                mask = problem.mask[b if Bm > 1 else 0, h if Hm > 1 else 0]
+            dQ[b, h], psum[b, h] = fa2_backward_head(
+                problem.Q[b, h], problem.K[b, h // g], problem.V[b, h // g], problem.O[b, h],
+                problem.dO[b, h], problem.lse[b, h], problem.scale, problem.window, mask, Br, Bc,
+                dK[b, h // g], dV[b, h // g],
+            )
+    validate.check_lse_rowsums(psum, problem.lse, problem.dtype)
+    return dQ, dK, dV

@@ -10,6 +10,8 @@ import numbers
 
 import numpy as np
 
+from dataclasses import replace
+
 from flashkit.masks import effective_window
 from flashkit.problem import Problem
 
@@ -130,3 +132,64 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
         scale=float(scale), causal=bool(causal), window=win, mask=mask4,
         block_size=block_size, xp=xp,
     )
+
+
+def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None, mask=None,
+                   block_size=None) -> Problem:
+    """The Problem of attention_backward(): check(q, k, v, ...) plus dO, O and lse checked against q.
+
+    dO and O must have q's shape, dtype and array library; lse q's shape without the last axis, in
+    float32 or float64, with -inf allowed (a row that saw no key) but never NaN or +inf. Whether lse
+    belongs to these q, k (and is in natural-log units) is tested by the backends as they recompute P:
+    see `check_lse_rowsums`.
+    """
+    problem = check(q, k, v, causal=causal, scale=scale, window=window, mask=mask, block_size=block_size)
+    xp = problem.xp
+    for name, x in (("do", do), ("o", o)):
+        if check_array(name, x) is not xp:
+            raise TypeError(f"{name} must be the same kind of array as q ({xp.__name__}); got {type(x).__name__}")
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}; got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}; got {x.dtype}")
+    if array_module(lse) is not xp:
+        raise TypeError(f"lse must be a {xp.__name__} array (the forward's return_lse=True output); got {type(lse).__name__}")
+    if tuple(lse.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"lse must have shape {tuple(q.shape[:-1])} (q's shape without d, from return_lse=True); "
+                         f"got {tuple(lse.shape)}")
+    if lse.dtype.name not in ("float32", "float64"):
+        raise TypeError(f"lse must be float32 or float64 (as attention(..., return_lse=True) returns it); got {lse.dtype}")
+    if bool(xp.isnan(lse).any()) or bool(xp.isposinf(lse).any()):
+        raise ValueError("lse contains NaN or +inf; a logsumexp is finite, or -inf for a row that saw no key")
+    lse_dtype = "float64" if problem.dtype.name == "float64" else "float32"
+    lse3 = lse.reshape(problem.Q.shape[:3]).astype(lse_dtype, copy=False)
+    return replace(problem, dO=xp.ascontiguousarray(_as4d(do)), O=xp.ascontiguousarray(_as4d(o)),
+                   lse=xp.ascontiguousarray(lse3))
+
+
+def lse_tolerance(dtype) -> float:
+    """How far a row sum of the recomputed P = exp(S - lse) may stray from 1 (float32: rounding of
+    S - lse over up to 10^5 keys stays near 1e-5; a wrong lse is off by far more)."""
+    return 1e-6 if np.dtype(dtype) == np.float64 else 1e-2
+
+
+def check_lse_rowsums(psum, lse, dtype) -> None:
+    """Raise unless every row sum of the recomputed P = exp(S - lse) is 1 (0 for a row whose lse is -inf).
+
+    A backward recomputes P from the forward's lse instead of storing it; if lse came from another call
+    or is in log2 units, P does not sum to 1 and the gradients would be plausible-looking garbage.
+    `psum` holds, per row, sum_j exp(S_ij - lse_i) for finite lse and the number of visible keys for
+    lse = -inf. Arrays of any matching shape.
+    """
+    psum = np.asarray(psum, np.float64)
+    lse = np.asarray(lse, np.float64)
+    empty = np.isneginf(lse)
+    bad = np.where(empty, psum != 0, np.abs(psum - 1.0) > lse_tolerance(dtype))
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        idx = tuple(int(i) for i in first)
+        raise ValueError(
+            f"lse does not belong to these q and k: at row {idx} the recomputed softmax sums to "
+            f"{psum[idx]:.6g} instead of {0 if empty[idx] else 1} ({int(bad.sum())} rows off). Pass the lse "
+            "that attention(q, k, v, ..., return_lse=True) returned for the same q, k, causal, window, mask "
+            "and scale (natural-log units, not log2)")
