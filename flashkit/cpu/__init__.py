@@ -35,6 +35,16 @@ def _probe_gemm():
     return None
 
 
+def run_fastest_backward(problem):
+    """The "numba" backend's backward: backward rung 3 (FA2 Algorithm 2 with BLAS tile GEMMs, two passes)."""
+    reason = _probe_gemm()
+    if reason is not None:
+        raise RuntimeError(f"the numba backward needs SciPy's BLAS: {reason}")
+    from flashkit.cpu import backward_gemm
+
+    return backward_gemm.run(problem)
+
+
 def run_fastest(problem):
     """The "numba" backend: rung 3 where SciPy and threadpoolctl are installed, else rung 2."""
     if _probe_gemm() is None:
@@ -50,11 +60,13 @@ _COMMON = dict(device="cpu", dtypes=("float32", "float64"), mask=True, window=Tr
 
 BACKENDS = (
     Backend(name="numba", summary="Numba, FlashAttention-2 on all cores: the fastest rung below",
-            runner="flashkit.cpu:run_fastest", probe="flashkit.cpu:_probe", priority=50, **_COMMON),
+            runner="flashkit.cpu:run_fastest", backward="flashkit.cpu:run_fastest_backward",
+            probe="flashkit.cpu:_probe", priority=50, **_COMMON),
     Backend(name="numba-loops", summary="Numba rung 1: plain loops, one query row at a time",
             runner="flashkit.cpu.loops:run", probe="flashkit.cpu:_probe", priority=20, rung=1, **_COMMON),
     Backend(name="numba-regblock", summary="Numba rung 2: register-blocked loops, 4 query rows at once",
             runner="flashkit.cpu.regblock:run", probe="flashkit.cpu:_probe", priority=30, rung=2, **_COMMON),
     Backend(name="numba-gemm", summary="Numba rung 3: block GEMMs (BLAS np.dot) and a vectorised exp",
-            runner="flashkit.cpu.gemm:run", probe="flashkit.cpu:_probe_gemm", priority=40, rung=3, **_COMMON),
+            runner="flashkit.cpu.gemm:run", backward="flashkit.cpu.backward_gemm:run",
+            probe="flashkit.cpu:_probe_gemm", priority=40, rung=3, **_COMMON),
 )
