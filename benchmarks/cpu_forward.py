@@ -38,8 +38,8 @@ RUNGS = ("numba-loops", "numba-regblock", "numba-gemm")  # ladder order; "numba"
 FASTEST = "numba-gemm"
 
 
-def _reexec_without_openblas_overrides(argv) -> None:
-    """Re-run this script once with the OpenBLAS overrides removed from its own environment."""
+def _reexec_without_openblas_overrides(argv, module="benchmarks.cpu_forward") -> None:
+    """Re-run this script (`module`) once with the OpenBLAS overrides removed from its own environment."""
     found = {k: os.environ[k] for k in OPENBLAS_VARS if k in os.environ}
     if not found or os.environ.get("FLASHKIT_BENCH_REEXEC") == "1":
         return
@@ -49,7 +49,7 @@ def _reexec_without_openblas_overrides(argv) -> None:
     env.update(FLASHKIT_BENCH_REEXEC="1", FLASHKIT_BENCH_UNSET=json.dumps(found))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     print(f"re-executing without {', '.join(found)} (set here: {found})", flush=True)
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.cpu_forward", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,14 +165,14 @@ def print_table(rows, sgemm):
 # ---------------------------------------------------------------------------------------------
 # Memory and compile time, each in a fresh process
 # ---------------------------------------------------------------------------------------------
-def _child(args_list, env=None, timeout=900):
+def _child(args_list, env=None, timeout=900, module="benchmarks.cpu_forward"):
     import subprocess
 
     from benchmarks._common import ROOT
 
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_forward", *args_list], env=full_env,
+    proc = subprocess.run([sys.executable, "-m", module, *args_list], env=full_env,
                           capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:

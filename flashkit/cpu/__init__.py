@@ -36,7 +36,7 @@ def _probe_gemm():
 
 
 def run_fastest_backward(problem):
-    """The "numba" backend's backward: backward rung 3 (FA2 Algorithm 2 with BLAS tile GEMMs, two passes)."""
+    """The "numba" backend's backward: backward rung 3 (FA2 Algorithm 2 with BLAS tile GEMMs)."""
     reason = _probe_gemm()
     if reason is not None:
         raise RuntimeError(f"the numba backward needs SciPy's BLAS: {reason}")

@@ -7,10 +7,10 @@ the same dQ_i at once: a race (both read dQ_i, both add their dS_ij K_j, the sec
 first's update). A GPU settles it with fp32 atomics. On a CPU there are two ways,
 both here:
 
-  "two-pass" (the default): pass 1 is parallel over K/V blocks and computes dK, dV only; pass 2 is
+  "two-pass": pass 1 is parallel over K/V blocks and computes dK, dV only; pass 2 is
       parallel over query blocks, recomputes S and P once more and computes dQ. No task writes what
       another writes. Cost: 7 tile GEMMs instead of 5 (S and dP computed twice).
-  "partials": one pass over K/V blocks, as in the paper, with dQ accumulated in one private copy per
+  "partials" (the default, `VARIANT`): one pass over K/V blocks, as in the paper, with dQ accumulated in one private copy per
       thread (numba.get_thread_id()) and the copies summed at the end. 5 GEMMs, but n_threads copies
       of dQ to write and to add up (O(threads * N * d) memory, still linear in N).
 
@@ -57,6 +57,19 @@ def _tile_dS(S, dP, lse2_i, D_i, i0, j0, state, Nq, Nk, left, right, mask, has_m
     cap = S.dtype.type(64)  # a wrong lse can make S' - lse' > 0; 2^64 stays finite and fails the check
     for r in range(nr):
         q = i0 + r
+        l2, D_r = lse2_i[r], D_i[r]
+        if state != PARTIAL and l2 != -np.inf:
+            # A FULL tile: no per-element test, one branch-free loop that LLVM vectorises (the exp is
+            # the polynomial of simd.fast_exp2), as in the forward rung.
+            row_sum = zero
+            for c in range(nc):
+                # P_ij = exp(S_ij - lse_i) = 2^(S' - lse');   dS_ij = P_ij * (dP_ij - D_i)
+                p = fast_exp2(min(S[r, c] - l2, cap))
+                S[r, c] = p
+                row_sum += p
+                dP[r, c] = p * (dP[r, c] - D_r)
+            psum_i[r] += row_sum
+            continue
         lo, hi = 0, Nk
         if state == PARTIAL:
             lo, hi = row_window(q, Nq, Nk, left, right)
@@ -65,21 +78,18 @@ def _tile_dS(S, dP, lse2_i, D_i, i0, j0, state, Nq, Nk, left, right, mask, has_m
         for c in range(nc):
             key = j0 + c
             visible = state != PARTIAL or (lo <= key < hi and (not has_mask or mask[mb, mh, q, key]))
-            if not visible:
+            if visible:
+                seen += 1
+            if not visible or l2 == -np.inf:
+                # masked, or a row that saw no key in the forward: nothing flows back through it
                 S[r, c] = zero
                 dP[r, c] = zero
                 continue
-            seen += 1
-            if lse2_i[r] == -np.inf:
-                p = zero  # the row saw no key in the forward: nothing flows back through it
-            else:
-                # P_ij = exp(S_ij - lse_i) = 2^(S' - lse')
-                p = fast_exp2(min(S[r, c] - lse2_i[r], cap))
+            p = fast_exp2(min(S[r, c] - l2, cap))
             S[r, c] = p
             row_sum += p
-            # dS_ij = P_ij * (dP_ij - D_i)
-            dP[r, c] = p * (dP[r, c] - D_i[r])
-        psum_i[r] += seen if lse2_i[r] == -np.inf else row_sum
+            dP[r, c] = p * (dP[r, c] - D_r)
+        psum_i[r] += seen if l2 == -np.inf else row_sum
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -204,8 +214,11 @@ def rowsum_dO_O(dO, O, D):
 _NO_MASK = np.ones((1, 1, 1, 1), dtype=np.bool_)
 
 
-def run(problem, variant: str = "two-pass"):
-    """(dQ, dK, dV) of a Problem from validate.check_backward. variant: "two-pass" or "partials"."""
+VARIANT = "partials"  # the faster of the two on the machines measured (benchmarks/cpu_backward.py)
+
+
+def run(problem, variant: str = VARIANT):
+    """(dQ, dK, dV) of a Problem from validate.check_backward. variant: "partials" or "two-pass"."""
     from flashkit import validate
     from flashkit.cpu.common import default_block_size
 
