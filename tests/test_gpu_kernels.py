@@ -13,10 +13,12 @@ if reason is not None:
     pytest.skip(reason, allow_module_level=True)
 
 from flashkit.gpu import check  # noqa: E402
-from flashkit.gpu.flash import RUNGS, forward  # noqa: E402
+from flashkit.gpu.flash import forward  # noqa: E402
+from flashkit.gpu.rungs import kernels  # noqa: E402
 
 KERNEL_PARAMS = [(rung, element, case) for rung, elements in check.ELEMENT_OF.items()
                  for element in elements for case in check.CASES]
+KERNELS = [r.number for r in kernels("forward")]
 
 
 def _explain(row):
@@ -39,13 +41,13 @@ def test_standard_matches_float64(case, element):
     assert row["ok"], _explain(row)
 
 
-@pytest.mark.parametrize("rung,block", [(r, b) for r in (2, 3, 4, 5, 6) for b in RUNGS[r].allowed_blocks])
+@pytest.mark.parametrize("rung,block", [(r.number, b) for r in kernels("forward") for b in r.allowed_blocks])
 def test_every_allowed_block_size(rung, block):
     row = check.check_rung(rung, check.CASES[2], check.ELEMENT_OF[rung][0], seed=11, block_size=block)
     assert row["ok"], _explain(row)
 
 
-@pytest.mark.parametrize("rung", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("rung", KERNELS)
 def test_unsupported_head_size_and_block_raise(rung):
     element = check.ELEMENT_OF[rung][0]
     dtype = cupy.float32 if element == "f32" else cupy.float16
