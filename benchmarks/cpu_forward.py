@@ -29,13 +29,15 @@ import json
 import os
 import sys
 
+from flashkit.cpu import RUNGS as CPU_RUNGS
+
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 B, H, D = 1, 8, 64
 NS = (512, 1024, 2048, 4096, 8192)
 NS_QUICK = (512, 1024)
 TILED_MAX_N = 1024  # numpy-tiled loops over tiles in Python: seconds per call beyond this
-RUNGS = ("numba-loops", "numba-regblock", "numba-gemm")  # ladder order; "numba" is the fastest of them
-FASTEST = "numba-gemm"
+RUNGS = tuple(r.name for r in CPU_RUNGS)  # ladder order; "numba" runs the fastest of them
+FASTEST = CPU_RUNGS[-1].name
 
 
 def _reexec_without_openblas_overrides(argv) -> None:
@@ -211,10 +213,10 @@ def memory_child(impl, N, threads):
 
 def numba_buffer_bytes(N, threads):
     """Analytic: the per-task buffers of rung 3 alive at once (one task a thread) plus the tile map."""
-    from flashkit.cpu import gemm
+    from flashkit.cpu import rung3_gemm
     from flashkit.cpu.common import default_block_size
 
-    Br, Bc = default_block_size(D, 4, *gemm.BLOCKS)
+    Br, Bc = default_block_size(D, 4, *rung3_gemm.BLOCKS)
     per_task = (Br * Bc + 2 * Br * D + 4 * Br) * 4  # S (Br x Bc), PV and O_i (Br x d), m, l, alpha
     return threads * per_task + (-(-N // Br)) * (-(-N // Bc))
 
