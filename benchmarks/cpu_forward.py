@@ -79,9 +79,10 @@ def call(impl, q, k, v, causal):
 
 
 def flops(N, causal):
-    from flashkit.masks import visible_fraction
+    """Forward FLOPs of the sweep's problem at N (flashkit.problem.flops)."""
+    from flashkit.problem import flops as attention_flops
 
-    return 4.0 * B * H * N * N * D * (visible_fraction(N, N, (-1, 0)) if causal else 1.0)
+    return attention_flops(B, H, N, N, D, (-1, 0) if causal else (-1, -1))
 
 
 def check_all(impls):

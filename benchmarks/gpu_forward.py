@@ -33,9 +33,10 @@ TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 
 def flops(B, H, N, d, causal):
-    """4 B H N^2 d, times (N + 1) / (2N) when causal (the visible fraction of the N x N score matrix)."""
-    f = 4.0 * B * H * N * N * d
-    return f * (N + 1) / (2 * N) if causal else f
+    """4 B H N^2 d, times (N + 1) / (2N) when causal: flashkit.problem.flops of the N x N problem."""
+    from flashkit.problem import flops as attention_flops
+
+    return attention_flops(B, H, N, N, d, (-1, 0) if causal else (-1, -1))
 
 
 def time_ms(fn, budget_s=0.25, min_reps=3, max_reps=30):

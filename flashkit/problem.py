@@ -3,6 +3,9 @@
 `flashkit.validate.check()` turns what the user passed into a `Problem`: 4-D contiguous arrays, a
 number for the scale, the causal flag folded into the sliding window, the mask in a fixed 4-D form.
 Backends read a Problem and never look at user input again, so no kernel repeats a check.
+
+The FLOP count of attention is written here once (`flops`, `backward_flops`); timing, benchmarks and
+notebooks call it.
 """
 from __future__ import annotations
 
@@ -12,6 +15,27 @@ from typing import Any, Optional, Tuple
 # Tests set this to True: outputs then start as NaN, so an element a kernel forgets to write fails
 # the comparison with the reference instead of passing by luck with whatever memory held.
 POISON = False
+
+# FlashAttention's papers count a backward pass as 2.5 forwards: it recomputes S = Q K^T and adds four
+# products (dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q) to the forward's two.
+BACKWARD_FACTOR = 2.5
+
+
+def flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
+    """Forward FLOPs as FlashAttention counts them: 4·B·Hq·Nq·Nk·d, times the visible fraction of S.
+
+    Two products, S = Q K^T and O = P V, of 2·Nq·Nk·d FLOPs each per head (a multiply-add is 2); the
+    softmax's exp, max and sums are not counted. `window` is (left, right) with causal folded in
+    (masks.effective_window), so a causal square problem counts (N + 1) / 2N of the full one.
+    """
+    from flashkit.masks import visible_fraction
+
+    return 4.0 * B * Hq * Nq * Nk * d * visible_fraction(Nq, Nk, tuple(window))
+
+
+def backward_flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
+    """Backward FLOPs by FlashAttention's convention: BACKWARD_FACTOR (2.5) times the forward's."""
+    return BACKWARD_FACTOR * flops(B, Hq, Nq, Nk, d, window)
 
 
 @dataclass(frozen=True)
@@ -66,12 +90,12 @@ class Problem:
         return self.window != (-1, -1)
 
     def flops(self) -> float:
-        """Forward FLOPs as FlashAttention counts them: 4·B·H·Nq·Nk·d, scaled by the visible fraction."""
-        from flashkit.masks import visible_fraction
+        """Forward FLOPs of this problem (the module's `flops`: 4·B·H·Nq·Nk·d times the visible fraction)."""
+        return flops(self.B, self.Hq, self.Nq, self.Nk, self.d, self.window)
 
-        return 4.0 * self.B * self.Hq * self.Nq * self.Nk * self.d * visible_fraction(
-            self.Nq, self.Nk, self.window
-        )
+    def backward_flops(self) -> float:
+        """Backward FLOPs of this problem: 2.5x the forward's, as FlashAttention counts them."""
+        return backward_flops(self.B, self.Hq, self.Nq, self.Nk, self.d, self.window)
 
     def new_outputs(self, o_dtype=None, lse_dtype=None):
         """Fresh (O, lse) arrays for a backend to fill: (B, Hq, Nq, d) and (B, Hq, Nq).

@@ -133,11 +133,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
-    """Forward FLOPs as FlashAttention counts them: 4 B H Nq Nk d times the visible fraction of S."""
-    from flashkit.masks import visible_fraction
-
-    return 4.0 * B * Hq * Nq * Nk * d * visible_fraction(Nq, Nk, tuple(window))
-
-
-__all__ = ["RUNGS", "forward", "run", "kernel", "blocks_for", "flops"]
+__all__ = ["RUNGS", "forward", "run", "kernel", "blocks_for"]

@@ -13,8 +13,8 @@ which shows at small N (measured on an H100: about 0.5 ms a call at N = 512).
 
 FLOPs of a forward pass, as FlashAttention counts them: S = QK^T is 2·Nq·Nk·d, O = PV another
 2·Nq·Nk·d, per batch and head: 4·B·H·Nq·Nk·d, times the fraction of S a causal mask or window leaves
-visible (about one half for causal). The softmax's exp and sums are not counted. GFLOP/s = FLOPs /
-seconds / 1e9.
+visible (about one half for causal). The softmax's exp and sums are not counted. The formula is
+flashkit.problem.flops, the one every benchmark uses. GFLOP/s = FLOPs / seconds / 1e9.
 
 Threads: `threads=n` sets Numba's thread count (numba.set_num_threads) and limits the BLAS that
 NumPy calls (threadpoolctl) for the duration of the point, so "2 threads" means the same for every
@@ -41,7 +41,7 @@ import numpy as np
 
 from flashkit import registry, validate
 from flashkit.atomic import write_text
-from flashkit.masks import visible_fraction
+from flashkit.problem import flops as problem_flops
 
 DTYPES = ("float16", "float32", "float64")
 
@@ -99,10 +99,10 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, cu
 
 
 def attention_flops(B: int, H: int, Nq: int, Nk: int, d: int, *, causal: bool = False, window=None) -> float:
-    """Forward FLOPs: 4·B·H·Nq·Nk·d (QK^T and PV, a multiply-add = 2) times the visible fraction of S."""
+    """Forward FLOPs (flashkit.problem.flops) with `causal` and `window` given as flashkit.attention takes them."""
     from flashkit.masks import effective_window
 
-    return 4.0 * B * H * Nq * Nk * d * visible_fraction(Nq, Nk, effective_window(causal, window))
+    return problem_flops(B, H, Nq, Nk, d, effective_window(causal, window))
 
 
 def time_attention(q, k, v, *, backend: str = "auto", warmup: int = 1, repeats: int = 5, **kwargs) -> dict:
