@@ -117,7 +117,8 @@ def sgemm_rate(n=4096):
 
 
 def run_grid(Ns, impls, repeats):
-    from benchmarks._common import load_average, median_time
+    from benchmarks._common import median_time
+    from flashkit.measure.provenance import load_average
 
     rows = []
     for N in Ns:
@@ -292,14 +293,14 @@ def _set_threads(threads):
 
 
 def environment(threads):
-    from benchmarks import _common
+    from flashkit.measure import provenance
 
-    env = dict(machine=_common.cpu_info(), load_average_at_start=_common.load_average(),
-               versions=_common.versions("numpy", "numba", "llvmlite", "scipy", "threadpoolctl", "torch"),
-               blas=_common.blas_info(), threads=threads, date=_common.now_utc(),
+    env = dict(machine=provenance.cpu_info(), load_average_at_start=provenance.load_average(),
+               versions=provenance.versions("numpy", "numba", "llvmlite", "scipy", "threadpoolctl", "torch"),
+               blas=provenance.blas_info(), threads=threads, date=provenance.now_utc(),
                openblas_env_unset=json.loads(os.environ.get("FLASHKIT_BENCH_UNSET", "{}")),
                openblas_env_now={k: os.environ.get(k) for k in OPENBLAS_VARS})
-    env.update(_common.commit())
+    env.update(provenance.commit())
     return env
 
 
@@ -357,6 +358,7 @@ def main(argv=None):
 
     import flashkit
     from benchmarks import _common
+    from flashkit.measure import provenance
 
     _set_threads(args.threads)
     env = environment(args.threads)
@@ -367,7 +369,7 @@ def main(argv=None):
     checks = check_all(impls)
     print("sgemm:", flush=True)
     sgemm = sgemm_rate()
-    sgemm["load_average"] = _common.load_average()
+    sgemm["load_average"] = provenance.load_average()
     print(f"  {sgemm}", flush=True)
     Ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else NS_QUICK if args.quick else NS
     rows = run_grid(Ns, impls, repeats=3 if args.quick else 5)
@@ -381,7 +383,7 @@ def main(argv=None):
             flashkit.attention(q, k, v, causal=causal, backend="numba")
             s = time.perf_counter() - t0
             long_runs.append(dict(impl="numba", N=65536, causal=causal, seconds=s, gflops=flops(65536, causal) / s / 1e9,
-                                  load_average=_common.load_average()))
+                                  load_average=provenance.load_average()))
             print(f"  N=65536 causal={causal!s:5} numba: {s:.1f} s ({long_runs[-1]['gflops']:.1f} GFLOP/s), single run",
                   flush=True)
         del q, k, v
@@ -390,7 +392,7 @@ def main(argv=None):
                   flops_formula="4*B*H*N*N*d*visible_fraction", fastest_numba_rung=FASTEST,
                   numpy_tiled_max_N=TILED_MAX_N, sgemm=sgemm, checks=checks, results=rows, memory=mem,
                   long_runs=long_runs, compile=compile_, quick=args.quick)
-    path = args.out or _common.RESULTS / f"cpu-{_common.machine_slug(env['machine'])}.json"
+    path = args.out or _common.RESULTS / f"cpu-{provenance.machine_slug(env['machine'])}.json"
     _common.write_json_atomic(path, result)
     show(path)
     print(f"\nwrote {path}")

@@ -17,10 +17,7 @@ flashkit rungs, torch.cuda.max_memory_allocated for torch's flash backend).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -192,7 +189,6 @@ def memory_rows():
     import cupy
     import torch
 
-    from flashkit.masks import effective_window
 
     pool = cupy.get_default_memory_pool()
     rows = []
@@ -236,24 +232,15 @@ def memory_rows():
 
 
 def environment():
-    import cupy
+    """The card and versions (flashkit.measure.provenance), torch's version, the commit and the date."""
     import torch
 
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    drv = cupy.cuda.runtime.driverGetVersion()
-    try:
-        import subprocess
+    from flashkit.measure import provenance
 
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception:
-        driver = "unknown"
-    return dict(card=name, driver=driver, cuda_driver_api=drv, cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
-                nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())), cupy=cupy.__version__, torch=torch.__version__,
-                python=platform.python_version(), sm_count=props["multiProcessorCount"],
-                commit=os.environ.get("FLASHKIT_COMMIT", "unknown"),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    c = provenance.commit()
+    return dict(provenance.gpu_info(), torch=torch.__version__, python=provenance.versions()["python"],
+                commit=c["commit"], dirty=c["dirty"], load_average=provenance.load_average(),
+                date=provenance.now_utc())
 
 
 def card_slug(card):

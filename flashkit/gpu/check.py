@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from flashkit.atomic import write_json
 from flashkit.gpu.rungs import kernels
