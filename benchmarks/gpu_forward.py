@@ -152,7 +152,9 @@ def run_grid(quick=False):
 
 def add_ratios(rows):
     """ratio = peer time / rung time (> 1: the rung is faster), for the rung's peer in the same row group."""
-    key = lambda r: (r["d"], r["N"], r["causal"], r["dtype"])
+    def key(r):  # one row group: the same shape and dtype
+        return r["d"], r["N"], r["causal"], r["dtype"]
+
     peers = {(key(r), r["impl"]): r for r in rows if r["impl"].startswith("torch-") and r["status"] == "ok"}
     for r in rows:
         if r.get("rung") and r["status"] == "ok":

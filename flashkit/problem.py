@@ -109,7 +109,7 @@ class Problem:
             return xp.full(shape_o, xp.nan, o_dtype), xp.full(shape_l, xp.nan, lse_dtype)
         return xp.empty(shape_o, o_dtype), xp.empty(shape_l, lse_dtype)
 
-    def astype(self, dtype) -> "Problem":
+    def astype(self, dtype) -> Problem:
         """The same problem with Q, K, V converted (used to compute float16 input in float32)."""
         return replace(
             self,

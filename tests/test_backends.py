@@ -113,7 +113,10 @@ def test_one_key(backend):
 def test_lower_ranks_and_float16(backend, rank):
     rng = np.random.default_rng()
     q, k, v = random_qkv(rng, 1, 1, 1, 45, 70, 32, dtype=np.float16)
-    shape = lambda x: x.reshape(x.shape[4 - rank:])
+
+    def shape(x):
+        return x.reshape(x.shape[4 - rank:])
+
     q, k, v = shape(q), shape(k), shape(v)
     o, lse = flashkit.attention(q, k, v, causal=True, backend=backend, return_lse=True)
     assert o.shape == q.shape and o.dtype == np.float16 and lse.dtype == np.float32

@@ -60,7 +60,7 @@ def _probe():
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_gemm():
     """Rung 3 calls BLAS through SciPy (Numba's np.dot) and pins it to one thread with threadpoolctl."""
     reason = _probe()

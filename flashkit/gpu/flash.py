@@ -32,7 +32,7 @@ def _arch() -> str:
     return f"sm_{cupy.cuda.Device().compute_capability}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel(rung: int, d: int, element: str, Br: int, Bc: int):
     """The compiled `flash_fwd` of one rung for one (d, element, Br, Bc), with its shared-memory limit raised."""
     import cupy
