@@ -191,7 +191,6 @@ def memory_rows():
     import cupy
     import torch
 
-
     pool = cupy.get_default_memory_pool()
     rows = []
     B, H, d = 1, 16, 128
