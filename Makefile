@@ -24,7 +24,9 @@ install: $(STAMP)
 lab: $(STAMP)
 	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter" $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks
 
+# The linter first (seconds; the rule set and why: [tool.ruff] in pyproject.toml), then every test.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=10
 
 # The CPU benchmark. It unsets the OpenBLAS overrides of these machines in its own command only,

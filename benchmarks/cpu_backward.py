@@ -9,7 +9,7 @@ checked against the float64 reference at N = 512 first, then timed after a warm-
 
   numpy-standard   flashkit.attention_backward(..., backend="numpy-standard"): P and dP materialised
   numba            flashkit.attention_backward(..., backend="numba"): the public call (per-thread dQ partials)
-  numba-two-pass   the same rung with a separate dQ pass instead (flashkit.cpu.backward_gemm.run, variant)
+  numba-two-pass   the same rung with a separate dQ pass instead (flashkit.cpu.rung3_gemm_backward.run, variant)
   torch-sdpa       torch.autograd.grad of scaled_dot_product_attention's output (the forward run once,
                    outside the timing, with retain_graph=True): the backward alone
 
@@ -61,7 +61,7 @@ def call(impl, do, q, k, v, o, lse, causal):
         return lambda: tuple(g.numpy() for g in torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True))
     if impl == "numba-two-pass":
         from flashkit import validate
-        from flashkit.cpu import backward_gemm
+        from flashkit.cpu import rung3_gemm_backward as backward_gemm
 
         def run():
             problem = validate.check_backward(do, q, k, v, o, lse, causal=causal)  # as the public call does

@@ -29,13 +29,15 @@ import json
 import os
 import sys
 
+from flashkit.cpu import RUNGS as CPU_RUNGS
+
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 B, H, D = 1, 8, 64
 NS = (512, 1024, 2048, 4096, 8192)
 NS_QUICK = (512, 1024)
 TILED_MAX_N = 1024  # numpy-tiled loops over tiles in Python: seconds per call beyond this
-RUNGS = ("numba-loops", "numba-regblock", "numba-gemm")  # ladder order; "numba" is the fastest of them
-FASTEST = "numba-gemm"
+RUNGS = tuple(r.name for r in CPU_RUNGS)  # ladder order; "numba" runs the fastest of them
+FASTEST = CPU_RUNGS[-1].name
 
 
 def _reexec_without_openblas_overrides(argv, module="benchmarks.cpu_forward") -> None:
@@ -77,9 +79,10 @@ def call(impl, q, k, v, causal):
 
 
 def flops(N, causal):
-    from flashkit.masks import visible_fraction
+    """Forward FLOPs of the sweep's problem at N (flashkit.problem.flops)."""
+    from flashkit.problem import flops as attention_flops
 
-    return 4.0 * B * H * N * N * D * (visible_fraction(N, N, (-1, 0)) if causal else 1.0)
+    return attention_flops(B, H, N, N, D, (-1, 0) if causal else (-1, -1))
 
 
 def check_all(impls):
@@ -114,7 +117,8 @@ def sgemm_rate(n=4096):
 
 
 def run_grid(Ns, impls, repeats):
-    from benchmarks._common import load_average, median_time
+    from benchmarks._common import median_time
+    from flashkit.measure.provenance import load_average
 
     rows = []
     for N in Ns:
@@ -176,7 +180,7 @@ def _child(args_list, env=None, timeout=900, module="benchmarks.cpu_forward"):
                           capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:300]}
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]}
     return json.loads(lines[-1])
 
 
@@ -211,10 +215,10 @@ def memory_child(impl, N, threads):
 
 def numba_buffer_bytes(N, threads):
     """Analytic: the per-task buffers of rung 3 alive at once (one task a thread) plus the tile map."""
-    from flashkit.cpu import gemm
+    from flashkit.cpu import rung3_gemm
     from flashkit.cpu.common import default_block_size
 
-    Br, Bc = default_block_size(D, 4, *gemm.BLOCKS)
+    Br, Bc = default_block_size(D, 4, *rung3_gemm.BLOCKS)
     per_task = (Br * Bc + 2 * Br * D + 4 * Br) * 4  # S (Br x Bc), PV and O_i (Br x d), m, l, alpha
     return threads * per_task + (-(-N // Br)) * (-(-N // Bc))
 
@@ -289,14 +293,14 @@ def _set_threads(threads):
 
 
 def environment(threads):
-    from benchmarks import _common
+    from flashkit.measure import provenance
 
-    env = dict(machine=_common.cpu_info(), load_average_at_start=_common.load_average(),
-               versions=_common.versions("numpy", "numba", "llvmlite", "scipy", "threadpoolctl", "torch"),
-               blas=_common.blas_info(), threads=threads, date=_common.now_utc(),
+    env = dict(machine=provenance.cpu_info(), load_average_at_start=provenance.load_average(),
+               versions=provenance.versions("numpy", "numba", "llvmlite", "scipy", "threadpoolctl", "torch"),
+               blas=provenance.blas_info(), threads=threads, date=provenance.now_utc(),
                openblas_env_unset=json.loads(os.environ.get("FLASHKIT_BENCH_UNSET", "{}")),
                openblas_env_now={k: os.environ.get(k) for k in OPENBLAS_VARS})
-    env.update(_common.commit())
+    env.update(provenance.commit())
     return env
 
 
@@ -354,6 +358,7 @@ def main(argv=None):
 
     import flashkit
     from benchmarks import _common
+    from flashkit.measure import provenance
 
     _set_threads(args.threads)
     env = environment(args.threads)
@@ -364,7 +369,7 @@ def main(argv=None):
     checks = check_all(impls)
     print("sgemm:", flush=True)
     sgemm = sgemm_rate()
-    sgemm["load_average"] = _common.load_average()
+    sgemm["load_average"] = provenance.load_average()
     print(f"  {sgemm}", flush=True)
     Ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else NS_QUICK if args.quick else NS
     rows = run_grid(Ns, impls, repeats=3 if args.quick else 5)
@@ -378,7 +383,7 @@ def main(argv=None):
             flashkit.attention(q, k, v, causal=causal, backend="numba")
             s = time.perf_counter() - t0
             long_runs.append(dict(impl="numba", N=65536, causal=causal, seconds=s, gflops=flops(65536, causal) / s / 1e9,
-                                  load_average=_common.load_average()))
+                                  load_average=provenance.load_average()))
             print(f"  N=65536 causal={causal!s:5} numba: {s:.1f} s ({long_runs[-1]['gflops']:.1f} GFLOP/s), single run",
                   flush=True)
         del q, k, v
@@ -387,7 +392,7 @@ def main(argv=None):
                   flops_formula="4*B*H*N*N*d*visible_fraction", fastest_numba_rung=FASTEST,
                   numpy_tiled_max_N=TILED_MAX_N, sgemm=sgemm, checks=checks, results=rows, memory=mem,
                   long_runs=long_runs, compile=compile_, quick=args.quick)
-    path = args.out or _common.RESULTS / f"cpu-{_common.machine_slug(env['machine'])}.json"
+    path = args.out or _common.RESULTS / f"cpu-{provenance.machine_slug(env['machine'])}.json"
     _common.write_json_atomic(path, result)
     show(path)
     print(f"\nwrote {path}")

@@ -20,14 +20,14 @@ Results go to benchmarks/results/decode-<machine>.json (written atomically).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import RESULTS, commit, cpu_info, machine_slug, median_time, now_utc, versions, write_json_atomic
+from benchmarks._common import RESULTS, median_time, write_json_atomic
+from flashkit.measure.provenance import commit, cpu_info, load_average, machine_slug, now_utc, versions
 
 
 def kv_bytes(B, Hkv, L, d, itemsize):
@@ -264,7 +264,7 @@ def main(argv=None):
 
     result = {"benchmark": "decode", "when": now_utc(), "command": " ".join(["python -m benchmarks.decode"] + (argv or sys.argv[1:])),
               "commit": commit(), "versions": versions("numpy", "numba", "cupy-cuda13x", "cupy-cuda12x", "torch"),
-              "note": args.note, "load_average_before": list(os.getloadavg())}
+              "note": args.note, "load_average_before": load_average()}
     info = cpu_info()
     result["cpu_info"] = info
     slug = machine_slug(info)
@@ -292,7 +292,7 @@ def main(argv=None):
         for r in rows:
             r["fraction_of_copy_bandwidth"] = r["kv_GBps"] / bw["copy_GBps"]
         result["gpu"] = {"name": name, "bandwidth": bw, "rows": rows, "errors": errors}
-    result["load_average_after"] = list(os.getloadavg())
+    result["load_average_after"] = load_average()
     path = Path(args.out) / f"decode-{slug}{'-' + args.tag if args.tag else ''}.json"
     write_json_atomic(path, result)
     print_tables(result)

@@ -1,4 +1,4 @@
-"""Check and measure the whole GPU ladder in one go (issue 3): anyone with a GPU runs
+"""Check and measure the whole GPU ladder in one go: anyone with a GPU runs
 
     python -m benchmarks.gpu_check [--quick] [--no-sanitizer] [--no-bench] [--pytest]
 

@@ -2,41 +2,38 @@
 
     python -m benchmarks.gpu_forward [--quick] [--json PATH]
 
-Shapes (issue 3): B*N = 16384 tokens, H*d = 2048, d in {64, 128}, N in {1024, 4096, 16384}, causal and not;
+Shapes: B*N = 16384 tokens, H*d = 2048, d in {64, 128}, N in {1024, 4096, 16384}, causal and not;
 float16 and bfloat16 for the tensor-core rungs, float32 for the fp32 rungs. Every implementation reads
 the same input tensors (torch allocates them; CuPy sees them through DLPack, bfloat16 as int16 bits).
 
 Timing: CUDA events around each call on the default stream, after a warm-up call (NVRTC compile and
 cuBLAS/cuDNN handle creation stay out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
-TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at:
-rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash (same dtype).
+TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at, its `peer`
+in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash.
 Memory: extra GPU bytes beyond inputs at B=1, H=16, d=128, fp16, N = 16384 and 65536 (CuPy pool for the
 flashkit rungs, torch.cuda.max_memory_allocated for torch's flash backend).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 from flashkit.atomic import write_json
+from flashkit.gpu.rungs import ELEMENTS, RUNGS, rung
 
-RUNG_NAMES = {1: "cupy-standard", 2: "cupy-fp32-row", 3: "cupy-fp32-tile", 4: "cupy-mma", 5: "cupy-mma-async", 6: "cupy-mma-2tile"}
+FORWARD = tuple(r for r in RUNGS if r.direction == "forward")  # the rungs this script times, ladder order
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
-PEER = {1: "math", 2: "efficient", 3: "efficient", 4: "flash", 5: "flash", 6: "flash"}
-ELEMENT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 
 
 def flops(B, H, N, d, causal):
-    """4 B H N^2 d, times (N + 1) / (2N) when causal (the visible fraction of the N x N score matrix)."""
-    f = 4.0 * B * H * N * N * d
-    return f * (N + 1) / (2 * N) if causal else f
+    """4 B H N^2 d, times (N + 1) / (2N) when causal: flashkit.problem.flops of the N x N problem."""
+    from flashkit.problem import flops as attention_flops
+
+    return attention_flops(B, H, N, N, d, (-1, 0) if causal else (-1, -1))
 
 
 def time_ms(fn, budget_s=0.25, min_reps=3, max_reps=30):
@@ -81,8 +78,8 @@ def sdpa_call(backend, q, k, v, causal):
     return run
 
 
-def rung_call(rung, q, k, v, causal, dtype, block_size=None):
-    """A closure running one flashkit rung on torch tensors q, k, v (shared with CuPy, no copy)."""
+def rung_call(number, q, k, v, causal, dtype, block_size=None):
+    """A closure running flashkit rung `number` on torch tensors q, k, v (shared with CuPy, no copy)."""
     import cupy
     import torch
 
@@ -93,15 +90,15 @@ def rung_call(rung, q, k, v, causal, dtype, block_size=None):
     as_cupy = (lambda t: cupy.from_dlpack(t.view(torch.int16))) if dtype == "bfloat16" else cupy.from_dlpack
     Q, K, V = (as_cupy(t) for t in (q, k, v))
     window = effective_window(causal, None)
-    if rung == 1:
+    if number == 1:
         from flashkit.gpu.standard import standard_attention
         from flashkit.problem import Problem
 
         if dtype == "bfloat16":
-            return None  # CuPy has no bfloat16 arithmetic for the standard path
+            return None  # CuPy has no bfloat16 arithmetic for the standard path: not measured
         pb = Problem(Q=Q, K=K, V=V, scale=d ** -0.5, causal=causal, window=window, mask=None, block_size=None, xp=cupy)
         return lambda: standard_attention(pb)
-    return lambda: forward(rung, Q, K, V, scale=d ** -0.5, window=window, element=ELEMENT[dtype], block_size=block_size)
+    return lambda: forward(number, Q, K, V, scale=d ** -0.5, window=window, element=ELEMENTS[dtype], block_size=block_size)
 
 
 def measure(label, fn, rows, meta):
@@ -141,12 +138,11 @@ def run_grid(quick=False):
                     q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(3))
                     meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal))
                     print(f"d={d} N={N} B={B} H={H} causal={causal} {dtype}", flush=True)
-                    rungs = {"float16": (1, 4, 5, 6), "bfloat16": (4, 5, 6), "float32": (1, 2, 3)}[dtype]
                     peers = {"float16": TORCH_BACKENDS, "bfloat16": ("flash", "cudnn"), "float32": ("efficient", "math")}[dtype]
-                    for r in rungs:
-                        if quick and r == 2 and N > 4096:
-                            continue
-                        measure(RUNG_NAMES[r], rung_call(r, q, k, v, causal, dtype), rows, dict(meta, rung=r))
+                    for spec in FORWARD:
+                        call = rung_call(spec.number, q, k, v, causal, dtype) if dtype in spec.dtypes else None
+                        if call is not None:  # None: the rung does not compute this dtype here
+                            measure(spec.name, call, rows, dict(meta, rung=spec.number))
                     for p in peers:
                         measure(f"torch-{p}", sdpa_call(p, q, k, v, causal), rows, dict(meta, rung=None))
                     del q, k, v
@@ -155,12 +151,14 @@ def run_grid(quick=False):
 
 
 def add_ratios(rows):
-    """ratio = peer time / rung time (> 1: the rung is faster), for the peer PEER[rung] in the same row group."""
-    key = lambda r: (r["d"], r["N"], r["causal"], r["dtype"])
+    """ratio = peer time / rung time (> 1: the rung is faster), for the rung's peer in the same row group."""
+    def key(r):  # one row group: the same shape and dtype
+        return r["d"], r["N"], r["causal"], r["dtype"]
+
     peers = {(key(r), r["impl"]): r for r in rows if r["impl"].startswith("torch-") and r["status"] == "ok"}
     for r in rows:
         if r.get("rung") and r["status"] == "ok":
-            p = peers.get((key(r), f"torch-{PEER[r['rung']]}"))
+            p = peers.get((key(r), f"torch-{rung(r['rung']).peer}"))
             if p is not None:
                 r["peer"] = p["impl"]
                 r["ratio"] = p["ms"] / r["ms"]
@@ -170,20 +168,19 @@ def block_sweep():
     """Every allowed (Br, Bc) of rung 5 (fp16) and rung 3 (fp32) at N=4096: evidence for the defaults."""
     import torch
 
-    from flashkit.gpu.flash import RUNGS
-
     rows = []
     N = 4096
-    for rung, dtype in ((5, "float16"), (3, "float32")):
+    for spec, dtype in ((rung(5), "float16"), (rung(3), "float32")):
         for d in (64, 128):
             B, H = 16384 // N, 2048 // d
             for causal in (False, True):
                 gen = torch.Generator(device="cuda").manual_seed(1)
                 q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(3))
-                meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal), rung=rung)
-                print(f"sweep rung {rung}: d={d} N={N} causal={causal} {dtype}", flush=True)
-                for bs in RUNGS[rung].allowed_blocks:
-                    measure(f"{RUNG_NAMES[rung]}{bs}", rung_call(rung, q, k, v, causal, dtype, bs), rows,
+                meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal),
+                            rung=spec.number)
+                print(f"sweep rung {spec.number}: d={d} N={N} causal={causal} {dtype}", flush=True)
+                for bs in spec.allowed_blocks:
+                    measure(f"{spec.name}{bs}", rung_call(spec.number, q, k, v, causal, dtype, bs), rows,
                             dict(meta, block_size=list(bs)))
                 del q, k, v
     return rows
@@ -194,8 +191,6 @@ def memory_rows():
     import cupy
     import torch
 
-    from flashkit.masks import effective_window
-
     pool = cupy.get_default_memory_pool()
     rows = []
     B, H, d = 1, 16, 128
@@ -204,13 +199,14 @@ def memory_rows():
         q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
         out_bytes = q.numel() * 2 + B * H * N * 4  # O (fp16) + lse (fp32)
         analytic_standard = 4 * B * H * N * N  # one float32 S/P matrix per head
-        for label, r in (("cupy-standard", 1), ("cupy-mma", 4), ("cupy-mma-async", 5)):
+        for spec in (rung(1), rung(4), rung(5)):
+            label = spec.name
             free_all()
             before = pool.total_bytes()
             row = dict(impl=label, N=N, B=B, H=H, d=d, dtype="float16", out_bytes=out_bytes,
                        analytic_standard_bytes=analytic_standard)
             try:
-                res = rung_call(r, q, k, v, False, "float16")()
+                res = rung_call(spec.number, q, k, v, False, "float16")()
                 torch.cuda.synchronize()
                 row.update(status="ok", extra_bytes=pool.total_bytes() - before, extra_beyond_output=pool.total_bytes() - before - out_bytes)
                 del res
@@ -237,24 +233,15 @@ def memory_rows():
 
 
 def environment():
-    import cupy
+    """The card and versions (flashkit.measure.provenance), torch's version, the commit and the date."""
     import torch
 
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    drv = cupy.cuda.runtime.driverGetVersion()
-    try:
-        import subprocess
+    from flashkit.measure import provenance
 
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception:
-        driver = "unknown"
-    return dict(card=name, driver=driver, cuda_driver_api=drv, cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
-                nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())), cupy=cupy.__version__, torch=torch.__version__,
-                python=platform.python_version(), sm_count=props["multiProcessorCount"],
-                commit=os.environ.get("FLASHKIT_COMMIT", "unknown"),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    c = provenance.commit()
+    return dict(provenance.gpu_info(), torch=torch.__version__, python=provenance.versions()["python"],
+                commit=c["commit"], dirty=c["dirty"], load_average=provenance.load_average(),
+                date=provenance.now_utc())
 
 
 def card_slug(card):

@@ -91,7 +91,7 @@ class MultiHeadAttention:
                 raise ValueError(f"weights[{name!r}] must have shape {shape}; got {np.shape(weights[name])}")
         self.weights = {name: np.array(w, dtype=self.dtype) for name, w in weights.items()}  # copies
 
-    def unfused(self) -> "MultiHeadAttention":
+    def unfused(self) -> MultiHeadAttention:
         """The same layer with separate Wq, Wk, Wv (the fused weight cut in three): same outputs."""
         if not self.fused_qkv:
             return self

@@ -5,6 +5,9 @@ number for the scale, the causal flag folded into the sliding window, the mask i
 Backends read a Problem and never look at user input again, so no kernel repeats a check.
 `flashkit.validate.check_backward()` returns the same Problem with the backward's inputs set: the
 gradient of the output dO, the forward's output O and its logsumexp lse.
+
+The FLOP count of attention is written here once (`flops`, `backward_flops`); timing, benchmarks and
+notebooks call it.
 """
 from __future__ import annotations
 
@@ -14,6 +17,27 @@ from typing import Any, Optional, Tuple
 # Tests set this to True: outputs then start as NaN, so an element a kernel forgets to write fails
 # the comparison with the reference instead of passing by luck with whatever memory held.
 POISON = False
+
+# FlashAttention's papers count a backward pass as 2.5 forwards: it recomputes S = Q K^T and adds four
+# products (dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q) to the forward's two.
+BACKWARD_FACTOR = 2.5
+
+
+def flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
+    """Forward FLOPs as FlashAttention counts them: 4·B·Hq·Nq·Nk·d, times the visible fraction of S.
+
+    Two products, S = Q K^T and O = P V, of 2·Nq·Nk·d FLOPs each per head (a multiply-add is 2); the
+    softmax's exp, max and sums are not counted. `window` is (left, right) with causal folded in
+    (masks.effective_window), so a causal square problem counts (N + 1) / 2N of the full one.
+    """
+    from flashkit.masks import visible_fraction
+
+    return 4.0 * B * Hq * Nq * Nk * d * visible_fraction(Nq, Nk, tuple(window))
+
+
+def backward_flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
+    """Backward FLOPs by FlashAttention's convention: BACKWARD_FACTOR (2.5) times the forward's."""
+    return BACKWARD_FACTOR * flops(B, Hq, Nq, Nk, d, window)
 
 
 @dataclass(frozen=True)
@@ -72,12 +96,12 @@ class Problem:
         return self.window != (-1, -1)
 
     def flops(self) -> float:
-        """Forward FLOPs as FlashAttention counts them: 4·B·H·Nq·Nk·d, scaled by the visible fraction."""
-        from flashkit.masks import visible_fraction
+        """Forward FLOPs of this problem (the module's `flops`: 4·B·H·Nq·Nk·d times the visible fraction)."""
+        return flops(self.B, self.Hq, self.Nq, self.Nk, self.d, self.window)
 
-        return 4.0 * self.B * self.Hq * self.Nq * self.Nk * self.d * visible_fraction(
-            self.Nq, self.Nk, self.window
-        )
+    def backward_flops(self) -> float:
+        """Backward FLOPs of this problem: 2.5x the forward's, as FlashAttention counts them."""
+        return backward_flops(self.B, self.Hq, self.Nq, self.Nk, self.d, self.window)
 
     def new_outputs(self, o_dtype=None, lse_dtype=None):
         """Fresh (O, lse) arrays for a backend to fill: (B, Hq, Nq, d) and (B, Hq, Nq).
@@ -91,17 +115,13 @@ class Problem:
             return xp.full(shape_o, xp.nan, o_dtype), xp.full(shape_l, xp.nan, lse_dtype)
         return xp.empty(shape_o, o_dtype), xp.empty(shape_l, lse_dtype)
 
-    def backward_flops(self) -> float:
-        """Backward FLOPs as FlashAttention's papers count them: 2.5 times the forward's."""
-        return 2.5 * self.flops()
-
     def new_grads(self):
         """Fresh (dQ, dK, dV) for a backward to fill, shaped and typed like Q, K and V (NaN when poisoned)."""
         xp = self.xp
         make = (lambda x: xp.full(x.shape, xp.nan, x.dtype)) if POISON else (lambda x: xp.empty(x.shape, x.dtype))
         return make(self.Q), make(self.K), make(self.V)
 
-    def astype(self, dtype) -> "Problem":
+    def astype(self, dtype) -> Problem:
         """The same problem with its arrays converted (float16 input computed in float32; the float64
         oracle). lse is converted only to float64: float32 is already its dtype for 16-bit input."""
         def conv(x, to):

@@ -40,7 +40,7 @@ def visibility(problem):
 
 def standard_attention(problem):
     """(O, lse) of `problem`, computed in the dtype of its arrays by materialising S and P."""
-    B, Hkv, g, Nq, Nk, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.Nk, problem.d
+    B, Hkv, g, Nq, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.d
     Q5 = problem.Q.reshape(B, Hkv, g, Nq, d)  # (B, Hkv, group, Nq, d): query heads grouped by K/V head
     Kt = problem.K.transpose(0, 1, 3, 2)[:, :, None]  # (B, Hkv, 1, d, Nk)
     V5 = problem.V[:, :, None]  # (B, Hkv, 1, Nk, d)
@@ -79,7 +79,7 @@ def standard_backward(problem):
     backward needs the forward's O and lse but not its P. With GQA, dK and dV sum over the query heads
     that share a K/V head.
     """
-    B, Hkv, g, Nq, Nk, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.Nk, problem.d
+    B, Hkv, g, Nq, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.d
     Q5 = problem.Q.reshape(B, Hkv, g, Nq, d)  # (B, Hkv, group, Nq, d)
     dO5 = problem.dO.reshape(B, Hkv, g, Nq, d)
     O5 = problem.O.reshape(B, Hkv, g, Nq, d)

@@ -1,4 +1,6 @@
-"""Shared test helpers: fresh random inputs, the float64 oracle, relative error, output poisoning."""
+"""Shared test helpers: seeds, fresh random inputs, the float64 oracle, relative error, output poisoning."""
+import zlib
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,18 @@ def poison_outputs(monkeypatch):
 def cpu_backends():
     """Names of the CPU backends that can run here (the GPU ones are tested in test_gpu*.py)."""
     return [b.name for b in registry.all_backends() if b.device == "cpu" and b.available]
+
+
+def stable_seed(*key) -> int:
+    """A seed from the test's parameters, the same in every run and process (hash() of a str is salted per
+    process, so a failure seeded by it could not be reproduced). Print it in every failure message."""
+    return zlib.crc32(repr(key).encode())
+
+
+def seeded_rng(*key):
+    """(numpy Generator, seed) for the test's parameters `key`."""
+    seed = stable_seed(*key)
+    return np.random.default_rng(seed), seed
 
 
 def random_qkv(rng, B, Hq, Hkv, Nq, Nk, d, dtype=np.float32, spread=1.0):

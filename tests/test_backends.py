@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashkit
-from conftest import assert_matches, cpu_backends, oracle, random_qkv
+from conftest import assert_matches, cpu_backends, oracle, random_qkv, seeded_rng
 
 BACKENDS = cpu_backends()
 SLOW = {"numpy-tiled", "numpy-tiled-fa1"}  # Python loops over tiles: fewer, smaller examples
@@ -66,73 +66,78 @@ def test_matches_reference(backend):
 @pytest.mark.parametrize("Nq,Nk,d", [(1, 1, 1), (1, 300, 64), (300, 1, 64), (129, 257, 80), (64, 64, 64)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_edge_shapes(backend, Nq, Nk, d, causal):
-    rng = np.random.default_rng()
+    rng, seed = seeded_rng("edge_shapes", backend, Nq, Nk, d, causal)
     q, k, v = random_qkv(rng, 1, 4, 2, Nq, Nk, d)
     o, lse = flashkit.attention(q, k, v, causal=causal, backend=backend, return_lse=True)
-    assert_matches(o, lse, *oracle(q, k, v, causal=causal), what=f"{backend} Nq={Nq} Nk={Nk} d={d}")
+    assert_matches(o, lse, *oracle(q, k, v, causal=causal), what=f"{backend} Nq={Nq} Nk={Nk} d={d} seed={seed}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spread", [1e2, 1e4])
 def test_huge_logits_do_not_overflow(backend, spread):
     """Logits near +-1e4 (and beyond): the running max keeps every exp() finite."""
-    rng = np.random.default_rng()
+    rng, seed = seeded_rng("huge_logits", backend, spread)
     q, k, v = random_qkv(rng, 1, 2, 2, 33, 47, 16, spread=np.sqrt(spread))
     o, lse = flashkit.attention(q, k, v, scale=1.0, backend=backend, return_lse=True)
     ref_o, ref_lse = oracle(q, k, v, scale=1.0)
-    assert np.isfinite(o).all() and np.isfinite(lse).all()
-    assert_matches(o, lse, ref_o, ref_lse, rtol=1e-4, what=backend)
+    assert np.isfinite(o).all() and np.isfinite(lse).all(), f"{backend} seed={seed}: NaN/Inf in O or lse"
+    assert_matches(o, lse, ref_o, ref_lse, rtol=1e-4, what=f"{backend} seed={seed}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows_give_zero_and_minus_inf(backend):
-    rng = np.random.default_rng()
+    rng, seed = seeded_rng("fully_masked_rows", backend)
+    what = f"{backend} seed={seed}"
     q, k, v = random_qkv(rng, 2, 2, 1, 20, 9, 8)
     mask = np.ones((2, 2, 20, 9), bool)
     mask[0, 1, 3] = False
     mask[1, :, 7:12] = False
     o, lse = flashkit.attention(q, k, v, mask=mask, backend=backend, return_lse=True)
-    assert (o[0, 1, 3] == 0).all() and np.isneginf(lse[0, 1, 3])
-    assert (o[1, :, 7:12] == 0).all() and np.isneginf(lse[1, :, 7:12]).all()
-    assert_matches(o, lse, *oracle(q, k, v, mask=mask), what=backend)
+    assert (o[0, 1, 3] == 0).all() and np.isneginf(lse[0, 1, 3]), what
+    assert (o[1, :, 7:12] == 0).all() and np.isneginf(lse[1, :, 7:12]).all(), what
+    assert_matches(o, lse, *oracle(q, k, v, mask=mask), what=what)
     # a window that shows nothing to the first rows (Nq > Nk, causal bottom-right)
     o, lse = flashkit.attention(q, k, v, causal=True, backend=backend, return_lse=True)
-    assert (o[:, :, :11] == 0).all() and np.isneginf(lse[:, :, :11]).all()
+    assert (o[:, :, :11] == 0).all() and np.isneginf(lse[:, :, :11]).all(), what
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_key(backend):
-    rng = np.random.default_rng()
+    rng, seed = seeded_rng("one_key", backend)
     q, k, v = random_qkv(rng, 1, 3, 1, 17, 1, 5)
     o, lse = flashkit.attention(q, k, v, backend=backend, return_lse=True)
-    np.testing.assert_allclose(o, np.broadcast_to(v, o.shape), rtol=1e-6)  # softmax over one key is 1
+    np.testing.assert_allclose(o, np.broadcast_to(v, o.shape), rtol=1e-6,  # softmax over one key is 1
+                               err_msg=f"{backend} seed={seed}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rank", [2, 3])
 def test_lower_ranks_and_float16(backend, rank):
-    rng = np.random.default_rng()
+    rng, seed = seeded_rng("lower_ranks", backend, rank)
     q, k, v = random_qkv(rng, 1, 1, 1, 45, 70, 32, dtype=np.float16)
-    shape = lambda x: x.reshape(x.shape[4 - rank:])
+
+    def shape(x):
+        return x.reshape(x.shape[4 - rank:])
+
     q, k, v = shape(q), shape(k), shape(v)
     o, lse = flashkit.attention(q, k, v, causal=True, backend=backend, return_lse=True)
     assert o.shape == q.shape and o.dtype == np.float16 and lse.dtype == np.float32
     assert lse.shape == q.shape[:-1]
     ref_o, ref_lse = oracle(q, k, v, causal=True)
-    assert_matches(o, lse, ref_o, ref_lse, rtol=2e-3, what=backend)  # float16 output rounding
+    assert_matches(o, lse, ref_o, ref_lse, rtol=2e-3, what=f"{backend} rank={rank} seed={seed}")  # float16 rounding
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_is_computed_in_float64(backend):
-    rng = np.random.default_rng()
+    rng, seed = seeded_rng("float64", backend)
     q, k, v = random_qkv(rng, 1, 2, 2, 50, 61, 24, dtype=np.float64)
     o, lse = flashkit.attention(q, k, v, causal=True, backend=backend, return_lse=True)
     assert o.dtype == np.float64
-    assert_matches(o, lse, *oracle(q, k, v, causal=True), rtol=1e-12, what=backend)
+    assert_matches(o, lse, *oracle(q, k, v, causal=True), rtol=1e-12, what=f"{backend} seed={seed}")
 
 
 def test_auto_picks_a_cpu_backend_and_agrees():
-    rng = np.random.default_rng()
+    rng, seed = seeded_rng("auto")
     q, k, v = random_qkv(rng, 1, 2, 2, 40, 40, 16)
     o, lse = flashkit.attention(q, k, v, return_lse=True)
-    assert_matches(o, lse, *oracle(q, k, v), what="auto")
+    assert_matches(o, lse, *oracle(q, k, v), what=f"auto seed={seed}")

@@ -219,7 +219,7 @@ def test_bad_input(bad, match):
 
 def test_numba_variants_agree():
     """The two race-free ways of the numba backward (two passes, per-thread dQ partials) agree."""
-    from flashkit.cpu import backward_gemm
+    from flashkit.cpu import rung3_gemm_backward as backward_gemm
 
     rng = np.random.default_rng(15)
     q, k, v = random_qkv(rng, 2, 4, 2, 150, 170, 32)

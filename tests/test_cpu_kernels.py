@@ -9,13 +9,11 @@ import pytest
 pytest.importorskip("numba")
 
 from flashkit import validate  # noqa: E402
-from flashkit.cpu import common, simd  # noqa: E402
+from flashkit.cpu import available_rungs, common, simd  # noqa: E402
 from flashkit.masks import SKIP, block_map  # noqa: E402
 from flashkit.reference import reference  # noqa: E402
 
-RUNGS = ["loops", "regblock", "gemm"]
-if importlib.util.find_spec("scipy") is None or importlib.util.find_spec("threadpoolctl") is None:
-    RUNGS.remove("gemm")
+RUNGS = [r.module for r in available_rungs()]  # rung 3 needs SciPy and threadpoolctl
 
 
 def _host_features():
@@ -82,14 +80,14 @@ def test_asm_has_vector_instructions_and_twins_do_not():
 
 def test_gemm_kernel_exp_is_vectorised():
     """Rung 3's exp runs on vectors: the kernel's asm rounds (vroundps) and multiplies packed floats."""
-    if "gemm" not in RUNGS or not ({"avx2", "avx512f"} & _host_features()):
+    if "rung3_gemm" not in RUNGS or not ({"avx2", "avx512f"} & _host_features()):
         pytest.skip("rung 3 or AVX unavailable")
-    from flashkit.cpu import gemm
+    from flashkit.cpu import rung3_gemm
 
     q = np.zeros((1, 1, 4, 4), np.float32)
     args = (q, q, q, 1.0, -1, -1, common._NO_MASK, False, np.zeros((1, 1, 1, 1), np.int8), 4, 4,
             np.zeros_like(q), np.zeros((1, 1, 4), np.float32), np.zeros(1, np.int64))
-    counts = simd.vector_instructions(simd.asm(gemm.forward_kernel, *args))
+    counts = simd.vector_instructions(simd.asm(rung3_gemm.forward_kernel, *args))
     assert any(k.startswith("vround") for k in counts), counts
 
 

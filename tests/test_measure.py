@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-import flashkit
 from flashkit.measure import io_model, memory
 
 MiB = 2 ** 20

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flashkit
-from flashkit import registry, validate
+from flashkit import problem, registry, validate
 from flashkit.measure import timing
 from flashkit.registry import Backend
 
@@ -41,13 +41,19 @@ def test_time_call_bad_arguments(kw, name):
         timing.time_call(lambda: None, **kw)
 
 
-def test_flops_formula_and_problem_agree():
-    assert timing.attention_flops(2, 3, 5, 7, 11) == 4 * 2 * 3 * 5 * 7 * 11
+def test_flop_formula():
+    """One formula (flashkit.problem.flops): 4·B·H·Nq·Nk·d times the visible fraction; backward 2.5x."""
+    assert problem.flops(2, 3, 5, 7, 11) == 4 * 2 * 3 * 5 * 7 * 11
     N = 64
-    causal = timing.attention_flops(1, 4, N, N, 32, causal=True)
+    causal = problem.flops(1, 4, N, N, 32, (-1, 0))
     assert causal == pytest.approx(4 * 4 * N * N * 32 * (N + 1) / (2 * N))
+    band = problem.flops(1, 1, 10, 10, 8, (1, 1))  # 3 keys a row, 2 on the first and last rows
+    assert band == pytest.approx(4 * 10 * 10 * 8 * 28 / 100)
+    assert problem.backward_flops(1, 4, N, N, 32, (-1, 0)) == 2.5 * causal
     q = np.zeros((1, 4, N, 32), np.float32)
-    assert causal == validate.check(q, q, q, causal=True).flops()
+    p = validate.check(q, q, q, causal=True)
+    assert p.flops() == causal and p.backward_flops() == 2.5 * causal
+    assert timing.attention_flops(1, 4, N, N, 32, causal=True) == causal
 
 
 def test_time_attention_reports_consistent_numbers():

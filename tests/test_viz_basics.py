@@ -28,15 +28,15 @@ def row(n=11, d=3, seed=0, spread=3.0):
 
 def test_stepper_state_is_the_running_max_and_sum():
     s, V = row()
-    for st in softmax_stepper.online_steps(s, V, block=4):
-        seen = s[:st.j1]
-        assert st.m == seen.max()
-        np.testing.assert_allclose(st.l, np.exp(seen - seen.max()).sum(), rtol=1e-12)
-        np.testing.assert_allclose(st.O, np.exp(seen - seen.max()) @ V[:st.j1], rtol=1e-12)
-        np.testing.assert_allclose(st.weights.sum(), st.l, rtol=1e-12)
+    for step in softmax_stepper.online_steps(s, V, block=4):
+        seen = s[:step.j1]
+        assert step.m == seen.max()
+        np.testing.assert_allclose(step.l, np.exp(seen - seen.max()).sum(), rtol=1e-12)
+        np.testing.assert_allclose(step.O, np.exp(seen - seen.max()) @ V[:step.j1], rtol=1e-12)
+        np.testing.assert_allclose(step.weights.sum(), step.l, rtol=1e-12)
         # the rescaling factor takes the old state to the new max
-        if st.index > 0:
-            np.testing.assert_allclose(st.alpha, np.exp(st.m_old - st.m), rtol=1e-12)
+        if step.index > 0:
+            np.testing.assert_allclose(step.alpha, np.exp(step.m_old - step.m), rtol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import re
 import sys
@@ -39,18 +38,11 @@ SERIES = [f"{n:02d}" for n in range(11)]  # the numbered walkthroughs 00..10 we 
 
 
 def machine() -> tuple:
-    """(info dict, file-name slug), shared with the benchmark scripts when they are importable."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from benchmarks._common import cpu_info, machine_slug
+    """(info dict, file-name slug), as the benchmark scripts record them (flashkit.measure.provenance)."""
+    from flashkit.measure.provenance import cpu_info, machine_slug
 
-        info = cpu_info()
-        return info, machine_slug(info)
-    except Exception:  # the benchmarks package is optional here
-        info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                "system": f"{platform.system()} {platform.release()}"}
-        slug = re.sub(r"[^a-z0-9]+", "-", f"{info['cpu']}-{info['cores']}c".lower()).strip("-")
-        return info, slug
+    info = cpu_info()
+    return info, machine_slug(info)
 
 
 def find_notebooks(folder: Path) -> list:

@@ -1,9 +1,14 @@
 """Numba kernels on the CPU: a ladder of FlashAttention-2 forward kernels, fastest last.
 
-    rung 1  numba-loops     plain loops, one query row at a time              flashkit/cpu/loops.py
-    rung 2  numba-regblock  loops over 4 query rows at once (register blocking) flashkit/cpu/regblock.py
-    rung 3  numba-gemm      block GEMMs through np.dot (BLAS) + polynomial exp  flashkit/cpu/gemm.py
-    numba                   the fastest rung available here (rung 3; rung 2 without SciPy)
+    rung 1  numba-loops     plain loops, one query row at a time                flashkit/cpu/rung1_loops.py
+    rung 2  numba-regblock  loops over 4 query rows at once (register blocking) flashkit/cpu/rung2_regblock.py
+    rung 3  numba-gemm      block GEMMs through np.dot (BLAS) + polynomial exp  flashkit/cpu/rung3_gemm.py
+            its backward    FA2's Algorithm 2, the same GEMMs, dQ in per-thread partials  rung3_gemm_backward.py
+    numba                   the highest rung that can run here (rung 3; rung 2 without SciPy)
+
+Each rung is one row of `RUNGS` below, from which the registry's backends, the tests and the CPU benchmark
+derive. Every rung module has `run(problem, stats=False) -> (O, lse)` (and the tiles computed per task with
+stats=True) and `BLOCKS`, its preferred (Br, Bc) before the L2 rule of common.default_block_size.
 
 Nothing here imports Numba: the kernels load when a backend first runs (import flashkit stays fast).
 simd.py holds the micro-kernels (dot product, weighted add, exp) with their scalar twins.
@@ -11,9 +16,45 @@ simd.py holds the micro-kernels (dot product, weighted add, exp) with their scal
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+from dataclasses import dataclass
 
 from flashkit.registry import Backend
+
+# What every CPU rung shares: NumPy arrays, float32/float64 computed natively, masks and windows.
+_COMMON = dict(device="cpu", dtypes=("float32", "float64"), mask=True, window=True)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of the CPU ladder.
+
+    number    place in the ladder (file flashkit/cpu/rung<number>_<name>.py)
+    name      the backend name users pass as backend=...
+    module    the rung's module under flashkit.cpu
+    summary   one line for the backends table
+    priority  "auto" picks the available backend with the highest priority that supports the request
+    probe     "module:function" giving None when the rung can run here, else why not
+    backward_module  the module of the rung's backward pass under flashkit.cpu, or None
+    """
+
+    number: int
+    name: str
+    module: str
+    summary: str
+    priority: int
+    probe: str = "flashkit.cpu:_probe"
+    backward_module: str | None = None  # the module of this rung's backward (its `run` -> dQ, dK, dV), if any
+
+    def load(self):
+        """The rung's module (imports Numba and compiles on first call)."""
+        return importlib.import_module(f"flashkit.cpu.{self.module}")
+
+    def backend(self) -> Backend:
+        backward = None if self.backward_module is None else f"flashkit.cpu.{self.backward_module}:run"
+        return Backend(name=self.name, summary=self.summary, runner=f"flashkit.cpu.{self.module}:run",
+                       backward=backward, probe=self.probe, priority=self.priority, rung=self.number, **_COMMON)
 
 
 def _probe():
@@ -23,7 +64,7 @@ def _probe():
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_gemm():
     """Rung 3 calls BLAS through SciPy (Numba's np.dot) and pins it to one thread with threadpoolctl."""
     reason = _probe()
@@ -35,38 +76,39 @@ def _probe_gemm():
     return None
 
 
-def run_fastest_backward(problem):
-    """The "numba" backend's backward: backward rung 3 (FA2 Algorithm 2 with BLAS tile GEMMs)."""
-    reason = _probe_gemm()
-    if reason is not None:
-        raise RuntimeError(f"the numba backward needs SciPy's BLAS: {reason}")
-    from flashkit.cpu import backward_gemm
+RUNGS = (
+    Rung(1, "numba-loops", "rung1_loops", "Numba rung 1: plain loops, one query row at a time", priority=20),
+    Rung(2, "numba-regblock", "rung2_regblock", "Numba rung 2: register-blocked loops, 4 query rows at once",
+         priority=30),
+    Rung(3, "numba-gemm", "rung3_gemm", "Numba rung 3: block GEMMs (BLAS np.dot) and a vectorised exp",
+         priority=40, probe="flashkit.cpu:_probe_gemm", backward_module="rung3_gemm_backward"),
+)
 
-    return backward_gemm.run(problem)
+_LADDER = tuple(r.backend() for r in RUNGS)
+
+
+def available_rungs():
+    """The rows of `RUNGS` that can run on this machine, in ladder order."""
+    return tuple(r for r, b in zip(RUNGS, _LADDER) if b.available)
+
+
+def run_fastest_backward(problem):
+    """The "numba" backend's backward: the highest rung here that has one."""
+    with_backward = [r for r in available_rungs() if r.backward_module is not None]
+    if not with_backward:
+        raise RuntimeError("no Numba rung with a backward can run here (rung 3 needs SciPy and threadpoolctl)")
+    return importlib.import_module(f"flashkit.cpu.{with_backward[-1].backward_module}").run(problem)
 
 
 def run_fastest(problem):
-    """The "numba" backend: rung 3 where SciPy and threadpoolctl are installed, else rung 2."""
-    if _probe_gemm() is None:
-        from flashkit.cpu import gemm
+    """The "numba" backend: the highest rung that can run here (rung 3 where SciPy and threadpoolctl are
+    installed, else rung 2)."""
+    return available_rungs()[-1].load().run(problem)
 
-        return gemm.run(problem)
-    from flashkit.cpu import regblock
-
-    return regblock.run(problem)
-
-
-_COMMON = dict(device="cpu", dtypes=("float32", "float64"), mask=True, window=True)
 
 BACKENDS = (
     Backend(name="numba", summary="Numba, FlashAttention-2 on all cores: the fastest rung below",
             runner="flashkit.cpu:run_fastest", backward="flashkit.cpu:run_fastest_backward",
             probe="flashkit.cpu:_probe", priority=50, **_COMMON),
-    Backend(name="numba-loops", summary="Numba rung 1: plain loops, one query row at a time",
-            runner="flashkit.cpu.loops:run", probe="flashkit.cpu:_probe", priority=20, rung=1, **_COMMON),
-    Backend(name="numba-regblock", summary="Numba rung 2: register-blocked loops, 4 query rows at once",
-            runner="flashkit.cpu.regblock:run", probe="flashkit.cpu:_probe", priority=30, rung=2, **_COMMON),
-    Backend(name="numba-gemm", summary="Numba rung 3: block GEMMs (BLAS np.dot) and a vectorised exp",
-            runner="flashkit.cpu.gemm:run", backward="flashkit.cpu.backward_gemm:run",
-            probe="flashkit.cpu:_probe_gemm", priority=40, rung=3, **_COMMON),
+    *_LADDER,
 )

@@ -3,7 +3,7 @@
     python -m flashkit.gpu.check              all rungs x dtypes x awkward shapes, a table, exit 1 on failure
     python -m flashkit.gpu.check --sanitize   one small launch per rung/dtype, for compute-sanitizer
 
-Criteria (as issue 3 and FlashAttention's tests state them):
+Criteria (as FlashAttention's tests state them):
   float32 rungs    max|O - O_64| / max|O_64| <= 1e-5, and the same for lse (finite entries);
   float16/bfloat16 max|O - O_64| <= 2 * max|O_lp - O_64| + 1e-6, where O_lp is standard attention with
                    S, P and O rounded to the input dtype (what torch computes in that dtype); lse likewise.
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from flashkit.atomic import write_json
+from flashkit.gpu.rungs import kernels
 
 # (B, Hq, Hkv, Nq, Nk, d, causal, window): none a multiple of every block size, on purpose
 CASES = (
@@ -30,7 +31,8 @@ CASES = (
     (1, 4, 4, 513, 513, 32, True, None),
     (1, 2, 2, 1000, 1000, 128, False, None),
 )
-ELEMENT_OF = {2: ("f32",), 3: ("f32",), 4: ("f16", "bf16"), 5: ("f16", "bf16"), 6: ("f16", "bf16")}
+# The forward CUDA rungs and the element types each computes, in ladder order (from flashkit/gpu/rungs.py).
+ELEMENT_OF = {r.number: r.elements for r in kernels("forward")}
 
 
 # ---- bfloat16 as uint16 bits (CuPy may not hold a bfloat16 dtype) -------------------------------------
@@ -216,8 +218,6 @@ def check_standard(case, element, seed=0) -> dict:
 
 
 def run_all(verbose=True, seed=0) -> List[dict]:
-    from flashkit.gpu.flash import RUNGS
-
     rows = []
     for ci, case in enumerate(CASES):
         for element in ("f32", "f16"):
@@ -226,11 +226,10 @@ def run_all(verbose=True, seed=0) -> List[dict]:
             for element in elements:
                 rows.append(check_rung(rung, case, element, seed + ci))
     # every block size a user (or the benchmark's sweep) may force, on two awkward cases
-    for rung in (2, 3, 4, 5, 6):
-        for bs in RUNGS[rung].allowed_blocks:
+    for spec in kernels("forward"):
+        for bs in spec.allowed_blocks:
             for case in (CASES[2], CASES[5]):
-                elem = ELEMENT_OF[rung][0]
-                rows.append(check_rung(rung, case, elem, seed + 100, block_size=bs))
+                rows.append(check_rung(spec.number, case, spec.elements[0], seed + 100, block_size=bs))
     # large scores (|S| up to ~30): the running max must keep every exp() finite
     big = (1, 2, 1, 200, 180, 64, True, None)
     for rung, elements in ELEMENT_OF.items():

@@ -13,8 +13,8 @@ which shows at small N (measured on an H100: about 0.5 ms a call at N = 512).
 
 FLOPs of a forward pass, as FlashAttention counts them: S = QK^T is 2·Nq·Nk·d, O = PV another
 2·Nq·Nk·d, per batch and head: 4·B·H·Nq·Nk·d, times the fraction of S a causal mask or window leaves
-visible (about one half for causal). The softmax's exp and sums are not counted. GFLOP/s = FLOPs /
-seconds / 1e9.
+visible (about one half for causal). The softmax's exp and sums are not counted. The formula is
+flashkit.problem.flops, the one every benchmark uses. GFLOP/s = FLOPs / seconds / 1e9.
 
 Threads: `threads=n` sets Numba's thread count (numba.set_num_threads) and limits the BLAS that
 NumPy calls (threadpoolctl) for the duration of the point, so "2 threads" means the same for every
@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime
 import io
 import itertools
 import json
 import numbers
 import os
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,8 @@ import numpy as np
 
 from flashkit import registry, validate
 from flashkit.atomic import write_text
-from flashkit.masks import visible_fraction
+from flashkit.measure import provenance
+from flashkit.problem import flops as problem_flops
 
 DTYPES = ("float16", "float32", "float64")
 
@@ -99,10 +98,10 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, cu
 
 
 def attention_flops(B: int, H: int, Nq: int, Nk: int, d: int, *, causal: bool = False, window=None) -> float:
-    """Forward FLOPs: 4·B·H·Nq·Nk·d (QK^T and PV, a multiply-add = 2) times the visible fraction of S."""
+    """Forward FLOPs (flashkit.problem.flops) with `causal` and `window` given as flashkit.attention takes them."""
     from flashkit.masks import effective_window
 
-    return 4.0 * B * H * Nq * Nk * d * visible_fraction(Nq, Nk, effective_window(causal, window))
+    return problem_flops(B, H, Nq, Nk, d, effective_window(causal, window))
 
 
 def time_attention(q, k, v, *, backend: str = "auto", warmup: int = 1, repeats: int = 5, **kwargs) -> dict:
@@ -350,46 +349,13 @@ def _list_of(name, values, check) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # Export: CSV and JSON, written atomically, with the machine, versions and git commit
 # ---------------------------------------------------------------------------------------------
-def git_commit() -> Optional[str]:
-    """The commit of the flashkit checkout ("<sha>" or "<sha>-dirty"), None outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        if not sha:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sha + ("-dirty" if dirty else "")
-
-
-def load_average() -> Optional[list]:
-    """The 1, 5 and 15 minute load averages (None where the OS has none): a load above the core count
-    means other work shared the cores while we measured."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def blas_info() -> list:
-    """The BLAS libraries loaded now (threadpoolctl): which kernel (architecture) and how many threads."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return []
-    keys = ("internal_api", "version", "architecture", "num_threads", "prefix")
-    return [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib.get("user_api") == "blas"]
-
-
 def metadata(spec: Optional[Sweep] = None) -> dict:
-    """Where results came from: flashkit.info() (machine, versions), git commit, UTC time, settings."""
+    """Where results came from (flashkit.measure.provenance): flashkit.info() (machine, versions), git
+    commit, UTC time, load average, BLAS; and the sweep's settings."""
     from flashkit import info
 
-    meta = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "info": info(), "load_average": load_average(), "blas": blas_info()}
+    meta = {"created": provenance.now_utc(), "commit": provenance.commit_label(), "info": info(),
+            "load_average": provenance.load_average(), "blas": provenance.blas_info()}
     if spec is not None:
         meta["sweep"] = {k: getattr(spec, k) for k in ("backends", "N", "d", "heads", "causal", "dtype",
                                                          "threads", "batch", "warmup", "repeats", "seed")}

@@ -76,5 +76,5 @@ def test_every_interaction_row_names_a_notebook():
         pytest.skip(f"the table is for notebooks/, not {NOTEBOOKS_ROOT}")
     missing = sorted(set(INTERACTIONS) - set(NOTEBOOKS))
     assert not missing, f"tests/browser/interactions.py has rows for notebooks that do not exist: {missing}"
-    for rel, row in INTERACTIONS.items():
+    for row in INTERACTIONS.values():
         moves(row)  # raises TypeError on a malformed row
