@@ -38,10 +38,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
                              block_size=block_size)
     chosen = registry.choose(problem, backend)
     O, lse = chosen.run(problem)
-    o = O.reshape(q.shape).astype(q.dtype, copy=False)  # back to the caller's rank and dtype
+    o = _as_input(O, q)
     if not return_lse:
         return o
-    lse_dtype = "float64" if q.dtype.name == "float64" else "float32"
+    lse_dtype = "float64" if q.dtype == "float64" else "float32"
     return o, lse.reshape(q.shape[:-1]).astype(lse_dtype, copy=False)
 
 
@@ -76,7 +76,15 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=
                                       mask=mask, block_size=block_size)
     chosen = registry.choose(problem, backend, direction="backward")
     dQ, dK, dV = chosen.run_backward(problem)
-    return tuple(g.reshape(x.shape).astype(x.dtype, copy=False) for g, x in ((dQ, q), (dK, k), (dV, v)))
+    return tuple(_as_input(g, x) for g, x in ((dQ, q), (dK, k), (dV, v)))
+
+
+def _as_input(X, x):
+    """A backend's 4-D result in the caller's rank and dtype (bfloat16 bits viewed back as x's dtype)."""
+    X = X.reshape(x.shape)
+    if X.dtype.kind == "u" and x.dtype.kind == "V":  # bf16 bits (uint16) -> the caller's '|V2' bfloat16
+        return X.view(x.dtype)
+    return X.astype(x.dtype, copy=False)
 
 
 def backends():

@@ -55,6 +55,8 @@ class Problem:
     dO: Optional[Any] = None  # (B, Hq, Nq, d)  gradient of the loss with respect to O, Q's dtype
     O: Optional[Any] = None  # (B, Hq, Nq, d)   the forward's output, Q's dtype
     lse: Optional[Any] = None  # (B, Hq, Nq)    the forward's logsumexp (natural log), float32 or float64
+    # "bf16" when Q, K, V (and dO, O) hold bfloat16 as uint16 bits (CuPy has no bfloat16 dtype), else None
+    element: Optional[str] = None
 
     # Shapes, named as in the papers.
     @property
@@ -89,6 +91,11 @@ class Problem:
     @property
     def dtype(self):
         return self.Q.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """The element type's name: "bfloat16" for bf16 bits held as uint16, else dtype.name."""
+        return "bfloat16" if self.element == "bf16" else self.Q.dtype.name
 
     @property
     def has_window(self) -> bool:

@@ -78,7 +78,7 @@ class Backend:
             return f"backend {self.name!r} runs on the GPU and needs CuPy arrays; got NumPy arrays"
         if self.device == "cpu" and problem.xp.__name__ != "numpy":
             return f"backend {self.name!r} runs on the CPU and needs NumPy arrays; got CuPy arrays"
-        name = problem.dtype.name
+        name = problem.dtype_name
         if name not in self.dtypes and not (name == "float16" and "float32" in self.dtypes):
             return f"backend {self.name!r} supports dtypes {', '.join(self.dtypes)}; got {name}"
         if self.head_dims is not None and problem.d not in self.head_dims:
@@ -92,13 +92,13 @@ class Backend:
 
     def run(self, problem):
         """Compute (O, lse) for a validated Problem (float16 input is computed in float32 if needed)."""
-        if problem.dtype.name not in self.dtypes:
-            problem = problem.astype("float32")
+        if problem.dtype_name not in self.dtypes:
+            problem = problem.astype("float32")  # float16 only: cannot_serve refused the rest
         return self._function("runner")(problem)
 
     def run_backward(self, problem):
         """Compute (dQ, dK, dV) for a Problem from validate.check_backward (float16 in float32 if needed)."""
-        if problem.dtype.name not in self.dtypes:
+        if problem.dtype_name not in self.dtypes:
             problem = problem.astype("float32")
         return self._function("backward")(problem)
 
@@ -148,4 +148,4 @@ def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
     if not candidates:
         raise RuntimeError(f"no available backend supports this {direction} request; see flashkit.backends()")
     # Prefer a backend that computes the input dtype natively, then the highest priority.
-    return max(candidates, key=lambda b: (problem.dtype.name in b.dtypes, b.priority))
+    return max(candidates, key=lambda b: (problem.dtype_name in b.dtypes, b.priority))

@@ -29,6 +29,19 @@ def array_module(x):
     return None
 
 
+def dtype_name(x) -> str:
+    """The name of x's element type. CuPy has no bfloat16: a torch bfloat16 tensor seen through DLPack
+    arrives as an array of 2-byte void ('|V2'), which flashkit reads as bfloat16 bits."""
+    if x.dtype.kind == "V" and x.dtype.itemsize == 2 and array_module(x) is not np:
+        return "bfloat16"
+    return x.dtype.name
+
+
+def bf16_bits(x):
+    """A bfloat16 CuPy array ('|V2') as its uint16 bit patterns (a view, no copy), else x itself."""
+    return x.view("uint16") if dtype_name(x) == "bfloat16" and x.dtype.kind == "V" else x
+
+
 def check_array(name, x, *, dtypes=FLOAT_DTYPES, finite=True, nonempty=True):
     """The array module of `x` after checking type, rank, dtype and (optionally) emptiness and finiteness.
 
@@ -39,7 +52,7 @@ def check_array(name, x, *, dtypes=FLOAT_DTYPES, finite=True, nonempty=True):
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray; got {type(x).__name__}")
     if x.ndim not in (2, 3, 4):
         raise ValueError(f"{name} must have 2, 3 or 4 dimensions ((N, d), (H, N, d) or (B, H, N, d)); got shape {tuple(x.shape)}")
-    if x.dtype.name not in dtypes:
+    if dtype_name(x) not in dtypes:
         raise TypeError(f"{name} must have a floating dtype ({', '.join(dtypes)}); got {x.dtype}")
     if nonempty and 0 in x.shape:
         raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
@@ -56,7 +69,19 @@ def _count_nonfinite_kernel():
 
         _KERNELS["nonfinite"] = cupy.ReductionKernel(
             "T x", "int64 n", "isfinite((double)x) ? 0 : 1", "a + b", "n = a", "0", "flashkit_count_nonfinite")
+        # bfloat16 held as uint16 bits: NaN or Inf when all 8 exponent bits are set
+        _KERNELS["nonfinite_bf16"] = cupy.ReductionKernel(
+            "uint16 x", "int64 n", "(x & 0x7f80) == 0x7f80 ? 1 : 0", "a + b", "n = a", "0",
+            "flashkit_count_nonfinite_bf16")
     return _KERNELS["nonfinite"]
+
+
+def _count_nonfinite(x):
+    """The count of NaN/Inf in a CuPy array as a 0-d device array (no host sync)."""
+    kernel = _count_nonfinite_kernel()
+    if dtype_name(x) == "bfloat16":
+        return _KERNELS["nonfinite_bf16"](bf16_bits(x))
+    return kernel(x)
 
 
 _KERNELS: dict = {}
@@ -70,7 +95,7 @@ def first_nonfinite(xp, arrays):
     if xp is np:
         bad = [not np.isfinite(x).all() for x in arrays]
     else:
-        counts = [_count_nonfinite_kernel()(x) for x in arrays]  # queued on the stream, no wait
+        counts = [_count_nonfinite(x) for x in arrays]  # queued on the stream, no wait
         bad = [bool(c) for c in xp.stack(counts).get()]  # the one host sync
     return next((i for i, b in enumerate(bad) if b), None)
 
@@ -162,10 +187,13 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
             b = _positive_int("block_size", block_size)
             block_size = (b, b)
 
+    # bfloat16 on the GPU travels as uint16 bits with element="bf16"; the kernels read them as __nv_bfloat16
+    element = "bf16" if dtype_name(q) == "bfloat16" and xp is not np else None
+    Q, K, V = (bf16_bits(x) for x in (Q, K, V))
     return Problem(
         Q=xp.ascontiguousarray(Q), K=xp.ascontiguousarray(K), V=xp.ascontiguousarray(V),
         scale=float(scale), causal=bool(causal), window=win, mask=mask4,
-        block_size=block_size, xp=xp,
+        block_size=block_size, xp=xp, element=element,
     )
 
 
@@ -201,9 +229,9 @@ def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None
         raise ValueError("lse contains NaN or +inf; a logsumexp is finite, or -inf for a row that saw no key")
     if i is not None:
         raise ValueError(f"{('do', 'o')[i]} contains NaN or Inf; attention of non-finite input is undefined")
-    lse_dtype = "float64" if problem.dtype.name == "float64" else "float32"
+    lse_dtype = "float64" if problem.dtype_name == "float64" else "float32"
     lse3 = lse.reshape(problem.Q.shape[:3]).astype(lse_dtype, copy=False)
-    return replace(problem, dO=xp.ascontiguousarray(_as4d(do)), O=xp.ascontiguousarray(_as4d(o)),
+    return replace(problem, dO=xp.ascontiguousarray(bf16_bits(_as4d(do))), O=xp.ascontiguousarray(bf16_bits(_as4d(o))),
                    lse=xp.ascontiguousarray(lse3))
 
 

@@ -116,7 +116,7 @@ def run(rung: int, problem):
     if problem.mask is not None:
         raise ValueError(f"rung {rung} does not support a custom mask (causal and sliding windows are supported)")
     return forward(rung, problem.Q, problem.K, problem.V, scale=problem.scale, window=problem.window,
-                   block_size=problem.block_size)
+                   element=problem.element, block_size=problem.block_size)
 
 
 _BY_NAME = {r.name: r.number for r in RUNGS.values()}

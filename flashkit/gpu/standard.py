@@ -11,6 +11,8 @@ output cast back; float64 input is computed in float64, which makes this the on-
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 
 def visibility(problem, xp):
     """Bool (Nq, Nk) picture of the causal / sliding window (bottom-right aligned), or None if all visible."""
@@ -66,10 +68,31 @@ def attention_arrays(problem, compute_dtype):
     return O.reshape(B, Hkv * g, Nq, d), lse.reshape(B, Hkv * g, Nq)
 
 
+def bf16_bits_to_float32(bits):
+    """bfloat16 bits (uint16) as float32: a bfloat16 is the top half of a float32."""
+    import cupy
+
+    return (bits.astype(cupy.uint32) << 16).view(cupy.float32)
+
+
+def float32_to_bf16_bits(x):
+    """float32 rounded to the nearest bfloat16 (ties to even), as uint16 bits; NaN stays NaN."""
+    import cupy
+
+    u = x.view(cupy.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cupy.uint16)
+    return cupy.where(cupy.isnan(x), cupy.uint16(0x7FC0), rounded)
+
+
 def standard_attention(problem):
     """cupy-standard: (O in the input dtype, lse float32; float64 input gives float64 O and lse)."""
     import cupy
 
+    if problem.element == "bf16":  # bits in, float32 arithmetic, bits out
+        as32 = replace(problem, Q=bf16_bits_to_float32(problem.Q), K=bf16_bits_to_float32(problem.K),
+                       V=bf16_bits_to_float32(problem.V), element=None)
+        O, lse = attention_arrays(as32, cupy.float32)
+        return float32_to_bf16_bits(cupy.ascontiguousarray(O)), lse.astype(cupy.float32, copy=False)
     ct = cupy.float64 if problem.dtype == cupy.float64 else cupy.float32
     O, lse = attention_arrays(problem, ct)
     if ct is cupy.float64:
