@@ -20,6 +20,9 @@ BACKENDS = (
         runner="flashkit.reference:standard_attention",
         backward="flashkit.reference:standard_backward",
         priority=10,
+        # Below 2^24 FLOPs (N = 256 with one head, d = 64) one BLAS call per product beats a kernel's
+        # fixed cost: measured on 2 cores, benchmarks/cpu_small.py (results/cpu-small-*.json).
+        auto_max_flops=2.0**24,
     ),
 )
 

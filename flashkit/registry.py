@@ -23,6 +23,8 @@ class Backend:
     head_dims  supported head sizes d, or None for any
     mask       whether a custom boolean mask is supported
     priority   "auto" picks the available backend with the highest priority that supports the request
+    auto_max_flops  "auto" prefers this backend, whatever its priority, for problems of at most this many
+               forward FLOPs (numpy-standard for tiny calls, where a kernel's fixed cost is the whole time)
     runner     "module:function" that takes a Problem and returns (O, lse); None for a backward-only rung
     backward   "module:function" that takes a Problem carrying dO, O and lse (validate.check_backward)
                and returns (dQ, dK, dV) shaped like Q, K, V; None when the backend has no backward
@@ -39,6 +41,7 @@ class Backend:
     mask: bool = True
     window: bool = True
     priority: int = 0
+    auto_max_flops: Optional[float] = None
     probe: Optional[str] = None
     rung: Optional[int] = None  # place in its ladder (None for baselines outside a ladder)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -147,5 +150,11 @@ def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
     candidates = [b for b in all_backends() if b.cannot_serve(problem, direction) is None and b.available]
     if not candidates:
         raise RuntimeError(f"no available backend supports this {direction} request; see flashkit.backends()")
-    # Prefer a backend that computes the input dtype natively, then the highest priority.
-    return max(candidates, key=lambda b: (problem.dtype_name in b.dtypes, b.priority))
+    # Prefer a backend that computes the input dtype natively, then one made for a problem this small,
+    # then the highest priority.
+    flops = problem.flops()
+
+    def small(b):
+        return b.auto_max_flops is not None and flops <= b.auto_max_flops
+
+    return max(candidates, key=lambda b: (problem.dtype_name in b.dtypes, small(b), b.priority))

@@ -25,6 +25,7 @@ import re
 import numpy as np
 from numba import njit
 
+from flashkit.cpu import threads
 from flashkit.masks import FULL, PARTIAL, SKIP, block_map  # noqa: F401  (the kernels use SKIP/PARTIAL)
 from flashkit.cpu.simd import FASTMATH  # noqa: F401
 
@@ -141,5 +142,6 @@ def launch(kernel, problem, default_blocks):
     left, right = (int(w) for w in problem.window)
     O, lse = problem.new_outputs()
     tiles = np.zeros(problem.B * problem.Hq * bmap.shape[2], np.int64)
-    kernel(Q, K, V, float(problem.scale), left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles)
+    with threads.for_work(problem.flops()):
+        kernel(Q, K, V, float(problem.scale), left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles)
     return O, lse, tiles

@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from flashkit.cpu import threads
 from flashkit.cpu.common import FASTMATH, PARTIAL, SKIP, row_window, task_index, tile_map
 from flashkit.cpu.rung3_gemm import one_blas_thread
 from flashkit.cpu.simd import fast_exp2
@@ -237,11 +238,11 @@ def run(problem, variant: str = VARIANT):
     left, right = (int(w) for w in problem.window)
     lse2 = (problem.lse * LOG2E).astype(dtype)  # lse' = lse * log2(e); -inf stays -inf
     D = np.empty(problem.lse.shape, dtype)
-    rowsum_dO_O(dO, O, D)
     dQ, dK, dV = problem.new_grads()
-    n_threads = numba.get_num_threads()
     args = (Q, K, V, dO, lse2, D, float(problem.scale), left, right, mask, has_mask, bmap, Br, Bc)
-    with one_blas_thread():
+    with threads.for_work(problem.backward_flops()), one_blas_thread():
+        n_threads = numba.get_num_threads()
+        rowsum_dO_O(dO, O, D)
         if variant == "two-pass":
             psum = np.zeros((1,) + problem.lse.shape, dtype)
             dkdv_kernel(*args, dK, dV, np.empty((1, 1, 1, 1, 1), dtype), False,
