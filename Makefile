@@ -1,37 +1,53 @@
 # Two commands: `make lab` opens JupyterLab on the notebooks, `make test` runs every test.
-# Both create .venv on first use and reinstall only when pyproject.toml changes.
+# Both create .venv on first use and reinstall only when pyproject.toml changes: `make lab` installs
+# flashkit with the notebooks extra only, `make test` adds the test extra to the same .venv.
 PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.flashkit-installed
 PORT   ?= 8888
-EXTRAS ?= notebooks,test
+VENV   := .venv
+
+# BIN=/path/to/env/bin on the command line runs everything from an environment you already have, as it
+# is: no .venv is created and nothing is installed (the test of `make lab` uses it).
+ifeq ($(origin BIN),command line)
+NOTEBOOKS_ENV :=
+TEST_ENV      :=
+else
+BIN           := $(VENV)/bin
+NOTEBOOKS_ENV := $(VENV)/.flashkit-notebooks
+TEST_ENV      := $(VENV)/.flashkit-test
+endif
+
+# JupyterLab refuses to start as root without --allow-root; containers and cloud machines run as root.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: lab test bench install clean
 
-$(BIN)/python:
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+$(VENV)/.flashkit-notebooks: pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet -e ".[notebooks]"
+	touch $@
 
-install: $(STAMP)
+$(VENV)/.flashkit-test: pyproject.toml $(VENV)/.flashkit-notebooks
+	$(VENV)/bin/python -m pip install --quiet -e ".[notebooks,test]"
+	touch $@
+
+install: $(NOTEBOOKS_ENV)
 
 # Localhost only, token kept: open the URL JupyterLab prints (with its token). The settings in jupyter/
 # open it on 00_start_here.ipynb, turn off the news pop-up and save widget state with the notebook.
-lab: $(STAMP)
-	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter" $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks
+lab: $(NOTEBOOKS_ENV)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter" $(BIN)/jupyter lab --no-browser $(ALLOW_ROOT) --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks
 
 # The linter first (seconds; the rule set and why: [tool.ruff] in pyproject.toml), then every test.
-test: $(STAMP)
+test: $(TEST_ENV)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=10
 
 # The CPU benchmark. It unsets the OpenBLAS overrides of these machines in its own command only,
 # and records the BLAS kernel in use with the results.
-bench: $(STAMP)
+bench: $(NOTEBOOKS_ENV)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python -m benchmarks.cpu_forward
 
 clean:
@@ -40,11 +56,11 @@ clean:
 # The student edition of the exercises (notebooks/exercises): solutions replaced by stubs that raise
 # NotImplementedError, check cells kept, outputs cleared, written to build/student/ (ignored by git).
 .PHONY: student
-student: $(STAMP)
+student: $(NOTEBOOKS_ENV)
 	$(BIN)/python tools/make_student.py --src notebooks/exercises --out build/student
 
 # A static site of the executed notebooks (nothing re-executed) in site/ (ignored by git): one page
 # each, an index in series order, plotly figures interactive offline from one local plotly.min.js.
 .PHONY: html
-html: $(STAMP)
+html: $(NOTEBOOKS_ENV)
 	$(BIN)/python tools/build_site.py --out site

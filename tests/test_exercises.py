@@ -338,12 +338,12 @@ def test_hbm_traffic_accepts_a_float_count(capsys):
 
 
 def test_traffic_convention_matches_the_io_model():
-    """The exercise's count is the same as flashkit.measure.io_model's standard attention (elements x itemsize)."""
+    """The exercise's convention (this file's solution, which the checker accepts) is the same count as
+    flashkit.measure.io_model's standard attention (elements x itemsize)."""
     io_model = pytest.importorskip("flashkit.measure.io_model")
-    from flashkit.exercises.traffic import standard_attention_hbm_bytes
 
     for Nq, Nk, d in ((3, 5, 7), (512, 512, 64), (1, 4096, 128)):
-        assert standard_attention_hbm_bytes(2, 3, Nq, Nk, d, 2) == 2 * 3 * 2 * io_model.standard_io(Nq, d, Nk).total
+        assert hbm_bytes_standard(2, 3, Nq, Nk, d, 2) == 2 * 3 * 2 * io_model.standard_io(Nq, d, Nk).total
 
 
 def test_membench_small_sweep():
@@ -359,3 +359,134 @@ def test_membench_small_sweep():
     assert membench.working_sets(16 << 10, 64 << 10, 2) == [16384, 23168, 32768, 46336, 65536]
     with pytest.raises(ValueError, match="min_bytes"):
         membench.sweep(min_bytes=0)
+
+
+# ------------------------------------------------------------------ wrong answers a learner wrote (issue 15),
+# each in its own words, not the checker's: the checker must name the mistake by property.
+def softmax_minus_min(x):  # right algebra on narrow rows: any constant may be subtracted
+    c = x.min(axis=-1, keepdims=True)
+    e = np.exp(x - np.where(np.isfinite(c), c, 0.0))
+    s = e.sum(axis=-1, keepdims=True)
+    return np.where(s > 0, e / np.where(s > 0, s, 1.0), 0.0)
+
+
+def softmax_minus_mean(x):
+    e = np.exp(x - np.mean(x, axis=1)[:, None])
+    return e / np.sum(e, axis=1)[:, None]
+
+
+def softmax_float32(x):
+    return softmax(x.astype(np.float32)).astype(np.float64)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("fn, expected", [
+    (softmax_minus_min, "row MINIMUM"),
+    (softmax_minus_mean, "row MEAN"),
+    (softmax_float32, "your maths ran in float32"),
+], ids=["min", "mean", "float32"])
+def test_safe_softmax_names_the_learners_mistake(fn, expected, seed):
+    with np.errstate(all="ignore"), pytest.raises(ExerciseError) as info:
+        check_safe_softmax(fn, seed=seed)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_merge_rejects_a_state_modified_in_place():
+    def merge_into_a(state_a, state_b):  # "saves memory" by writing the result into state a's arrays
+        m_a, l_a, O_a = state_a
+        m, l, O = merge(state_a, state_b)
+        m_a[:], l_a[:], O_a[:] = m, l, O
+        return m_a, l_a, O_a
+
+    for seed in SEEDS:
+        with np.errstate(all="ignore"), pytest.raises(ExerciseError, match=r"modified its argument #1 in place"):
+            check_merge(merge_into_a, seed=seed)
+
+
+def hbm_int32(B, H, Nq, Nk, d, itemsize):  # an int32 array of the sizes: numpy keeps int32 arithmetic
+    B, H, Nq, Nk, d, itemsize = np.array([B, H, Nq, Nk, d, itemsize], dtype=np.int32)
+    with np.errstate(over="ignore"):
+        return int(B * H * itemsize * (2 * Nq * d + 2 * Nk * d + 4 * Nq * Nk))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("fn, expected", [
+    (hbm_int32, "wrapped around 2**32"),
+    (lambda *a: float(np.float32(hbm_bytes_standard(*a))), "rounded to float32"),
+], ids=["int32", "float32"])
+def test_hbm_traffic_names_number_type_mistakes(fn, expected, seed):
+    with pytest.raises(ExerciseError) as info:
+        check_hbm_traffic(fn, seed=seed)
+    assert expected in str(info.value), str(info.value)
+
+
+def fa2_written(Q_i, K, V, Bc, scale, starts=None, alpha=None, fa1_inside=False, lse_base=math.e, dtype=None):
+    """A learner's FA2 loop with the knobs their mistakes turn: which blocks, the rescale factor, an
+    FA1-style normalisation inside the loop (kept with the division at the end), the log's base."""
+    if dtype is not None:
+        Q_i, K, V = Q_i.astype(dtype), K.astype(dtype), V.astype(dtype)
+    Nk = K.shape[0]
+    m = np.full(Q_i.shape[0], -np.inf, Q_i.dtype)
+    l = np.zeros(Q_i.shape[0], Q_i.dtype)
+    O = np.zeros_like(Q_i)
+    for j in (range(0, Nk, Bc) if starts is None else starts(Nk, Bc)):
+        S = (Q_i @ K[j:j + Bc].T) * Q_i.dtype.type(scale)
+        m_new = np.maximum(m, S.max(axis=1))
+        P = np.exp(S - m_new[:, None])
+        a = np.exp(m - m_new) if alpha is None else alpha(m, m_new)
+        l_new = a * l + P.sum(axis=1)
+        if fa1_inside:
+            O = ((a * l)[:, None] * O + P @ V[j:j + Bc]) / l_new[:, None]
+        else:
+            O = a[:, None] * O + P @ V[j:j + Bc]
+        m, l = m_new, l_new
+    lse = m / math.log(lse_base) + np.log(l) / math.log(lse_base)
+    return (O / l[:, None]).astype(np.float64), lse.astype(np.float64)
+
+
+FA2_LEARNER_MISTAKES = [
+    # exp(m_new - m_old), guarded against m_old = -inf so that it is never NaN
+    (lambda *a: fa2_written(*a, alpha=lambda m, mn: np.where(np.isneginf(m), 0.0, np.exp(mn - np.where(np.isneginf(m), 0, m)))),
+     "earlier blocks grow instead of shrinking"),
+    (lambda *a: fa2_written(*a, fa1_inside=True), "divided by l_i twice"),
+    (lambda *a: fa2_written(*a, starts=lambda Nk, Bc: list(range(0, Nk - Bc, Bc)) + [max(Nk - Bc, 0)]), "counted twice"),
+    (lambda *a: fa2_written(*a, lse_base=2.0), "lse is in base 2"),
+    (lambda *a: fa2_written(*a, dtype=np.float32), "your maths ran in float32"),
+    (lambda *a: fa2_written(*a, alpha=lambda m, mn: np.where(np.isneginf(m), 0.0, 1.0)), "never rescale l"),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("fn, expected", FA2_LEARNER_MISTAKES, ids=[e[:24] for _, e in FA2_LEARNER_MISTAKES])
+def test_fa2_tile_names_the_learners_mistake_by_property(fn, expected, seed):
+    with np.errstate(all="ignore"), pytest.raises(ExerciseError) as info:
+        check_fa2_tile(fn, seed=seed)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_a_failed_check_shows_the_verdict_not_flashkit_internals(capsys):
+    """In IPython (a notebook) the verdict is shown without the frames inside flashkit; a crash in the
+    learner's own function still shows the learner's line."""
+    shell = pytest.importorskip("IPython.core.interactiveshell").InteractiveShell.instance()
+    shell.user_ns.update(check_online_update=check_online_update, update_inverted=update_inverted, np=np)
+    shell.run_cell("with np.errstate(all='ignore'): check_online_update(update_inverted, seed=0)")
+    shown = capsys.readouterr().out
+    assert "exp(m_new - m_old)" in shown and "ExerciseError" in shown, shown
+    assert "flashkit/exercises" not in shown and "File " not in shown, shown
+    assert len(shown.strip().splitlines()) <= 4, shown
+
+    shell.run_cell("def broken(m, l, O, S, V):\n    return m, l, O @ S\n\ncheck_online_update(broken, seed=0)")
+    shown = capsys.readouterr().out
+    assert "return m, l, O @ S" in shown and "ValueError" in shown, shown
+    assert "flashkit/exercises" not in shown, shown
+
+
+def test_the_answers_are_not_offered_by_tab_completion():
+    import flashkit.exercises.softmax as softmax_checks
+    import flashkit.exercises.tiles as tiles_checks
+    import flashkit.exercises.traffic as traffic_checks
+
+    for module in (softmax_checks, tiles_checks, traffic_checks):
+        assert all(name.startswith("check_") or name == "ExerciseError" for name in dir(module)), dir(module)
+    with pytest.raises(ImportError):
+        from flashkit.exercises.traffic import standard_attention_hbm_bytes  # noqa: F401  (the old public name)

@@ -65,13 +65,17 @@ def test_stepper_does_not_modify_input_and_rejects_bad_input():
     with pytest.raises(ValueError, match="V must have shape"):
         softmax_stepper.online_steps(s, V[:-1], 3)
     with pytest.raises(ValueError, match="step"):
-        softmax_stepper.step_figure(s, V, 4, 3)
+        softmax_stepper.step_figure(s, V, 4, 4)  # 3 blocks, numbered 1..3
+    with pytest.raises(ValueError, match="counted from 1"):
+        softmax_stepper.step_figure(s, V, 4, 0)
 
 
 def test_step_figure_titled():
     s, V = row()
-    for step in (0, 2):
-        assert_titled(softmax_stepper.step_figure(s, V, 4, step))
+    for step in (1, 3):
+        fig = softmax_stepper.step_figure(s, V, 4, step)
+        assert_titled(fig)
+        assert f"block {step} of 3" in fig.layout.title.text  # the argument is the number on screen
 
 
 def test_overflow_table_shows_the_naive_nan():
@@ -163,12 +167,35 @@ def test_fast_memory_use_matches_block_sizes():
 
 def test_tiling_figures_titled():
     assert_titled(tiling.grid_figure("FA1", 100, 90, 32, 16, 3, causal=True))
-    assert_titled(tiling.grid_figure("FA2", 64, 64, 16, 16, 0, window=(8, 0)))
+    assert_titled(tiling.grid_figure("FA2", 64, 64, 16, 16, 1, window=(8, 0)))
     assert_titled(tiling.block_map_figure(100, 100, 16, 32, causal=True))
     assert_titled(tiling.block_size_figure())
     assert_titled(tiling.fast_memory_figure(16384, 64))
     with pytest.raises(ValueError, match="step"):
-        tiling.grid_figure("FA2", 64, 64, 16, 16, 16)
+        tiling.grid_figure("FA2", 64, 64, 16, 16, 17)  # 16 steps, numbered 1..16
+    with pytest.raises(ValueError, match="counted from 1"):
+        tiling.grid_figure("FA2", 64, 64, 16, 16, 0)
+
+
+def test_grid_figure_says_what_is_done_and_tells_unvisited_from_skipped():
+    fig = tiling.grid_figure("FA2", 256, 256, 64, 64, 7)
+    assert "step 7 of 16" in fig.layout.title.text
+    assert "7 of the 16 planned tiles computed so far" in fig.layout.title.text, fig.layout.title.text
+    legend = {t.name: t.marker.color for t in fig.data}
+    assert legend["not visited yet (slow memory)"] != legend["skipped (mask)"]
+    fills = {sh.fillcolor for sh in fig.layout.shapes}
+    assert legend["not visited yet (slow memory)"] in fills  # 9 tiles are still to come
+    causal = tiling.grid_figure("FA2", 256, 256, 64, 64, 2, causal=True)
+    assert "6 of 16 skipped" in causal.layout.title.text, causal.layout.title.text
+
+
+def test_step_figure_does_not_shrink_by_one():
+    """A block whose scores stay below the running max leaves l and O as they are: say that."""
+    s = np.array([5.0, 1.0, 0.0, -1.0, 0.5, 0.2])
+    V = np.ones((6, 2))
+    title = softmax_stepper.step_figure(s, V, 2, 2).layout.title.text
+    assert "max unchanged" in title and "shrink" not in title, title
+    assert "shrink by" in softmax_stepper.step_figure(s[::-1].copy(), V, 2, 3).layout.title.text
 
 
 def test_tiling_widgets_build():
@@ -234,3 +261,21 @@ def test_measure_thread_limit_is_restored():
     assert (numba.get_num_threads(), [p["num_threads"] for p in threadpool_info()]) == before
     with pytest.raises(ValueError, match="threads"):
         overview.measure("numpy-standard", 32, threads=0)
+
+
+
+def test_io_breakdown_series_are_told_apart():
+    """Every (read or write, array) series has its own look: the array's colour, hatched for writes;
+    the same array keeps its colour across reads and writes."""
+    from flashkit.viz import io as vizio
+
+    fig = vizio.breakdown_figure(4096, 64, 2 ** 14)
+    looks = [(t.marker.color, t.marker.pattern.shape) for t in fig.data]
+    assert len(set(looks)) == len(fig.data) > 10, looks
+    by_array = {}
+    for t in fig.data:
+        by_array.setdefault(t.name.split(" ", 1)[1], set()).add(t.marker.color)
+    assert all(len(c) == 1 for c in by_array.values()), by_array
+    assert len({c for cs in by_array.values() for c in cs}) == len(by_array)
+    legend = vizio.accesses_vs_M_figure(4096, 64, [2 ** 10, 2 ** 14]).layout.legend
+    assert legend.orientation == "v" and legend.x >= 1, "the legend must not sit under the x-axis title"

@@ -79,3 +79,12 @@ def test_gqa_figures():
     bars = vizmask.kv_memory_figure(32, [32, 8], [128 * 2 ** 20, 32 * 2 ** 20], 8192, 128, "float16")
     _titled(bars)
     assert list(bars.data[0].y) == [128.0, 32.0] and "MiB" in bars.layout.yaxis.title.text
+
+
+def test_block_mask_figure_is_big_enough_and_its_three_states_differ():
+    fig = vizmask.block_mask_figure(64, 64, 8, 8, window=(-1, 0))
+    assert fig.layout.width >= 500 and fig.layout.height >= 500
+    scale = fig.data[0].colorscale
+    colours = {scale[0][1], scale[2][1], scale[4][1]}  # skipped, masked in a computed tile, visible
+    assert len(colours) == 3 and vizmask.MASKED_IN_TILE in colours and vizmask.SKIPPED in colours
+    assert {t.name for t in fig.data[1:]} >= {"visible score", "skipped tile (never computed)"}

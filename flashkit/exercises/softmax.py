@@ -20,6 +20,7 @@ NO_KEY_HINT = ("exp(-inf - (-inf)) is NaN: where the max is -inf (nothing seen y
 
 
 # ---------------------------------------------------------------- safe softmax
+WIDE = "rows whose scores spread from -1000 to +1000"
 def _softmax_variants(x):
     """The classic wrong softmaxes, each one mistake away from flashkit.online_softmax.softmax_safe."""
     with np.errstate(all="ignore"):
@@ -48,13 +49,24 @@ def _softmax_variants(x):
             e = exp_diff(x, np.where(np.isneginf(m), 0.0, m))
             return e / e.sum(axis=-1, keepdims=True)
 
+        def shifted_by(c):  # exp(x - c) / sum with c the row min or mean: exact algebra, overflows on wide rows
+            e = np.exp(x - c)
+            return e / e.sum(axis=-1, keepdims=True)
+
         # The no-key variants first: on inputs without an all -inf row they equal the right answer, so
         # they can only match where that row is the one mistake (the naive softmax also fails there).
+        # The min and mean before the naive one: on a wide row whose mean is near 0 they overflow where it does.
         computed = [(msg, f()) for msg, f in (
             ("a row whose scores are all -inf (a query that sees no key) must give zeros, not NaN: "
              + NO_KEY_HINT + ", and divide only where the row sum is > 0", no_guard),
             ("a row whose scores are all -inf (a query that sees no key) must give zeros, not NaN: its row "
              "sum is 0, so 0 / 0 = NaN; divide only where the sum is > 0 (np.where)", no_guard_zero_row),
+            ("you subtracted the row MINIMUM; subtract the row max: the algebra allows any constant, but only "
+             "the max keeps every exponent <= 0. On a row spread from -1000 to +1000, x - min reaches 2000 and exp "
+             "overflows to inf", lambda: shifted_by(x.min(axis=-1, keepdims=True))),
+            ("you subtracted the row MEAN; subtract the row max: the algebra allows any constant, but only the max "
+             "keeps every exponent <= 0. On a row spread from -1000 to +1000, x - mean reaches about 1000 and exp "
+             "overflows to inf", lambda: shifted_by(x.mean(axis=-1, keepdims=True))),
             ("exp(x) overflows to inf (inf / inf = NaN) for large scores and underflows to 0 (0 / 0 = NaN) "
              "for very negative ones: subtract the row max before exp (this is the naive softmax)", naive),
             ("you subtracted the max of the WHOLE array; use the max of each row (x.max(axis=-1, keepdims=True)): "
@@ -74,8 +86,14 @@ def _softmax_cases(rng):
     hide[:, 0] = False  # rows 0..2 keep at least one visible score
     hide[3] = True  # row 3: a query that sees no key
     masked[hide] = -np.inf
+    # Rows spread from -1000 to +1000: exp(x - c) overflows for any c but (nearly) the max, so a
+    # softmax that subtracts the min or the mean (right on narrow rows) fails here on every seed.
+    wide = rng.uniform(-1000.0, 1000.0, (4, 10))
+    wide[:, 0], wide[:, 1] = 1000.0, -1000.0
+    wide = rng.permuted(wide, axis=1)
     return [("ordinary scores, 5 rows x 13", ordinary),
             ("scores near +1000 and -1000 (rows 1, 2)", large),
+            (WIDE, wide),
             ("-inf scores (masked keys), row 3 entirely -inf", masked)]
 
 
@@ -92,11 +110,18 @@ def check_safe_softmax(softmax, *, seed=None) -> None:
         named = diagnose(got, _softmax_variants(x))
         if named:
             fail(task, f"on {case}: {named}.", seed)
+        if case == WIDE and not np.isfinite(got).all():
+            # Right on the narrow rows (they came first), overflowing on the wide ones: by property, the
+            # constant subtracted was not the row max, whatever it was.
+            fail(task, f"on {case}: inf or NaN, though the narrow rows before were right: you subtract a constant "
+                       "that is not the row max, so exp(x - c) overflows where x - c > 709.78. Subtract "
+                       "x.max(axis=-1, keepdims=True).", seed)
         if np.isnan(got).any():
             r = int(np.argwhere(np.isnan(got))[0, 0])
             fail(task, f"on {case}: NaN in row {r} (row max {np.max(x[r]):.4g}). Guard every exp and every division.", seed)
         fail(task, f"on {case}: wrong values {first_mismatches(got, want)}.", seed)
-    return passed(task, "matches flashkit.online_softmax.softmax_safe on ordinary, huge (+-1000) and fully masked rows")
+    return passed(task, "matches flashkit.online_softmax.softmax_safe on ordinary, huge (+-1000), widely spread "
+                        "and fully masked rows")
 
 
 # ---------------------------------------------------------------- one online-softmax update
@@ -269,3 +294,8 @@ def check_merge(merge, *, seed=None) -> None:
 
 
 __all__ = ["check_safe_softmax", "check_online_update", "check_merge", "ExerciseError"]
+
+
+def __dir__():
+    # Tab completion (dir) shows the checkers only, not the reference pieces they compare with.
+    return __all__

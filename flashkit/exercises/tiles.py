@@ -94,6 +94,137 @@ def _fa2_cases(rng):
     return cases
 
 
+# Diagnosis by property. Matching the learner's output against our own versions of each mistake only
+# names a mistake written exactly our way (a guarded exp(m_new - m_old), say, is not NaN like ours). So
+# the learner's loop is also probed with K = V = identity (d = Nk): then S_ij = Q_i K_j^T * scale is
+# whatever scores we choose (Q_i = S / scale) and O_i is the weight the loop gave each key, which says
+# what went wrong whatever the code looks like.
+_PROBE_NK, _PROBE_BC, _PROBE_BR = 11, 4, 3  # blocks [0, 4), [4, 8), [8, 11): a short last block
+
+
+def _probe(fa2_tile, task, S):
+    """(weights (Br, Nk), lse) from the learner's loop on scores S, or None if it fails on the probe."""
+    Nk = S.shape[1]
+    eye = np.eye(Nk)
+    scale = 1.0 / math.sqrt(Nk)
+    try:
+        out = as_arrays(task, call(task, fa2_tile, S / scale, eye.copy(), eye.copy(), _PROBE_BC, scale), ("O_i", "lse_i"))
+    except ExerciseError:
+        return None
+    return out if all(np.shape(o) == w for o, w in zip(out, ((S.shape[0], Nk), (S.shape[0],)))) else None
+
+
+def _ranges(keys) -> str:
+    """[8, 9, 10, 3] -> '3 and 8..10'."""
+    keys, parts = sorted(int(k) for k in keys), []
+    for k in keys:
+        if parts and k == parts[-1][1] + 1:
+            parts[-1][1] = k
+        else:
+            parts.append([k, k])
+    text = [f"{a}" if a == b else f"{a}..{b}" for a, b in parts]
+    return ", ".join(text[:-1]) + (" and " if len(text) > 1 else "") + text[-1]
+
+
+def _diagnose_by_probing(fa2_tile, task):
+    """A message naming the mistake from the weights the learner's loop gives each key, or None."""
+    Br, Nk, Bc = _PROBE_BR, _PROBE_NK, _PROBE_BC
+    block = np.arange(Nk) // Bc  # block index of each key
+    blocks = ", ".join(f"[{j}, {min(j + Bc, Nk)})" for j in range(0, Nk, Bc))
+    how = (f" (Probed with K = V = identity, so O_i holds the weight your loop gives each key; Nk={Nk}, Bc={Bc}, "
+           f"blocks {blocks}.)")
+    with np.errstate(all="ignore"):
+        # 1. Equal scores: every key should get 1/Nk, and no rescaling can matter (the max never moves).
+        got = _probe(fa2_tile, task, np.zeros((Br, Nk)))
+        if got is None or not np.isfinite(got[0]).all():
+            return None
+        W = got[0]
+        rel = W / np.where(W.max(axis=1, keepdims=True) > 0, W.max(axis=1, keepdims=True), 1.0)
+        dropped = np.flatnonzero((np.abs(W) < 1e-12).all(axis=0))
+        if dropped.size and dropped.size < Nk:
+            return (f"keys {_ranges(dropped)} get no weight at all: your loop never reaches them. With Tc = ceil(Nk / Bc) "
+                    f"= {math.ceil(Nk / Bc)} blocks the last one is shorter; check the loop bound and slice "
+                    f"K[j : min(j + Bc, Nk)]." + how)
+        once, twice = np.isclose(rel, 0.5, rtol=1e-6).all(axis=0), np.isclose(rel, 1.0, rtol=1e-6).all(axis=0)
+        if once.any() and twice.any() and (once | twice).all():
+            n = int(twice.sum())
+            return (f"{'keys' if n > 1 else 'key'} {_ranges(np.flatnonzero(twice))} {'weigh' if n > 1 else 'weighs'} "
+                    f"twice as much as the others with equal scores: {'they are' if n > 1 else 'it is'} counted "
+                    "twice, your K/V blocks overlap (a last block that starts at Nk - Bc, or "
+                    "K[j : j + Bc + 1]). Each key must be in exactly one block: K[j : min(j + Bc, Nk)]." + how)
+        per_block = np.array([rel[:, block == b].mean(axis=1) for b in range(block.max() + 1)]).T  # (Br, Tc)
+        if (np.diff(per_block, axis=1) > 1e-6).all():
+            return ("with equal scores, earlier blocks get less weight than later ones: you divided O_i by l_i "
+                    "inside the loop, which shrinks everything summed before. Keep O_i un-normalised (a running "
+                    "sum of exp(s - m) v) and divide by l_i once, after the last block." + how)
+        total = W.sum(axis=1)
+        if np.isclose(rel, 1.0, rtol=1e-6).all():
+            if np.allclose(total, Nk, rtol=1e-6):
+                return ("with equal scores each key gets weight 1, not 1/Nk: you never divided O_i by l_i. After the "
+                        "last block, O_i = O_i / l_i (once)." + how)
+            if np.allclose(total * Nk, 1.0, rtol=1e-6):
+                return (f"with equal scores each key gets 1/Nk**2 = {1 / Nk**2:.4g}, not 1/Nk: O_i * l_i matches, so you "
+                        "divided by l_i twice (inside the loop and again at the end, or twice at the end). Divide once, "
+                        "after the last block." + how)
+        # 2. Scores rising block by block (row r by r + 1 per block): the running max moves at every block,
+        # so the old state must shrink by alpha = exp(m_old - m_new) < 1. Relative to the right weight, a key
+        # of block b gets exp(k * (m_final - m_b)): k = 0 right, k = 2 rescaled the wrong way, k = 1 never rescaled.
+        slope = np.arange(1, Br + 1)[:, None]
+        S = slope * block[None, :].astype(float)
+        got = _probe(fa2_tile, task, S)
+        if got is None or not np.isfinite(got[0]).all() or (got[0] <= 0).any():
+            return None
+        P = np.exp(S - S.max(axis=1, keepdims=True))
+        P /= P.sum(axis=1, keepdims=True)
+        if not close(got[0], P, rtol=1e-6, atol=1e-12):
+            logr = np.log(got[0] / P)
+            gap = (S.max(axis=1, keepdims=True) - S)[:, block < block.max()]  # m_final - m_b, > 0
+            k = (logr[:, block < block.max()] - logr[:, block == block.max()].mean(axis=1, keepdims=True)) / gap
+            sums_to_1 = np.allclose(got[0].sum(axis=1), 1.0, rtol=1e-6)
+            if np.allclose(k, 2.0, rtol=1e-3):
+                return ("when the max grows, your earlier blocks grow instead of shrinking: you rescale with "
+                        "exp(m_new - m_old) (guarded or not); it must be alpha = exp(m_old - m_new) <= 1, applied to "
+                        "both l_i and O_i." + how)
+            if np.allclose(k, 1.0, rtol=1e-3):
+                return (("you never rescale l_i and O_i when the max grows: multiply both by exp(m_old - m_new)."
+                         if sums_to_1 else "you rescaled l_i but not O_i when the max grows: O_i = exp(m_old - m_new) "
+                                           "* O_i + P_ij V_j.") + how)
+            if np.allclose(k, 0.0, atol=1e-6) and not sums_to_1:
+                return ("you rescaled O_i but not l_i when the max grows: l_i = exp(m_old - m_new) * l_i + rowsum(P_ij)."
+                        + how)
+            return ("your weights are wrong when the running max grows from block to block (scores rising by block): "
+                    "check m_new = max(m_old, rowmax(S_ij)), P_ij = exp(S_ij - m_new) and the rescale "
+                    "alpha = exp(m_old - m_new) of both l_i and O_i." + how)
+        # 3. Scores falling block by block: the max stays where the first block put it.
+        S = -S
+        got = _probe(fa2_tile, task, S)
+        if got is not None and np.isfinite(got[0]).all():
+            P = np.exp(S - S.max(axis=1, keepdims=True))
+            P /= P.sum(axis=1, keepdims=True)
+            if not close(got[0], P, rtol=1e-6, atol=1e-12):
+                return ("right while the max grows, wrong when a later block's scores are all below the running max: "
+                        "your running max forgets the previous max. m_new = max(m_old, rowmax(S_ij))." + how)
+    return None
+
+
+def _diagnose_lse(Q, K, scale, lse_got, lse_want):
+    """When O_i is right and lse_i is not: which wrong formula lse_i follows, or None."""
+    S = Q @ K.T * scale
+    m = S.max(axis=1)
+    l = np.exp(S - m[:, None]).sum(axis=1)
+    for message, value in (
+        ("your lse is in base 2 (lse / ln 2 matches): flashkit's lse is the natural-log logsumexp, lse = m + log(l) "
+         "(kernels that work with exp2 convert back by multiplying by ln 2)", lse_want / math.log(2)),
+        ("your lse uses log2(l): lse = m + log(l), the natural log", m + np.log2(l)),
+        ("your lse is the running max m; lse = m + log(l)", m),
+        ("your lse is log(l); it needs the max back: lse = m + log(l)", np.log(l)),
+        ("your lse is m + l; it is m + log(l)", m + l),
+    ):
+        if close(lse_got, value, rtol=1e-6, atol=1e-9):
+            return message
+    return None
+
+
 def check_fa2_tile(fa2_tile, *, seed=None) -> None:
     """Check `fa2_tile(Q_i, K, V, Bc, scale) -> (O_i, lse_i)` against the float64 reference."""
     task = "FA2 inner loop for one query tile"
@@ -116,6 +247,13 @@ def check_fa2_tile(fa2_tile, *, seed=None) -> None:
                                f"With Nk={Nk} and Bc={Bc} there are Tc = ceil(Nk / Bc) = {Tc} blocks and the last "
                                f"one holds {Nk - (Tc - 1) * Bc} keys: check the loop bound (off by one?) and "
                                "slice the tail as K[j : min(j + Bc, Nk)].", seed)
+        if close(got[0], want[0]):
+            named = _diagnose_lse(Q, K, scale, got[1], want[1])
+        else:
+            named = _diagnose_by_probing(fa2_tile, task)
+        if named:
+            end = "" if named.endswith((".", ".)")) else "."
+            fail(task, f"on {case}: O_i{' right, lse_i' if close(got[0], want[0]) else ''} wrong; {named}{end}", seed)
         if any(np.isnan(g).any() for g in got):
             fail(task, f"on {case}: NaN in your output (the reference has none). Keep every exp() argument <= 0 "
                        "by subtracting the running max.", seed)
@@ -261,3 +399,8 @@ def check_block_sizes(block_sizes, *, seed=None) -> None:
 
 
 __all__ = ["check_fa2_tile", "check_skip_tile", "check_block_sizes", "ExerciseError"]
+
+
+def __dir__():
+    # Tab completion (dir) shows the checkers only, not the reference pieces they compare with.
+    return __all__

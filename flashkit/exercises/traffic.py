@@ -21,8 +21,8 @@ import numpy as np
 from flashkit.exercises.checking import call, fail, new_rng, passed
 
 
-def standard_attention_hbm_bytes(B, H, Nq, Nk, d, itemsize) -> int:
-    """The convention above, pass by pass: reads then writes of each pass."""
+def _hbm_bytes(B, H, Nq, Nk, d, itemsize) -> int:
+    """The convention above, pass by pass: reads then writes of each pass. (Private: it is the answer.)"""
     reads = (Nq * d + Nk * d) + (Nq * Nk) + (Nq * Nk + Nk * d)  # pass 1, 2, 3
     writes = (Nq * Nk) + (Nq * Nk) + (Nq * d)  # S, P, O
     return B * H * itemsize * (reads + writes)
@@ -57,11 +57,17 @@ def check_hbm_traffic(hbm_bytes_standard, *, seed=None) -> None:
     """Check `hbm_bytes_standard(B, H, Nq, Nk, d, itemsize) -> int` against the convention above."""
     task = "HBM traffic of standard attention"
     rng, seed = new_rng(seed)
-    # Distinct sizes (Nq != Nk, not powers of two) so every classic mistake changes the count.
-    cases = [(1, 1, 3, 5, 7, 1), (2, 3, 11, 13, 17, 4), (1, 8, 512, 512, 64, 2), (4, 16, 1, 4096, 128, 2)]
-    cases += [tuple(int(x) for x in (rng.integers(1, 5), rng.integers(1, 17), rng.integers(1, 3000),
-                                     rng.integers(1, 3000), rng.choice([32, 64, 80, 128]), rng.choice([2, 4])))
-              for _ in range(4)]
+    # Distinct sizes (Nq != Nk, not powers of two) so every classic mistake changes the count, and
+    # every total above 2**31 bytes (real sizes are), so a count kept in 32-bit integers wraps on every call.
+    cases = [(6, 7, 3001, 5003, 7, 1), (2, 3, 11000, 13000, 17, 4), (1, 32, 8192, 8192, 64, 2),
+             (8, 32, 1, 131072, 128, 2)]
+    for _ in range(4):
+        B, H, Nq, Nk = (int(x) for x in (rng.integers(1, 5), rng.integers(1, 17), rng.integers(1000, 30000),
+                                         rng.integers(1000, 30000)))
+        d, itemsize = int(rng.choice([32, 64, 80, 128])), int(rng.choice([2, 4]))
+        while _hbm_bytes(B, H, Nq, Nk, d, itemsize) <= 2**31:
+            H *= 2
+        cases.append((B, H, Nq, Nk, d, itemsize))
     got = {}
     for args in cases:
         value = call(task, hbm_bytes_standard, *args)
@@ -70,17 +76,34 @@ def check_hbm_traffic(hbm_bytes_standard, *, seed=None) -> None:
         if value != int(value):
             fail(task, f"a count of bytes is a whole number; got {value!r} for (B, H, Nq, Nk, d, itemsize) = {args}.", seed)
         got[args] = int(value)
-    if all(got[a] == standard_attention_hbm_bytes(*a) for a in cases):
+    if all(got[a] == _hbm_bytes(*a) for a in cases):
         B, H, N, d = 1, 8, 512, 64
         return passed(task, f"right on {len(cases)} shapes; e.g. B={B}, H={H}, N={N}, d={d}, float16 moves "
-                            f"{standard_attention_hbm_bytes(B, H, N, N, d, 2) / 2**20:.2f} MiB")
+                            f"{_hbm_bytes(B, H, N, N, d, 2) / 2**20:.2f} MiB")
     for message, variant in _variants():
         if all(got[a] == variant(*a) for a in cases):
             fail(task, message + ".", seed)
-    a = next(a for a in cases if got[a] != standard_attention_hbm_bytes(*a))
-    want = standard_attention_hbm_bytes(*a)
+    # By property, whatever the formula: the right count, wrapped around 2**32 (32-bit integers), or
+    # rounded to float32's 24-bit mantissa.
+    wrapped = {a: (_hbm_bytes(*a) + 2**31) % 2**32 - 2**31 for a in cases}
+    if all(got[a] in (wrapped[a], wrapped[a] % 2**32) for a in cases):
+        a = cases[0]
+        fail(task, f"your counts wrapped around 2**32: for {a} you return {got[a]}, the right count is "
+                   f"{_hbm_bytes(*a)} = {got[a]} + k * 2**32. The arithmetic ran in 32-bit integers (np.int32, "
+                   "or an int32 array's elements), which hold at most 2**31 - 1 = 2,147,483,647: use Python ints "
+                   "(int(x)) or np.int64.", seed)
+    if all(got[a] == int(np.float32(_hbm_bytes(*a))) for a in cases):
+        fail(task, "your counts are right to about 7 significant digits only: they were rounded to float32 "
+                   "(24-bit mantissa). Count in Python ints (or np.int64).", seed)
+    a = next(a for a in cases if got[a] != _hbm_bytes(*a))
+    want = _hbm_bytes(*a)
     fail(task, f"for (B, H, Nq, Nk, d, itemsize) = {a}: expected {want} bytes, got {got[a]} "
                f"({got[a] / want:.3g} x the expected count). Count pass by pass: what each pass reads, what it writes.", seed)
 
 
-__all__ = ["check_hbm_traffic", "standard_attention_hbm_bytes"]
+__all__ = ["check_hbm_traffic"]
+
+
+def __dir__():
+    # Tab completion (dir) shows the checker only, not the answer it compares with.
+    return __all__

@@ -27,6 +27,13 @@ def _colors():
     return {"standard": "hsl(10, 75%, 55%)", "tiled-fa1": "hsl(210, 75%, 55%)", "tiled-fa2": "hsl(140, 60%, 45%)"}
 
 
+# One colour per array, the same in every figure: a stacked bar has up to 14 (read or write, array)
+# series, more than plotly's 10 default colours, so colour says which array and the hatching says
+# read (solid) or write (hatched). Mid-lightness: readable on light and dark themes.
+ARRAY_COLORS = {"Q": "#636EFA", "K": "#EF553B", "V": "#00CC96", "O": "#AB63FA", "S": "#FFA15A", "P": "#19D3F3",
+                "m": "#FF6692", "l": "#B6E880", "lse": "#FECB52"}
+
+
 def _mib(elements) -> np.ndarray:
     return np.asarray(elements, np.float64) * ITEMSIZE / MiB
 
@@ -54,8 +61,9 @@ def accesses_vs_M_figure(N: int, d: int, Ms: Sequence[int]) -> go.Figure:
                     name=f"M = 4d² = {4 * d * d:,}: Br reaches d")
     fig.update_xaxes(type="log", title_text="fast memory M (float32 elements, log scale)")
     fig.update_yaxes(type="log", title_text="HBM reads + writes (MiB of float32, log scale)")
+    # The legend beside the plot, not under it: below, its first row sat on the x-axis title.
     fig.update_layout(title=f"HBM traffic against fast-memory size, N = {N:,}, d = {d}",
-                      legend=dict(orientation="h", y=-0.25))
+                      legend=dict(orientation="v", x=1.02, y=1, xanchor="left", yanchor="top"))
     return fig
 
 
@@ -75,13 +83,14 @@ def breakdown_figure(N: int, d: int, M: int, counts: Optional[Dict[str, io_model
                     arrays.append((kind, array))
     for kind, array in arrays:
         values = [(counts[n].reads if kind == "read" else counts[n].writes).get(array, 0) for n in names]
-        fig.add_bar(x=names, y=_mib(values), name=f"{kind} {array}",
-                    marker_pattern_shape="" if kind == "read" else "/")
+        fig.add_bar(x=names, y=_mib(values), name=f"{kind} {array}", legendgroup=array,
+                    marker=dict(color=ARRAY_COLORS.get(array, "#7F7F7F"), pattern_shape="" if kind == "read" else "/"))
     fig.update_xaxes(title_text="algorithm")
     fig.update_yaxes(title_text="HBM traffic (MiB of float32)")
     c2 = counts.get("tiled-fa2")
     blocks = f", Br = {c2.Br}, Bc = {c2.Bc}" if c2 is not None else ""
-    fig.update_layout(barmode="stack", title=f"Reads and writes by array, N = {N:,}, d = {d}, M = {M:,} floats{blocks}")
+    fig.update_layout(barmode="stack", title=f"Reads and writes by array, N = {N:,}, d = {d}, M = {M:,} floats{blocks}",
+                      legend=dict(title="solid: read, hatched: write"))
     return fig
 
 

@@ -14,7 +14,10 @@ from flashkit import masks
 
 VISIBLE = "hsl(210, 75%, 55%)"
 HIDDEN = "rgba(128, 128, 128, 0.18)"
-SKIPPED = "rgba(128, 128, 128, 0.55)"
+SKIPPED = "rgba(70, 70, 70, 0.85)"  # dark: a tile never loaded, never computed
+# A hidden score inside a computed tile is computed and then thrown away: a hue of its own, since two
+# greys (hidden against skipped) were hard to tell apart.
+MASKED_IN_TILE = "hsl(350, 75%, 78%)"
 MiB = 2 ** 20
 
 
@@ -47,7 +50,9 @@ def masks_figure(panels: Sequence[Tuple[str, np.ndarray]], title: str) -> go.Fig
         fig.add_trace(_mask_trace(mask), row=1, col=c)
         fig.update_yaxes(scaleanchor=f"x{c if c > 1 else ''}", row=1, col=c)
         _axes(fig, *np.shape(mask), row=1, col=c)
-    fig.update_layout(title=f"{title} (blue: may attend, grey: hidden)")
+    # Square cells need room: about 380 px per panel, or the matrices shrink to a sliver.
+    fig.update_layout(title=f"{title} (blue: may attend, grey: hidden)", height=460,
+                      width=max(560, 380 * len(panels)))
     return fig
 
 
@@ -74,7 +79,8 @@ def block_mask_figure(Nq: int, Nk: int, Br: int, Bc: int, window=(-1, -1), mask:
     skipped = np.repeat(np.repeat(tiles == masks.SKIP, Br, axis=0), Bc, axis=1)[:Nq, :Nk]
     z = np.where(visible, 2, np.where(skipped, 0, 1)).astype(np.int8)
     fig = go.Figure(go.Heatmap(
-        z=z, colorscale=[[0, SKIPPED], [1 / 3, SKIPPED], [1 / 3, HIDDEN], [2 / 3, HIDDEN], [2 / 3, VISIBLE], [1, VISIBLE]],
+        z=z, colorscale=[[0, SKIPPED], [1 / 3, SKIPPED], [1 / 3, MASKED_IN_TILE], [2 / 3, MASKED_IN_TILE],
+                         [2 / 3, VISIBLE], [1, VISIBLE]],
         zmin=0, zmax=2, showscale=False,
         hovertemplate="query %{y}, key %{x}: %{z} (2 visible, 1 masked in a computed tile, 0 in a skipped tile)<extra></extra>",
     ))
@@ -84,11 +90,17 @@ def block_mask_figure(Nq: int, Nk: int, Br: int, Bc: int, window=(-1, -1), mask:
         fig.add_vline(x=c * Bc - 0.5, line_width=1, line_color="hsl(30, 90%, 55%)")
     n_skip, n_full = int((tiles == masks.SKIP).sum()), int((tiles == masks.FULL).sum())
     n_part = tiles.size - n_skip - n_full
+    # A colour key as legend entries (a heatmap has none of its own).
+    for name, colour in (("visible score", VISIBLE), ("masked score in a computed tile (computed, then discarded)",
+                                                     MASKED_IN_TILE), ("skipped tile (never computed)", SKIPPED)):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
+                                 marker=dict(size=12, symbol="square", color=colour)))
     fig.update_yaxes(scaleanchor="x")
     _axes(fig, Nq, Nk)
+    # An explicit size: with square cells and the default height, the matrix came out about 150 px wide.
     fig.update_layout(title=f"{title}: {n_skip} of {tiles.size} tiles skipped<br><sup>{n_part} partial, {n_full} full; "
-                            f"Br = {Br}, Bc = {Bc}; blue visible, light grey masked in a computed tile, "
-                            f"dark grey skipped tile</sup>")
+                            f"Br = {Br}, Bc = {Bc}</sup>",
+                      width=640, height=640, legend=dict(orientation="h", y=-0.12, x=0), plot_bgcolor="rgba(0,0,0,0)")
     return fig
 
 

@@ -76,14 +76,16 @@ def online_steps(s, V, block: int) -> list:
 
 
 def step_figure(s, V, block: int, step: int):
-    """Three panels for step `step` (0-based): the scores with the running max m, the weights
-    exp(s_j - m) under the current max (their sum is l), and the output O/l so far against the final one."""
+    """Three panels after block number `step`, counted from 1 as in the title (step=3 is "block 3"): the
+    scores with the running max m, the weights exp(s_j - m) under the current max (their sum is l), and
+    the output O/l so far against the final one."""
     from plotly.subplots import make_subplots
     import plotly.graph_objects as go
 
     steps = online_steps(s, V, block)
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < len(steps):
-        raise ValueError(f"step must be an int in [0, {len(steps) - 1}]; got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 1 <= step <= len(steps):
+        raise ValueError(f"step must be a block number in [1, {len(steps)}] (counted from 1); got {step!r}")
+    step = int(step) - 1  # 0-based from here on
     st, last = steps[step], steps[-1]
     s = np.asarray(s, dtype=np.float64)
     keys = np.arange(s.size)
@@ -107,8 +109,12 @@ def step_figure(s, V, block: int, step: int):
     dims = np.arange(st.O.size)
     fig.add_trace(go.Bar(x=dims, y=st.output, name=f"after block {step + 1}", marker_color="#00CC96"), 1, 3)
     fig.add_trace(go.Bar(x=dims, y=last.output, name="final (all keys)", marker_color="rgba(128,128,128,0.6)"), 1, 3)
-    rescale = "first block: nothing to rescale" if step == 0 else (
-        f"old max {st.m_old:.3g} → new max {st.m:.3g}, so l and O shrink by α = exp(m_old − m) = {st.alpha:.3g}")
+    if step == 0:
+        rescale = "first block: nothing to rescale"
+    elif st.m == st.m_old:  # alpha is exactly 1: nothing shrinks, say so instead of "shrink by 1"
+        rescale = f"max unchanged (m = {st.m:.3g}): l and O are kept as they are (α = 1) and the block is added"
+    else:
+        rescale = f"old max {st.m_old:.3g} → new max {st.m:.3g}, so l and O shrink by α = exp(m_old − m) = {st.alpha:.3g}"
     fig.update_layout(
         title=f"Online softmax, block {step + 1} of {len(steps)} (keys {st.j0}–{st.j1 - 1}, Bc = {block}):<br>{rescale}",
         barmode="group", height=420, legend=dict(orientation="h", y=-0.25),
@@ -135,11 +141,10 @@ def stepper(s, V, block: int):
     widgets.jslink((play, "value"), (slider, "value"))
 
     def show(block_number):
-        step = block_number - 1
-        st = steps[step]
-        print(f"block {step + 1} of {len(steps)}: keys [{st.j0}, {st.j1})   m: {st.m_old:.4g} -> {st.m:.4g}   "
+        st = steps[block_number - 1]
+        print(f"block {block_number} of {len(steps)}: keys [{st.j0}, {st.j1})   m: {st.m_old:.4g} -> {st.m:.4g}   "
               f"alpha = {st.alpha:.4g}   l: {st.l_old:.4g} -> {st.l:.4g}")
-        display(step_figure(s, V, block, step))
+        display(step_figure(s, V, block, block_number))
 
     out = widgets.interactive_output(show, {"block_number": slider})  # Output shows any traceback
     return widgets.VBox([widgets.HBox([play, slider]), out])

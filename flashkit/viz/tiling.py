@@ -115,8 +115,8 @@ def fast_memory_use(M: int, d: int) -> dict:
 # ---------------------------------------------------------------- figures (plotly imported lazily)
 
 _COL = {  # mid-tone colours that read on light and dark backgrounds
-    "pending": "rgba(128,128,128,0.12)",
-    "skip": "rgba(128,128,128,0.45)",
+    "pending": "rgba(255,255,255,0)",  # not visited yet (or in slow memory): only the outline, never grey
+    "skip": "rgba(80,80,80,0.8)",  # skipped by the mask: dark, so it cannot pass for "not yet"
     "done": "rgba(99,110,250,0.45)",
     "current": "#EF553B",
     "fast": "#FFA15A",
@@ -132,16 +132,18 @@ def _rect(x0, x1, y0, y1, fill):
 
 def grid_figure(order: str, Nq: int, Nk: int, Br: int, Bc: int, step: int, causal=False, window=None):
     """The tile grid of S (Nq x Nk, in tokens) with Q and O strips on the left/right and K, V strips on
-    top, at step `step` of `order`: the computed tile in red, the tiles in fast memory in orange, tiles
-    done in blue, skipped tiles grey, and finished rows of O in green."""
+    top, at step number `step` of `order`, counted from 1 as in the title: the tile being computed in
+    red, the tiles in fast memory in orange, tiles done in blue, tiles not visited yet white (outlined),
+    tiles the mask skips dark grey, and finished rows of O in green."""
     import plotly.graph_objects as go
 
     tiles = block_map(Nq, Nk, Br, Bc, effective_window(causal, window))
     steps = loop_steps(order, tiles)
     if not steps:
         raise ValueError("every tile is skipped: nothing to draw")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < len(steps):
-        raise ValueError(f"step must be an int in [0, {len(steps) - 1}]; got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 1 <= step <= len(steps):
+        raise ValueError(f"step must be a step number in [1, {len(steps)}] (counted from 1); got {step!r}")
+    step = int(step) - 1  # 0-based from here on
     st = steps[step]
     Tr, Tc = tiles.shape
     done = {(s.i, s.j) for s in steps[:step]}
@@ -175,9 +177,9 @@ def grid_figure(order: str, Nq: int, Nk: int, Br: int, Bc: int, step: int, causa
     fig = go.Figure()
     # Invisible markers give the legend its colour key (shapes have no legend entries of their own).
     for name, key in (("computing S_ij", "current"), ("in fast memory", "fast"), ("tile done", "done"),
-                      ("skipped (mask)", "skip"), ("O rows final", "final")):
+                      ("not visited yet (slow memory)", "pending"), ("skipped (mask)", "skip"), ("O rows final", "final")):
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
-                                 marker=dict(size=12, symbol="square", color=_COL[key])))
+                                 marker=dict(size=12, symbol="square", color=_COL[key], line=_EDGE)))
     annotations = [
         dict(x=-gap - wq / 2, y=-gap - wk / 2, text="K →", showarrow=False),
         dict(x=-gap - wq / 2, y=-2 * gap - 1.5 * wk, text="V →", showarrow=False),
@@ -187,7 +189,8 @@ def grid_figure(order: str, Nq: int, Nk: int, Br: int, Bc: int, step: int, causa
     fig.update_layout(
         shapes=shapes, annotations=annotations, height=520,
         title=(f"{order} loop order, step {step + 1} of {len(steps)}: S_ij with (i, j) = ({st.i}, {st.j}) "
-               f"(Br = {Br}, Bc = {Bc}; {len(steps)} of {Tr * Tc} tiles computed)"),
+               f"(Br = {Br}, Bc = {Bc}; {step + 1} of the {len(steps)} planned tiles computed so far, "
+               f"{Tr * Tc - len(steps)} of {Tr * Tc} skipped)"),
         legend=dict(orientation="h", y=-0.12),
     )
     ticks_x = sorted({0, Nk, *[c * Bc for c in range(Tc)]})
@@ -285,10 +288,10 @@ def loop_explorer(Nq: int = 256, Nk: int = 256, Br: int = 64, Bc: int = 64):
     def show(order, mask, step):
         causal, window = options(mask)
         st = loop_steps(order, block_map(Nq, Nk, Br, Bc, effective_window(causal, window)))
-        step = min(step, len(st)) - 1  # 0-based from here on
-        s = st[step]
+        step = min(step, len(st))  # counted from 1, as on screen
+        s = st[step - 1]
         fmt = lambda tiles: ", ".join(f"{n}_{k}" for n, k in sorted(tiles)) or "nothing"  # noqa: E731
-        print(f"step {step + 1}/{len(st)}: loads {fmt(s.loads)}; writes {fmt(s.writes)}; "
+        print(f"step {step}/{len(st)}: loads {fmt(s.loads)}; writes {fmt(s.writes)}; "
               f"query blocks with final rows of O: {sorted(s.final) or 'none yet'}")
         display(grid_figure(order, Nq, Nk, Br, Bc, step, causal, window))
 

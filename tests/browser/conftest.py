@@ -8,6 +8,7 @@ driver on a scratch copy); $FLASHKIT_BROWSER_TIMEOUT is the seconds one Run All 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     if _REPORT.get("skipped"):
         tr.section("browser test")
-        tr.write_line(f"skipped: {_REPORT['skipped']}")
+        tr.write_line(_skipped_line(tr), yellow=True, bold=True)
     if not shots and not timings:
         return
     if not _REPORT.get("skipped"):
@@ -100,3 +101,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"{len(shots)} screenshots in {shots[0].parent}/")
     if _REPORT["server_log"]:
         tr.write_line(f"JupyterLab log: {_REPORT['server_log']}")
+
+
+def _skipped_line(tr) -> str:
+    """One line a learner cannot miss: how many browser tests did not run, why, and the command that
+    makes them run (the one .ci/run uses), instead of a reason buried in the skip list."""
+    here = Path(__file__).resolve().parent
+    skipped = [r for r in tr.stats.get("skipped", [])
+               if (tr.config.rootpath / r.location[0]).resolve().is_relative_to(here)]
+    n = len(skipped)
+    what = f"{n} browser test{'s' if n != 1 else ''} skipped"
+    if not Path(lab_driver.CHROMIUM).exists():
+        sudo = "" if os.geteuid() == 0 else "sudo "
+        return (f"{what}: no Chromium at {lab_driver.CHROMIUM}. Run them with: "
+                f"{sudo}apt-get install chromium && make test (or set FLASHKIT_CHROMIUM to a Chromium)")
+    return f"{what}: {_REPORT['skipped']}"
