@@ -7,8 +7,9 @@
    reference), compute-sanitizer --tool memcheck and --tool racecheck on
    `python -m flashkit.gpu.check_backward --sanitize` (one small launch per rung and dtype, CuPy's memory pool
    off), and pytest tests/test_gpu_backward.py;
-2. then alone on the GPU, the benchmark `python -m benchmarks.gpu_backward`, which writes
-   benchmarks/results/gpu-bwd-<card>.json; the correctness, sanitizer and pytest summaries are added to it.
+2. then alone on the GPU, the benchmark `python -m benchmarks.gpu_backward` and the per-kernel timings
+   `python -m benchmarks.gpu_backward_parts`, merged into benchmarks/results/gpu-bwd-<card>.json with the
+   correctness rows and the sanitizer and pytest summaries.
 Logs go to $OUT when it is set (the device tool's output folder), else to a temporary folder; the results
 file is copied there too.
 """
@@ -67,7 +68,9 @@ def main(argv=None):
     py = sys.executable
     summary = {}
 
-    jobs = [start("correctness", [py, "-m", "flashkit.gpu.check_backward", "--json", str(out / "check_bwd.json")],
+    tmp = Path(tempfile.mkdtemp(prefix="flashkit-bwd-"))  # JSON merged into the results file; $OUT keeps logs
+    check_json = tmp / "check_bwd.json"
+    jobs = [start("correctness", [py, "-m", "flashkit.gpu.check_backward", "--json", str(check_json)],
                   out / "check_bwd.log", env)]
     if not args.no_sanitizer:
         san = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
@@ -90,18 +93,23 @@ def main(argv=None):
         print("\n".join(keep)[-3000:], flush=True)
 
     if not args.no_bench:
-        bench_json = Path(tempfile.mkdtemp(prefix="flashkit-bench-")) / "bench_bwd.json"  # $OUT keeps only the merged file
+        bench_json, parts_json = tmp / "bench_bwd.json", tmp / "parts_bwd.json"
         cmd = [py, "-m", "benchmarks.gpu_backward", "--json", str(bench_json)] + args.bench_args.split()
         job = start("benchmark", cmd, out / "bench_bwd.log", env)
-        rc, log, dt = finish(job, left() - 5)
+        rc, log, dt = finish(job, left() - 40)
         summary["benchmark"] = dict(rc=rc, seconds=round(dt, 1))
+        job = start("parts", [py, "-m", "benchmarks.gpu_backward_parts", "--json", str(parts_json)], out / "parts_bwd.log", env)
+        rc_p, log_p, dt_p = finish(job, left() - 5)
+        summary["parts"] = dict(rc=rc_p, seconds=round(dt_p, 1))
+        print(log_p[-3000:], flush=True)
         if bench_json.exists():
             from benchmarks.gpu_backward import print_table
             from benchmarks.gpu_forward import card_slug
 
             result = json.loads(bench_json.read_text())
             result["checks"] = summary
-            check_json = out / "check_bwd.json"
+            if parts_json.exists():
+                result["parts"] = json.loads(parts_json.read_text())["parts"]
             if check_json.exists():
                 c = json.loads(check_json.read_text())
                 result["correctness"] = dict(passed=c["passed"], total=c["total"], rows=c["rows"],

@@ -56,6 +56,7 @@ def _blocks(*pairs):
 
 RUNGS: Dict[str, BackwardRung] = {
     # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32.
+    # Default 64 x 64: the best of the sweep on the H200 at d = 64 and 128 (fp32, N = 4096).
     "cupy-bwd-fp32": BackwardRung(
         "cupy-bwd-fp32", 1, "b1_fp32.cu", ("f32",),
         {32: (64, 64), 64: (64, 64), 128: (64, 64)},
@@ -65,6 +66,8 @@ RUNGS: Dict[str, BackwardRung] = {
         smem=lambda d, Br, Bc: 4 * (2 * (Bc + Br) * (d + 4) + 2 * Bc * (Br + 4) + 2 * Br)),
     # K_s, V_s [Bc][d+8], Q_s, dO_s [2][Br][d+8], dS^T_s [Bc][Br+8] (16-bit), lse_s, D_s [2][Br] (fp32).
     # Bc / 16 warps; the dQ step splits Br x d over them, which needs d / (warps / (Br/16)) % 16 == 0.
+    # Default 64 x 128: the best of the sweep on the H200 at d = 64 and 128 (fp16, N = 4096; 64 x 64 loses
+    # 25-30%: twice the dQ atomics). d = 32 not swept.
     "cupy-bwd-mma": BackwardRung(
         "cupy-bwd-mma", 2, "b2_mma.cu", ("f16", "bf16"),
         {32: (64, 128), 64: (64, 128), 128: (64, 128)},
@@ -75,9 +78,12 @@ RUNGS: Dict[str, BackwardRung] = {
         threads=lambda Br, Bc: 2 * Bc,
         smem=lambda d, Br, Bc: 2 * ((2 * Bc + 4 * Br) * (d + 8) + Bc * (Br + 8)) + 16 * Br),
     # dK/dV kernel: rung 2's layout without dS^T_s; dQ kernel: Q_s, dO_s [Bc][d+8], K_s, V_s [2][Br][d+8].
+    # Defaults from the block sweep on the H200 (fp16, N = 4096, benchmarks/results/gpu-bwd-h200.json): d = 64
+    # 64 x 64 (201.7 TFLOP/s vs 179.1 at 64 x 128); d = 128 64 x 128 and 64 x 64 equal (204.9 / 204.5); d = 32
+    # not swept, set like d = 64.
     "cupy-bwd-mma-2kernel": BackwardRung(
         "cupy-bwd-mma-2kernel", 3, "b3_mma_2kernel.cu", ("f16", "bf16"),
-        {32: (64, 128), 64: (64, 128), 128: (64, 128)},
+        {32: (64, 64), 64: (64, 64), 128: (64, 128)},
         {d: _blocks((32, 64), (64, 64), (32, 128), (64, 128)) for d in HEAD_DIMS},
         ("bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_dq"),
         threads=lambda Br, Bc: 2 * Bc,

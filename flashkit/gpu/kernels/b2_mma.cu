@@ -121,6 +121,10 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
+// dst[0] += a, dst[1] += b as one vector reduction in L2 (sm_90: red.global.add.v2.f32; dst 8-byte aligned).
+__device__ __forceinline__ void red_add2(float* dst, float a, float b) {
+    asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
+}
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -388,9 +392,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
                 if (i < Nq) {
 #pragma unroll
                     for (int n = 0; n < DQN / 8; ++n) {
-                        float* dst = dQh + (long long)i * D + c0 + 8 * n + 2 * t;
-                        atomicAdd(dst, dq[n][2 * r]);
-                        atomicAdd(dst + 1, dq[n][2 * r + 1]);
+                        red_add2(dQh + (long long)i * D + c0 + 8 * n + 2 * t, dq[n][2 * r], dq[n][2 * r + 1]);
                     }
                 }
             }
