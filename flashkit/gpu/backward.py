@@ -67,12 +67,13 @@ RUNGS: Dict[str, BackwardRung] = {
     # K_s, V_s [Bc][d+8], Q_s, dO_s [2][Br][d+8], dS^T_s [Bc][Br+8] (16-bit), lse_s, D_s [2][Br] (fp32).
     # Bc / 16 warps; the dQ step splits Br x d over them, which needs d / (warps / (Br/16)) % 16 == 0.
     # Default 64 x 128: the best of the sweep on the H200 at d = 64 and 128 (fp16, N = 4096; 64 x 64 loses
-    # 25-30%: twice the dQ atomics). d = 32 not swept.
+    # 25-30%: twice the dQ atomics). d = 32 not swept. 128 x 128 (8 warps of 16 keys, Br = 128 queries per step)
+    # only at d <= 64: at d = 128 ptxas spills 152 bytes.
     "cupy-bwd-mma": BackwardRung(
         "cupy-bwd-mma", 2, "b2_mma.cu", ("f16", "bf16"),
         {32: (64, 128), 64: (64, 128), 128: (64, 128)},
-        {32: _blocks((32, 64), (64, 64), (64, 128)),
-         64: _blocks((32, 64), (64, 64), (32, 128), (64, 128)),
+        {32: _blocks((32, 64), (64, 64), (64, 128), (128, 128)),
+         64: _blocks((32, 64), (64, 64), (32, 128), (64, 128), (128, 128)),
          128: _blocks((32, 64), (64, 64), (32, 128), (64, 128))},
         ("bwd_preprocess", "flash_bwd", "bwd_dq_convert"),
         threads=lambda Br, Bc: 2 * Bc,
