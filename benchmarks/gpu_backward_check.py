@@ -57,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--no-pytest", action="store_true")
     ap.add_argument("--deadline", type=float, default=540, help="seconds for everything (steps are cut to fit)")
     ap.add_argument("--bench-args", default="", help="extra arguments for benchmarks.gpu_backward")
+    ap.add_argument("--bench-budget", type=float, default=200, help="seconds of the deadline kept for the benchmarks")
     args = ap.parse_args(argv)
     t_start = time.time()
     left = lambda: args.deadline - (time.time() - t_start)
@@ -80,7 +81,7 @@ def main(argv=None):
     if not args.no_pytest:
         jobs.append(start("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                                      "tests/test_gpu_backward.py"], out / "pytest_bwd.log", env))
-    bench_budget = 0 if args.no_bench else 200
+    bench_budget = 0 if args.no_bench else args.bench_budget
     for job in jobs:
         rc, log, dt = finish(job, left() - bench_budget)
         s = dict(rc=rc, seconds=round(dt, 1), **sanitizer_summary(log))
