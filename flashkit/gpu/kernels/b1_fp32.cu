@@ -10,7 +10,12 @@
 // Why: the forward's rung 3 reached 0.7-1.05x torch's fp32 efficient forward with this partition.
 // Expected: five GEMM-like products per tile instead of two, at rung 3's per-product efficiency:
 //   25-35 TFLOP/s counting the backward as 2.5x the forward's FLOPs, torch's efficient fp32 backward's level.
-// Measured: see benchmarks/NOTES-gpu.md ("Backward"), filled in from benchmarks/results/gpu-bwd-*.json.
+// Measured (NVIDIA H200, fp32, B*N = 16384, H*d = 2048, N = 4096, Br x Bc = 64 x 64, 2026-12-01;
+//   benchmarks/results/gpu-bwd-h200.json): 30.2 TFLOP/s at d = 64, 0.86x torch's efficient fp32 backward (35.0 in
+//   the same run); 28.2 at d = 128 (0.77x of 36.6); causal 29.4 / 28.0 (0.88 / 0.79). Inside the 25-35 expected;
+//   the goal (>= 1.0x torch efficient) is not met. The block sweep: 64 x 64 beats 32 x 32, 32 x 64 and 64 x 32
+//   (19-25 TFLOP/s) at both d. ptxas (sm_90): 127 registers at d = 64, 199 at d = 128, no spills; 105 / 170 KB of
+//   shared memory (2 / 1 blocks per SM). Not profiled: where the other ~40% of the fp32 ceiling (51) goes.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,

@@ -11,7 +11,18 @@
 // Why: the fp32 rung's FMAs are ~15x slower than the tensor cores (51 vs 750 TFLOP/s GEMM ceilings).
 // Expected: ldmatrix per mma about 0.6 (S^T, dP^T: 1:2; dV, dK: 1:2; dQ: 3:4), so shared-memory bound near
 //   half the mma.sync rate: ~150-250 TFLOP/s (torch's flash backward: 255 / 277 at d = 64 / 128 on the H200).
-// Measured: see benchmarks/NOTES-gpu.md ("Backward"), filled in from benchmarks/results/gpu-bwd-*.json.
+// Measured (NVIDIA H200, B*N = 16384, H*d = 2048, N = 4096, Br x Bc = 64 x 128, 2026-12-01;
+//   benchmarks/results/gpu-bwd-h200.json): fp16 212.0 TFLOP/s at d = 64 and 233.9 at d = 128, 0.82 / 0.82 of
+//   torch's flash backward (258.7 / 284.2 in the same run) and 0.49 / 0.48 of cuDNN's; causal 197.0 / 209.4
+//   (0.90 / 0.90); bf16 within 3% of fp16 (0.82-0.91). Inside the 150-250 expected; the goal (>= 1.0x torch
+//   flash) is not met. How dQ is added mattered: scalar atomicAdd 184.5 / 196.6 (gpu-bwd-h200-history1.json),
+//   one red.global.add.v2.f32 per column pair 212.9 / 238.0 (+15-21%, history2), one .v4 after a lane-pair
+//   shuffle (this version) 212.0 / 233.9: no further gain. Per kernel (benchmarks/gpu_backward_parts.py): the main
+//   kernel 6.33 ms at d = 64, 5.57 with its dQ additions removed, so the atomics cost ~12% there and nothing
+//   measurable at d = 128 (5.76 / 5.79); D and the conversion 0.08 + 0.06 ms. 128 x 128 at d = 64 measured 229.2
+//   (+7% over 64 x 128, fp16 non-causal, block sweep only): allowed, not yet the default. ptxas (sm_90): 217
+//   registers at d = 64, 255 at d = 128, no spills (128 x 128 at d = 64: 255 and 12 bytes); 93 / 155 KB of shared
+//   memory: one 8-warp block per SM.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
