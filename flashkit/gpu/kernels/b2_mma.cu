@@ -1,0 +1,431 @@
+// Backward rung 2 (cupy-bwd-mma): fp16/bf16 tensor cores, FlashAttention-2's Algorithm 2, dQ by fp32 atomics.
+// Changed since backward rung 1 (b1_fp32.cu): the five products run on mma.sync.m16n8k16 (fp32 accumulation)
+//   with operands from ldmatrix and tiles in flight by cp.async, as the forward rungs 5-6 do. The partition
+//   is the transposed one: each warp owns 16 keys of K_j and computes S^T = K_j Q_i^T and dP^T = V_j dO_i^T
+//   for all Br queries of the step, so P^T and dS^T stay in registers, already in the A-fragment layout
+//   that dV_j += P^T dO_i and dK_j += dS^T Q_i need (the accumulator-to-operand trick of the forward's
+//   P V_j). Only dS goes through shared memory, for dQ_i += dS K_j, where the warps re-partition over the
+//   Br x d tile of dQ_i and add it into an fp32 buffer with atomics; a last small kernel converts that
+//   buffer to the input dtype (FA2's way). Q_i and dO_i are double-buffered: the next step's tiles land
+//   while this one computes. GQA: a block loops over the query heads of its K/V head.
+// Why: the fp32 rung's FMAs are ~15x slower than the tensor cores (51 vs 750 TFLOP/s GEMM ceilings).
+// Expected: ldmatrix per mma about 0.6 (S^T, dP^T: 1:2; dV, dK: 1:2; dQ: 3:4), so shared-memory bound near
+//   half the mma.sync rate: ~150-250 TFLOP/s (torch's flash backward: 255 / 277 at d = 64 / 128 on the H200).
+// Measured (NVIDIA H200, B*N = 16384, H*d = 2048, N = 4096, Br x Bc = 64 x 128, 2026-12-01;
+//   benchmarks/results/gpu-bwd-h200.json): fp16 212.0 TFLOP/s at d = 64 and 233.9 at d = 128, 0.82 / 0.82 of
+//   torch's flash backward (258.7 / 284.2 in the same run) and 0.49 / 0.48 of cuDNN's; causal 197.0 / 209.4
+//   (0.90 / 0.90); bf16 within 3% of fp16 (0.82-0.91). Inside the 150-250 expected; the goal (>= 1.0x torch
+//   flash) is not met. How dQ is added mattered: scalar atomicAdd 184.5 / 196.6 (gpu-bwd-h200-history1.json),
+//   one red.global.add.v2.f32 per column pair 212.9 / 238.0 (+15-21%, history2), one .v4 after a lane-pair
+//   shuffle (this version) 212.0 / 233.9: no further gain. Per kernel (benchmarks/gpu_backward_parts.py): the main
+//   kernel 6.33 ms at d = 64, 5.57 with its dQ additions removed, so the atomics cost ~12% there and nothing
+//   measurable at d = 128 (5.76 / 5.79); D and the conversion 0.08 + 0.06 ms. 128 x 128 at d = 64 measured 229.2
+//   (+7% over 64 x 128, fp16 non-causal, block sweep only): allowed, not yet the default. ptxas (sm_90): 217
+//   registers at d = 64, 255 at d = 128, no spills (128 x 128 at d = 64: 255 and 12 bytes); 93 / 155 KB of shared
+//   memory: one 8-warp block per SM.
+//
+// Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
+//   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
+//   dQ_i += dS K_j * scale.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#ifndef INFINITY  // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
+#endif
+#ifndef BR
+#define BR 64   // queries per step of the loop over i (set by the loader: 32 or 64)
+#endif
+#ifndef BC
+#define BC 128  // keys per block, 16 per warp (set by the loader: 64 or 128)
+#endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1  // __launch_bounds__ minimum blocks per SM (set by the loader)
+#endif
+#define D HEAD_DIM
+#define NW (BC / 16)     // warps; warp w owns keys 16w .. 16w + 15 of K_j
+#define NT (32 * NW)
+#define WM (BR / 16)     // dQ_i step: warps along the Br queries (16 rows each) ...
+#define WN (NW / WM)     // ... and along d
+#define DQN (D / WN)     // columns of dQ_i per warp
+#define LDS (D + 8)      // K_s, V_s, Q_s, dO_s row pitch in 16-bit elements (+16 bytes: no ldmatrix conflicts)
+#define LDT (BR + 8)     // dST_s row pitch
+#define LOG2E 1.4426950408889634f
+
+static_assert(NW % WM == 0 && DQN % 16 == 0, "the dQ step needs Br/16 to divide the warps and d/WN % 16 == 0");
+
+#ifdef USE_BF16
+typedef __nv_bfloat16 T;
+#define MMA_TYPE "bf16"
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+__device__ __forceinline__ float2 unpack2(unsigned u) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+}
+#else
+typedef __half T;
+#define MMA_TYPE "f16"
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+__device__ __forceinline__ float2 unpack2(unsigned u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
+#endif
+
+// C (16x8, fp32) += A (16x16) * B (16x8). Lane = 4 g + t. A: a[0] = (row g, k 2t..2t+1), a[1] = (g + 8, 2t),
+// a[2] = (g, 8 + 2t), a[3] = (g + 8, 8 + 2t); B: b0 = (k 2t..2t+1, col g), b1 = (k 8 + 2t, col g);
+// C: c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (row g + 8, cols 2t, 2t+1).
+__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four 8x8 16-bit matrices; lanes 8m..8m+7 give the row addresses of matrix m, register m receives it
+// in fragment layout (lane 4g + t holds row g, columns 2t, 2t+1; with .trans: rows 2t, 2t+1 of column g).
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const T* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const T* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+// The four operand loads of this file, for a 16 x 16 slice of a row-major [rows][cols] shared tile X:
+//   A_rows:  A fragment of X[r0 .. r0+15][c0 .. c0+15]            (A = X: m = row, k = column)
+//   A_cols:  A fragment of X[r0 .. r0+15][c0 .. c0+15]^T          (A = X^T: m = column, k = row)
+//   B_rows:  two B fragments, n = rows r0 .. r0+7 and r0+8 .. r0+15, k = columns c0 .. c0+15  (B = X^T)
+//   B_cols:  two B fragments, k = rows r0 .. r0+15, n = columns c0 .. c0+7 and c0+8 .. c0+15  (B = X)
+// (for B, r[0], r[1] feed the first n-tile and r[2], r[3] the second).
+template <int LD>
+__device__ __forceinline__ void A_rows(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
+    ldmatrix_x4(r, &X[r0 + (lane & 15)][c0 + 8 * (lane >> 4)]);
+}
+template <int LD>
+__device__ __forceinline__ void A_cols(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
+    ldmatrix_x4_trans(r, &X[r0 + (lane & 7) + 8 * (lane >> 4)][c0 + 8 * ((lane >> 3) & 1)]);
+}
+template <int LD>
+__device__ __forceinline__ void B_rows(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
+    ldmatrix_x4(r, &X[r0 + (lane & 7) + 8 * (lane >> 4)][c0 + 8 * ((lane >> 3) & 1)]);
+}
+template <int LD>
+__device__ __forceinline__ void B_cols(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
+    ldmatrix_x4_trans(r, &X[r0 + (lane & 7) + 8 * ((lane >> 3) & 1)][c0 + 8 * (lane >> 4)]);
+}
+
+// 16 bytes global -> shared without passing through registers; src_bytes = 0 writes zeros (rows past N).
+__device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// dst[0..3] += v as one vector reduction in L2 (sm_90: red.global.add.v4.f32; dst 16-byte aligned).
+__device__ __forceinline__ void red_add4(float* dst, float4 v) {
+    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+                 ::"l"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
+__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
+    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
+}
+
+// rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDS] shared tile by cp.async (rows >= N: 0).
+// A row past N still gets a valid source address (row N - 1) although no byte is read from it.
+__device__ __forceinline__ void async_tile(T (*dst)[LDS], const T* __restrict__ src, int row0, int nrows, int N) {
+    for (int f = threadIdx.x; f < nrows * (D / 8); f += NT) {
+        const int r = f / (D / 8), c = (f % (D / 8)) * 8;
+        const bool valid = row0 + r < N;
+        cp_async16(&dst[r][c], src + (long long)(valid ? row0 + r : N - 1) * D + c, valid);
+    }
+}
+
+// D = rowsum(dO * O) in fp32 for every query row (B * Hq * Nq rows of d), and the fp32 dQ accumulator
+// zeroed. D / 8 threads per row, each 8 elements (16 bytes) of both; the row's threads are adjacent lanes.
+extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
+    const T* __restrict__ O, const T* __restrict__ dO, float* __restrict__ Dvec, float* __restrict__ dQacc,
+    long long rows) {
+    constexpr int TPR = D / 8;  // threads per row: 4, 8 or 16
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / TPR;
+    const int c = (threadIdx.x % TPR) * 8;
+    float s = 0.f;
+    if (row < rows) {
+        const uint4 o = *reinterpret_cast<const uint4*>(O + row * D + c);
+        const uint4 g = *reinterpret_cast<const uint4*>(dO + row * D + c);
+        const unsigned ov[4] = {o.x, o.y, o.z, o.w}, gv[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 a = unpack2(ov[e]), bb = unpack2(gv[e]);
+            s += a.x * bb.x + a.y * bb.y;
+        }
+        if (dQacc != nullptr) {
+            float4* z = reinterpret_cast<float4*>(dQacc + row * D + c);
+            z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+            z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s;
+}
+
+// dQ = scale * dQacc in the input dtype, 8 elements a thread (n, the element count, is a multiple of 8).
+extern "C" __global__ void __launch_bounds__(256) bwd_dq_convert(
+    const float* __restrict__ dQacc, T* __restrict__ dQ, long long n, float scale) {
+    const long long k = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (k >= n) return;
+    const float4 a = *reinterpret_cast<const float4*>(dQacc + k);
+    const float4 c = *reinterpret_cast<const float4*>(dQacc + k + 4);
+    uint4 out;
+    out.x = pack2(a.x * scale, a.y * scale);
+    out.y = pack2(a.z * scale, a.w * scale);
+    out.z = pack2(c.x * scale, c.y * scale);
+    out.w = pack2(c.z * scale, c.w * scale);
+    *reinterpret_cast<uint4*>(dQ + k) = out;
+}
+
+// Grid: (Tc, Hkv, B), block: Bc / 16 warps. Dynamic shared memory: K_s, V_s [BC][LDS]; Q_s, dO_s [2][BR][LDS]
+// (two stages); dST_s [BC][LDT] (dS^T, key-major); lse_s, D_s [2][BR] floats.
+// dQacc (fp32, B x Hq x Nq x d) must be zero on entry (bwd_preprocess); it receives dS K_j (unscaled).
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
+    const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
+    const float* __restrict__ lse, const float* __restrict__ Dvec,
+    float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV,
+    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T(*K_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw);
+    T(*V_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw + sizeof(T) * BC * LDS);
+    T(*Q_s)[BR][LDS] = reinterpret_cast<T(*)[BR][LDS]>(smem_raw + sizeof(T) * 2 * BC * LDS);
+    T(*dO_s)[BR][LDS] = reinterpret_cast<T(*)[BR][LDS]>(smem_raw + sizeof(T) * (2 * BC + 2 * BR) * LDS);
+    T(*dST_s)[LDT] = reinterpret_cast<T(*)[LDT]>(smem_raw + sizeof(T) * (2 * BC + 4 * BR) * LDS);
+    float(*lse_s)[BR] = reinterpret_cast<float(*)[BR]>(smem_raw + sizeof(T) * ((2 * BC + 4 * BR) * LDS + BC * LDT));
+    float(*D_s)[BR] = lse_s + 2;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wk = 16 * warp;  // this warp's keys: wk + g and wk + g + 8 of K_j
+    const int j0 = blockIdx.x * BC, hk = blockIdx.y, b = blockIdx.z;
+    const int group = Hq / Hkv;
+    const int offset = Nk - Nq;
+    const float scale_log2 = scale * LOG2E;
+    const T* Kh = K + ((long long)b * Hkv + hk) * Nk * D;
+    const T* Vh = V + ((long long)b * Hkv + hk) * Nk * D;
+
+    // The query rows that see any key of this block: [i_begin, i_end); the steps: every (head of the group, i).
+    const int j_end = min(j0 + BC, Nk);
+    const int i_begin = right < 0 ? 0 : max(0, j0 - offset - right);
+    const int i_end = left < 0 ? Nq : min(Nq, j_end - offset + left);
+    const int i_first = (i_begin / BR) * BR;
+    const int n_i = i_end > i_first ? (i_end - i_first + BR - 1) / BR : 0;
+    const int n_steps = group * n_i;
+
+    // A step's Q_i, dO_i by cp.async; its lse_i (log2 units, +inf where P must be 0) and D_i through registers.
+    auto issue_tiles = [&](int step, int buf) {
+        const int h = hk * group + step / n_i, i0 = i_first + (step % n_i) * BR;
+        async_tile(Q_s[buf], Q + ((long long)b * Hq + h) * Nq * D, i0, BR, Nq);
+        async_tile(dO_s[buf], dO + ((long long)b * Hq + h) * Nq * D, i0, BR, Nq);
+    };
+    auto read_rows = [&](int step, float& l2, float& dd) {
+        const int h = hk * group + step / n_i, i = i_first + (step % n_i) * BR + tid;
+        const long long r = ((long long)b * Hq + h) * Nq + i;
+        const float l = (tid < BR && i < Nq) ? lse[r] : -INFINITY;
+        l2 = l == -INFINITY ? INFINITY : l * LOG2E;  // a row that saw no key, or padding: P = 0
+        dd = (tid < BR && i < Nq) ? Dvec[r] : 0.f;
+    };
+
+    // Prologue: K_j, V_j and the first step's Q_i, dO_i in one cp.async group.
+    async_tile(K_s, Kh, j0, BC, Nk);
+    async_tile(V_s, Vh, j0, BC, Nk);
+    if (n_steps > 0) {
+        issue_tiles(0, 0);
+        float l2, dd;
+        read_rows(0, l2, dd);
+        if (tid < BR) lse_s[0][tid] = l2, D_s[0][tid] = dd;
+    }
+    cp_async_commit();
+
+    // Initialise dK_j = 0, dV_j = 0 (registers: keys wk + g (+8), columns 8n + 2t (+1))
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
+
+    for (int step = 0; step < n_steps; ++step) {
+        const int buf = step & 1;
+        const int h = hk * group + step / n_i, i0 = i_first + (step % n_i) * BR;
+        cp_async_wait<0>();  // this step's Q_i, dO_i (and K_j, V_j) have landed
+        __syncthreads();     // ... for every thread; the previous step is done with dST_s and the other buffers
+        // The next step's Q_i, dO_i start loading into the other buffer; lse_i, D_i into registers.
+        float l2_next = 0.f, d_next = 0.f;
+        if (step + 1 < n_steps) {
+            issue_tiles(step + 1, buf ^ 1);
+            read_rows(step + 1, l2_next, d_next);
+        }
+        cp_async_commit();
+
+        // S^T = K_j Q_i^T (unscaled): this warp's 16 keys x Br queries
+        float s[BR / 8][4];
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned ka[4];
+            A_rows<LDS>(ka, K_s, wk, 16 * kk, lane);
+#pragma unroll
+            for (int n2 = 0; n2 < BR / 16; ++n2) {
+                unsigned qb[4];
+                B_rows<LDS>(qb, Q_s[buf], 16 * n2, 16 * kk, lane);
+                mma16816(s[2 * n2], ka, qb[0], qb[1]);
+                mma16816(s[2 * n2 + 1], ka, qb[2], qb[3]);
+            }
+        }
+
+        // the per-element mask only where the tile is not FULL for every query of the step
+        // (element (n, e): key wk + g + 8 (e >> 1), query 8n + 2t + (e & 1))
+        const int i_last = min(i0 + BR, Nq) - 1;
+        const bool full = (j0 >= row_lo(i_last, offset, left)) && (j0 + BC <= row_hi(i0, offset, right, Nk));
+        if (!full) {
+#pragma unroll
+            for (int n = 0; n < BR / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = i0 + 8 * n + 2 * t + (e & 1), j = j0 + wk + g + 8 * (e >> 1);
+                    if (!(j >= row_lo(i, offset, left) && j < row_hi(i, offset, right, Nk))) s[n][e] = -INFINITY;
+                }
+        }
+        // P^T = exp2(S^T * scale_log2 - lse_i): 0 where masked (-inf) and for rows with lse_i = +inf
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = fast_exp2(fmaf(s[n][e], scale_log2, -lse_s[buf][8 * n + 2 * t + (e & 1)]));
+
+        // dV_j += P^T dO_i: P^T from the S^T registers (packed to 16 bits), dO_i's fragments by ldmatrix.trans
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk) {
+            unsigned p[4];
+            p[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+            p[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+            p[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            p[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int n2 = 0; n2 < D / 16; ++n2) {
+                unsigned gb[4];
+                B_cols<LDS>(gb, dO_s[buf], 16 * kk, 16 * n2, lane);
+                mma16816(dv[2 * n2], p, gb[0], gb[1]);
+                mma16816(dv[2 * n2 + 1], p, gb[2], gb[3]);
+            }
+        }
+
+        // dP^T = V_j dO_i^T: this warp's 16 keys x Br queries
+        float dp[BR / 8][4];
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned va[4];
+            A_rows<LDS>(va, V_s, wk, 16 * kk, lane);
+#pragma unroll
+            for (int n2 = 0; n2 < BR / 16; ++n2) {
+                unsigned gb[4];
+                B_rows<LDS>(gb, dO_s[buf], 16 * n2, 16 * kk, lane);
+                mma16816(dp[2 * n2], va, gb[0], gb[1]);
+                mma16816(dp[2 * n2 + 1], va, gb[2], gb[3]);
+            }
+        }
+
+        // dS^T = P^T * (dP^T - D_i)  (D_i per query: per column here)
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - D_s[buf][8 * n + 2 * t + (e & 1)];
+
+        // dK_j += dS^T Q_i (scale at the end), and dS^T to shared memory for the dQ_i step (the same 16-bit values)
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk) {
+            unsigned p[4];
+            p[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+            p[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+            p[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            p[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            *reinterpret_cast<unsigned*>(&dST_s[wk + g][16 * kk + 2 * t]) = p[0];
+            *reinterpret_cast<unsigned*>(&dST_s[wk + g + 8][16 * kk + 2 * t]) = p[1];
+            *reinterpret_cast<unsigned*>(&dST_s[wk + g][16 * kk + 8 + 2 * t]) = p[2];
+            *reinterpret_cast<unsigned*>(&dST_s[wk + g + 8][16 * kk + 8 + 2 * t]) = p[3];
+#pragma unroll
+            for (int n2 = 0; n2 < D / 16; ++n2) {
+                unsigned qb[4];
+                B_cols<LDS>(qb, Q_s[buf], 16 * kk, 16 * n2, lane);
+                mma16816(dk[2 * n2], p, qb[0], qb[1]);
+                mma16816(dk[2 * n2 + 1], p, qb[2], qb[3]);
+            }
+        }
+        // The other buffer's lse_i, D_i were last read in the previous step, before this step's first barrier.
+        if (step + 1 < n_steps && tid < BR) lse_s[buf ^ 1][tid] = l2_next, D_s[buf ^ 1][tid] = d_next;
+        __syncthreads();  // dS^T complete in shared memory
+
+        // dQ_i += dS K_j: warp (wm, wn) owns queries 16 wm .. 16 wm + 15 and columns wn DQN .. of dQ_i; added with atomics
+        {
+            const int wm = warp % WM, c0 = (warp / WM) * DQN;
+            float dq[DQN / 8][4];
+#pragma unroll
+            for (int n = 0; n < DQN / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; ++kk) {
+                unsigned a[4];
+                A_cols<LDT>(a, dST_s, 16 * kk, 16 * wm, lane);  // dS = (dS^T)^T: m = query, k = key
+#pragma unroll
+                for (int n2 = 0; n2 < DQN / 16; ++n2) {
+                    unsigned kb[4];
+                    B_cols<LDS>(kb, K_s, 16 * kk, c0 + 16 * n2, lane);
+                    mma16816(dq[2 * n2], a, kb[0], kb[1]);
+                    mma16816(dq[2 * n2 + 1], a, kb[2], kb[3]);
+                }
+            }
+            // Lanes t and t^1 swap half their pairs, so each holds 4 adjacent columns of one row: even t row g,
+            // columns 2t .. 2t+3; odd t row g + 8, columns 2t-2 .. 2t+1. One 16-byte reduction instead of two 8-byte.
+            float* dQh = dQacc + ((long long)b * Hq + h) * Nq * D;
+            const bool odd = t & 1;
+            const int i = i0 + 16 * wm + g + 8 * odd, col = c0 + 2 * (t & ~1);
+#pragma unroll
+            for (int n = 0; n < DQN / 8; ++n) {
+                const float s0 = __shfl_xor_sync(0xffffffffu, odd ? dq[n][0] : dq[n][2], 1);
+                const float s1 = __shfl_xor_sync(0xffffffffu, odd ? dq[n][1] : dq[n][3], 1);
+                const float4 v = odd ? make_float4(s0, s1, dq[n][2], dq[n][3]) : make_float4(dq[n][0], dq[n][1], s0, s1);
+                if (i < Nq) red_add4(dQh + (long long)i * D + col + 8 * n, v);
+            }
+        }
+    }
+    cp_async_wait<0>();  // nothing may be left in flight when the block exits
+
+    // Write dK_j = scale * dK_j and dV_j in the input dtype (keys < Nk)
+    T* dKh = dK + ((long long)b * Hkv + hk) * Nk * D;
+    T* dVh = dV + ((long long)b * Hkv + hk) * Nk * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = j0 + wk + g + 8 * r;
+        if (j < Nk) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                *reinterpret_cast<unsigned*>(dKh + (long long)j * D + 8 * n + 2 * t) =
+                    pack2(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
+                *reinterpret_cast<unsigned*>(dVh + (long long)j * D + 8 * n + 2 * t) = pack2(dv[n][2 * r], dv[n][2 * r + 1]);
+            }
+        }
+    }
+}
