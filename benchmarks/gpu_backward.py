@@ -157,7 +157,8 @@ def run_grid(N=4096):
 
 def add_ratios(rows):
     """ratio = peer time / rung time (> 1: the rung is faster), peers from the same (d, N, causal, dtype)."""
-    key = lambda r: (r["d"], r["N"], r["causal"], r["dtype"])
+    def key(r):
+        return (r["d"], r["N"], r["causal"], r["dtype"])
     torch_rows = {(key(r), r["impl"]): r for r in rows if r["impl"].startswith("torch-") and r["status"] == "ok"}
     for r in rows:
         if r.get("rung") and r["status"] == "ok":

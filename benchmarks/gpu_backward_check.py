@@ -60,7 +60,8 @@ def main(argv=None):
     ap.add_argument("--bench-budget", type=float, default=200, help="seconds of the deadline kept for the benchmarks")
     args = ap.parse_args(argv)
     t_start = time.time()
-    left = lambda: args.deadline - (time.time() - t_start)
+    def left():
+        return args.deadline - (time.time() - t_start)
 
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="flashkit-gpu-bwd-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -46,9 +46,15 @@ def results_section() -> str:
     """Headline numbers from every results file found, each labelled with where it was measured."""
     parts = []
     for path, data in _load("cpu-*.json"):
-        parts.append(_cpu_headline(path, data))
+        if path.name.startswith("cpu-backward-"):
+            parts.append(_cpu_backward_headline(path, data))
+        elif not path.name.startswith("cpu-small-"):
+            parts.append(_cpu_headline(path, data))
     for path, data in _load("gpu-*.json"):
-        parts.append(_gpu_headline(path, data))
+        if path.name.startswith("gpu-bwd-"):
+            parts.append(_gpu_backward_headline(path, data))
+        else:
+            parts.append(_gpu_headline(path, data))
     for path, data in _load("decode-*.json"):
         parts.append(_decode_headline(path, data))
     if not parts:
@@ -116,6 +122,47 @@ def _gpu_headline(path, data) -> str:
             continue
         out.append(f"| {dtype} | {d} | {'yes' if causal else 'no'} | {r['impl']} | {r['ms']:.2f} | "
                    f"{r['tflops']:.0f} | {r['peer']} | {r['ratio']:.2f} |")
+    return "\n".join(out + ["", _label(path, data)])
+
+
+def _gpu_backward_headline(path, data) -> str:
+    """GPU backward at N = 4096: each backward rung beside torch's flash backward and the fastest torch one."""
+    rows = [r for r in data["results"] if r["N"] == 4096 and r.get("status") == "ok"]
+    torch = {}
+    for r in rows:
+        if r["impl"].startswith("torch-"):
+            torch.setdefault((r["dtype"], r["d"], r["causal"]), {})[r["impl"]] = r
+    out = ["**GPU backward** on " + data["card"] + ", B·N=16384, H·d=2048, N=4096, TFLOP/s counting 2.5x the "
+           "forward's FLOPs (backward alone)", "",
+           "| dtype | d | causal | rung | ms | TFLOP/s | peer | ratio (peer time / rung time) | fastest torch | ratio |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted((r for r in rows if not r["impl"].startswith("torch-")),
+                    key=lambda r: (r["dtype"], r["d"], r["causal"], -r["tflops"])):
+        peers = torch.get((r["dtype"], r["d"], r["causal"]), {})
+        if not peers or "ratio" not in r:
+            continue
+        fastest = min(peers.values(), key=lambda p: p["ms"])
+        out.append(f"| {r['dtype']} | {r['d']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.2f} | "
+                   f"{r['tflops']:.0f} | {r['peer']} | {r['ratio']:.2f} | {fastest['impl']} | "
+                   f"{fastest['ms'] / r['ms']:.2f} |")
+    return "\n".join(out + ["", _label(path, data)])
+
+
+def _cpu_backward_headline(path, data) -> str:
+    """CPU backward at N = 4096 (B=1, H=8, d=64, fp32): the numba backward beside torch and NumPy."""
+    rows = [r for r in data["results"] if r["N"] == 4096]
+    out = [f"**CPU backward**, fp32, B=1, H=8, N=4096, d=64, all cores, TFLOP counted as 2.5x the forward "
+           f"(sgemm on the same cores: {data['sgemm']['gflops']:.0f} GFLOP/s)", "",
+           "| causal | backend | ms | GFLOP/s | time / torch SDPA | speed-up over numpy-standard |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["causal"], r["impl"])):
+        vt = f"{r['time_vs_torch']:.2f}" if "time_vs_torch" in r else ""
+        vs = f"{r['speedup_vs_numpy_standard']:.2f}" if "speedup_vs_numpy_standard" in r else ""
+        out.append(f"| {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.0f} | {r['gflops']:.0f} | {vt} | {vs} |")
+    for m in data.get("memory", []):
+        if m.get("extra_bytes_rss") is not None:
+            out.append(f"\nExtra memory of one backward at N={m['N']}: {m['impl']} {m['extra_bytes_rss'] / 2**20:,.1f} MiB "
+                       f"(analytic {m['extra_bytes_analytic'] / 2**20:,.1f} MiB).")
     return "\n".join(out + ["", _label(path, data)])
 
 

@@ -19,7 +19,8 @@ needs_gpu = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 def _fake(mistake=None):
     """A backward 'rung' computed by the float32 reference, with one classic mistake planted."""
     def backward(rung, Q, K, V, O, dO, lse, *, scale, window, element, block_size, dq_out, dk_out, dv_out):
-        f = lambda x: cb.as_float64(x, element, np)
+        def f(x):
+            return cb.as_float64(x, element, np)
         Q, K, V, O, dO = (f(x) for x in (Q, K, V, O, dO))
         B, Hq, Nq, d = Q.shape
         Hkv, g = K.shape[1], Q.shape[1] // K.shape[1]
@@ -89,13 +90,16 @@ def _emulate_tiles(rung, Q, K, V, O, dO, lse, *, scale, window, element, block_s
     without a mask, P from lse with -inf -> P = 0, dQ summed over key blocks. Same formulas as b*_*.cu."""
     Br, Bc = block_size
     left, right = window
-    f = lambda x: cb.as_float64(x, element, np)
+    def f(x):
+        return cb.as_float64(x, element, np)
     Q, K, V, O, dO = (f(x) for x in (Q, K, V, O, dO))
     B, Hq, Nq, d = Q.shape
     _, Hkv, Nk, _ = K.shape
     group, offset = Hq // Hkv, Nk - Nq
-    row_lo = lambda i: 0 if left < 0 else max(0, i + offset - left)
-    row_hi = lambda i: Nk if right < 0 else min(Nk, i + offset + right + 1)
+    def row_lo(i):
+        return 0 if left < 0 else max(0, i + offset - left)
+    def row_hi(i):
+        return Nk if right < 0 else min(Nk, i + offset + right + 1)
     Dv = (dO * O).sum(-1)
     dQ, dK, dV = np.zeros(Q.shape), np.zeros(K.shape), np.zeros(K.shape)
     for b in range(B):

@@ -18,12 +18,17 @@ def test_names_and_numbers_are_unique_and_in_ladder_order():
         assert numbers == sorted(set(numbers)), f"{direction} rungs out of ladder order: {numbers}"
 
 
-def test_registry_lists_every_forward_rung_as_its_backend():
+def test_registry_lists_every_rung_as_its_backend():
+    from flashkit.gpu import backward
+
     forward = [r for r in RUNGS if r.direction == "forward"]
-    assert [b.name for b in BACKENDS] == [r.name for r in forward]
-    for r, b in zip(forward, BACKENDS):
-        assert (b.rung, b.dtypes, b.head_dims, b.mask, b.priority, b.summary) == (
-            r.number, r.dtypes, r.head_dims, r.mask, r.priority, r.summary)
+    rows = forward + list(backward.RUNGS.values())
+    assert [b.name for b in BACKENDS] == [r.name for r in rows]
+    for r, b in zip(rows, BACKENDS):
+        assert (b.rung, b.dtypes, b.mask, b.priority, b.summary) == (r.number, r.dtypes, False if r in
+                                                                     backward.RUNGS.values() else r.mask,
+                                                                     r.priority, r.summary)
+        assert b.has_forward == (r.direction == "forward") and b.has_backward == (r.direction == "backward")
         assert registry.get(r.name) == b
 
 

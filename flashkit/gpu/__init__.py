@@ -10,17 +10,24 @@ each opens with what changed, why, and what it measured). Each rung is one row o
   rung 5  cupy-mma-async    + ldmatrix, padded bank-conflict-free tiles, cp.async pipelining (FA2 order)
   rung 6  cupy-mma-2tile    + two 16-row m-tiles per warp (FA2's 4 warps x 32 rows), Q re-read from shared
 
+and the backward (FlashAttention-2's Algorithm 2), its own ladder in backward.py:
+
+  backward rung 1  cupy-bwd-fp32         fp32, dQ by fp32 atomics
+  backward rung 2  cupy-bwd-mma          fp16/bf16 mma.sync, dQ by fp32 vector atomics, then converted
+  backward rung 3  cupy-bwd-mma-2kernel  fp16/bf16, a dK/dV kernel and a dQ kernel: no atomics, deterministic
+
 CuPy arrays in, CuPy arrays out. Nothing here imports CuPy until a kernel runs. Correctness:
 `python -m flashkit.gpu.check`; everything at once (tests, sanitizer, benchmark):
 `python -m benchmarks.gpu_check`; measured results: benchmarks/NOTES-gpu.md.
 """
 from __future__ import annotations
 
+from flashkit.gpu import backward as _backward
 from flashkit.gpu.rungs import RUNGS
 
-# Every row of the ladder's table is a backend. (The registry's Backend does not yet say which direction
-# it computes, so backward rows, when the table has them, need that field before they can be listed.)
-BACKENDS = tuple(r.backend() for r in RUNGS if r.direction == "forward")
+# Every row of the forward ladder's table is a backend, and every backward rung (flashkit/gpu/backward.py's
+# table) a backward-only one (flashkit.attention_backward).
+BACKENDS = tuple(r.backend() for r in RUNGS) + tuple(r.backend() for r in _backward.RUNGS.values())
 
 
 def _probe():

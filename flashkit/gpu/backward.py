@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from flashkit.gpu.flash import ELEMENTS, HEAD_DIMS, KERNEL_DIR, _arch
+from flashkit.gpu.flash import KERNEL_DIR, _arch
+from flashkit.gpu.rungs import ELEMENTS, HEAD_DIMS
 
 _NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
@@ -48,6 +49,22 @@ class BackwardRung:
     smem: Callable[[int, int, int], int]  # (d, Br, Bc) -> dynamic shared bytes of the main kernel; must match the .cu
     dq_smem: Optional[Callable[[int, int, int], int]] = None  # the two-kernel rung's dQ kernel
     direction: str = "backward"
+    summary: str = ""  # one line for the backends table
+    priority: int = 0  # "auto" picks the highest available that serves the request
+    peer: str = "flash"  # the torch SDPA backend it is measured against
+
+    @property
+    def dtypes(self) -> Tuple[str, ...]:
+        return tuple(_NAMES[e] for e in self.elements)
+
+    def backend(self):
+        """This rung's entry in the registry: a backward-only backend (flashkit.attention_backward)."""
+        from flashkit.registry import Backend
+
+        probe = "flashkit.gpu:_probe" if self.elements == ("f32",) else "flashkit.gpu:_probe_tensor_cores"
+        return Backend(name=self.name, device="gpu", summary=self.summary, runner=None,
+                       backward=f"flashkit.gpu.backward:{self.name}", dtypes=self.dtypes, head_dims=HEAD_DIMS,
+                       mask=False, priority=self.priority, probe=probe, rung=self.number)
 
 
 def _blocks(*pairs):
@@ -63,7 +80,9 @@ RUNGS: Dict[str, BackwardRung] = {
         {d: _blocks((32, 32), (32, 64), (64, 32), (64, 64)) for d in HEAD_DIMS},
         ("bwd_preprocess", "flash_bwd"),
         threads=lambda Br, Bc: 256,
-        smem=lambda d, Br, Bc: 4 * (2 * (Bc + Br) * (d + 4) + 2 * Bc * (Br + 4) + 2 * Br)),
+        smem=lambda d, Br, Bc: 4 * (2 * (Bc + Br) * (d + 4) + 2 * Bc * (Br + 4) + 2 * Br),
+        summary="CUDA fp32 backward, FA2 Algorithm 2, dQ by fp32 atomics (kernels/b1_fp32.cu)",
+        priority=80, peer="efficient"),
     # K_s, V_s [Bc][d+8], Q_s, dO_s [2][Br][d+8], dS^T_s [Bc][Br+8] (16-bit), lse_s, D_s [2][Br] (fp32).
     # Bc / 16 warps; the dQ step splits Br x d over them, which needs d / (warps / (Br/16)) % 16 == 0.
     # Default 64 x 128: the best of the sweep on the H200 at d = 64 and 128 (fp16, N = 4096; 64 x 64 loses
@@ -77,7 +96,9 @@ RUNGS: Dict[str, BackwardRung] = {
          128: _blocks((32, 64), (64, 64), (32, 128), (64, 128))},
         ("bwd_preprocess", "flash_bwd", "bwd_dq_convert"),
         threads=lambda Br, Bc: 2 * Bc,
-        smem=lambda d, Br, Bc: 2 * ((2 * Bc + 4 * Br) * (d + 8) + Bc * (Br + 8)) + 16 * Br),
+        smem=lambda d, Br, Bc: 2 * ((2 * Bc + 4 * Br) * (d + 8) + Bc * (Br + 8)) + 16 * Br,
+        summary="CUDA fp16/bf16 backward, mma.sync, dQ by fp32 vector atomics (kernels/b2_mma.cu)",
+        priority=110),
     # dK/dV kernel: rung 2's layout without dS^T_s; dQ kernel: Q_s, dO_s [Bc][d+8], K_s, V_s [2][Br][d+8].
     # Defaults from the block sweep on the H200 (fp16, N = 4096, non-causal; benchmarks/results/gpu-bwd-h200-history1.json,
     # confirmed in gpu-bwd-h200.json): d = 64 64 x 64 (201.7 / 196.8 TFLOP/s vs 179.1 / 178.6 at 64 x 128); d = 128
@@ -89,7 +110,9 @@ RUNGS: Dict[str, BackwardRung] = {
         ("bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_dq"),
         threads=lambda Br, Bc: 2 * Bc,
         smem=lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8) + 16 * Br,
-        dq_smem=lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8)),
+        dq_smem=lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8),
+        summary="CUDA fp16/bf16 backward, a dK/dV kernel and a dQ kernel, no atomics (kernels/b3_mma_2kernel.cu)",
+        priority=100),
 }
 NUMBERS = {r.number: name for name, r in RUNGS.items()}
 COMPILE_SECONDS: Dict[tuple, float] = {}  # (rung name, d, element, Br, Bc) -> seconds of the first build here
@@ -119,7 +142,7 @@ def blocks_for(rung, d: int, block_size: Optional[Tuple[int, int]]) -> Tuple[int
     return block_size
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels(rung: str, d: int, element: str, Br: int, Bc: int):
     """The compiled kernels of one rung for one (d, element, Br, Bc), by name, shared-memory limits raised."""
     import cupy
@@ -234,6 +257,54 @@ def run(rung, problem, O, dO, lse, element: Optional[str] = None):
         raise ValueError(f"{rung_of(rung).name} does not support a custom mask (causal and sliding windows are supported)")
     return backward(rung, problem.Q, problem.K, problem.V, O, dO, lse, scale=problem.scale, window=problem.window,
                     element=element, block_size=problem.block_size)
+
+
+def spot_check_lse(problem, rows_per_head: int = 2) -> None:
+    """Raise unless the forward's lse fits these Q, K on a few rows of every head (the CPU backends check
+    every row while they recompute P; the CUDA kernels do not, so a sample is recomputed here).
+
+    Rows 0 and Nq - 1 of each (b, h): their S = Q_i K^T * scale under the window, P = exp(S - lse_i) must
+    sum to 1 (a row with lse = -inf must see no key). Cost: 2 B Hq rows x Nk x d, about 1% of the backward.
+    A lse in log2 units or from another call fails here; a custom mask is refused before this."""
+    import cupy
+    import numpy as np
+
+    from flashkit import validate
+    from flashkit.gpu.standard import bf16_bits_to_float32
+    from flashkit.masks import row_bounds
+
+    Nq, Nk, g = problem.Nq, problem.Nk, problem.group
+    rows = np.unique(np.linspace(0, Nq - 1, rows_per_head).astype(np.int64))
+    as32 = bf16_bits_to_float32 if problem.element == "bf16" else (lambda x: x.astype(cupy.float32))
+    Q_r = as32(problem.Q[:, :, rows])  # (B, Hq, r, d)
+    K = as32(problem.K)  # (B, Hkv, Nk, d)
+    K_g = cupy.repeat(K, g, axis=1) if g > 1 else K  # (B, Hq, Nk, d): the K/V head of each query head
+    S = cupy.matmul(Q_r, K_g.transpose(0, 1, 3, 2)) * cupy.float32(problem.scale)  # (B, Hq, r, Nk)
+    lo, hi = row_bounds(Nq, Nk, problem.window)
+    j = cupy.arange(Nk)
+    vis = (j[None, :] >= cupy.asarray(lo[rows])[:, None]) & (j[None, :] < cupy.asarray(hi[rows])[:, None])  # (r, Nk)
+    lse = problem.lse[:, :, rows].astype(cupy.float32)  # (B, Hq, r)
+    empty = cupy.isneginf(lse)
+    P = cupy.where(vis & ~empty[..., None], cupy.exp(S - cupy.where(empty, 0, lse)[..., None]), 0)
+    psum = cupy.where(empty, vis.sum(axis=-1).astype(cupy.float32), P.sum(axis=-1))
+    validate.check_lse_rowsums(cupy.asnumpy(psum), cupy.asnumpy(lse), np.float32)
+
+
+def run_problem(name: str, problem):
+    """The registry's backward runner: (dQ, dK, dV) of a Problem from validate.check_backward."""
+    if problem.mask is not None:
+        raise ValueError(f"{name} does not support a custom mask (causal and sliding windows are supported)")
+    spot_check_lse(problem)
+    return backward(name, problem.Q, problem.K, problem.V, problem.O, problem.dO, problem.lse,
+                    scale=problem.scale, window=problem.window, element=problem.element,
+                    block_size=problem.block_size)
+
+
+def __getattr__(name: str):
+    """`flashkit.gpu.backward:cupy-bwd-mma` (a backend's backward runner) is run_problem bound to that rung."""
+    if name in RUNGS:
+        return functools.partial(run_problem, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
