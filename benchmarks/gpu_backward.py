@@ -6,7 +6,8 @@ Shapes (issue 10): B*N = 16384 tokens, H*d = 2048, N = 4096, d in {64, 128}, cau
 bfloat16: cupy-bwd-mma and cupy-bwd-mma-2kernel beside torch's flash, cudnn and efficient backward;
 float32: cupy-bwd-fp32 beside torch's efficient backward (the only torch fused fp32 backward).
 
-What is timed is the backward alone. torch: the forward runs once under the backend (sdpa_kernel), then
+What is timed is the backward alone, each rung called directly and, beside them, the public call
+`flashkit.attention_backward` (what users get: validation, the lse spot check, the "auto" choice). torch: the forward runs once under the backend (sdpa_kernel), then
 `torch.autograd.grad(o, (q, k, v), do, retain_graph=True)` with a fixed dO is timed. flashkit: O and lse come
 once from the forward rung 6 (fp16/bf16) or 3 (fp32), then `flashkit.gpu.backward.backward(...)` is timed:
 its preprocessing kernel (D = rowsum(dO * O)), the main kernel(s) and, for the atomics rung, the dQ
@@ -85,6 +86,14 @@ class FlashkitBackward:
                                 window=self.window, element=self.element, block_size=block_size,
                                 dq_out=dq, dk_out=dk, dv_out=dv)
 
+    def public(self, causal):
+        """flashkit.attention_backward on the arrays a user holds (bfloat16 as CuPy '|V2', as DLPack gives it)."""
+        import flashkit
+
+        view = (lambda x: x.view("|V2")) if self.element == "bf16" else (lambda x: x)
+        dO, Q, K, V, O = (view(x) for x in (self.dO, self.Q, self.K, self.V, self.O))
+        return lambda: flashkit.attention_backward(dO, Q, K, V, O, self.lse, causal=causal)
+
     def grads_torch(self, dtype):
         """The last backward's dQ, dK, dV as float32 torch tensors."""
         import torch
@@ -150,6 +159,8 @@ def run_grid(N=4096):
                         row["rel_err_vs_peer"] = rel_errs(fk.grads_torch(dtype), peer_grads)
                         print(f"    rel. error vs torch-{PEER[dtype]}: " +
                               ", ".join(f"{k_} {v_:.1e}" for k_, v_ in row["rel_err_vs_peer"].items()), flush=True)
+                # What users call: validation, the lse spot check, "auto" and the launch, outputs allocated
+                measure("flashkit.attention_backward", fk.public(causal), rows, dict(meta, rung=None, public=True))
                 del fk, q, k, v, do, peer_grads
                 free_all()
     return rows
@@ -161,7 +172,7 @@ def add_ratios(rows):
         return (r["d"], r["N"], r["causal"], r["dtype"])
     torch_rows = {(key(r), r["impl"]): r for r in rows if r["impl"].startswith("torch-") and r["status"] == "ok"}
     for r in rows:
-        if r.get("rung") and r["status"] == "ok":
+        if (r.get("rung") or r.get("public")) and r["status"] == "ok":
             p = torch_rows.get((key(r), f"torch-{PEER[r['dtype']]}"))
             if p is not None:
                 r["peer"], r["ratio"] = p["impl"], p["ms"] / r["ms"]
