@@ -72,7 +72,7 @@ def main(argv=None):
         for public, alone in (("flashkit.attention", "forward rung 6 alone"),
                               ("flashkit.attention_backward", "backward rung 2 alone")):
             print(f"{dtype:9} {public} / rung alone: {by[public] / by[alone]:.3f}", flush=True)
-        del ts, q, k, v, do, o, lse, p, pb
+        cupy.get_default_memory_pool().free_all_blocks()
     env = environment()
     result = dict(env, benchmark="benchmarks/gpu_overhead.py", results=rows)
     path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"gpu-overhead-{card_slug(env['card'])}.json"

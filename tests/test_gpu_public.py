@@ -1,7 +1,8 @@
 """The public call on the GPU: flashkit.attention and attention_backward on CuPy arrays, bfloat16 included.
 
-bfloat16 arrives from torch through DLPack as CuPy dtype '|V2' (CuPy has no bfloat16); flashkit reads it
-as bfloat16 bits, and its results come back in the same '|V2' dtype. Skips without a GPU.
+bfloat16 arrives from torch through DLPack as a 2-byte CuPy dtype of kind 'V' (CuPy 14.2 on the H200 names
+it bfloat16; builds without it show '|V2'); flashkit reads it as bfloat16 bits, and its results come back in
+the caller's dtype. Skips without a GPU.
 """
 import numpy as np
 import pytest
