@@ -21,9 +21,9 @@ from flashkit.gpu.standard import bf16_bits_to_float32  # noqa: E402
 
 
 def _bf16(x32):
-    """A NumPy float32 array as a CuPy bfloat16 array ('|V2', as DLPack from torch gives), truncated."""
-    bits = (cupy.asarray(x32, cupy.float32).view(cupy.uint32) >> 16).astype(cupy.uint16)
-    return bits.view("|V2")
+    """A NumPy float32 array as the CuPy array a torch bfloat16 tensor gives through DLPack."""
+    torch = pytest.importorskip("torch")
+    return cupy.from_dlpack(torch.from_numpy(np.ascontiguousarray(x32)).to("cuda", torch.bfloat16))
 
 
 def _to64(x):
