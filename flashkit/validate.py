@@ -95,7 +95,12 @@ def _positive_int(name, v):
     return int(v)
 
 
-def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None) -> Problem:
+def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None,
+          finite=True) -> Problem:
+    """The Problem of attention(q, k, v, ...), or TypeError/ValueError naming the argument at fault.
+
+    finite=False leaves the NaN/Inf scan of q, k, v to the caller (check_backward scans them together
+    with dO, O and lse, behind one host sync on the GPU)."""
     xps = [check_array(n, x, finite=False) for n, x in (("q", q), ("k", k), ("v", v))]
     if not (xps[0] is xps[1] is xps[2]):
         raise TypeError("q, k and v must all be NumPy arrays or all CuPy arrays; got a mix")
@@ -118,7 +123,8 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
         raise ValueError(f"q and k must have the same batch size; got {B} and {Bk}")
     if Hq % Hkv:
         raise ValueError(f"the heads of q ({Hq}) must be a multiple of the heads of k and v ({Hkv}) for GQA/MQA")
-    check_finite(xp, ("q", "k", "v"), (q, k, v))
+    if finite:
+        check_finite(xp, ("q", "k", "v"), (q, k, v))
 
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be True or False; got {causal!r}")
@@ -175,7 +181,8 @@ def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None
     belongs to these q, k (and is in natural-log units) is tested by the backends as they recompute P:
     see `check_lse_rowsums`.
     """
-    problem = check(q, k, v, causal=causal, scale=scale, window=window, mask=mask, block_size=block_size)
+    problem = check(q, k, v, causal=causal, scale=scale, window=window, mask=mask, block_size=block_size,
+                    finite=False)
     xp = problem.xp
     for name, x in (("do", do), ("o", o)):
         if check_array(name, x, finite=False) is not xp:
@@ -191,13 +198,13 @@ def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None
                          f"got {tuple(lse.shape)}")
     if lse.dtype.name not in ("float32", "float64"):
         raise TypeError(f"lse must be float32 or float64 (as attention(..., return_lse=True) returns it); got {lse.dtype}")
-    # lse may hold -inf (rows that saw no key), so its check is "not NaN and not +inf": max(lse) < inf
-    # with NaN propagating through the max; dO and O are checked with it, behind one host sync.
-    i = first_nonfinite(xp, (do, o, xp.maximum(lse, 0)))  # maximum propagates NaN, turns -inf into 0
-    if i == 2:
+    # lse may hold -inf (rows that saw no key), so its check is "not NaN and not +inf": max(lse, 0) is
+    # finite exactly then (maximum propagates NaN). All six arrays are scanned behind one host sync.
+    i = first_nonfinite(xp, (q, k, v, do, o, xp.maximum(lse, 0)))
+    if i == 5:
         raise ValueError("lse contains NaN or +inf; a logsumexp is finite, or -inf for a row that saw no key")
     if i is not None:
-        raise ValueError(f"{('do', 'o')[i]} contains NaN or Inf; attention of non-finite input is undefined")
+        raise ValueError(f"{('q', 'k', 'v', 'do', 'o')[i]} contains NaN or Inf; attention of non-finite input is undefined")
     lse_dtype = "float64" if problem.dtype_name == "float64" else "float32"
     lse3 = lse.reshape(problem.Q.shape[:3]).astype(lse_dtype, copy=False)
     return replace(problem, dO=xp.ascontiguousarray(bf16_bits(_as4d(do))), O=xp.ascontiguousarray(bf16_bits(_as4d(o))),
@@ -212,13 +219,14 @@ def lse_tolerance(dtype) -> float:
     return 1e-4 if np.dtype(dtype) == np.float64 else 1e-3
 
 
-def check_lse_rowsums(psum, lse, dtype) -> None:
+def check_lse_rowsums(psum, lse, dtype, labels=None) -> None:
     """Raise unless every row sum of the recomputed P = exp(S - lse) is 1 (0 for a row whose lse is -inf).
 
     A backward recomputes P from the forward's lse instead of storing it; if lse came from another call
     or is in log2 units, P does not sum to 1 and the gradients would be plausible-looking garbage.
     `psum` holds, per row, sum_j exp(S_ij - lse_i) for finite lse and the number of visible keys for
-    lse = -inf. Arrays of any matching shape.
+    lse = -inf. Arrays of any matching shape; `labels`, nested like them, names each row as (b, h, i)
+    when the arrays hold a sample of rows rather than all of them.
     """
     psum = np.asarray(psum, np.float64)
     lse = np.asarray(lse, np.float64)
@@ -227,8 +235,9 @@ def check_lse_rowsums(psum, lse, dtype) -> None:
     if bad.any():
         first = np.argwhere(bad)[0]
         idx = tuple(int(i) for i in first)
+        where = idx if labels is None else labels[idx[0]][idx[1]] if len(idx) == 2 else idx
         raise ValueError(
-            f"lse does not belong to these q and k: at row {idx} the recomputed softmax sums to "
+            f"lse does not belong to these q and k: at row (b, h, i) = {where} the recomputed softmax sums to "
             f"{psum[idx]:.6g} instead of {0 if empty[idx] else 1} ({int(bad.sum())} rows off). Pass the lse "
             "that attention(q, k, v, ..., return_lse=True) returned for the same q, k, causal, window, mask "
             "and scale (natural-log units, not log2)")
