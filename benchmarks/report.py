@@ -53,6 +53,8 @@ def results_section() -> str:
     for path, data in _load("gpu-*.json"):
         if path.name.startswith("gpu-bwd-"):
             parts.append(_gpu_backward_headline(path, data))
+        elif path.name.startswith("gpu-overhead-"):
+            parts.append(_gpu_overhead_headline(path, data))
         else:
             parts.append(_gpu_headline(path, data))
     for path, data in _load("decode-*.json"):
@@ -145,6 +147,15 @@ def _gpu_backward_headline(path, data) -> str:
         out.append(f"| {r['dtype']} | {r['d']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.2f} | "
                    f"{r['tflops']:.0f} | {r['peer']} | {r['ratio']:.2f} | {fastest['impl']} | "
                    f"{fastest['ms'] / r['ms']:.2f} |")
+    return "\n".join(out + ["", _label(path, data)])
+
+
+def _gpu_overhead_headline(path, data) -> str:
+    """What the public call costs beyond its kernel (benchmarks/gpu_overhead.py)."""
+    out = ["**GPU public call against the rung alone**, B=4, N=4096, H=32, d=64, not causal (ms per call)", "",
+           "| dtype | what | ms |", "| --- | --- | --- |"]
+    for r in data["results"]:
+        out.append(f"| {r['dtype']} | {r['what']} | {r['ms']:.3f} |")
     return "\n".join(out + ["", _label(path, data)])
 
 
