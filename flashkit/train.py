@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+
+from flashkit.measure.timing import threads_limit
 
 SEP = 0  # the separator token; symbols are 1 .. vocab - 1
 TASKS = ("copy", "reverse", "sort")
@@ -120,7 +121,7 @@ class History:
 
 def train(model, *, task: str = "reverse", steps: int = 300, batch: int = 32, length: int = 8, lr: float = 3e-3,
           betas=(0.9, 0.99), lr_decay: bool = True, seed: int = 0, backend: Optional[str] = None, eval_every: int = 25,
-          time_limit: Optional[float] = None, callback: Optional[Callable] = None, blas_threads: Optional[int] = 1
+          time_limit: Optional[float] = None, callback: Optional[Callable] = None, threads: Optional[int] = 1
           ) -> History:
     """Train `model` (a flashkit.layers.TinyDecoder) on `task` with Adam; returns its History.
 
@@ -132,9 +133,11 @@ def train(model, *, task: str = "reverse", steps: int = 300, batch: int = 32, le
     learning rate falls linearly from lr to lr / 10 over the steps: near zero loss, Adam's full-size
     steps kick the model out of its minimum now and then (seen here as loss spikes late in a run).
 
-    blas_threads: NumPy's BLAS gets this many threads during the run (None: as it is). The matrices here
-    have a few hundred rows, too small to share out: on a busy 2-core machine a BLAS pool beside Numba's
-    made a step 5-10 times slower (measured: about 200 ms a step against 19 ms with one BLAS thread).
+    threads: Numba's kernels and NumPy's BLAS get this many threads during the run (None: as they are).
+    The problems here (16 tokens, matrices of a few hundred rows) are too small to share out, and on a
+    busy 2-core machine extra threads cost more than they give: measured, about 200 ms a step with
+    BLAS's default pool against 19 ms with one thread; with Numba on 2 threads 80-86 ms against 34-51 ms
+    on one while other work was running.
     """
     for name, v in (("steps", steps), ("eval_every", eval_every)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
@@ -153,7 +156,7 @@ def train(model, *, task: str = "reverse", steps: int = 300, batch: int = 32, le
             callback(history)
 
     t0 = time.perf_counter()
-    with threadpool_limits(blas_threads, user_api="blas"):  # limits=None changes nothing
+    with threads_limit(threads):  # None changes nothing
         checkpoint(0)  # the untrained model: about ln(vocab - 1), chance on the scored half
         for step in range(1, steps + 1):
             if lr_decay:
