@@ -18,8 +18,10 @@ How the tensors cross, without copies:
         `torch.from_numpy` shares the result's. bfloat16 has no NumPy dtype: a bf16 CPU tensor is
         computed in float32 (copies), as flashkit computes float16 in float32 on the CPU.
   CUDA  DLPack: `cupy.from_dlpack(t)` and `torch.from_dlpack(x)` hand over the same device memory, on
-        the tensor's device. CuPy has no bfloat16 dtype: a bf16 tensor arrives as the 2-byte void dtype
-        '|V2' and is viewed here as its uint16 bits (the GPU kernels take those with element="bf16").
+        the tensor's device. bf16: CuPy 14 with ml_dtypes holds a `bfloat16` dtype and a bf16 tensor
+        arrives as one (seen on an H200, CuPy 14.2, torch 2.11: flashkit.attention then ran it end to
+        end); a CuPy without it gives the nameless 2-byte void dtype '|V2', viewed here as its uint16
+        bits (the GPU kernels take those with element="bf16").
 
 Conventions are flashkit's, not SDPA's, where they differ: causal with Nq != Nk is aligned bottom-right
 (query i sees keys j <= i + Nk - Nq; SDPA's is_causal is top-left), `mask` is True where a query MAY
@@ -71,7 +73,7 @@ def _to_array(t):
         # DLPack passes strides, but a contiguous tensor is the case every kernel is written for; this is
         # a no-op for the usual contiguous tensor and one copy for an expanded one (a gradient of .sum()).
         x = cupy.from_dlpack(t.contiguous())
-        if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # bf16: CuPy has no bfloat16, DLPack gives '|V2'
+        if x.dtype.kind == "V" and x.dtype.itemsize == 2 and x.dtype.name != "bfloat16":  # bf16 as '|V2'
             x = x.view(cupy.uint16)  # the same bits; flashkit's GPU kernels read them with element="bf16"
         return x
     if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: compute in float32, as for float16 on the CPU
@@ -85,7 +87,7 @@ def _to_tensor(x, device, dtype=None):
     torch = _torch()
     if device.type == "cuda":
         t = torch.from_dlpack(x)
-        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t  # uint16 bits back to bf16
+        return t.view(torch.bfloat16) if dtype == torch.bfloat16 and t.dtype == torch.uint16 else t  # bits back to bf16
     t = torch.from_numpy(x)
     return t if dtype is None or t.dtype == dtype else t.to(dtype)  # only bf16 converts (from float32)
 

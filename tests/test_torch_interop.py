@@ -203,8 +203,11 @@ def test_cuda_forward_through_dlpack():
         o = ft.attention(q, k, v, causal=True)
         ref = sdpa(q, k, v, causal=True)
     assert o.is_cuda and o.dtype == torch.float32 and rel(o, ref) < 1e-5
-    bits = ft._to_array(q.detach().bfloat16())
-    assert bits.dtype == cupy.uint16  # bf16 arrives as '|V2' and is viewed as its bits
+    b = q.detach().bfloat16()
+    x = ft._to_array(b)  # CuPy 14 with ml_dtypes: a bfloat16 array; without it: the uint16 bits of '|V2'
+    assert x.dtype.name in ("bfloat16", "uint16") and x.data.ptr == b.data_ptr()
+    back = ft._to_tensor(x, b.device, torch.bfloat16)
+    assert back.dtype == torch.bfloat16 and back.data_ptr() == b.data_ptr()
 
 
 @pytest.mark.skipif(_gpu_ready() is not None or not _gpu_backward(),
