@@ -128,8 +128,7 @@ def dV_unnormalised(Q, K, V, O, dO, lse, scale):
 
 
 def S_without_scale(Q, K, V, O, dO, lse, scale):
-    out = attention_backward(Q, K, V, O, dO, lse, scale)
-    dQ, dK, dV = (np.zeros_like(x) for x in out)
+    dQ, dK, dV = np.zeros_like(Q), np.zeros_like(K), np.zeros_like(V)
     g = Q.shape[0] // K.shape[0]
     for h in range(Q.shape[0]):
         P = np.exp(Q[h] @ K[h // g].T - lse[h][:, None])  # scale forgotten in S
