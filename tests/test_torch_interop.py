@@ -219,3 +219,13 @@ def test_cuda_gradients_match_sdpa(dtype, tol):
     theirs = grads(lambda q, k, v: sdpa(q, k, v, causal=True), (q, k, v), do)
     for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
         assert a.is_cuda and a.dtype == dtype and rel(a, b) < tol
+
+
+def test_gradient_of_a_sum_arrives_with_zero_strides():
+    """o.sum().backward() hands the backward an expanded dO (stride 0 on every axis): a view NumPy shares too."""
+    q, k, v = tensors(1, 4, 2, 6, 9, 3, dtype=torch.float32, seed=14)
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ft.attention(q, k, v, causal=True).sum().backward()
+    sdpa(*ref, causal=True).sum().backward()
+    for a, b in zip((q, k, v), ref):
+        assert rel(a.grad, b.grad) < 2e-6
