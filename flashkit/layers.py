@@ -1,5 +1,6 @@
 """Attention inside a model, in NumPy: a multi-head attention layer (GQA, RoPE, KV cache) and a tiny
-decoder that generates tokens with it. Small on purpose: every line is the textbook one.
+decoder that generates tokens with it, and trains: every layer has a hand-written backward. Small on
+purpose: every line is the textbook one.
 
 The layer shows that one kernel serves prefill and decoding. `forward(x, cache=cache)` projects the
 new tokens to q, k, v, rotates q and k by their positions (RoPE), appends k and v to the cache and
@@ -10,6 +11,13 @@ decode are the same call.
 
     model = TinyDecoder(vocab=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, seed=0)
     tokens = model.generate([1, 2, 3], n_new=5)            # greedy, with a KV cache per layer
+
+Training (flashkit.train has the optimiser, the tasks and the loop): every layer has
+`forward_train(x) -> (y, saved)`, keeping what its backward needs, and `backward(dy, saved) -> (dx,
+grads)`, with `grads` keyed like `parameters()`. The attention layer keeps its rotated q and k, v, the
+output O and the logsumexp lse, but never the n x n matrix P: `flashkit.attention_backward` recomputes
+it from lse, as FlashAttention does. The model's `loss_and_grads(tokens, targets)` runs the whole
+chain down to the embedding. tests/test_training.py checks every backward against finite differences.
 """
 from __future__ import annotations
 
@@ -31,6 +39,11 @@ def _positive_int(name, v):
 def _init(rng, fan_in, fan_out, dtype):
     """A (fan_in, fan_out) weight with variance 1/fan_in, so activations keep their size."""
     return (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(dtype)
+
+
+def _matmul_sum(x, dy):
+    """dW for y = x W: x^T dy summed over every leading axis (batch and tokens). x (..., a), dy (..., b)."""
+    return x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])  # (a, b)
 
 
 class MultiHeadAttention:
@@ -173,6 +186,71 @@ class MultiHeadAttention:
 
     __call__ = forward
 
+    # ------------------------------------------------------------ training: forward that keeps, backward
+    def parameters(self) -> dict:
+        """The weights by name (the arrays themselves: an optimiser updates them in place)."""
+        return self.weights
+
+    def forward_train(self, x, *, backend=None):
+        """(out, saved) for x (B, n, d_model): self-attention over positions 0..n-1 (no KV cache), with
+        what `backward` needs kept in `saved`: x, the rotated q and k, v, O and lse. Not P (n x n)."""
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, n, {self.d_model}); got {x.shape}")
+        B, n, _ = x.shape
+        backend = backend or self.backend
+        positions = np.arange(n)
+        q, k, v = self.project(x)  # (B, H, n, d), (B, H_kv, n, d) x2
+        if self.rotary_dim:
+            q = apply_rope(q, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
+            k = apply_rope(k, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
+        o, lse = flashkit.attention(q, k, v, causal=self.causal, backend=backend, return_lse=True)
+        o_flat = o.transpose(0, 2, 1, 3).reshape(B, n, self.n_heads * self.head_dim)  # (B, n, H d)
+        out = o_flat @ self.weights["Wo"]  # (B, n, d_model)
+        return out, dict(x=x, q=q, k=k, v=v, o=o, lse=lse, o_flat=o_flat, backend=backend)
+
+    def backward(self, dout, saved):
+        """(dx, grads) from dout = dLoss/dout (B, n, d_model); grads has the keys of `weights`.
+
+        Back through the output projection, then attention (flashkit.attention_backward: P recomputed
+        from lse), then RoPE (the gradient of a rotation by theta is the rotation by -theta), then the
+        projections. With GQA, dk and dv come back already summed over each K/V head's query heads.
+        """
+        x, q, k, v, o, lse = (saved[name] for name in ("x", "q", "k", "v", "o", "lse"))
+        B, n, _ = x.shape
+        H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        grads = {}
+        # out = o_flat Wo
+        grads["Wo"] = _matmul_sum(saved["o_flat"], dout)  # (H d, d_model)
+        do = (dout @ self.weights["Wo"].T).reshape(B, n, H, d).transpose(0, 2, 1, 3)  # (B, H, n, d)
+        # o = attention(q, k, v): dq, dk, dv from dO, O and lse (FlashAttention-2's backward)
+        dq, dk, dv = flashkit.attention_backward(np.ascontiguousarray(do), q, k, v, o, lse, causal=self.causal,
+                                                 backend=saved["backend"])
+        if self.rotary_dim:  # q_rot = R(theta) q, so dq = R(theta)^T dq_rot = R(-theta) dq_rot
+            positions = np.arange(n)
+            dq = apply_rope(dq, positions, base=self.rope_base, rotary_dim=self.rotary_dim, inverse=True)
+            dk = apply_rope(dk, positions, base=self.rope_base, rotary_dim=self.rotary_dim, inverse=True)
+        dq = dq.transpose(0, 2, 1, 3).reshape(B, n, H * d)  # (B, n, H d), as project() made them
+        dk = dk.transpose(0, 2, 1, 3).reshape(B, n, Hkv * d)  # (B, n, H_kv d)
+        dv = dv.transpose(0, 2, 1, 3).reshape(B, n, Hkv * d)
+        if self.fused_qkv:  # qkv = x Wqkv, cut in three
+            dqkv = np.concatenate([dq, dk, dv], axis=-1)  # (B, n, (H + 2 H_kv) d)
+            grads["Wqkv"] = _matmul_sum(x, dqkv)
+            dx = dqkv @ self.weights["Wqkv"].T
+        else:
+            grads["Wq"], grads["Wk"], grads["Wv"] = _matmul_sum(x, dq), _matmul_sum(x, dk), _matmul_sum(x, dv)
+            dx = dq @ self.weights["Wq"].T + dk @ self.weights["Wk"].T + dv @ self.weights["Wv"].T
+        return dx, grads
+
+    def attention_map(self, saved):
+        """P (B, H, n, n), the attention weights of a forward_train call, rebuilt from q, k and lse the way
+        the backward rebuilds them: P = exp(q k^T * scale - lse), 0 where the causal mask hides a key."""
+        q, k, lse = saved["q"], saved["k"], saved["lse"]
+        n, g = q.shape[2], self.n_heads // self.n_kv_heads
+        S = (q @ np.repeat(k, g, axis=1).transpose(0, 1, 3, 2)) / np.sqrt(self.head_dim)  # (B, H, n, n)
+        if self.causal:
+            S = np.where(np.tril(np.ones((n, n), bool)), S, -np.inf)
+        return np.exp(S - lse[..., None])
+
 
 class RMSNorm:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (Zhang & Sennrich 2019)."""
@@ -181,9 +259,28 @@ class RMSNorm:
         self.weight = np.ones(_positive_int("dim", dim), dtype)
         self.eps = float(eps)
 
+    def _rms(self, x):
+        # sqrt(mean(x^2) + eps), in float32 at least (float16 squares overflow), float64 for float64
+        x = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
+        return np.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)  # (..., 1)
+
     def __call__(self, x):
-        ms = (x.astype(np.float32) ** 2).mean(axis=-1, keepdims=True)
-        return (x / np.sqrt(ms + self.eps)).astype(x.dtype) * self.weight
+        return (x / self._rms(x)).astype(x.dtype) * self.weight
+
+    def parameters(self) -> dict:
+        return {"weight": self.weight}
+
+    def forward_train(self, x):
+        rms = self._rms(x)
+        return (x / rms).astype(x.dtype) * self.weight, dict(x=x, r=(1 / rms).astype(x.dtype))
+
+    def backward(self, dy, saved):
+        """y = x r w with r = (mean(x^2) + eps)^(-1/2), so dr/dx = -r^3 x / D and
+        dx = r (dy w) - x r^3 mean((dy w) x);  dw = sum over tokens of dy x r."""
+        x, r = saved["x"], saved["r"]
+        g = dy * self.weight
+        dx = r * g - x * r ** 3 * (g * x).mean(axis=-1, keepdims=True)
+        return dx, {"weight": (dy * x * r).reshape(-1, x.shape[-1]).sum(axis=0)}
 
 
 class MLP:
@@ -199,6 +296,24 @@ class MLP:
         g = x @ self.W_gate
         return ((g / (1 + np.exp(-g))) * (x @ self.W_up)) @ self.W_down  # silu(g) = g * sigmoid(g)
 
+    def parameters(self) -> dict:
+        return {"W_gate": self.W_gate, "W_up": self.W_up, "W_down": self.W_down}
+
+    def forward_train(self, x):
+        g, u = x @ self.W_gate, x @ self.W_up  # (..., hidden) each
+        sig = 1 / (1 + np.exp(-g))
+        h = g * sig * u  # silu(g) * u
+        return h @ self.W_down, dict(x=x, g=g, u=u, sig=sig, h=h)
+
+    def backward(self, dy, saved):
+        """Through y = h W_down, h = silu(g) u, g = x W_gate, u = x W_up; silu'(g) = sig (1 + g (1 - sig))."""
+        x, g, u, sig, h = (saved[name] for name in ("x", "g", "u", "sig", "h"))
+        dh = dy @ self.W_down.T
+        dg = dh * u * sig * (1 + g * (1 - sig))
+        du = dh * g * sig
+        dx = dg @ self.W_gate.T + du @ self.W_up.T
+        return dx, {"W_gate": _matmul_sum(x, dg), "W_up": _matmul_sum(x, du), "W_down": _matmul_sum(h, dy)}
+
 
 class DecoderBlock:
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
@@ -213,6 +328,32 @@ class DecoderBlock:
     def __call__(self, x, cache=None, backend=None):
         x = x + self.attn(self.norm1(x), cache, backend=backend)
         return x + self.mlp(self.norm2(x))
+
+    def parameters(self) -> dict:
+        return {f"{name}.{key}": w for name in ("norm1", "attn", "norm2", "mlp")
+                for key, w in getattr(self, name).parameters().items()}
+
+    def forward_train(self, x, *, backend=None):
+        h1, s_norm1 = self.norm1.forward_train(x)
+        a, s_attn = self.attn.forward_train(h1, backend=backend)
+        x1 = x + a  # the residual stream after attention
+        h2, s_norm2 = self.norm2.forward_train(x1)
+        m, s_mlp = self.mlp.forward_train(h2)
+        return x1 + m, dict(norm1=s_norm1, attn=s_attn, norm2=s_norm2, mlp=s_mlp)
+
+    def backward(self, dy, saved):
+        """A residual add passes its gradient to both branches: dx1 = dy + (the MLP branch's dx1), and
+        dx = dx1 + (the attention branch's dx)."""
+        grads = {}
+
+        def through(name, d):
+            dx, g = getattr(self, name).backward(d, saved[name])
+            grads.update({f"{name}.{key}": w for key, w in g.items()})
+            return dx
+
+        dx1 = dy + through("norm2", through("mlp", dy))
+        dx = dx1 + through("norm1", through("attn", dx1))
+        return dx, grads
 
 
 class TinyDecoder:
@@ -241,17 +382,62 @@ class TinyDecoder:
     def cache_bytes(self, caches) -> int:
         return sum(c.used_bytes for c in caches)
 
-    def forward(self, tokens, caches=None, backend=None):
-        """Logits (B, n, vocab) for token ids (B, n); with caches, the tokens extend what they hold."""
+    def _check_tokens(self, tokens):
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be a 2-D array (B, n) of integers; got {tokens.dtype} {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab):
             raise ValueError(f"tokens must lie in [0, {self.vocab}); got values from {tokens.min()} to {tokens.max()}")
+        return tokens
+
+    def forward(self, tokens, caches=None, backend=None):
+        """Logits (B, n, vocab) for token ids (B, n); with caches, the tokens extend what they hold."""
+        tokens = self._check_tokens(tokens)
         x = self.embed[tokens]  # (B, n, d_model)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], backend=backend)
         return self.norm(x) @ self.lm_head  # (B, n, vocab)
+
+    # ------------------------------------------------------------ training
+    def parameters(self) -> dict:
+        """Every weight by name ("embed", "blocks.0.attn.Wqkv", ...): the arrays themselves."""
+        params = {"embed": self.embed}
+        for i, block in enumerate(self.blocks):
+            params.update({f"blocks.{i}.{key}": w for key, w in block.parameters().items()})
+        params.update({"norm.weight": self.norm.weight, "lm_head": self.lm_head})
+        return params
+
+    def forward_train(self, tokens, *, backend=None):
+        """(logits (B, n, vocab), saved): the forward of `loss_and_grads`, keeping every layer's saved state."""
+        tokens = self._check_tokens(tokens)
+        x = self.embed[tokens]  # (B, n, d_model)
+        saved = []
+        for block in self.blocks:
+            x, s = block.forward_train(x, backend=backend)
+            saved.append(s)
+        h, s_norm = self.norm.forward_train(x)
+        return h @ self.lm_head, dict(tokens=tokens, blocks=saved, norm=s_norm, h=h)
+
+    def loss_and_grads(self, tokens, targets, *, backend=None):
+        """(loss, grads): the mean cross-entropy of predicting targets (B, n) from tokens (B, n), over the
+        positions whose target is >= 0 (-1 = not scored), and its gradient for every parameter."""
+        logits, saved = self.forward_train(tokens, backend=backend)
+        loss, dlogits = cross_entropy(logits, targets)
+        grads = {"lm_head": _matmul_sum(saved["h"], dlogits)}
+        dx, g = self.norm.backward(dlogits @ self.lm_head.T, saved["norm"])
+        grads["norm.weight"] = g["weight"]
+        for i in reversed(range(len(self.blocks))):
+            dx, g = self.blocks[i].backward(dx, saved["blocks"][i])
+            grads.update({f"blocks.{i}.{key}": w for key, w in g.items()})
+        dembed = np.zeros_like(self.embed)
+        np.add.at(dembed, saved["tokens"], dx)  # a token used twice collects both gradients
+        grads["embed"] = dembed
+        return loss, grads
+
+    def attention_maps(self, tokens, *, backend=None):
+        """The attention weights P of every layer for `tokens` (B, n): a list of (B, H, n, n) arrays."""
+        _, saved = self.forward_train(tokens, backend=backend)
+        return [block.attn.attention_map(s["attn"]) for block, s in zip(self.blocks, saved["blocks"])]
 
     def generate(self, prompt, n_new, *, backend=None, use_cache=True):
         """Greedy decoding: the prompt (list of ids, or (B, n) array) followed by n_new chosen tokens.
@@ -273,3 +459,28 @@ class TinyDecoder:
                 nxt = self.forward(tokens, backend=backend)[:, -1].argmax(axis=-1)[:, None]
                 tokens = np.concatenate([tokens, nxt], axis=1)
         return tokens
+
+
+def cross_entropy(logits, targets):
+    """(loss, dlogits): the mean of -log softmax(logits)[target] over the positions with target >= 0.
+
+    logits (..., vocab), targets (...) integers, -1 where a position is not scored. The gradient of a
+    softmax followed by its own log-likelihood is short: dlogits = (softmax(logits) - onehot(target)) / count.
+    """
+    targets = np.asarray(targets)
+    if targets.shape != logits.shape[:-1] or not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integers of shape {logits.shape[:-1]}; got {targets.dtype} {targets.shape}")
+    scored = targets >= 0
+    count = int(scored.sum())
+    if count == 0:
+        raise ValueError("targets score no position (all -1)")
+    if targets.max() >= logits.shape[-1]:
+        raise ValueError(f"targets must lie in [-1, {logits.shape[-1]}); got up to {targets.max()}")
+    z = logits - logits.max(axis=-1, keepdims=True)  # safe softmax: every exp() <= 1
+    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    t = np.where(scored, targets, 0)[..., None]
+    loss = -float(np.take_along_axis(log_p, t, axis=-1)[..., 0][scored].sum()) / count
+    dlogits = np.exp(log_p)
+    np.put_along_axis(dlogits, t, np.take_along_axis(dlogits, t, axis=-1) - 1, axis=-1)
+    dlogits *= scored[..., None] / count
+    return loss, dlogits.astype(logits.dtype, copy=False)

@@ -45,10 +45,13 @@ def rope_angles(positions, rotary_dim: int, base: float = 10000.0):
     return np.cos(angle), np.sin(angle)
 
 
-def apply_rope(x, positions, *, base: float = 10000.0, rotary_dim=None):
+def apply_rope(x, positions, *, base: float = 10000.0, rotary_dim=None, inverse: bool = False):
     """x rotated: x is (..., N, d) (e.g. (B, H, N, d)), positions holds N integers (the tokens' places).
 
-    Returns a new array of x's dtype; x is not modified. The angles are computed in float64.
+    inverse=True rotates by -angle instead. A rotation's inverse is its transpose, so this is also the
+    backward of RoPE: the gradient with respect to the unrotated q is the gradient with respect to the
+    rotated q, rotated back. Returns a new array of x's dtype; x is not modified. The angles are
+    computed in float64.
     """
     x = np.asarray(x)
     if x.ndim < 2:
@@ -62,7 +65,7 @@ def apply_rope(x, positions, *, base: float = 10000.0, rotary_dim=None):
     if r == 0:
         return out
     cos, sin = rope_angles(positions, r, base)  # (N, r/2)
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    cos, sin = cos.astype(x.dtype), (-sin if inverse else sin).astype(x.dtype)  # cos(-a) = cos a, sin(-a) = -sin a
     x1, x2 = x[..., :r // 2], x[..., r // 2:r]  # (..., N, r/2): real and imaginary parts of z
     # z * exp(1j angle) = (x1 cos - x2 sin) + 1j (x1 sin + x2 cos)
     out[..., :r // 2] = x1 * cos - x2 * sin

@@ -34,7 +34,7 @@ from flashkit.atomic import write_json, write_text
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- notebook-times:begin -->", "<!-- notebook-times:end -->"
 AGENDA_BEGIN, AGENDA_END = "<!-- agenda:begin -->", "<!-- agenda:end -->"
-SERIES = [f"{n:02d}" for n in range(11)]  # the numbered walkthroughs 00..10 we expect in notebooks/
+SERIES = [f"{n:02d}" for n in range(13)]  # the numbered walkthroughs 00..12 we expect in notebooks/
 
 
 def machine() -> tuple:
@@ -103,7 +103,7 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def missing_series(folder: Path, found: list) -> list:
-    """Numbers of the 00..10 series with no notebook named NN_*.ipynb directly in `folder`."""
+    """Numbers of the 00..12 series with no notebook named NN_*.ipynb directly in `folder`."""
     have = {p.name[:2] for p in found if p.parent == Path(folder)}
     return [n for n in SERIES if n not in have]
 
@@ -121,7 +121,7 @@ def markdown_table(results: dict, results_file: str) -> str:
             f"({results['machine'].get('cores', '?')} cores, shared with other work), a fresh kernel per notebook; "
             "Run All = kernel start + the cells' own run times. "
             f"From `{results_file}` (regenerate: `python tools/time_notebooks.py --workshop WORKSHOP.md`). "
-            f"Series notebooks (00-10) missing at that time: {missing}.")
+            f"Series notebooks ({SERIES[0]}-{SERIES[-1]}) missing at that time: {missing}.")
     return head + "\n\n" + "\n".join(rows)
 
 
@@ -159,8 +159,14 @@ def fill_agenda(agenda: str, results: dict) -> str:
     total = sum(seconds[n] for n in set(used))
     lines.append("")
     lines.append(f"Run time of every notebook in the agenda, measured {results['date']}: {total:.0f} s in all, "
-                 f"{total / 60:.1f} of the 180 minutes (kernel start included).")
+                 f"{total / 60:.1f} of the {_planned_minutes(agenda)} minutes (kernel start included).")
     return "\n".join(lines)
+
+
+def _planned_minutes(agenda: str) -> int:
+    """The agenda's length: the latest end time of its "H:MM-H:MM" rows (180, a 3-hour day, without any)."""
+    ends = [int(h) * 60 + int(m) for h, m in re.findall(r"\d+:\d\d-(\d+):(\d\d)", agenda)]
+    return max(ends, default=180)
 
 
 def update_workshop(path: Path, table: str, results: dict) -> None:

@@ -16,12 +16,16 @@ Tasks and the signature each checker expects:
     check_skip_tile(skip_tile)           skip_tile(i0, i1, j0, j1, Nq, Nk, window) -> bool
     check_block_sizes(block_sizes)       block_sizes(M, d) -> (Br, Bc)
     check_hbm_traffic(hbm_bytes_standard) hbm_bytes_standard(B, H, Nq, Nk, d, itemsize) -> int
+    check_softmax_backward(softmax_backward)  softmax_backward(P, dP) -> dS
+    check_attention_backward(attention_backward)  attention_backward(Q, K, V, O, dO, lse, scale) -> (dQ, dK, dV)
 The memory-hierarchy sweep lives in flashkit.exercises.membench (imported on use: it compiles Numba code).
 """
+from flashkit.exercises.backward import check_attention_backward, check_softmax_backward
 from flashkit.exercises.checking import ExerciseError
 from flashkit.exercises.softmax import check_merge, check_online_update, check_safe_softmax
 from flashkit.exercises.tiles import check_block_sizes, check_fa2_tile, check_skip_tile
 from flashkit.exercises.traffic import check_hbm_traffic
 
 __all__ = ["ExerciseError", "check_safe_softmax", "check_online_update", "check_merge", "check_fa2_tile",
-           "check_skip_tile", "check_block_sizes", "check_hbm_traffic"]
+           "check_skip_tile", "check_block_sizes", "check_hbm_traffic", "check_softmax_backward",
+           "check_attention_backward"]
