@@ -21,7 +21,8 @@ class Backend:
     summary    one line for the backends table
     dtypes     dtype names computed natively; float16 input to a backend without it runs in float32
     head_dims  supported head sizes d, or None for any
-    mask       whether a custom boolean mask is supported
+    mask       whether a custom boolean mask is supported (causal and sliding windows every backend
+               supports: each kernel takes the (left, right) window of the Problem)
     priority   "auto" picks the available backend with the highest priority that supports the request
     runner     "module:function" that takes a Problem and returns (O, lse); None for a backward-only rung
     backward   "module:function" that takes a Problem carrying dO, O and lse (validate.check_backward)
@@ -37,7 +38,6 @@ class Backend:
     dtypes: Tuple[str, ...] = ("float32", "float64")
     head_dims: Optional[Tuple[int, ...]] = None
     mask: bool = True
-    window: bool = True
     priority: int = 0
     probe: Optional[str] = None
     rung: Optional[int] = None  # place in its ladder (None for baselines outside a ladder)
@@ -86,8 +86,6 @@ class Backend:
             return f"backend {self.name!r} supports head size d in {{{dims}}}; got d={problem.d}"
         if problem.mask is not None and not self.mask:
             return f"backend {self.name!r} does not support a custom mask (causal and window are supported)"
-        if problem.has_window and not problem.causal and not self.window:
-            return f"backend {self.name!r} does not support a sliding window"
         return None
 
     def run(self, problem):
