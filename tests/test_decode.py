@@ -159,6 +159,35 @@ def test_traced_partials_records_every_task():
     np.testing.assert_allclose(o, attention_decode(q, k, v, backend="numpy-standard"), rtol=1e-5, atol=1e-6)
 
 
+def test_splitk_backends_are_in_the_registry():
+    """The split-K kernels are registry backends: listed, with a decode runner, chosen by registry.choose."""
+    from flashkit import registry
+
+    listed = {b["name"] for b in flashkit.backends()}
+    assert {"numpy-splitk", "numba-splitk", "cupy-splitk"} <= listed
+    decoders = [b.name for b in registry.all_backends() if b.has_decode]
+    assert decoders == ["numpy-splitk", "numba-splitk", "cupy-splitk"]
+    q, k, v = make(np.random.default_rng(5), 1, 4, 2, 1, 64, 16)
+    P = check(q, k, v, length=40)
+    assert registry.choose(P, "auto", direction="decode").name == CPU_SPLITK[-1]
+    # a prefill never goes to a split-K kernel by itself, though each can compute one
+    assert not registry.choose(validate.check(q, k, v), "auto").has_decode
+    # a named backend without a decode runner serves the step unsplit
+    assert registry.choose(P, "numpy-standard", direction="decode").name == "numpy-standard"
+
+
+def test_auto_without_a_fitting_decode_backend_says_why(monkeypatch):
+    """When every decode backend that could run here refuses the request, "auto" names what each lacks."""
+    from flashkit import registry
+    from flashkit.registry import Backend
+
+    only128 = Backend(name="test-splitk-d128", device="cpu", summary="test", runner=None,
+                      decode="flashkit.decode:numpy_splitk", head_dims=(128,))
+    monkeypatch.setattr(registry, "all_backends", lambda: (only128,))
+    with pytest.raises(ValueError, match="no available backend supports this decode request.*d=8"):
+        attention_decode(Q0, K0, V0, backend="auto")
+
+
 Q0, K0, V0 = make(np.random.default_rng(0), 2, 4, 2, 1, 10, 8)
 BAD = [
     ("length too long", dict(length=11), ValueError, ["length", "10"]),

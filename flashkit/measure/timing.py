@@ -223,8 +223,9 @@ class Sweep:
 
 def default_backends() -> List[str]:
     """The available CPU baselines (backends outside a ladder: rung None), e.g. NumPy standard and the
-    fastest Numba kernel; all available CPU backends if there is no such baseline."""
-    cpu = [b for b in registry.all_backends() if b.device == "cpu" and b.available]
+    fastest Numba kernel; all available CPU backends if there is no such baseline. The split-K decoding
+    kernels are left out: a sweep of N x N problems is a prefill, which they serve only slowly."""
+    cpu = [b for b in registry.all_backends() if b.device == "cpu" and b.available and not b.has_decode]
     baselines = [b.name for b in cpu if b.rung is None]
     return baselines or [b.name for b in cpu]
 
