@@ -6,8 +6,9 @@ Shapes: B*N = 16384 tokens, H*d = 2048, d in {64, 128}, N in {1024, 4096, 16384}
 float16 and bfloat16 for the tensor-core rungs, float32 for the fp32 rungs. Every implementation reads
 the same input tensors (torch allocates them; CuPy sees them through DLPack, bfloat16 as int16 bits).
 
-Timing: CUDA events around each call on the default stream, after a warm-up call (NVRTC compile and
-cuBLAS/cuDNN handle creation stay out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
+Timing: CUDA events around each call on the default stream (flashkit.measure.timing.median_time; torch
+and CuPy share that stream), after a warm-up call (NVRTC compile and cuBLAS/cuDNN handle creation stay
+out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
 TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at, its `peer`
 in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash.
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from flashkit.atomic import write_json
 from flashkit.gpu.rungs import ELEMENTS, RUNGS, rung
+from flashkit.measure.timing import median_time
 
 FORWARD = tuple(r for r in RUNGS if r.direction == "forward")  # the rungs this script times, ladder order
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -34,25 +35,6 @@ def flops(B, H, N, d, causal):
     from flashkit.problem import flops as attention_flops
 
     return attention_flops(B, H, N, N, d, (-1, 0) if causal else (-1, -1))
-
-
-def time_ms(fn, budget_s=0.25, min_reps=3, max_reps=30):
-    """Median milliseconds of fn() by CUDA events, after one warm-up call."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    while len(times) < max_reps:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        if len(times) >= min_reps and sum(times) / 1e3 > budget_s:
-            break
-    return statistics.median(times), len(times)
 
 
 def free_all():
@@ -110,7 +92,8 @@ def measure(label, fn, rows, meta):
         row.update(status="not applicable")
     else:
         try:
-            ms, reps = time_ms(fn)
+            t = median_time(fn, repeats=30, budget_s=0.25, cuda=True)  # at least 3 calls, at most 30
+            ms, reps = t["median_s"] * 1e3, len(t["runs_s"])
             row.update(status="ok", ms=ms, reps=reps, tflops=meta["flops"] / (ms * 1e-3) / 1e12)
         except (torch.cuda.OutOfMemoryError, cupy.cuda.memory.OutOfMemoryError) as exc:
             row.update(status=f"out of memory: {str(exc).splitlines()[0][:120]}")

@@ -64,9 +64,18 @@ def _as4d(x):
     return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))  # (B, H, N, d), a view
 
 
-def _positive_int(name, v):
+def positive_int(name, v) -> int:
+    """v as an int if it is an integer >= 1 (not a bool), else ValueError naming `name`. Every
+    argument check of the package that needs a count (block sizes, repeats, heads, cache sizes) uses it."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    return int(v)
+
+
+def nonneg_int(name, v) -> int:
+    """v as an int if it is an integer >= 0 (not a bool), else ValueError naming `name`."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"{name} must be an integer >= 0; got {v!r}")
     return int(v)
 
 
@@ -136,9 +145,9 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
         if isinstance(block_size, (tuple, list)):
             if len(block_size) != 2:
                 raise ValueError(f"block_size must be an integer or a pair (Br, Bc); got {block_size!r}")
-            block_size = (_positive_int("block_size (Br)", block_size[0]), _positive_int("block_size (Bc)", block_size[1]))
+            block_size = (positive_int("block_size (Br)", block_size[0]), positive_int("block_size (Bc)", block_size[1]))
         else:
-            b = _positive_int("block_size", block_size)
+            b = positive_int("block_size", block_size)
             block_size = (b, b)
 
     return Problem(
