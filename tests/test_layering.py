@@ -22,6 +22,7 @@ def _code_strings_and_imports(path):
             imports += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             imports.append(node.module)
+            imports += [f"{node.module}.{a.name}" for a in node.names]  # from flashkit import measure
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             strings.append(node.value)
     return imports, strings
@@ -43,3 +44,24 @@ def test_no_arrow_from_the_package_to_benchmarks():
     from flashkit.measure import gpu_results
 
     assert gpu_results.RESULTS.parts[-2:] == ("benchmarks", "results")
+
+
+# Below measure and viz in ARCHITECTURE.md's layers: the call path and every kernel. cpu/simd_lab.py is
+# the teaching lab of notebook 06 (it times with flashkit.measure), not a kernel: none of these imports it.
+IMPLEMENTATIONS = ["api.py", "validate.py", "problem.py", "registry.py", "reference.py", "tiled.py", "decode.py",
+                   "online_softmax.py", "masks.py", "kvcache.py", "layers.py", "rope.py", "atomic.py", "cpu", "gpu"]
+
+
+def test_implementations_never_import_measure_viz_or_the_lab():
+    files = []
+    for name in IMPLEMENTATIONS:
+        path = PACKAGE / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    files = [f for f in files if f.name != "simd_lab.py"]
+    assert len(files) > 20
+    offenders = []
+    for path in files:
+        imports, _ = _code_strings_and_imports(path)
+        offenders += [f"{path.relative_to(PACKAGE.parent)}: imports {m}" for m in imports
+                      if m.startswith(("flashkit.measure", "flashkit.viz", "flashkit.cpu.simd_lab"))]
+    assert not offenders, offenders

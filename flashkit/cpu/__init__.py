@@ -11,7 +11,8 @@ derive. Every rung module has `run(problem, stats=False) -> (O, lse)` (and the t
 stats=True) and `BLOCKS`, its preferred (Br, Bc) before the L2 rule of common.default_block_size.
 
 Nothing here imports Numba: the kernels load when a backend first runs (import flashkit stays fast).
-simd.py holds the micro-kernels (dot product, weighted add, exp) with their scalar twins.
+simd.py holds the primitives the kernels share (FASTMATH, the polynomial exp and exp2, order keys); simd_lab.py
+the teaching lab of notebook 06 (micro-kernels with their scalar twins, the asm, a micro-benchmark).
 """
 from __future__ import annotations
 
