@@ -108,7 +108,10 @@ class Problem:
     def new_outputs(self, o_dtype=None, lse_dtype=None):
         """Fresh (O, lse) arrays for a backend to fill: (B, Hq, Nq, d) and (B, Hq, Nq).
 
-        Every backend allocates its outputs here, so the tests' poisoning reaches all of them.
+        Every kernel that writes its outputs element by element allocates them here (the NumPy tiled
+        loops, the Numba rungs, the CUDA rungs), so the tests' poisoning reaches all of them. Backends
+        whose outputs are whole-array results (numpy-standard, cupy-standard, the split-K merges) do not
+        need it: no element of such an array is left unwritten.
         """
         xp = self.xp
         shape_o, shape_l = (self.B, self.Hq, self.Nq, self.d), (self.B, self.Hq, self.Nq)

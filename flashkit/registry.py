@@ -10,8 +10,9 @@ directions: "forward" (flashkit.attention), "backward" (flashkit.attention_backw
 """
 from __future__ import annotations
 
+import functools
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 DIRECTIONS = ("forward", "backward", "decode")
@@ -53,19 +54,10 @@ class Backend:
     probe: Optional[str] = None
     supports: Optional[str] = None
     rung: Optional[int] = None  # place in its ladder (None for baselines outside a ladder)
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def unavailable_reason(self) -> Optional[str]:
-        """None if this backend can run on this machine, else why not (cached)."""
-        if "reason" not in self._cache:
-            reason = None
-            if self.probe is not None:
-                try:
-                    reason = _resolve(self.probe)()
-                except Exception as exc:  # a broken optional dependency is a reason, not a crash
-                    reason = f"{type(exc).__name__}: {exc}"
-            self._cache["reason"] = reason
-        return self._cache["reason"]
+        """None if this backend can run on this machine, else why not (probed once per process)."""
+        return None if self.probe is None else _probe_reason(self.probe)
 
     @property
     def available(self) -> bool:
@@ -133,14 +125,24 @@ class Backend:
         return self._function("decode")(problem, splits)
 
     def _function(self, which: str) -> Callable:
-        if which not in self._cache:
-            self._cache[which] = _resolve(getattr(self, which))
-        return self._cache[which]
+        return _resolve(getattr(self, which))
 
 
+# Both are cached with functools.cache, as every compiled kernel of the package is: a probe may import
+# CuPy or Numba (seconds), and resolving a runner imports its module.
+@functools.cache
 def _resolve(path: str) -> Callable:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+@functools.cache
+def _probe_reason(probe: str) -> Optional[str]:
+    """None if the probe "module:function" finds its backend usable here, else the reason it is not."""
+    try:
+        return _resolve(probe)()
+    except Exception as exc:  # a broken optional dependency is a reason, not a crash
+        return f"{type(exc).__name__}: {exc}"
 
 
 # Modules that contribute backends, in the order the table lists them.

@@ -18,6 +18,7 @@ any GQA group and few query rows (the rows of a group are cut into blocks of at 
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -26,7 +27,6 @@ import numpy as np
 SOURCE = Path(__file__).parent / "kernels" / "decode_splitk.cu"
 THREADS = 128
 HEAD_DIMS = {"float16": (64, 128, 256), "float32": (64, 128)}
-_modules = {}
 
 
 def _rows_per_block(R: int) -> int:
@@ -40,18 +40,20 @@ def _rows_per_block(R: int) -> int:
 def _kernels(dtype_name: str, D: int, rows: int, prefetch: bool = True):
     """(decode_splitk, decode_merge) compiled for one (dtype, D, ROWS, PREFETCH); cached per process
     (and on disk by CuPy)."""
-    key = (dtype_name, D, rows, bool(prefetch))
-    if key not in _modules:
-        import cupy
+    return _compile(dtype_name, D, rows, bool(prefetch))
 
-        T = "__half" if dtype_name == "float16" else "float"
-        U = 4 if rows <= 4 else 2  # keys in flight per lane; 8 rows x 4 keys would exceed the registers
-        split_name = f"decode_splitk<{T}, {D}, {rows}, {U}, {'true' if prefetch else 'false'}>"
-        merge_name = f"decode_merge<{T}>"
-        module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
-                                name_expressions=(split_name, merge_name))
-        _modules[key] = (module.get_function(split_name), module.get_function(merge_name))
-    return _modules[key]
+
+@functools.cache
+def _compile(dtype_name: str, D: int, rows: int, prefetch: bool):
+    import cupy
+
+    T = "__half" if dtype_name == "float16" else "float"
+    U = 4 if rows <= 4 else 2  # keys in flight per lane; 8 rows x 4 keys would exceed the registers
+    split_name = f"decode_splitk<{T}, {D}, {rows}, {U}, {'true' if prefetch else 'false'}>"
+    merge_name = f"decode_merge<{T}>"
+    module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
+                            name_expressions=(split_name, merge_name))
+    return module.get_function(split_name), module.get_function(merge_name)
 
 
 def sm_count() -> int:
