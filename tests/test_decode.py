@@ -313,3 +313,32 @@ def test_gpu_bad_input():
         attention_decode(q, k, v)
     with pytest.raises(ValueError, match="numba-splitk"):
         attention_decode(q, k, v, backend="numba-splitk")
+
+
+@gpu
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,d,dtype", [(2, 8, 2, 5, 300, 128, "float16"), (1, 4, 4, 64, 64, 64, "float32"),
+                                                    (1, 6, 3, 129, 257, 64, "float16"), (2, 4, 1, 1, 1000, 256, "float16")])
+def test_gpu_splitk_as_an_attention_backend(B, Hq, Hkv, Nq, Nk, d, dtype):
+    """cupy-splitk serves flashkit.attention (the registry's runner): causal and windows, Nq != Nk, GQA,
+    against cupy-standard in float64; a custom mask is refused, not ignored."""
+    rng = np.random.default_rng(B * 1000 + Nq)
+    q, k, v = (cp.asarray(x) for x in make(rng, B, Hq, Hkv, Nq, Nk, d, np.dtype(dtype)))
+    rtol = 3e-3 if dtype == "float16" else 1e-5
+    for kw in (dict(), dict(causal=True), dict(window=(20, 3)), dict(causal=True, window=(7, -1))):
+        o, lse = flashkit.attention(q, k, v, backend="cupy-splitk", return_lse=True, **kw)
+        ref_o, ref_lse = flashkit.attention(q.astype("float64"), k.astype("float64"), v.astype("float64"),
+                                            backend="cupy-standard", return_lse=True, **kw)
+        assert_matches(cp.asnumpy(o).astype(np.float64), cp.asnumpy(lse), cp.asnumpy(ref_o), cp.asnumpy(ref_lse),
+                       rtol=rtol, what=f"{dtype} {kw}")
+    with pytest.raises(ValueError, match="custom mask"):
+        flashkit.attention(q, k, v, backend="cupy-splitk", mask=cp.ones((Nq, Nk), bool))
+
+
+@gpu
+def test_gpu_decode_auto_refuses_what_no_split_k_kernel_has():
+    """float32 at d = 256 (the kernel has it in float16 only) and d = 48: the reason names the head size."""
+    rng = np.random.default_rng(9)
+    for d in (256, 48):
+        q, k, v = (cp.asarray(x) for x in make(rng, 1, 2, 1, 1, 50, d, np.float32))
+        with pytest.raises(ValueError, match="head size"):
+            attention_decode(q, k, v)
