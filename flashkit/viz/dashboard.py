@@ -200,7 +200,7 @@ class BenchmarkDashboard:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
         top = max_threads()
-        n_threads = current_threads() if threads is None else check_threads(threads)
+        threads = current_threads() if threads is None else check_threads(threads)
         self.folder = Path(folder)
         self.rows: list = []
         self.meta: Optional[dict] = None
@@ -217,7 +217,7 @@ class BenchmarkDashboard:
                                 description="heads H", style=style)
         self.causal = W.ToggleButtons(options=["off", "on", "both"], value=causal, description="causal", style=style)
         self.dtype = W.Dropdown(options=list(DTYPES), value=check_dtype(dtype), description="dtype", style=style)
-        self.threads = W.IntSlider(value=n_threads, min=1, max=top, description="threads", style=style)
+        self.threads = W.IntSlider(value=threads, min=1, max=top, description="threads", style=style)
         self.repeats = W.IntSlider(value=positive_int("repeats", repeats), min=1, max=20,
                                    description="repeats", style=style)
         self.metric = W.ToggleButtons(options=[("time (ms)", "ms"), ("GFLOP/s", "gflops")], value=metric,
