@@ -98,7 +98,8 @@ def check_all(impls):
 
 
 def run_grid(Ns, impls, repeats):
-    from benchmarks._common import load_average, median_time
+    from flashkit.measure.provenance import load_average
+    from flashkit.measure.timing import median_time
 
     rows = []
     for N in Ns:
@@ -200,6 +201,7 @@ def main(argv=None):
     _reexec_without_openblas_overrides(argv, module="benchmarks.cpu_backward")
 
     from benchmarks import _common
+    from flashkit.measure.provenance import machine_slug
 
     _set_threads(args.threads)
     env = environment(args.threads)
@@ -217,7 +219,7 @@ def main(argv=None):
     result = dict(env, benchmark="benchmarks/cpu_backward.py", shape=dict(B=B, H=H, d=D, dtype="float32"),
                   flops_formula="2.5*4*B*H*N*N*d*visible_fraction", sgemm=sgemm, checks=checks, results=rows,
                   memory=mem, quick=args.quick)
-    path = args.out or _common.RESULTS / f"cpu-backward-{_common.machine_slug(env['machine'])}.json"
+    path = args.out or _common.RESULTS / f"cpu-backward-{machine_slug(env['machine'])}.json"
     _common.write_json_atomic(path, result)
     show(path)
     print(f"\nwrote {path}")

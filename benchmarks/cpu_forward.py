@@ -108,7 +108,7 @@ def check_all(impls):
 def sgemm_rate(n=4096):
     import numpy as np
 
-    from benchmarks._common import median_time
+    from flashkit.measure.timing import median_time
 
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     t = median_time(lambda: a @ a, repeats=5)
@@ -117,8 +117,8 @@ def sgemm_rate(n=4096):
 
 
 def run_grid(Ns, impls, repeats):
-    from benchmarks._common import median_time
     from flashkit.measure.provenance import load_average
+    from flashkit.measure.timing import median_time
 
     rows = []
     for N in Ns:

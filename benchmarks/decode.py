@@ -20,14 +20,14 @@ Results go to benchmarks/results/decode-<machine>.json (written atomically).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import RESULTS, median_time, write_json_atomic
+from benchmarks._common import RESULTS, write_json_atomic
 from flashkit.measure.provenance import commit, cpu_info, load_average, machine_slug, now_utc, versions
+from flashkit.measure.timing import median_time
 
 
 def kv_bytes(B, Hkv, L, d, itemsize):
@@ -132,50 +132,26 @@ def gpu_available():
 
 
 def cuda_time(fn, inner=50, outer=7, warmup=5):
-    """Median microseconds per call of fn() over `outer` groups of `inner` back-to-back calls (CUDA events)."""
-    import cupy
-
+    """Median microseconds per call of fn() over `outer` groups of `inner` back-to-back calls, each group
+    timed with CUDA events (flashkit.measure.timing.median_time): the launches overlap as in a decoding
+    loop. torch calls are timed the same way: torch and CuPy share the default stream."""
     for _ in range(warmup):
         fn()
-    cupy.cuda.Device().synchronize()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    per_call = []
-    for _ in range(outer):
-        start.record()
+
+    def group():
         for _ in range(inner):
             fn()
-        end.record()
-        end.synchronize()
-        per_call.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / inner)
-    return statistics.median(per_call)
 
-
-def torch_time(fn, inner=50, outer=7, warmup=5):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(outer):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(inner):
-            fn()
-        e.record()
-        e.synchronize()
-        per_call.append(s.elapsed_time(e) * 1e3 / inner)
-    return statistics.median(per_call)
+    t = median_time(group, repeats=outer, budget_s=float("inf"), warmup=0, cuda=True)
+    return t["median_s"] * 1e6 / inner
 
 
 def gpu_bandwidth(nbytes=2 * 2**30):
-    """Device-to-device copy of a large buffer, bytes read + written per second (GB/s)."""
-    import cupy
+    """Device-to-device copy of a large buffer, bytes read + written per second (GB/s): the card's copy
+    ceiling as flashkit.measure.ceilings measures it for the roofline."""
+    from flashkit.measure import ceilings
 
-    a = cupy.random.standard_normal(nbytes // 4, dtype=cupy.float32)
-    b = cupy.empty_like(a)
-    us = cuda_time(lambda: b.data.copy_from_device_async(a.data, a.nbytes), inner=10, outer=5, warmup=2)
-    return {"bytes": int(a.nbytes), "copy_GBps": 2 * a.nbytes / (us * 1e-6) / 1e9}
+    return {"bytes": int(nbytes), "copy_GBps": ceilings.copy_tbps(nbytes) * 1e3}
 
 
 def run_gpu(lengths, batches, Hq=32, Hkv=8, d=128, sweep=(8, 16, 32, 64, 128, 256)):
@@ -226,7 +202,7 @@ def run_gpu(lengths, batches, Hq=32, Hkv=8, d=128, sweep=(8, 16, 32, 64, 128, 25
                     try:
                         out = call()
                         err = float((cupy.from_dlpack(out.detach()).astype(cupy.float32) - ref).__abs__().max())
-                        us = torch_time(call, inner=20 if be == SDPBackend.MATH else 50)
+                        us = cuda_time(call, inner=20 if be == SDPBackend.MATH else 50)
                         rows.append(dict(method=tname, B=B, Hq=Hq, Hkv=Hkv, d=d, L=L, dtype="float16", splits=None,
                                          us=us, tokens_per_s=B / (us * 1e-6), kv_GBps=nbytes / (us * 1e-6) / 1e9,
                                          kv_bytes=nbytes, max_abs_diff_vs_auto=err))

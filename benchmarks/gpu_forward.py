@@ -10,24 +10,28 @@ The public call `flashkit.attention` (validation, the "auto" choice, the launch)
 rungs called directly: the ladder shows the kernels, the public row what users get. Each row also gets
 `ratio_fastest`, the fastest torch backend's time over its own (cuDNN where it runs).
 
-Timing: CUDA events around each call on the default stream, after a warm-up call (NVRTC compile and
-cuBLAS/cuDNN handle creation stay out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
+Timing: CUDA events around each call on the default stream (flashkit.measure.timing.median_time; torch
+and CuPy share that stream), after a warm-up call (NVRTC compile and cuBLAS/cuDNN handle creation stay
+out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
 TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at, its `peer`
 in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash.
 Memory: extra GPU bytes beyond inputs at B=1, H=16, d=128, fp16, N = 16384 and 65536 (CuPy pool for the
 flashkit rungs, torch.cuda.max_memory_allocated for torch's flash backend).
+Ceilings: the card's GEMM TFLOP/s (float16, bfloat16, float32; 8192^3) and device copy bandwidth, measured
+first in the same run (flashkit.measure.ceilings) and written as `ceilings` with the rows: notebook 07's
+roofline and the table's "of GEMM ceiling" column read them from the results file.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from flashkit.atomic import write_json
 from flashkit.gpu.rungs import ELEMENTS, RUNGS, rung
+from flashkit.measure.timing import median_time
 
 FORWARD = tuple(r for r in RUNGS if r.direction == "forward")  # the rungs this script times, ladder order
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -38,25 +42,6 @@ def flops(B, H, N, d, causal):
     from flashkit.problem import flops as attention_flops
 
     return attention_flops(B, H, N, N, d, (-1, 0) if causal else (-1, -1))
-
-
-def time_ms(fn, budget_s=0.25, min_reps=3, max_reps=30):
-    """Median milliseconds of fn() by CUDA events, after one warm-up call."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    while len(times) < max_reps:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        if len(times) >= min_reps and sum(times) / 1e3 > budget_s:
-            break
-    return statistics.median(times), len(times)
 
 
 def free_all():
@@ -114,7 +99,8 @@ def measure(label, fn, rows, meta):
         row.update(status="not applicable")
     else:
         try:
-            ms, reps = time_ms(fn)
+            t = median_time(fn, repeats=30, budget_s=0.25, cuda=True)  # at least 3 calls, at most 30
+            ms, reps = t["median_s"] * 1e3, len(t["runs_s"])
             row.update(status="ok", ms=ms, reps=reps, tflops=meta["flops"] / (ms * 1e-3) / 1e12)
         except (torch.cuda.OutOfMemoryError, cupy.cuda.memory.OutOfMemoryError) as exc:
             row.update(status=f"out of memory: {str(exc).splitlines()[0][:120]}")
@@ -286,19 +272,44 @@ def print_table(rows):
               f"{r['tflops']:8.1f} {ratio}  {r.get('peer', '')}")
 
 
-CEILING_TFLOPS = {"float16": 790.0, "bfloat16": 790.0, "float32": 52.0}  # measured GEMM ceilings (shared/FACTS.md)
+def ceilings_of_this_run():
+    """The card's GEMM ceilings (float16 and float32 with CuPy, bfloat16 with torch, which CuPy lacks) and
+    its copy bandwidth, measured now (flashkit.measure.ceilings): the roofline of this run's rows."""
+    import torch
+
+    from flashkit.measure import ceilings
+
+    def bfloat16_gemm(n):
+        a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        c = torch.empty_like(a)  # allocated once, outside the timed calls
+        return ceilings.time_gemm(lambda: torch.matmul(a, b, out=c), n)
+
+    roof = ceilings.measure()
+    n = roof["gemm_n"]
+    roof["gemm_tflops"]["bfloat16"] = bfloat16_gemm(n)
+    free_all()
+    print("ceilings: " + ", ".join(f"{dt} GEMM {v:.0f}" for dt, v in roof["gemm_tflops"].items())
+          + f" TFLOP/s, copy {roof['bandwidth_tbps']:.2f} TB/s", flush=True)
+    return dict(gemm_tflops=roof["gemm_tflops"], bandwidth_tbps=roof["bandwidth_tbps"], gemm_n=n,
+                copy_bytes=roof["copy_bytes"],
+                source=f"measured in this run: {n}^3 GEMM (CuPy; bfloat16 with torch.matmul) and a "
+                       f"{roof['copy_bytes'] // 2**20} MiB device copy, medians of CUDA-event timings "
+                       "(flashkit.measure.ceilings)")
 
 
 def markdown_table(result, N=4096):
-    """The rungs at one N as a markdown table (for NOTES-gpu.md), every number read from `result`."""
+    """The rungs at one N as a markdown table (for NOTES-gpu.md), every number read from `result`
+    (the GEMM ceilings too: blank where the file records none)."""
+    peaks = (result.get("ceilings") or {}).get("gemm_tflops", {})
     lines = ["| rung | d | causal | dtype | ms | TFLOP/s | ratio | peer | of GEMM ceiling |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         if r["N"] != N or r["status"] != "ok" or not r.get("rung"):
             continue
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+        of_peak = f"{r['tflops'] / peaks[r['dtype']]:.0%}" if r["dtype"] in peaks else ""
         lines.append(f"| {r['rung']} {r['impl']} | {r['d']} | {r['causal']} | {r['dtype']} | {r['ms']:.3f} | "
-                     f"{r['tflops']:.1f} | {ratio} | {r.get('peer', '')} | {r['tflops'] / CEILING_TFLOPS[r['dtype']]:.0%} |")
+                     f"{r['tflops']:.1f} | {ratio} | {r.get('peer', '')} | {of_peak} |")
     return "\n".join(lines)
 
 
@@ -317,6 +328,7 @@ def main(argv=None):
 
     env = environment()
     print(env, flush=True)
+    roof = ceilings_of_this_run()
     rows = run_grid(args.quick)
     add_ratios(rows)
     sweep = [] if args.no_sweep else block_sweep()
@@ -324,7 +336,7 @@ def main(argv=None):
     from flashkit.gpu.flash import COMPILE_SECONDS
 
     result = dict(env, recorded="measured by benchmarks/gpu_forward.py; shown elsewhere as recorded, not live",
-                  results=rows, block_sweep=sweep, memory=mem,
+                  ceilings=roof, results=rows, block_sweep=sweep, memory=mem,
                   compile_seconds_this_process=[dict(rung=k[0], d=k[1], element=k[2], Br=k[3], Bc=k[4], seconds=v)
                                                 for k, v in COMPILE_SECONDS.items()])
     path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"gpu-{card_slug(env['card'])}.json"

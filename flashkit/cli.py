@@ -42,7 +42,7 @@ def _nonneg_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flashkit.measure.timing import DTYPES
+    from flashkit.measure.sweep import DTYPES
 
     parser = argparse.ArgumentParser(prog="flashkit", description="Learn, see and measure FlashAttention.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -106,7 +106,8 @@ def cmd_info(args, parser: argparse.ArgumentParser) -> int:
 def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
     from tqdm import tqdm
 
-    from flashkit.measure import timing
+    from flashkit.measure import export
+    from flashkit.measure.sweep import Sweep, sweep
 
     outputs = {kind: getattr(args, kind) for kind in ("json", "csv", "html") if getattr(args, kind)}
     for kind, path in outputs.items():  # fail before the sweep, not after it
@@ -116,7 +117,7 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
     if "html" in outputs:
         from flashkit.viz.dashboard import report_html  # plotly: fail now if it is missing, not after the sweep
     try:
-        spec = timing.Sweep(backends=args.backends, N=args.N, d=args.d, heads=args.heads, batch=args.batch,
+        spec = Sweep(backends=args.backends, N=args.N, d=args.d, heads=args.heads, batch=args.batch,
                             causal={"off": [False], "on": [True], "both": [False, True]}[args.causal],
                             dtype=args.dtype, threads=args.threads or [None], repeats=args.repeats,
                             warmup=args.warmup)
@@ -127,14 +128,14 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
     if slowed and not args.quiet:
         print(f"note: {' and '.join(slowed)} set in the environment; NumPy's BLAS may be slower than it "
               f"can be (unset them for benchmark figures)", file=sys.stderr)
-    meta = timing.metadata(spec)
+    meta = export.metadata(spec)
     rows = []
     with tqdm(total=len(spec), desc="flashkit bench", unit="point", disable=args.quiet, file=sys.stderr) as bar:
-        for row in timing.sweep(spec):
+        for row in sweep(spec):
             rows.append(row)
             bar.set_postfix_str(f"{row['backend']} N={row['N']}")
             bar.update()
-    print(timing.format_table(rows))
+    print(export.format_table(rows))
     machines = " and ".join(sorted({r["machine"] for r in rows}))
     print(f"\n{machines}, commit {meta['commit']}; median of {spec.repeats} calls after {spec.warmup} warm-up")
     load, cores = meta["load_average"], os.cpu_count() or 1
@@ -142,11 +143,11 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
         print(f"note: load average {load[0]:.2f} on {cores} cores: other work shared the cores, times are noisy")
 
     if "json" in outputs:
-        print(f"wrote {timing.write_json(rows, outputs['json'], meta)}")
+        print(f"wrote {export.write_json(rows, outputs['json'], meta)}")
     if "csv" in outputs:
-        print(f"wrote {timing.write_csv(rows, outputs['csv'], meta)}")
+        print(f"wrote {export.write_csv(rows, outputs['csv'], meta)}")
     if "html" in outputs:
-        print(f"wrote {timing.write_atomic(outputs['html'], report_html(rows, meta))}")
+        print(f"wrote {export.write_atomic(outputs['html'], report_html(rows, meta))}")
     return 0
 
 

@@ -9,109 +9,55 @@ parallel, and merges the states exactly with `flashkit.online_softmax.merge`:
 
     m = max_s m_s,   l = sum_s exp(m_s - m) l_s,   O = sum_s exp(m_s - m) O_s,   o = O / l
 
-Backends (`backend=`):
+Backends (`backend=`), registered in `BACKENDS` below, so flashkit.backends() lists them:
     "numpy-splitk"   the readable twin: a Python loop over the splits, online_softmax.update per chunk
     "numba-splitk"   flashkit/cpu/decode.py: all (batch, K/V head, split) tasks in parallel on the cores
     "cupy-splitk"    flashkit/gpu/decode.py + kernels/decode_splitk.cu, for CuPy arrays
-    any name from flashkit.backends()   no split: flashkit.attention on the filled part of the cache
-    "auto"           cupy-splitk for CuPy arrays, else numba-splitk (numpy-splitk without Numba)
+    any other name from flashkit.backends()   no split: flashkit.attention on the filled part of the cache
+    "auto"           the registry's choice among the split-K backends: cupy-splitk for CuPy arrays, else
+                     numba-splitk (numpy-splitk without Numba)
+The split-K backends also serve flashkit.attention (causal and windows, no custom mask): a prefill with
+them is correct, only slower than a prefill kernel.
 
 The cache is read in place: pass the whole preallocated buffers and `length`, nothing is copied
 (flashkit.attention would copy a non-contiguous view of the filled rows). The cache is not scanned for
-NaN or Inf (that would read it a second time); the queries are.
+NaN or Inf (that would read it a second time); the queries are. The checks are
+flashkit.validate.check_decode (`check` here).
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from flashkit import online_softmax
-from flashkit.validate import _as4d, array_module, check_array, check_scale
+from flashkit import online_softmax, registry, validate
+from flashkit.problem import DecodeProblem
+from flashkit.registry import Backend
 
-DECODE_DTYPES = ("float16", "float32", "float64")  # the split-K kernels have no bfloat16 path
+# The checks of a decoding step live with every other input check; the name `check` is this module's API.
+check = validate.check_decode
+DECODE_DTYPES = validate.DECODE_DTYPES
 
-SPLITK_BACKENDS = ("numpy-splitk", "numba-splitk", "cupy-splitk")
-
-
-@dataclass(frozen=True)
-class DecodeProblem:
-    """Validated input of a decoding step (4-D arrays, per-row visible key ranges)."""
-
-    Q: Any  # (B, Hq, Nq, d) contiguous
-    K: Any  # (B, Hkv, Nmax, d) the cache buffers, contiguous, read in place
-    V: Any
-    lengths: Any  # (B,) int64 on the host: keys [0, lengths[b]) are filled
-    lo: Any  # (B, Nq) int64 on the host: row i of batch b sees keys lo <= j < hi
-    hi: Any
-    scale: float
-    causal: bool
-    xp: Any
-
-    @property
-    def n_keys(self) -> int:
-        """The longest filled length: no split needs to look past it."""
-        return int(self.lengths.max()) if self.lengths.size else 0
-
-
-def check(q, k_cache, v_cache, *, length=None, causal=False, scale=None) -> DecodeProblem:
-    """Validate a decoding step; raises TypeError/ValueError naming the argument."""
-    # the caches may be empty (no key yet) and hold unwritten slots past `length`: no finiteness check there
-    xps = [check_array(name, x, dtypes=DECODE_DTYPES, finite=False, nonempty=False)
-           for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))]
-    if not (xps[0] is xps[1] is xps[2]):
-        raise TypeError("q, k_cache and v_cache must all be NumPy arrays or all CuPy arrays; got a mix")
-    xp = xps[0]
-    if not (q.ndim == k_cache.ndim == v_cache.ndim):
-        raise ValueError(f"q, k_cache and v_cache must have the same number of dimensions; got {q.ndim}, {k_cache.ndim} and {v_cache.ndim}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache and v_cache must have the same dtype; got {q.dtype}, {k_cache.dtype} and {v_cache.dtype}")
-    Q, K, V = _as4d(q), _as4d(k_cache), _as4d(v_cache)
-    (B, Hq, Nq, d), (Bk, Hkv, Nmax, dk) = Q.shape, K.shape
-    if V.shape != K.shape:
-        raise ValueError(f"v_cache must have the same shape as k_cache; got {tuple(v_cache.shape)} and {tuple(k_cache.shape)}")
-    if 0 in Q.shape or 0 in (Bk, Hkv, dk):
-        raise ValueError(f"q and the caches must not be empty; got q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
-    if dk != d:
-        raise ValueError(f"q and k_cache must have the same head size d (last axis); got {d} and {dk}")
-    if Bk != B:
-        raise ValueError(f"q and k_cache must have the same batch size; got {B} and {Bk}")
-    if Hq % Hkv:
-        raise ValueError(f"the heads of q ({Hq}) must be a multiple of the K/V heads of the cache ({Hkv}) for GQA/MQA")
-    if not bool(xp.isfinite(Q).all()):
-        raise ValueError("q contains NaN or Inf")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be True or False; got {causal!r}")
-    scale = check_scale(scale, d)
-
-    # length: None (the whole buffer), an int, or one int per batch element (ragged batch)
-    if length is None:
-        lengths = np.full(B, Nmax, np.int64)
-    else:
-        if array_module(length) not in (None, np):  # a CuPy array of lengths
-            length = length.get()
-        arr = np.asarray(length)
-        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
-            raise TypeError(f"length must be an integer or a 1-D array of B={B} integers; got {length!r}")
-        lengths = np.broadcast_to(arr, (B,)).astype(np.int64) if arr.ndim == 0 or arr.shape == (B,) else None
-        if lengths is None:
-            raise ValueError(f"length must hold one integer per batch element (B={B}); got shape {arr.shape}")
-        if lengths.size and (lengths.min() < 0 or lengths.max() > Nmax):
-            bad = int(lengths.max() if lengths.max() > Nmax else lengths.min())
-            raise ValueError(f"length must lie between 0 and the cache size {Nmax} (k_cache.shape[-2]); got {bad}")
-    # Row i of batch b sees keys [lo, hi): all filled keys, or, causal (bottom-right aligned at the
-    # filled length), keys j <= i + length - Nq, as flashkit.attention does with Nk = length.
-    i = np.arange(Nq, dtype=np.int64)
-    hi = np.broadcast_to(lengths[:, None], (B, Nq)).copy()
-    if causal:
-        hi = np.clip(i[None, :] + lengths[:, None] - Nq + 1, 0, hi)
-    lo = np.zeros((B, Nq), np.int64)
-    return DecodeProblem(Q=xp.ascontiguousarray(Q), K=xp.ascontiguousarray(K), V=xp.ascontiguousarray(V),
-                         lengths=lengths, lo=lo, hi=hi, scale=float(scale), causal=bool(causal), xp=xp)
+# The split-K kernels. Their priorities sit below every prefill backend of their device (numpy-standard
+# 10, cupy-standard 60), so flashkit.attention's "auto" never picks one for a prefill; among themselves
+# they rank as attention_decode's "auto" should choose them.
+BACKENDS = (
+    Backend(name="numpy-splitk", device="cpu",
+            summary="split-K decoding in NumPy, one online_softmax.update per chunk of the cache: the readable twin",
+            runner="flashkit.decode:numpy_splitk_forward", decode="flashkit.decode:numpy_splitk",
+            mask=False, priority=2),
+    Backend(name="numba-splitk", device="cpu",
+            summary="split-K decoding in Numba: every (batch, K/V head, chunk) task in parallel (cpu/decode.py)",
+            runner="flashkit.cpu.decode:run", decode="flashkit.cpu.decode:decode",
+            mask=False, priority=5, probe="flashkit.cpu:_probe"),
+    Backend(name="cupy-splitk", device="gpu",
+            summary="split-K decoding in CUDA, one block per chunk then a merge kernel; d=256 in float16 only (kernels/decode_splitk.cu)",
+            runner="flashkit.gpu.decode:run", decode="flashkit.gpu.decode:decode",
+            dtypes=("float16", "float32"), head_dims=(64, 128, 256), mask=False, priority=55,
+            probe="flashkit.gpu:_probe", supports="flashkit.gpu.decode:unsupported_reason"),
+)
 
 
 def _check_splits(splits):
@@ -158,19 +104,17 @@ def split_states(problem: DecodeProblem, splits: int):
     return states
 
 
-def _splits_for(problem, splits, backend):
-    if splits != "auto":
-        return splits
-    B, Hkv = problem.Q.shape[0], problem.K.shape[1]
-    if backend == "cupy-splitk":
-        from flashkit.gpu import decode as gpu_decode
+def numpy_splitk(problem: DecodeProblem, splits="auto"):
+    """The "numpy-splitk" decode runner: (O, lse) of the split states merged exactly. "auto": a few
+    chunks (at most 4, of at least 256 keys), enough to look at."""
+    if splits == "auto":
+        splits = max(1, min(4, math.ceil(problem.n_keys / 256)))
+    return online_softmax.finalize(online_softmax.merge(split_states(problem, splits)))
 
-        return gpu_decode.auto_splits(problem)
-    if backend == "numba-splitk":
-        from flashkit.cpu import decode as cpu_decode
 
-        return cpu_decode.auto_splits(B, Hkv, problem.n_keys)
-    return max(1, min(4, math.ceil(problem.n_keys / 256)))  # the readable twin: a few chunks to look at
+def numpy_splitk_forward(problem):
+    """The "numpy-splitk" runner of flashkit.attention: the same split-K over the whole of K and V."""
+    return numpy_splitk(DecodeProblem.from_problem(problem))
 
 
 def attention_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=None, splits="auto",
@@ -201,41 +145,19 @@ def attention_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=No
         raise TypeError(f"return_lse must be True or False; got {return_lse!r}")
     splits = _check_splits(splits)
     P = check(q, k_cache, v_cache, length=length, causal=causal, scale=scale)
-    on_gpu = P.xp.__name__ == "cupy"
-    if backend == "auto":
-        backend = "cupy-splitk" if on_gpu else ("numba-splitk" if numba_available() else "numpy-splitk")
-    if backend in SPLITK_BACKENDS:
-        if (backend == "cupy-splitk") != on_gpu:
-            raise ValueError(f"backend {backend!r} needs {'CuPy' if backend == 'cupy-splitk' else 'NumPy'} arrays; "
-                             f"got {'CuPy' if on_gpu else 'NumPy'} arrays")
-        if backend == "numba-splitk" and not numba_available():
-            raise RuntimeError("backend 'numba-splitk' is not available on this machine: numba is not installed")
-        O, lse = _run_splitk(P, _splits_for(P, splits, backend), backend)
-    else:
-        O, lse = _run_unsplit(P, backend)
+    if backend != "auto":
+        # A request the named backend could never serve (NumPy arrays to cupy-splitk) is the caller's
+        # mistake whatever this machine has: say so before whether the backend can run here.
+        why_not = registry.get(backend).cannot_serve(P, "decode")
+        if why_not is not None:
+            raise ValueError(why_not)
+    chosen = registry.choose(P, backend, direction="decode")
+    O, lse = chosen.run_decode(P, splits) if chosen.has_decode else _run_unsplit(P, chosen.name)
     lse_dtype = "float64" if q.dtype.name == "float64" else "float32"
     o = O.reshape(q.shape).astype(q.dtype, copy=False)
     if not return_lse:
         return o
     return o, lse.reshape(q.shape[:-1]).astype(lse_dtype, copy=False)
-
-
-def _run_splitk(P, splits, backend):
-    if backend == "cupy-splitk":
-        from flashkit.gpu import decode as gpu_decode
-
-        return gpu_decode.run(P, splits)
-    if backend == "numpy-splitk":
-        return online_softmax.finalize(online_softmax.merge(split_states(P, splits)))
-    from flashkit.cpu import decode as cpu_decode
-
-    dt = np.float64 if P.Q.dtype == np.float64 else np.float32  # float16 is computed in float32
-    K, V = P.K, P.V
-    if K.dtype != dt:  # convert only the filled rows (a copy), not the whole preallocated buffer
-        K, V = K[:, :, :P.n_keys].astype(dt), V[:, :, :P.n_keys].astype(dt)
-    M, L, O = cpu_decode.partials(P.Q.astype(dt, copy=False), K, V, P.lo, P.hi, P.scale, splits, P.n_keys)
-    # merge the splits' states exactly; a split that saw nothing has m = -inf and counts for nothing
-    return online_softmax.finalize(online_softmax.merge([online_softmax.State(M[s], L[s], O[s]) for s in range(splits)]))
 
 
 def _run_unsplit(P, backend):

@@ -15,11 +15,7 @@ import numbers
 
 import numpy as np
 
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive integer; got {v!r}")
-    return int(v)
+from flashkit.validate import positive_int
 
 
 class KVCache:
@@ -30,10 +26,10 @@ class KVCache:
     """
 
     def __init__(self, max_len, n_kv_heads, head_dim, *, batch=1, dtype=np.float32):
-        self.max_len = _positive_int("max_len", max_len)
-        self.n_kv_heads = _positive_int("n_kv_heads", n_kv_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.batch = _positive_int("batch", batch)
+        self.max_len = positive_int("max_len", max_len)
+        self.n_kv_heads = positive_int("n_kv_heads", n_kv_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.batch = positive_int("batch", batch)
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"dtype must be a floating type; got {dtype}")

@@ -28,12 +28,7 @@ import numpy as np
 import flashkit
 from flashkit.kvcache import KVCache
 from flashkit.rope import apply_rope, check_rotary_dim
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive integer; got {v!r}")
-    return int(v)
+from flashkit.validate import positive_int
 
 
 def _init(rng, fan_in, fan_out, dtype):
@@ -65,9 +60,9 @@ class MultiHeadAttention:
     def __init__(self, d_model, n_heads, n_kv_heads=None, *, head_dim=None, fused_qkv=True, rope=True,
                  rope_base=10000.0, partial_rotary=1.0, causal=True, backend="auto", seed=0, weights=None,
                  dtype=np.float32):
-        self.d_model = _positive_int("d_model", d_model)
-        self.n_heads = _positive_int("n_heads", n_heads)
-        self.n_kv_heads = self.n_heads if n_kv_heads is None else _positive_int("n_kv_heads", n_kv_heads)
+        self.d_model = positive_int("d_model", d_model)
+        self.n_heads = positive_int("n_heads", n_heads)
+        self.n_kv_heads = self.n_heads if n_kv_heads is None else positive_int("n_kv_heads", n_kv_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if head_dim is None:
@@ -75,7 +70,7 @@ class MultiHeadAttention:
                 raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads}), "
                                  "or pass head_dim")
             head_dim = self.d_model // self.n_heads
-        self.head_dim = _positive_int("head_dim", head_dim)
+        self.head_dim = positive_int("head_dim", head_dim)
         if not isinstance(partial_rotary, numbers.Real) or not 0 <= partial_rotary <= 1:
             raise ValueError(f"partial_rotary must be a fraction between 0 and 1; got {partial_rotary!r}")
         # Rotated features: an even count, as GPT-NeoX does with int(d * fraction).
@@ -256,7 +251,7 @@ class RMSNorm:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (Zhang & Sennrich 2019)."""
 
     def __init__(self, dim, eps=1e-6, dtype=np.float32):
-        self.weight = np.ones(_positive_int("dim", dim), dtype)
+        self.weight = np.ones(positive_int("dim", dim), dtype)
         self.eps = float(eps)
 
     def _rms(self, x):
@@ -365,10 +360,10 @@ class TinyDecoder:
 
     def __init__(self, vocab=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, *, seed=0, dtype=np.float32,
                  **attn_options):
-        self.vocab = _positive_int("vocab", vocab)
+        self.vocab = positive_int("vocab", vocab)
         rng = np.random.default_rng(seed)
         self.embed = rng.standard_normal((self.vocab, d_model)).astype(dtype)  # (vocab, d_model)
-        seeds = rng.integers(0, 2**31, size=_positive_int("n_layers", n_layers))
+        seeds = rng.integers(0, 2**31, size=positive_int("n_layers", n_layers))
         self.blocks = [DecoderBlock(d_model, n_heads, n_kv_heads, seed=int(s), dtype=dtype, **attn_options)
                        for s in seeds]
         self.norm = RMSNorm(d_model, dtype=dtype)

@@ -4,7 +4,9 @@
 number for the scale, the causal flag folded into the sliding window, the mask in a fixed 4-D form.
 Backends read a Problem and never look at user input again, so no kernel repeats a check.
 `flashkit.validate.check_backward()` returns the same Problem with the backward's inputs set: the
-gradient of the output dO, the forward's output O and its logsumexp lse.
+gradient of the output dO, the forward's output O and its logsumexp lse. A decoding step against a KV
+cache is a `DecodeProblem` (`flashkit.validate.check_decode()`): the cache buffers read in place and
+the range of keys each query row sees.
 
 The FLOP count of attention is written here once (`flops`, `backward_flops`); timing, benchmarks and
 notebooks call it.
@@ -113,7 +115,10 @@ class Problem:
     def new_outputs(self, o_dtype=None, lse_dtype=None):
         """Fresh (O, lse) arrays for a backend to fill: (B, Hq, Nq, d) and (B, Hq, Nq).
 
-        Every backend allocates its outputs here, so the tests' poisoning reaches all of them.
+        Every kernel that writes its outputs element by element allocates them here (the NumPy tiled
+        loops, the Numba rungs, the CUDA rungs), so the tests' poisoning reaches all of them. Backends
+        whose outputs are whole-array results (numpy-standard, cupy-standard, the split-K merges) do not
+        need it: no element of such an array is left unwritten.
         """
         xp = self.xp
         shape_o, shape_l = (self.B, self.Hq, self.Nq, self.d), (self.B, self.Hq, self.Nq)
@@ -144,3 +149,69 @@ class Problem:
             O=conv(self.O, dtype),
             lse=self.lse if lse_to is None or self.lse is None else self.lse.astype(lse_to),
         )
+
+
+@dataclass(frozen=True)
+class DecodeProblem:
+    """A validated decoding step (flashkit.decode): 4-D arrays and the keys each query row sees.
+
+    The cache buffers K and V are read in place: only their first `lengths[b]` rows are filled, and
+    nothing past them is ever read. Row i of batch b sees keys lo[b, i] <= j < hi[b, i]; that is how
+    ragged lengths, causal steps and sliding windows reach a split-K kernel, so it never takes a
+    custom mask.
+    """
+
+    Q: Any  # (B, Hq, Nq, d) contiguous
+    K: Any  # (B, Hkv, Nmax, d) the cache buffers, contiguous, read in place
+    V: Any
+    lengths: Any  # (B,) int64 on the host: keys [0, lengths[b]) are filled
+    lo: Any  # (B, Nq) int64 on the host: row i of batch b sees keys lo <= j < hi
+    hi: Any
+    scale: float
+    causal: bool
+    xp: Any
+
+    @property
+    def n_keys(self) -> int:
+        """The longest filled length: no split needs to look past it."""
+        return int(self.lengths.max()) if self.lengths.size else 0
+
+    # What the registry asks of any problem (Backend.cannot_serve, choose), named as on Problem.
+    @property
+    def dtype(self):
+        return self.Q.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return self.Q.dtype.name
+
+    def flops(self) -> float:
+        """4 B Hq d times the keys each row sees, summed over the rows: the forward formula for ragged rows."""
+        B, Hq, _, d = self.Q.shape
+        return 4.0 * Hq * d * float((self.hi - self.lo).clip(min=0).sum()) * (1 if self.lo.shape[0] == B else B)
+
+    @property
+    def d(self) -> int:
+        return self.Q.shape[3]
+
+    @property
+    def mask(self):
+        """Always None: the visible keys are the ranges [lo, hi), never a custom mask."""
+        return None
+
+    @classmethod
+    def from_problem(cls, problem: Problem) -> DecodeProblem:
+        """The decoding step that computes the same attention as `problem` (the whole of K and V filled,
+        its window as per-row key ranges): how a split-K kernel serves flashkit.attention. Raises
+        ValueError for a custom mask, which a split-K kernel does not take."""
+        import numpy as np
+
+        from flashkit.masks import row_bounds
+
+        if problem.mask is not None:
+            raise ValueError("the split-K kernels do not support a custom mask (causal and window are supported)")
+        lo, hi = row_bounds(problem.Nq, problem.Nk, problem.window)  # (Nq,) each, the same for every batch
+        shape = (problem.B, problem.Nq)
+        return cls(Q=problem.Q, K=problem.K, V=problem.V, lengths=np.full(problem.B, problem.Nk, np.int64),
+                   lo=np.ascontiguousarray(np.broadcast_to(lo, shape)), hi=np.ascontiguousarray(np.broadcast_to(hi, shape)),
+                   scale=problem.scale, causal=problem.causal, xp=problem.xp)

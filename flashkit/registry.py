@@ -1,15 +1,21 @@
 """The named backends: what each one is, whether it can run here, and which one "auto" picks.
 
-A backend is a name, a device, what it supports, a `run(problem) -> (O, lse)` and, where it has one,
-a `run_backward(problem) -> (dQ, dK, dV)`, both loaded lazily, so `import flashkit` never imports
-Numba or CuPy. Modules that provide backends (flashkit.cpu,
-flashkit.gpu) list them in a `BACKENDS` tuple; this file gathers them.
+A backend is a name, a device, what it supports, a `run(problem) -> (O, lse)` and, where it has them,
+a `run_backward(problem) -> (dQ, dK, dV)` and a split-K `run_decode(decode_problem, splits) -> (O, lse)`,
+all loaded lazily, so `import flashkit` never imports Numba or CuPy. Modules that provide backends
+(flashkit.reference, flashkit.tiled, flashkit.cpu, flashkit.gpu, flashkit.decode) list them in a
+`BACKENDS` tuple; this file gathers them, and `choose` picks one for a request in one of three
+directions: "forward" (flashkit.attention), "backward" (flashkit.attention_backward) and "decode"
+(flashkit.decode.attention_decode).
 """
 from __future__ import annotations
 
+import functools
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
+
+DIRECTIONS = ("forward", "backward", "decode")
 
 
 @dataclass(frozen=True)
@@ -21,14 +27,20 @@ class Backend:
     summary    one line for the backends table
     dtypes     dtype names computed natively; float16 input to a backend without it runs in float32
     head_dims  supported head sizes d, or None for any
-    mask       whether a custom boolean mask is supported
+    mask       whether a custom boolean mask is supported (causal and sliding windows every backend
+               supports: each kernel takes the (left, right) window of the Problem)
     priority   "auto" picks the available backend with the highest priority that supports the request
     auto_max_flops  "auto" prefers this backend, whatever its priority, for problems of at most this many
                forward FLOPs (numpy-standard for tiny calls, where a kernel's fixed cost is the whole time)
     runner     "module:function" that takes a Problem and returns (O, lse); None for a backward-only rung
     backward   "module:function" that takes a Problem carrying dO, O and lse (validate.check_backward)
                and returns (dQ, dK, dV) shaped like Q, K, V; None when the backend has no backward
+    decode     "module:function" that takes a DecodeProblem (validate.check_decode) and a number of
+               splits (or "auto") and returns (O, lse): split-K decoding against a KV cache read in
+               place. None: the backend serves a decoding step only unsplit, through its runner
     probe      "module:function" returning None when usable here, else the reason it is not
+    supports   "module:function" taking a problem of this backend's device and returning None or why
+               it cannot serve it: limits the fields above cannot state (head sizes per dtype, alignment)
     """
 
     name: str
@@ -36,27 +48,19 @@ class Backend:
     summary: str
     runner: Optional[str]
     backward: Optional[str] = None
+    decode: Optional[str] = None
     dtypes: Tuple[str, ...] = ("float32", "float64")
     head_dims: Optional[Tuple[int, ...]] = None
     mask: bool = True
-    window: bool = True
     priority: int = 0
     auto_max_flops: Optional[float] = None
     probe: Optional[str] = None
+    supports: Optional[str] = None
     rung: Optional[int] = None  # place in its ladder (None for baselines outside a ladder)
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def unavailable_reason(self) -> Optional[str]:
-        """None if this backend can run on this machine, else why not (cached)."""
-        if "reason" not in self._cache:
-            reason = None
-            if self.probe is not None:
-                try:
-                    reason = _resolve(self.probe)()
-                except Exception as exc:  # a broken optional dependency is a reason, not a crash
-                    reason = f"{type(exc).__name__}: {exc}"
-            self._cache["reason"] = reason
-        return self._cache["reason"]
+        """None if this backend can run on this machine, else why not (probed once per process)."""
+        return None if self.probe is None else _probe_reason(self.probe)
 
     @property
     def available(self) -> bool:
@@ -70,13 +74,26 @@ class Backend:
     def has_backward(self) -> bool:
         return self.backward is not None
 
+    @property
+    def has_decode(self) -> bool:
+        return self.decode is not None
+
+    def computes(self, direction: str) -> bool:
+        """Whether this backend has its own runner for `direction` ("forward", "backward" or "decode")."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+        return {"forward": self.has_forward, "backward": self.has_backward, "decode": self.has_decode}[direction]
+
     def cannot_serve(self, problem, direction: str = "forward") -> Optional[str]:
-        """None if this backend supports `problem` in `direction` ("forward" or "backward"), else a
-        sentence saying what it lacks."""
+        """None if this backend supports `problem` in `direction` ("forward", "backward" or "decode"),
+        else a sentence saying what it lacks. A backend with a forward runner but no decode runner
+        serves a decoding step unsplit (flashkit.decode runs it on the filled rows of the cache)."""
         if direction == "backward" and not self.has_backward:
             return f"backend {self.name!r} has no backward pass (see flashkit.backends(): column 'backward')"
         if direction == "forward" and not self.has_forward:
             return f"backend {self.name!r} computes only the backward pass; use flashkit.attention_backward"
+        if direction == "decode" and not (self.has_decode or self.has_forward):
+            return f"backend {self.name!r} computes only the backward pass; it cannot decode"
         if self.device == "gpu" and problem.xp.__name__ != "cupy":
             return f"backend {self.name!r} runs on the GPU and needs CuPy arrays; got NumPy arrays"
         if self.device == "cpu" and problem.xp.__name__ != "numpy":
@@ -89,8 +106,8 @@ class Backend:
             return f"backend {self.name!r} supports head size d in {{{dims}}}; got d={problem.d}"
         if problem.mask is not None and not self.mask:
             return f"backend {self.name!r} does not support a custom mask (causal and window are supported)"
-        if problem.has_window and not problem.causal and not self.window:
-            return f"backend {self.name!r} does not support a sliding window"
+        if self.supports is not None:
+            return self._function("supports")(problem)
         return None
 
     def run(self, problem):
@@ -105,19 +122,34 @@ class Backend:
             problem = problem.astype("float32")
         return self._function("backward")(problem)
 
+    def run_decode(self, problem, splits="auto"):
+        """Compute (O, lse) of a DecodeProblem with split-K. No dtype conversion here: a decode runner
+        converts float16 itself, and only the filled rows of the cache, not the whole buffer."""
+        return self._function("decode")(problem, splits)
+
     def _function(self, which: str) -> Callable:
-        if which not in self._cache:
-            self._cache[which] = _resolve(getattr(self, which))
-        return self._cache[which]
+        return _resolve(getattr(self, which))
 
 
+# Both are cached with functools.cache, as every compiled kernel of the package is: a probe may import
+# CuPy or Numba (seconds), and resolving a runner imports its module.
+@functools.cache
 def _resolve(path: str) -> Callable:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
+@functools.cache
+def _probe_reason(probe: str) -> Optional[str]:
+    """None if the probe "module:function" finds its backend usable here, else the reason it is not."""
+    try:
+        return _resolve(probe)()
+    except Exception as exc:  # a broken optional dependency is a reason, not a crash
+        return f"{type(exc).__name__}: {exc}"
+
+
 # Modules that contribute backends, in the order the table lists them.
-_PROVIDERS = ("flashkit.reference", "flashkit.tiled", "flashkit.cpu", "flashkit.gpu")
+_PROVIDERS = ("flashkit.reference", "flashkit.tiled", "flashkit.cpu", "flashkit.gpu", "flashkit.decode")
 
 
 def all_backends() -> Tuple[Backend, ...]:
@@ -136,8 +168,8 @@ def get(name: str) -> Backend:
 
 
 def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
-    """The backend to run `problem` in `direction` ("forward" or "backward"): the named one (or a
-    clear error), or the best for "auto"."""
+    """The backend to run `problem` in `direction` ("forward", "backward" or "decode"): the named one
+    (or a clear error), or for "auto" the best available one with its own runner for `direction`."""
     if name != "auto":
         backend = get(name)
         reason = backend.unavailable_reason()
@@ -147,8 +179,17 @@ def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
         if why_not is not None:
             raise ValueError(why_not)
         return backend
-    candidates = [b for b in all_backends() if b.cannot_serve(problem, direction) is None and b.available]
+    # The request is checked before the machine: probing a GPU backend imports CuPy, which a NumPy
+    # request never needs.
+    computing = [b for b in all_backends() if b.computes(direction)]
+    candidates = [b for b in computing if b.cannot_serve(problem, direction) is None and b.available]
     if not candidates:
+        # Backends of the request's device that could run here but refuse this request: the request is
+        # what is wrong (say a head size no kernel has), so say what each one lacks.
+        device = "gpu" if problem.xp.__name__ == "cupy" else "cpu"
+        refusals = [b.cannot_serve(problem, direction) for b in computing if b.device == device and b.available]
+        if refusals:
+            raise ValueError(f"no available backend supports this {direction} request: " + "; ".join(refusals))
         raise RuntimeError(f"no available backend supports this {direction} request; see flashkit.backends()")
     # Prefer a backend that computes the input dtype natively, then one made for a problem this small,
     # then the highest priority.

@@ -1,7 +1,9 @@
 """Every check of user input, in one place, with messages that name the argument and what was expected.
 
-`check(...)` returns a `Problem` (flashkit/problem.py) or raises TypeError/ValueError. Nothing the
-user passed is modified: arrays are reshaped as views and copied only when not contiguous.
+`check(...)` returns a `Problem` (flashkit/problem.py) or raises TypeError/ValueError; `check_backward`
+adds the backward's inputs; `check_decode` returns the `DecodeProblem` of a decoding step against a KV
+cache (flashkit.decode). Nothing the user passed is modified: arrays are reshaped as views and copied
+only when not contiguous.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import numpy as np
 from dataclasses import replace
 
 from flashkit.masks import effective_window
-from flashkit.problem import Problem
+from flashkit.problem import DecodeProblem, Problem
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+DECODE_DTYPES = ("float16", "float32", "float64")  # the split-K kernels have no bfloat16 path
 
 
 def array_module(x):
@@ -89,10 +92,50 @@ def _as4d(x):
     return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))  # (B, H, N, d), a view
 
 
-def _positive_int(name, v):
+def positive_int(name, v) -> int:
+    """v as an int if it is an integer >= 1 (not a bool), else ValueError naming `name`. Every
+    argument check of the package that needs a count (block sizes, repeats, heads, cache sizes) uses it."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{name} must be a positive integer; got {v!r}")
     return int(v)
+
+
+def nonneg_int(name, v) -> int:
+    """v as an int if it is an integer >= 0 (not a bool), else ValueError naming `name`."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"{name} must be an integer >= 0; got {v!r}")
+    return int(v)
+
+
+def _check_qkv(names, q, k, v, **array_checks):
+    """(xp, Q, K, V) as 4-D views after the checks attention and decoding share: one array library
+    and GPU, one rank and dtype, v shaped as k, and q, k agreeing on d, batch and GQA heads.
+    `names` are the arguments as the caller calls them ("q", "k", "v" or "q", "k_cache", "v_cache");
+    `array_checks` go to check_array (dtypes, finite, nonempty)."""
+    nq, nk, nv = names
+    xps = [check_array(n, x, **array_checks) for n, x in zip(names, (q, k, v))]
+    if not (xps[0] is xps[1] is xps[2]):
+        raise TypeError(f"{nq}, {nk} and {nv} must all be NumPy arrays or all CuPy arrays; got a mix")
+    xp = xps[0]
+    if xp is not np:
+        devices = {x.device.id for x in (q, k, v)}
+        if len(devices) > 1:
+            raise ValueError(f"{nq}, {nk} and {nv} must be on the same GPU; got devices {sorted(devices)}")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(f"{nq}, {nk} and {nv} must have the same number of dimensions; got {q.ndim}, {k.ndim} and {v.ndim}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{nq}, {nk} and {nv} must have the same dtype; got {q.dtype}, {k.dtype} and {v.dtype}")
+    Q, K, V = _as4d(q), _as4d(k), _as4d(v)
+    (B, Hq, _, d), (Bk, Hkv, _, dk) = Q.shape, K.shape
+    if V.shape != K.shape:
+        raise ValueError(f"{nv} must have the same shape as {nk}; got {nv} {tuple(v.shape)} and {nk} {tuple(k.shape)}")
+    if dk != d:
+        raise ValueError(f"{nq} and {nk} must have the same head size d (last axis); got {d} and {dk}")
+    if Bk != B:
+        raise ValueError(f"{nq} and {nk} must have the same batch size; got {B} and {Bk}")
+    if Hkv and Hq % Hkv:
+        raise ValueError(f"the heads of {nq} ({Hq}) must be a multiple of the heads of {nk} and {nv} ({Hkv}) for GQA/MQA")
+    return xp, Q, K, V
 
 
 def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None,
@@ -101,30 +144,10 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
 
     finite=False leaves the NaN/Inf scan of q, k, v to the caller (check_backward scans them together
     with dO, O and lse, behind one host sync on the GPU)."""
-    xps = [check_array(n, x, finite=False) for n, x in (("q", q), ("k", k), ("v", v))]
-    if not (xps[0] is xps[1] is xps[2]):
-        raise TypeError("q, k and v must all be NumPy arrays or all CuPy arrays; got a mix")
-    xp = xps[0]
-    if xp is not np:
-        devices = {x.device.id for x in (q, k, v)}
-        if len(devices) > 1:
-            raise ValueError(f"q, k and v must be on the same GPU; got devices {sorted(devices)}")
-    if not (q.ndim == k.ndim == v.ndim):
-        raise ValueError(f"q, k and v must have the same number of dimensions; got {q.ndim}, {k.ndim} and {v.ndim}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype; got {q.dtype}, {k.dtype} and {v.dtype}")
-    Q, K, V = _as4d(q), _as4d(k), _as4d(v)
-    (B, Hq, Nq, d), (Bk, Hkv, Nk, dk) = Q.shape, K.shape
-    if V.shape != K.shape:
-        raise ValueError(f"v must have the same shape as k; got v {tuple(v.shape)} and k {tuple(k.shape)}")
-    if dk != d:
-        raise ValueError(f"q and k must have the same head size d (last axis); got {d} and {dk}")
-    if Bk != B:
-        raise ValueError(f"q and k must have the same batch size; got {B} and {Bk}")
-    if Hq % Hkv:
-        raise ValueError(f"the heads of q ({Hq}) must be a multiple of the heads of k and v ({Hkv}) for GQA/MQA")
+    xp, Q, K, V = _check_qkv(("q", "k", "v"), q, k, v, finite=False)
     if finite:
-        check_finite(xp, ("q", "k", "v"), (q, k, v))
+        check_finite(xp, ("q", "k", "v"), (q, k, v))  # one host sync for the three on the GPU
+    (B, Hq, Nq, d), Nk = Q.shape, K.shape[2]
 
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be True or False; got {causal!r}")
@@ -157,9 +180,9 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
         if isinstance(block_size, (tuple, list)):
             if len(block_size) != 2:
                 raise ValueError(f"block_size must be an integer or a pair (Br, Bc); got {block_size!r}")
-            block_size = (_positive_int("block_size (Br)", block_size[0]), _positive_int("block_size (Bc)", block_size[1]))
+            block_size = (positive_int("block_size (Br)", block_size[0]), positive_int("block_size (Bc)", block_size[1]))
         else:
-            b = _positive_int("block_size", block_size)
+            b = positive_int("block_size", block_size)
             block_size = (b, b)
 
     # bfloat16 on the GPU travels as uint16 bits with element="bf16"; the kernels read them as __nv_bfloat16
@@ -170,6 +193,49 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
         scale=float(scale), causal=bool(causal), window=win, mask=mask4,
         block_size=block_size, xp=xp, element=element,
     )
+
+
+def check_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=None) -> DecodeProblem:
+    """The DecodeProblem of flashkit.decode.attention_decode(q, k_cache, v_cache, ...).
+
+    The caches may be empty (no key yet) and hold unwritten slots past `length`, so they are checked
+    for neither emptiness nor finiteness (that would read the whole cache a second time); q is.
+    `length`: None (the whole buffer), an int, or one int per batch element (a ragged batch).
+    """
+    xp, Q, K, V = _check_qkv(("q", "k_cache", "v_cache"), q, k_cache, v_cache,
+                             dtypes=DECODE_DTYPES, finite=False, nonempty=False)
+    (B, _, Nq, d), (_, Hkv, Nmax, dk) = Q.shape, K.shape
+    if 0 in Q.shape or 0 in (Hkv, dk):
+        raise ValueError(f"q and the caches must not be empty; got q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
+    if not bool(xp.isfinite(Q).all()):
+        raise ValueError("q contains NaN or Inf")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be True or False; got {causal!r}")
+    scale = check_scale(scale, d)
+
+    if length is None:
+        lengths = np.full(B, Nmax, np.int64)
+    else:
+        if array_module(length) not in (None, np):  # a CuPy array of lengths
+            length = length.get()
+        arr = np.asarray(length)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
+            raise TypeError(f"length must be an integer or a 1-D array of B={B} integers; got {length!r}")
+        lengths = np.broadcast_to(arr, (B,)).astype(np.int64) if arr.ndim == 0 or arr.shape == (B,) else None
+        if lengths is None:
+            raise ValueError(f"length must hold one integer per batch element (B={B}); got shape {arr.shape}")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > Nmax):
+            bad = int(lengths.max() if lengths.max() > Nmax else lengths.min())
+            raise ValueError(f"length must lie between 0 and the cache size {Nmax} (k_cache.shape[-2]); got {bad}")
+    # Row i of batch b sees keys [lo, hi): all filled keys, or, causal (bottom-right aligned at the
+    # filled length), keys j <= i + length - Nq, as flashkit.attention does with Nk = length.
+    i = np.arange(Nq, dtype=np.int64)
+    hi = np.broadcast_to(lengths[:, None], (B, Nq)).copy()
+    if causal:
+        hi = np.clip(i[None, :] + lengths[:, None] - Nq + 1, 0, hi)
+    lo = np.zeros((B, Nq), np.int64)
+    return DecodeProblem(Q=xp.ascontiguousarray(Q), K=xp.ascontiguousarray(K), V=xp.ascontiguousarray(V),
+                         lengths=lengths, lo=lo, hi=hi, scale=float(scale), causal=bool(causal), xp=xp)
 
 
 def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None, mask=None,

@@ -21,6 +21,17 @@ def cpu_backends():
     return [b.name for b in registry.all_backends() if b.device == "cpu" and b.available]
 
 
+def takes_mask(name) -> bool:
+    """Whether backend `name` supports a custom mask (the split-K ones take causal and windows only)."""
+    return registry.get(name).mask
+
+
+def assert_refuses_mask(name, q, k, v, mask, **kw):
+    """A backend without custom masks must say so, not ignore the mask."""
+    with pytest.raises(ValueError, match="custom mask"):
+        flashkit.attention(q, k, v, mask=mask, backend=name, **kw)
+
+
 def stable_seed(*key) -> int:
     """A seed from the test's parameters, the same in every run and process (hash() of a str is salted per
     process, so a failure seeded by it could not be reproduced). Print it in every failure message."""

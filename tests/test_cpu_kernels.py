@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("numba")
 
 from flashkit import validate  # noqa: E402
-from flashkit.cpu import available_rungs, common, simd  # noqa: E402
+from flashkit.cpu import available_rungs, common, simd, simd_lab  # noqa: E402
+from flashkit.measure.threads import current_threads, threads_limit  # noqa: E402
 from flashkit.masks import SKIP, block_map  # noqa: E402
 from flashkit.reference import reference  # noqa: E402
 
@@ -42,11 +43,11 @@ def test_micro_kernels_equal_their_scalar_twins(dtype):
     a, b = rng.standard_normal(1001).astype(dtype), rng.standard_normal(1001).astype(dtype)
     exact = float(a.astype(np.float64) @ b.astype(np.float64))
     tol = 1e-4 if dtype == np.float32 else 1e-12
-    assert abs(simd.dot(a, b) - exact) <= tol * np.abs(a * b).sum()
-    assert abs(simd.dot_scalar(a, b) - exact) <= tol * np.abs(a * b).sum()
+    assert abs(simd_lab.dot(a, b) - exact) <= tol * np.abs(a * b).sum()
+    assert abs(simd_lab.dot_scalar(a, b) - exact) <= tol * np.abs(a * b).sum()
     o1, o2 = a.copy(), a.copy()
-    simd.axpby(dtype(0.75), o1, dtype(-0.5), b)
-    simd.axpby_scalar(dtype(0.75), o2, dtype(-0.5), b)
+    simd_lab.axpby(dtype(0.75), o1, dtype(-0.5), b)
+    simd_lab.axpby_scalar(dtype(0.75), o2, dtype(-0.5), b)
     np.testing.assert_allclose(o1, o2, rtol=1e-6 if dtype == np.float32 else 1e-14)
     np.testing.assert_allclose(o1, 0.75 * a - 0.5 * b, rtol=1e-5 if dtype == np.float32 else 1e-13)
 
@@ -55,8 +56,8 @@ def test_micro_kernels_equal_their_scalar_twins(dtype):
 def test_fast_exp_is_accurate_and_flushes_to_zero(dtype, rtol):
     x = -np.concatenate([np.linspace(0, 80, 50001), [0.0, 1e-30, 86.9, 700.0, 1e4, 1e30]]).astype(dtype)
     out, ref_out = np.empty_like(x), np.empty_like(x)
-    simd.exp_vector(x, out)
-    simd.exp_scalar(x, ref_out)
+    simd_lab.exp_vector(x, out)
+    simd_lab.exp_scalar(x, ref_out)
     ref = np.exp(x.astype(np.float64))
     normal = ref > np.finfo(dtype).tiny * 4
     assert (np.abs(out[normal] - ref[normal]) <= rtol * ref[normal]).all()
@@ -69,11 +70,11 @@ def test_fast_exp_is_accurate_and_flushes_to_zero(dtype, rtol):
 def test_asm_has_vector_instructions_and_twins_do_not():
     a = np.ones(64, np.float32)
     alpha = np.float32(0.5)
-    for fn, args in ((simd.dot, (a, a)), (simd.axpby, (alpha, a.copy(), alpha, a)), (simd.exp_vector, (a, a.copy()))):
-        text = simd.asm(fn, *args)
-        assert simd.has_vector_fma(text), (fn, simd.vector_instructions(text))
-    for fn, args in ((simd.dot_scalar, (a, a)), (simd.axpby_scalar, (alpha, a.copy(), alpha, a))):
-        counts = simd.vector_instructions(simd.asm(fn, *args))
+    for fn, args in ((simd_lab.dot, (a, a)), (simd_lab.axpby, (alpha, a.copy(), alpha, a)), (simd_lab.exp_vector, (a, a.copy()))):
+        text = simd_lab.asm(fn, *args)
+        assert simd_lab.has_vector_fma(text), (fn, simd_lab.vector_instructions(text))
+    for fn, args in ((simd_lab.dot_scalar, (a, a)), (simd_lab.axpby_scalar, (alpha, a.copy(), alpha, a))):
+        counts = simd_lab.vector_instructions(simd_lab.asm(fn, *args))
         arithmetic = [k for k in counts if k.split()[0].startswith(("vfmadd", "vmul", "vadd"))]
         assert arithmetic == [], (fn, counts)
 
@@ -87,7 +88,7 @@ def test_gemm_kernel_exp_is_vectorised():
     q = np.zeros((1, 1, 4, 4), np.float32)
     args = (q, q, q, 1.0, -1, -1, common._NO_MASK, False, np.zeros((1, 1, 1, 1), np.int8), 4, 4,
             np.zeros_like(q), np.zeros((1, 1, 4), np.float32), np.zeros(1, np.int64))
-    counts = simd.vector_instructions(simd.asm(rung3_gemm.forward_kernel, *args))
+    counts = simd_lab.vector_instructions(simd_lab.asm(rung3_gemm.forward_kernel, *args))
     assert any(k.startswith("vround") for k in counts), counts
 
 
@@ -161,15 +162,13 @@ def test_threads_setting(rung):
     rng = np.random.default_rng(5)
     q, k, v = _qkv(rng, 1, 3, 1, 77, 90, 16)
     p = validate.check(q, k, v, causal=True)
-    before = simd.get_threads()
-    try:
-        assert simd.set_threads(1) == before
-        assert simd.get_threads() == 1
+    before = current_threads()
+    with threads_limit(1):
+        assert current_threads() == 1
         O1, lse1 = _module(rung).run(p)
-        simd.set_threads(numba.config.NUMBA_NUM_THREADS)
+    with threads_limit(numba.config.NUMBA_NUM_THREADS):
         O2, lse2 = _module(rung).run(p)
-    finally:
-        simd.set_threads(before)
+    assert current_threads() == before
     np.testing.assert_array_equal(O1, O2)  # tasks own their rows: the thread count changes nothing
     np.testing.assert_array_equal(lse1, lse2)
 
@@ -178,7 +177,7 @@ def test_threads_setting(rung):
 def test_fast_exp2_is_accurate_and_flushes_to_zero(dtype, rtol):
     x = -np.concatenate([np.linspace(0, 120, 50001), [0.0, 1e-30, 125.9, 1000.0, 1e4, 1e30]]).astype(dtype)
     out = np.empty_like(x)
-    simd.exp2_vector(x, out)
+    simd_lab.exp2_vector(x, out)
     ref = np.exp2(x.astype(np.float64))
     normal = ref > np.finfo(dtype).tiny * 4
     assert (np.abs(out[normal] - ref[normal]) <= rtol * ref[normal]).all()

@@ -4,13 +4,14 @@ import re
 
 import pytest
 
-from flashkit.measure import timing
+from flashkit.measure import export, threads
+from flashkit.measure import sweep as sweeps
 from flashkit.viz.dashboard import BenchmarkDashboard, report_html, sweep_figure, varying
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return list(timing.sweep(backends=["numpy-standard", "numpy-tiled"], N=[16, 40], d=[8], heads=[1],
+    return list(sweeps.sweep(backends=["numpy-standard", "numpy-tiled"], N=[16, 40], d=[8], heads=[1],
                              causal=[False, True], repeats=1, warmup=0))
 
 
@@ -33,7 +34,7 @@ def test_sweep_figure_one_line_per_series(rows):
 
 
 def test_report_html_is_self_contained(rows):
-    page = report_html(rows, timing.metadata())
+    page = report_html(rows, export.metadata())
     assert "Plotly.newPlot" in page and not re.search(r"<script[^>]*\bsrc=", page)
     assert page.count("<tr>") == 1 + len(rows)
 
@@ -41,9 +42,9 @@ def test_report_html_is_self_contained(rows):
 def test_dashboard_defaults_are_small():
     dash = BenchmarkDashboard()
     spec = dash.spec()
-    assert spec.backends == tuple(timing.default_backends())
+    assert spec.backends == tuple(sweeps.default_backends())
     assert spec.N == (128, 256, 512) and spec.d == (64,) and spec.heads == (4,) and spec.causal == (False,)
-    assert spec.threads == (timing.current_threads(),)
+    assert spec.threads == (threads.current_threads(),)
 
 
 def test_dashboard_run_fills_rows_progress_and_chart(tmp_path):

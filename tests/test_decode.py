@@ -159,6 +159,35 @@ def test_traced_partials_records_every_task():
     np.testing.assert_allclose(o, attention_decode(q, k, v, backend="numpy-standard"), rtol=1e-5, atol=1e-6)
 
 
+def test_splitk_backends_are_in_the_registry():
+    """The split-K kernels are registry backends: listed, with a decode runner, chosen by registry.choose."""
+    from flashkit import registry
+
+    listed = {b["name"] for b in flashkit.backends()}
+    assert {"numpy-splitk", "numba-splitk", "cupy-splitk"} <= listed
+    decoders = [b.name for b in registry.all_backends() if b.has_decode]
+    assert decoders == ["numpy-splitk", "numba-splitk", "cupy-splitk"]
+    q, k, v = make(np.random.default_rng(5), 1, 4, 2, 1, 64, 16)
+    P = check(q, k, v, length=40)
+    assert registry.choose(P, "auto", direction="decode").name == CPU_SPLITK[-1]
+    # a prefill never goes to a split-K kernel by itself, though each can compute one
+    assert not registry.choose(validate.check(q, k, v), "auto").has_decode
+    # a named backend without a decode runner serves the step unsplit
+    assert registry.choose(P, "numpy-standard", direction="decode").name == "numpy-standard"
+
+
+def test_auto_without_a_fitting_decode_backend_says_why(monkeypatch):
+    """When every decode backend that could run here refuses the request, "auto" names what each lacks."""
+    from flashkit import registry
+    from flashkit.registry import Backend
+
+    only128 = Backend(name="test-splitk-d128", device="cpu", summary="test", runner=None,
+                      decode="flashkit.decode:numpy_splitk", head_dims=(128,))
+    monkeypatch.setattr(registry, "all_backends", lambda: (only128,))
+    with pytest.raises(ValueError, match="no available backend supports this decode request.*d=8"):
+        attention_decode(Q0, K0, V0, backend="auto")
+
+
 Q0, K0, V0 = make(np.random.default_rng(0), 2, 4, 2, 1, 10, 8)
 BAD = [
     ("length too long", dict(length=11), ValueError, ["length", "10"]),
@@ -284,3 +313,32 @@ def test_gpu_bad_input():
         attention_decode(q, k, v)
     with pytest.raises(ValueError, match="numba-splitk"):
         attention_decode(q, k, v, backend="numba-splitk")
+
+
+@gpu
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,d,dtype", [(2, 8, 2, 5, 300, 128, "float16"), (1, 4, 4, 64, 64, 64, "float32"),
+                                                    (1, 6, 3, 129, 257, 64, "float16"), (2, 4, 1, 1, 1000, 256, "float16")])
+def test_gpu_splitk_as_an_attention_backend(B, Hq, Hkv, Nq, Nk, d, dtype):
+    """cupy-splitk serves flashkit.attention (the registry's runner): causal and windows, Nq != Nk, GQA,
+    against cupy-standard in float64; a custom mask is refused, not ignored."""
+    rng = np.random.default_rng(B * 1000 + Nq)
+    q, k, v = (cp.asarray(x) for x in make(rng, B, Hq, Hkv, Nq, Nk, d, np.dtype(dtype)))
+    rtol = 3e-3 if dtype == "float16" else 1e-5
+    for kw in (dict(), dict(causal=True), dict(window=(20, 3)), dict(causal=True, window=(7, -1))):
+        o, lse = flashkit.attention(q, k, v, backend="cupy-splitk", return_lse=True, **kw)
+        ref_o, ref_lse = flashkit.attention(q.astype("float64"), k.astype("float64"), v.astype("float64"),
+                                            backend="cupy-standard", return_lse=True, **kw)
+        assert_matches(cp.asnumpy(o).astype(np.float64), cp.asnumpy(lse), cp.asnumpy(ref_o), cp.asnumpy(ref_lse),
+                       rtol=rtol, what=f"{dtype} {kw}")
+    with pytest.raises(ValueError, match="custom mask"):
+        flashkit.attention(q, k, v, backend="cupy-splitk", mask=cp.ones((Nq, Nk), bool))
+
+
+@gpu
+def test_gpu_decode_auto_refuses_what_no_split_k_kernel_has():
+    """float32 at d = 256 (the kernel has it in float16 only) and d = 48: the reason names the head size."""
+    rng = np.random.default_rng(9)
+    for d in (256, 48):
+        q, k, v = (cp.asarray(x) for x in make(rng, 1, 2, 1, 1, 50, d, np.float32))
+        with pytest.raises(ValueError, match="head size"):
+            attention_decode(q, k, v)

@@ -1,5 +1,6 @@
 """Bottom-right causal alignment, windows and tile states agree with a brute-force picture."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,3 +56,21 @@ def test_tile_states_match_brute_force(Nq, Nk, left, right, Br, Bc, seed):
                     assert states[r, c] == masks.PARTIAL, (r, c, tile)
     frac = masks.visible_fraction(Nq, Nk, window)
     assert abs(frac - pic.mean()) < 1e-12
+
+
+@pytest.mark.parametrize("Nq,Nk", [(5, 9), (9, 5), (7, 7), (1, 30)])
+def test_gpu_standard_visibility_is_the_masks_rule(Nq, Nk):
+    """cupy-standard builds its window picture from masks.row_bounds; with NumPy standing in for CuPy
+    it equals masks.dense_mask for causal and sliding windows, Nq != Nk included."""
+    from flashkit import validate
+    from flashkit.gpu.standard import visibility
+
+    q, k = np.zeros((1, 1, Nq, 4), np.float32), np.zeros((1, 1, Nk, 4), np.float32)
+    for causal in (False, True):
+        for window in (None, (2, 1), (-1, 3), (0, 0), (3, -1)):
+            p = validate.check(q, k, k, causal=causal, window=window)
+            vis = visibility(p, np)
+            if not p.has_window:
+                assert vis is None
+                continue
+            np.testing.assert_array_equal(vis, masks.dense_mask(Nq, Nk, p.window), err_msg=f"causal={causal} window={window}")

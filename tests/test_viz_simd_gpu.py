@@ -62,27 +62,51 @@ def test_loader_rejects_missing_and_foreign_files(tmp_path):
         gpu_results.load(other)
 
 
-def test_ceilings_are_read_from_the_files(tmp_path):
-    src = tmp_path / "bench.py"
-    src.write_text('X = 1\nCEILING_TFLOPS = {"float16": 123.5, "float32": 7.0}  # measured\n')
-    assert gpu_results.gemm_ceilings(src) == {"float16": 123.5, "float32": 7.0}
-    src.write_text("X = 1\n")
-    assert gpu_results.gemm_ceilings(src) == {}
-    assert gpu_results.gemm_ceilings(tmp_path / "absent.py") == {}
-    notes = tmp_path / "NOTES.md"
-    notes.write_text("bytes ... 0.09 ms at the 1.25 TB/s copy rate measured on this card")
-    assert gpu_results.copy_bandwidth_tbps(notes) == 1.25
-    notes.write_text("nothing here")
-    assert gpu_results.copy_bandwidth_tbps(notes) is None
+def test_ceilings_are_read_from_the_results_json(tmp_path):
+    """The ceilings come from the results file they were measured with, never from a script or notes."""
+    raw = {"card": "Test GPU", "date": "2026-01-01", "commit": "abc", "results": [],
+           "ceilings": {"gemm_tflops": {"float16": 123.5, "float32": 7.0}, "bandwidth_tbps": 1.25,
+                        "source": "measured in this run"}}
+    path = tmp_path / "gpu-test.json"
+    path.write_text(json.dumps(raw))
+    c = gpu_results.ceilings(gpu_results.load(path))
+    assert c["gemm_tflops"] == {"float16": 123.5, "float32": 7.0} and c["bandwidth_tbps"] == 1.25
+    assert c["sources"]["gemm_tflops"] == "gpu-test.json: measured in this run" == c["sources"]["bandwidth_tbps"]
+    del raw["ceilings"]
+    path.write_text(json.dumps(raw))
+    none = gpu_results.ceilings(gpu_results.load(path))
+    assert none == {"gemm_tflops": {}, "bandwidth_tbps": None, "sources": {"gemm_tflops": None, "bandwidth_tbps": None}}
 
 
-def test_real_ceilings_name_their_source():
+def test_real_ceilings_name_their_source(recorded):
     c = gpu_results.ceilings()
-    if c["gemm_tflops"]:
-        assert "gpu_forward.py" in c["sources"]["gemm_tflops"]
-        assert all(v > 0 for v in c["gemm_tflops"].values())
-    if c["bandwidth_tbps"] is not None:
-        assert "NOTES-gpu.md" in c["sources"]["bandwidth_tbps"]
+    raw = json.loads(gpu_results.DEFAULT_PATH.read_text())["ceilings"]
+    assert c["gemm_tflops"] == raw["gemm_tflops"] and all(v > 0 for v in c["gemm_tflops"].values())
+    assert c["bandwidth_tbps"] == raw["bandwidth_tbps"] > 0
+    assert raw["source"] and raw["source"] in c["sources"]["gemm_tflops"]
+    assert gpu_results.DEFAULT_PATH.name in c["sources"]["bandwidth_tbps"]
+
+
+def test_the_package_reads_only_json_for_gpu_results(recorded, monkeypatch):
+    """Loading the results and their ceilings opens the results JSON and nothing else."""
+    import builtins
+    from pathlib import Path
+
+    opened = []
+    real_open, real_read_text = builtins.open, Path.read_text
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def spy_read_text(self, *args, **kwargs):
+        opened.append(str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(Path, "read_text", spy_read_text)
+    gpu_results.ceilings(gpu_results.load())
+    assert opened and all(f.endswith(".json") for f in opened), opened
 
 
 def test_traffic_model_and_intensity():
@@ -207,7 +231,7 @@ def test_asm_counts_arm_neon():
 
 
 def test_asm_counts_agree_with_simd_on_real_code():
-    simd = pytest.importorskip("flashkit.cpu.simd")
+    simd = pytest.importorskip("flashkit.cpu.simd_lab")
     x = np.ones(32, np.float32)
     for fn in (simd.dot, simd.dot_scalar):
         text = simd.asm(fn, x, x)

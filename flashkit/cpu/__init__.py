@@ -11,7 +11,8 @@ derive. Every rung module has `run(problem, stats=False) -> (O, lse)` (and the t
 stats=True) and `BLOCKS`, its preferred (Br, Bc) before the L2 rule of common.default_block_size.
 
 Nothing here imports Numba: the kernels load when a backend first runs (import flashkit stays fast).
-simd.py holds the micro-kernels (dot product, weighted add, exp) with their scalar twins.
+simd.py holds the primitives the kernels share (FASTMATH, the polynomial exp and exp2, order keys); simd_lab.py
+the teaching lab of notebook 06 (micro-kernels with their scalar twins, the asm, a micro-benchmark).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from flashkit.registry import Backend
 
 # What every CPU rung shares: NumPy arrays, float32/float64 computed natively, masks and windows.
-_COMMON = dict(device="cpu", dtypes=("float32", "float64"), mask=True, window=True)
+_COMMON = dict(device="cpu", dtypes=("float32", "float64"), mask=True)
 
 
 @dataclass(frozen=True)

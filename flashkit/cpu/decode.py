@@ -25,8 +25,8 @@ Tried and dropped: the rows four at a time through both products (register block
 with a group of 4 rows, but 4x slower with 8 (LLVM's code for the blocked O update collapsed);
 measured on one thread, d = 128, in cache.
 
-This module imports Numba at the top: load it through flashkit.decode (which imports it only when a
-Numba backend is used), never from `import flashkit`.
+This module imports Numba at the top: the registry loads it when the "numba-splitk" backend first runs
+(flashkit.decode.BACKENDS), never on `import flashkit`.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 from numba import njit, prange
+
+from flashkit.cpu import threads as cpu_threads
 
 from flashkit.cpu.simd import FASTMATH, fast_exp
 
@@ -165,7 +167,9 @@ def partials(Q, K, V, lo, hi, scale, splits, n_keys):
     B, Hq, Nq, d = Q.shape
     chunk = max(1, math.ceil(n_keys / splits))
     M, L, O = new_partials(splits, B, Hq, Nq, d, Q.dtype)
-    splitk_kernel(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, M, L, O)
+    work = 4.0 * Hq * d * float(np.clip(hi - lo, 0, n_keys).sum())  # FLOPs, the forward's formula per row
+    with cpu_threads.for_work(work):  # a small step runs on one thread (flashkit/cpu/threads.py)
+        splitk_kernel(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, M, L, O)
     return M, L, O
 
 
@@ -202,18 +206,28 @@ def traced_partials(Q, K, V, lo, hi, scale, splits, n_keys, n_threads):
     return (M, L, O), sorted(events, key=lambda e: e["task"])
 
 
+def decode(problem, splits="auto"):
+    """The "numba-splitk" decode runner: (O, lse) of a flashkit.problem.DecodeProblem, its splits'
+    states merged exactly. "auto": auto_splits for this machine's threads."""
+    from flashkit import online_softmax
+
+    P = problem
+    if splits == "auto":
+        splits = auto_splits(P.Q.shape[0], P.K.shape[1], P.n_keys)
+    dt = np.float64 if P.Q.dtype == np.float64 else np.float32  # float16 is computed in float32
+    K, V = P.K, P.V
+    if K.dtype != dt:  # convert only the filled rows (a copy), not the whole preallocated buffer
+        K, V = K[:, :, :P.n_keys].astype(dt), V[:, :, :P.n_keys].astype(dt)
+    M, L, O = partials(P.Q.astype(dt, copy=False), K, V, P.lo, P.hi, P.scale, splits, P.n_keys)
+    # merge the splits' states exactly; a split that saw nothing has m = -inf and counts for nothing
+    return online_softmax.finalize(online_softmax.merge([online_softmax.State(M[s], L[s], O[s]) for s in range(splits)]))
+
+
 def run(problem):
-    """(O, lse) of a flashkit Problem with split-K (a backend runner: causal and windows, no custom mask).
+    """(O, lse) of a flashkit Problem with split-K (the "numba-splitk" runner of flashkit.attention:
+    causal and windows, no custom mask).
 
     Meant for few query rows; correct for any Nq, but a prefill should use a prefill kernel."""
-    from flashkit import online_softmax
-    from flashkit.masks import row_bounds
+    from flashkit.problem import DecodeProblem
 
-    if problem.mask is not None:
-        raise ValueError("the split-K decode kernel does not support a custom mask (causal and window are supported)")
-    lo, hi = row_bounds(problem.Nq, problem.Nk, problem.window)
-    lo = np.ascontiguousarray(np.broadcast_to(lo, (problem.B, problem.Nq)))
-    hi = np.ascontiguousarray(np.broadcast_to(hi, (problem.B, problem.Nq)))
-    splits = auto_splits(problem.B, problem.Hkv, problem.Nk)
-    M, L, O = partials(problem.Q, problem.K, problem.V, lo, hi, problem.scale, splits, problem.Nk)
-    return online_softmax.finalize(online_softmax.merge([online_softmax.State(M[s], L[s], O[s]) for s in range(splits)]))
+    return decode(DecodeProblem.from_problem(problem))

@@ -13,6 +13,8 @@ elementwise vector max) was 10-15% slower, the transposed GEMMs being slower; ti
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -111,7 +113,12 @@ def forward_kernel(Q, K, V, scale, left, right, mask, has_mask, bmap, Br, Bc, O,
                 lse[b, h, i0 + r] = m_i[r] * ln2 + np.log(l_i[r])
 
 
-_BLAS: dict = {}
+@functools.cache
+def _blas_controller():
+    import scipy.linalg.cython_blas  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def one_blas_thread():
@@ -120,12 +127,7 @@ def one_blas_thread():
     scipy.linalg.cython_blas (the BLAS behind Numba's np.dot) is imported first; otherwise
     threadpoolctl does not see SciPy's OpenBLAS, and 2 tasks x 2 BLAS threads oversubscribe the cores
     (measured on a 2-core znver5 machine: one 51 ms call took 1.7 s)."""
-    if "controller" not in _BLAS:
-        import scipy.linalg.cython_blas  # noqa: F401
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS["controller"] = ThreadpoolController()
-    return _BLAS["controller"].limit(limits=1, user_api="blas")
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def run(problem, stats=False):

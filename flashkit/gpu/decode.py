@@ -18,6 +18,7 @@ any GQA group and few query rows (the rows of a group are cut into blocks of at 
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -26,7 +27,6 @@ import numpy as np
 SOURCE = Path(__file__).parent / "kernels" / "decode_splitk.cu"
 THREADS = 128
 HEAD_DIMS = {"float16": (64, 128, 256), "float32": (64, 128)}
-_modules = {}
 
 
 def _rows_per_block(R: int) -> int:
@@ -40,18 +40,20 @@ def _rows_per_block(R: int) -> int:
 def _kernels(dtype_name: str, D: int, rows: int, prefetch: bool = True):
     """(decode_splitk, decode_merge) compiled for one (dtype, D, ROWS, PREFETCH); cached per process
     (and on disk by CuPy)."""
-    key = (dtype_name, D, rows, bool(prefetch))
-    if key not in _modules:
-        import cupy
+    return _compile(dtype_name, D, rows, bool(prefetch))
 
-        T = "__half" if dtype_name == "float16" else "float"
-        U = 4 if rows <= 4 else 2  # keys in flight per lane; 8 rows x 4 keys would exceed the registers
-        split_name = f"decode_splitk<{T}, {D}, {rows}, {U}, {'true' if prefetch else 'false'}>"
-        merge_name = f"decode_merge<{T}>"
-        module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
-                                name_expressions=(split_name, merge_name))
-        _modules[key] = (module.get_function(split_name), module.get_function(merge_name))
-    return _modules[key]
+
+@functools.cache
+def _compile(dtype_name: str, D: int, rows: int, prefetch: bool):
+    import cupy
+
+    T = "__half" if dtype_name == "float16" else "float"
+    U = 4 if rows <= 4 else 2  # keys in flight per lane; 8 rows x 4 keys would exceed the registers
+    split_name = f"decode_splitk<{T}, {D}, {rows}, {U}, {'true' if prefetch else 'false'}>"
+    merge_name = f"decode_merge<{T}>"
+    module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
+                            name_expressions=(split_name, merge_name))
+    return module.get_function(split_name), module.get_function(merge_name)
 
 
 def sm_count() -> int:
@@ -78,17 +80,31 @@ def _layout(Q, K):
     return rows, math.ceil(R / rows)
 
 
-def check_supported(Q, K, V):
-    """Raise ValueError, before anything is compiled, if the kernel cannot serve these arrays."""
+def _unsupported(Q, K, V):
+    """None if the kernel can serve these CuPy arrays, else why not (nothing is compiled)."""
     name, D = Q.dtype.name, Q.shape[-1]
     if name not in HEAD_DIMS:
-        raise ValueError(f"backend 'cupy-splitk' supports float16 and float32; got {name}")
+        return f"backend 'cupy-splitk' supports float16 and float32; got {name}"
     if D not in HEAD_DIMS[name]:
-        raise ValueError(f"backend 'cupy-splitk' supports head size d in {{{', '.join(map(str, HEAD_DIMS[name]))}}} "
-                         f"for {name}; got d={D}")
+        return (f"backend 'cupy-splitk' supports head size d in {{{', '.join(map(str, HEAD_DIMS[name]))}}} "
+                f"for {name}; got d={D}")
     for label, x in (("q", Q), ("k_cache", K), ("v_cache", V)):
         if x.data.ptr % 16:
-            raise ValueError(f"{label} must start on a 16-byte boundary for the kernel's vector loads; pass a copy")
+            return f"{label} must start on a 16-byte boundary for the kernel's vector loads; pass a copy"
+    return None
+
+
+def unsupported_reason(problem):
+    """The registry's `supports` check of "cupy-splitk" (a Problem or a DecodeProblem with CuPy arrays):
+    the head sizes per dtype and the alignment, which the Backend's fields cannot state."""
+    return _unsupported(problem.Q, problem.K, problem.V)
+
+
+def check_supported(Q, K, V):
+    """Raise ValueError, before anything is compiled, if the kernel cannot serve these arrays."""
+    reason = _unsupported(Q, K, V)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def auto_splits(problem, prefetch: bool = True) -> int:
@@ -103,7 +119,7 @@ def auto_splits(problem, prefetch: bool = True) -> int:
 
 
 def prepare(problem, splits: int, prefetch: bool = True):
-    """A callable running one decoding step of `problem` (a flashkit.decode.DecodeProblem with CuPy
+    """A callable running one decoding step of `problem` (a flashkit.problem.DecodeProblem with CuPy
     arrays) with `splits` chunks; it returns (O (B, Hq, Nq, d) of Q's dtype, lse (B, Hq, Nq) float32).
     prefetch: the kernel variant that issues the loads of step t + 1 before the arithmetic of step t."""
     import cupy
@@ -142,6 +158,17 @@ def prepare(problem, splits: int, prefetch: bool = True):
     return step
 
 
-def run(problem, splits: int):
-    """(O, lse) of a DecodeProblem on the GPU (new arrays each call)."""
+def decode(problem, splits="auto"):
+    """The "cupy-splitk" decode runner: (O, lse) of a DecodeProblem on the GPU (new arrays each call).
+    "auto": auto_splits, one wave of blocks."""
+    if splits == "auto":
+        splits = auto_splits(problem)
     return prepare(problem, splits)()  # prepare allocates fresh outputs
+
+
+def run(problem):
+    """(O, lse) of a flashkit Problem (the "cupy-splitk" runner of flashkit.attention: causal and
+    windows, no custom mask): the whole of K and V as a filled cache."""
+    from flashkit.problem import DecodeProblem
+
+    return decode(DecodeProblem.from_problem(problem))

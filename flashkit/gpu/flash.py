@@ -1,7 +1,7 @@
 """Compile and launch the CUDA rungs (flashkit/gpu/kernels/*.cu) through CuPy's RawModule (NVRTC).
 
 Each kernel is compiled at first use for one (head size d, element type, Br, Bc) and cached: in this
-process by `functools.lru_cache`, on disk by CuPy (~/.cupy/kernel_cache), so only the first launch in a
+process by `functools.cache`, on disk by CuPy (~/.cupy/kernel_cache), so only the first launch in a
 fresh machine pays NVRTC's compile time. Every kernel has the same signature:
 
     flash_fwd(Q, K, V, O, lse, Hq, Hkv, Nq, Nk, scale_log2, left, right)    grid (Tr, Hq, B)
@@ -112,11 +112,13 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
 
 
 def run(rung: int, problem):
-    """(O, lse) of a validated Problem computed by one forward CUDA rung."""
+    """(O, lse) of a validated Problem computed by one forward CUDA rung, written into the Problem's
+    fresh outputs (problem.new_outputs: NaN when the tests poison them, so a row a kernel forgets stays NaN)."""
     if problem.mask is not None:
         raise ValueError(f"rung {rung} does not support a custom mask (causal and sliding windows are supported)")
+    O, lse = problem.new_outputs(lse_dtype="float32")
     return forward(rung, problem.Q, problem.K, problem.V, scale=problem.scale, window=problem.window,
-                   element=problem.element, block_size=problem.block_size)
+                   element=problem.element, block_size=problem.block_size, out=O, lse_out=lse)
 
 
 _BY_NAME = {r.name: r.number for r in RUNGS.values()}

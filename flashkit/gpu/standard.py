@@ -13,21 +13,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from flashkit.masks import row_bounds
+
 
 def visibility(problem, xp):
-    """Bool (Nq, Nk) picture of the causal / sliding window (bottom-right aligned), or None if all visible."""
+    """Bool (Nq, Nk) picture of the causal / sliding window (bottom-right aligned), or None if all visible.
+
+    The rule is flashkit.masks.row_bounds, the one every backend uses: each row's visible keys [lo, hi),
+    computed on the host (O(Nq)) and compared with the key index on the device."""
     if not problem.has_window:
         return None
-    left, right = problem.window
-    offset = problem.Nk - problem.Nq
-    i = xp.arange(problem.Nq)[:, None]
+    lo, hi = row_bounds(problem.Nq, problem.Nk, problem.window)  # (Nq,) int64 each, NumPy
     j = xp.arange(problem.Nk)[None, :]
-    vis = xp.ones((problem.Nq, problem.Nk), bool)
-    if left >= 0:
-        vis &= j >= i + offset - left
-    if right >= 0:
-        vis &= j <= i + offset + right
-    return vis
+    return (j >= xp.asarray(lo)[:, None]) & (j < xp.asarray(hi)[:, None])
 
 
 def attention_arrays(problem, compute_dtype):

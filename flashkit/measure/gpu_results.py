@@ -6,14 +6,14 @@
     gpu_results.select(res.rows, N=4096, d=64, causal=False, dtype="float16")
 
 The file is written by benchmarks/gpu_forward.py (layout described in benchmarks/NOTES-gpu.md): top-level
-`card`, `date`, `commit`, versions, and lists `results` (one row per implementation and shape: impl,
-rung (None for torch's SDPA peers), B, H, N, d, causal, dtype, flops, ms, tflops, peer, ratio),
+`card`, `date`, `commit`, versions, `ceilings`, and lists `results` (one row per implementation and shape:
+impl, rung (None for torch's SDPA peers), B, H, N, d, causal, dtype, flops, ms, tflops, peer, ratio),
 `block_sweep` and `memory`. Every row returned here carries the card, date and commit it came from, so a
-table or figure built from it can say so.
+table or figure built from it can say so. Only the JSON is read: nothing here parses a script or notes.
 
-Ceilings (for a roofline) are read from the files that record them, never typed here: the GEMM ceilings
-from `CEILING_TFLOPS` in benchmarks/gpu_forward.py, the copy bandwidth from benchmarks/NOTES-gpu.md.
-Each comes back with the file it was read from; a ceiling no file records is simply absent.
+Ceilings (for a roofline) come from the same file, measured on its card in its run (`ceilings`:
+gemm_tflops per dtype, bandwidth_tbps, and `source`, which says how they were measured); a file that
+records none gives none. Ceilings of the GPU in use are measured by flashkit.measure.ceilings.measure().
 
 The traffic model for arithmetic intensity (FLOPs per byte of HBM traffic), stated so it can be argued:
   every implementation reads Q, K, V once and writes O once: 4·B·H·N·d·itemsize bytes (the least any
@@ -23,9 +23,7 @@ The traffic model for arithmetic intensity (FLOPs per byte of HBM traffic), stat
 """
 from __future__ import annotations
 
-import ast
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -33,9 +31,8 @@ from typing import List, Optional
 import flashkit
 
 REPO = Path(flashkit.__file__).resolve().parent.parent
-DEFAULT_PATH = REPO / "benchmarks" / "results" / "gpu-h100-80gb-hbm3.json"
-GPU_FORWARD = REPO / "benchmarks" / "gpu_forward.py"
-NOTES = REPO / "benchmarks" / "NOTES-gpu.md"
+RESULTS = REPO / "benchmarks" / "results"  # the results files (JSON) committed with the repository
+DEFAULT_PATH = RESULTS / "gpu-h100-80gb-hbm3.json"
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 MATERIALISED = {"cupy-standard": "float32", "torch-math": None}  # impl -> dtype of S (None: the input's)
@@ -54,6 +51,7 @@ class GpuResults:
     rows: List[dict] = field(default_factory=list)
     block_sweep: List[dict] = field(default_factory=list)
     memory: List[dict] = field(default_factory=list)
+    ceilings: dict = field(default_factory=dict)  # as the file records them ({} if it does not)
 
     @property
     def label(self) -> str:
@@ -80,7 +78,8 @@ def load(path=None) -> GpuResults:
     versions = {k: data[k] for k in ("driver", "cuda_runtime", "nvrtc", "cupy", "torch", "python", "sm_count")
                 if k in data}
     return GpuResults(path=path, versions=versions, rows=labelled(data["results"]),
-                      block_sweep=labelled(data.get("block_sweep")), memory=labelled(data.get("memory")), **labels)
+                      block_sweep=labelled(data.get("block_sweep")), memory=labelled(data.get("memory")),
+                      ceilings=dict(data.get("ceilings") or {}), **labels)
 
 
 def select(rows, **where) -> List[dict]:
@@ -94,35 +93,19 @@ def ok(rows) -> List[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ceilings, read from the files that record them
+# Ceilings, as the results file records them
 # ---------------------------------------------------------------------------------------------
-def gemm_ceilings(path=GPU_FORWARD) -> dict:
-    """{dtype: TFLOP/s} from the `CEILING_TFLOPS = {...}` literal of benchmarks/gpu_forward.py ({} if absent)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CEILING_TFLOPS" for t in node.targets):
-            return {str(k): float(v) for k, v in ast.literal_eval(node.value).items()}
-    return {}
-
-
-def copy_bandwidth_tbps(path=NOTES) -> Optional[float]:
-    """The measured copy bandwidth (TB/s) as benchmarks/NOTES-gpu.md states it ("... 2.97 TB/s copy rate"),
-    or None if the file does not say."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    m = re.search(r"([\d.]+)\s*TB/s copy rate", path.read_text())
-    return float(m.group(1)) if m else None
-
-
-def ceilings() -> dict:
-    """{"gemm_tflops": {dtype: value}, "bandwidth_tbps": value or None, "sources": {...}} for a roofline."""
-    gemm, bw = gemm_ceilings(), copy_bandwidth_tbps()
-    return {"gemm_tflops": gemm, "bandwidth_tbps": bw,
-            "sources": {"gemm_tflops": f"{GPU_FORWARD.relative_to(REPO)} (CEILING_TFLOPS)" if gemm else None,
-                        "bandwidth_tbps": f"{NOTES.relative_to(REPO)}" if bw is not None else None}}
+def ceilings(results: Optional[GpuResults] = None) -> dict:
+    """{"gemm_tflops": {dtype: TFLOP/s}, "bandwidth_tbps": value or None, "sources": {...}} of a results
+    file (default: load()), the form flashkit.viz.gpu.roofline_figure takes; each source names the file
+    and how the numbers were measured."""
+    res = load() if results is None else results
+    recorded = res.ceilings
+    gemm = {str(k): float(v) for k, v in (recorded.get("gemm_tflops") or {}).items()}
+    bw = recorded.get("bandwidth_tbps")
+    where = f"{res.path.name}: {recorded.get('source', 'source not recorded')}"
+    return {"gemm_tflops": gemm, "bandwidth_tbps": None if bw is None else float(bw),
+            "sources": {"gemm_tflops": where if gemm else None, "bandwidth_tbps": where if bw is not None else None}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from flashkit.validate import positive_int
+
 METHODS = ("tracemalloc", "rss", "cupy-pool")
 MiB = 2 ** 20
 
@@ -203,8 +205,7 @@ def measure_attention(q, k, v, *, method: str = "auto", **attention_kwargs):
 # ---------------------------------------------------------------------------------- analytic counts
 def _positive_ints(**values):
     for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        positive_int(name, value)
 
 
 def analytic_standard(B: int, H: int, Nq: int, Nk: int, itemsize: int = 4) -> dict:

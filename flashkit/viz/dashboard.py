@@ -5,7 +5,7 @@
     dash                             # shown in a notebook; press Run, or call dash.run()
     sweep_figure(dash.rows)          # the results as a plain plotly figure
 
-The dashboard measures with flashkit.measure.timing.sweep, which yields one result at a time, so the
+The dashboard measures with flashkit.measure.sweep.sweep, which yields one result at a time, so the
 chart and the progress bar move as each point finishes. The chart is a plotly go.Figure redrawn in an
 ipywidgets Output (plotly's FigureWidget needs the anywidget package, which flashkit does not require).
 Callback errors are printed in the dashboard's log area, never swallowed.
@@ -20,7 +20,10 @@ from typing import Optional, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from flashkit.measure import timing
+from flashkit.measure.export import metadata, write_csv, write_json
+from flashkit.measure.sweep import DTYPES, Sweep, check_dtype, default_backends, sweep
+from flashkit.measure.threads import check_threads, current_threads, max_threads
+from flashkit.validate import positive_int
 
 METRICS = {
     "ms": ("time per call (ms, median)", "log"),
@@ -182,7 +185,7 @@ class BenchmarkDashboard:
         import flashkit
 
         available = [b["name"] for b in flashkit.backends() if b["available"]]
-        chosen = list(timing.default_backends() if backends is None else backends)
+        chosen = list(default_backends() if backends is None else backends)
         unknown = [b for b in chosen if b not in available]
         if unknown:
             raise ValueError(f"backends must be available backends ({', '.join(available)}); got {unknown}")
@@ -196,8 +199,8 @@ class BenchmarkDashboard:
             raise ValueError(f"causal must be 'off', 'on' or 'both'; got {causal!r}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
-        top = timing.max_threads()
-        threads = timing.current_threads() if threads is None else timing._threads_arg(threads)
+        top = max_threads()
+        threads = current_threads() if threads is None else check_threads(threads)
         self.folder = Path(folder)
         self.rows: list = []
         self.meta: Optional[dict] = None
@@ -213,9 +216,9 @@ class BenchmarkDashboard:
         self.heads = W.Dropdown(options=list(HEAD_CHOICES), value=heads,
                                 description="heads H", style=style)
         self.causal = W.ToggleButtons(options=["off", "on", "both"], value=causal, description="causal", style=style)
-        self.dtype = W.Dropdown(options=list(timing.DTYPES), value=timing._dtype_arg(dtype), description="dtype", style=style)
+        self.dtype = W.Dropdown(options=list(DTYPES), value=check_dtype(dtype), description="dtype", style=style)
         self.threads = W.IntSlider(value=threads, min=1, max=top, description="threads", style=style)
-        self.repeats = W.IntSlider(value=timing._positive_int("repeats", repeats), min=1, max=20,
+        self.repeats = W.IntSlider(value=positive_int("repeats", repeats), min=1, max=20,
                                    description="repeats", style=style)
         self.metric = W.ToggleButtons(options=[("time (ms)", "ms"), ("GFLOP/s", "gflops")], value=metric,
                                       description="plot", style=style)
@@ -246,11 +249,11 @@ class BenchmarkDashboard:
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
-    def spec(self) -> timing.Sweep:
+    def spec(self) -> Sweep:
         """The sweep the widgets describe: powers of two over the N range, the chosen settings."""
         lo, hi = self.N.value
         causal = {"off": (False,), "on": (True,), "both": (False, True)}[self.causal.value]
-        return timing.Sweep(backends=list(self.backends.value), N=[n for n in N_CHOICES if lo <= n <= hi],
+        return Sweep(backends=list(self.backends.value), N=[n for n in N_CHOICES if lo <= n <= hi],
                             d=[self.d.value], heads=[self.heads.value], causal=causal, dtype=[self.dtype.value],
                             threads=[self.threads.value], repeats=self.repeats.value)
 
@@ -261,11 +264,11 @@ class BenchmarkDashboard:
         try:
             spec = self.spec()  # a bad setting raises here, before the last results are cleared
             points = len(spec)
-            self.rows, self.meta = [], timing.metadata(spec)
+            self.rows, self.meta = [], metadata(spec)
             self._fields = tuple(f for f, values in (("causal", spec.causal), ("d", spec.d), ("H", spec.heads),
                                                      ("dtype", spec.dtype), ("threads", spec.threads)) if len(values) > 1)
             self.progress.max, self.progress.value = points, 0
-            for row in timing.sweep(spec):
+            for row in sweep(spec):
                 self.rows.append(row)
                 self.progress.value += 1
                 done = f"{row['ms']:.2f} ms" if row["ms"] is not None else "skipped: " + row["skipped"]
@@ -295,7 +298,7 @@ class BenchmarkDashboard:
         if not name or os.sep in name or (os.altsep and os.altsep in name):
             raise ValueError(f"file name must be a plain name without folders; got {name!r}")
         path = self.folder / f"{name}.{kind}"
-        write = timing.write_csv if kind == "csv" else timing.write_json
+        write = write_csv if kind == "csv" else write_json
         write(self.rows, path, self.meta)
         self.status.value = f"wrote {path} ({len(self.rows)} rows)"
         return path

@@ -13,7 +13,7 @@ import numpy as np
 
 import flashkit
 from flashkit.measure.memory import fit_loglog_slope
-from flashkit.measure.timing import threads_limit
+from flashkit.measure.threads import threads_limit
 
 
 def backends_markdown(rows=None) -> str:

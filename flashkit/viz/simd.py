@@ -5,7 +5,7 @@
     micro_figure(rows)     scalar against vector GFLOP/s of each micro-kernel (rows of simd.compare())
     speed_figure(...)      a bar per configuration (threads, block sizes, backends) with its unit
 
-Counting is done on the asm text Numba returns (flashkit.cpu.simd.asm), so whatever the CPU (AVX2,
+Counting is done on the asm text Numba returns (flashkit.cpu.simd_lab.asm), so whatever the CPU (AVX2,
 AVX-512, or ARM NEON with v0.4s registers) the notebook prints what was found, not what we expect.
 """
 from __future__ import annotations
