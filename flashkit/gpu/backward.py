@@ -101,7 +101,7 @@ RUNGS: Dict[str, BackwardRung] = {
         priority=110),
     # dK/dV kernel: rung 2's layout without dS^T_s; dQ kernel: Q_s, dO_s [Bc][d+8], K_s, V_s [2][Br][d+8].
     # Defaults from the block sweep on the H200 (fp16, N = 4096, non-causal; benchmarks/results/gpu-bwd-h200-history1.json,
-    # confirmed in gpu-bwd-h200.json): d = 64 64 x 64 (201.7 / 196.8 TFLOP/s vs 179.1 / 178.6 at 64 x 128); d = 128
+    # confirmed in gpu-bwd-h200-history3.json): d = 64 64 x 64 (201.7 / 196.8 TFLOP/s vs 179.1 / 178.6 at 64 x 128); d = 128
     # 64 x 128 (204.9 / 206.3, 64 x 64 204.5 / 200.0); d = 32 not swept, set like d = 64.
     "cupy-bwd-mma-2kernel": BackwardRung(
         "cupy-bwd-mma-2kernel", 3, "b3_mma_2kernel.cu", ("f16", "bf16"),

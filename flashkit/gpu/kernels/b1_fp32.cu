@@ -11,7 +11,7 @@
 // Expected: five GEMM-like products per tile instead of two, at rung 3's per-product efficiency:
 //   25-35 TFLOP/s counting the backward as 2.5x the forward's FLOPs, torch's efficient fp32 backward's level.
 // Measured (NVIDIA H200, fp32, B*N = 16384, H*d = 2048, N = 4096, Br x Bc = 64 x 64, 2026-12-01;
-//   benchmarks/results/gpu-bwd-h200.json): 30.2 TFLOP/s at d = 64, 0.86x torch's efficient fp32 backward (35.0 in
+//   benchmarks/results/gpu-bwd-h200-history3.json): 30.2 TFLOP/s at d = 64, 0.86x torch's efficient fp32 backward (35.0 in
 //   the same run); 28.2 at d = 128 (0.77x of 36.6); causal 29.4 / 28.0 (0.88 / 0.79). Inside the 25-35 expected;
 //   the goal (>= 1.0x torch efficient) is not met. The block sweep: 64 x 64 beats 32 x 32, 32 x 64 and 64 x 32
 //   (19-25 TFLOP/s) at both d. ptxas (sm_90): 127 registers at d = 64, 199 at d = 128, no spills; 105 / 170 KB of

@@ -12,7 +12,7 @@
 // Expected: ldmatrix per mma about 0.6 (S^T, dP^T: 1:2; dV, dK: 1:2; dQ: 3:4), so shared-memory bound near
 //   half the mma.sync rate: ~150-250 TFLOP/s (torch's flash backward: 255 / 277 at d = 64 / 128 on the H200).
 // Measured (NVIDIA H200, B*N = 16384, H*d = 2048, N = 4096, Br x Bc = 64 x 128, 2026-12-01;
-//   benchmarks/results/gpu-bwd-h200.json): fp16 212.0 TFLOP/s at d = 64 and 233.9 at d = 128, 0.82 / 0.82 of
+//   benchmarks/results/gpu-bwd-h200-history3.json): fp16 212.0 TFLOP/s at d = 64 and 233.9 at d = 128, 0.82 / 0.82 of
 //   torch's flash backward (258.7 / 284.2 in the same run) and 0.49 / 0.48 of cuDNN's; causal 197.0 / 209.4
 //   (0.90 / 0.90); bf16 within 3% of fp16 (0.82-0.91). Inside the 150-250 expected; the goal (>= 1.0x torch
 //   flash) is not met. How dQ is added mattered: scalar atomicAdd 184.5 / 196.6 (gpu-bwd-h200-history1.json),

@@ -11,7 +11,7 @@
 //   the Triton tutorial's layout) trades them for recomputation.
 // Expected: 7 products per tile pair instead of 5 (S and dP computed twice): about 5/7 of rung 2's speed
 //   if both are bound by the tensor cores, closer to rung 2 if rung 2 is held back by its atomics.
-// Measured (NVIDIA H200, fp16, B*N = 16384, H*d = 2048, N = 4096, 2026-12-01; benchmarks/results/gpu-bwd-h200.json):
+// Measured (NVIDIA H200, fp16, B*N = 16384, H*d = 2048, N = 4096, 2026-12-01; benchmarks/results/gpu-bwd-h200-history3.json):
 //   d = 64 (Br x Bc = 64 x 64) 198.1 TFLOP/s, 0.93x rung 2 and 0.77 of torch's flash backward, causal 189.3 (0.87);
 //   d = 128 (64 x 128) 206.9, 0.88x rung 2 (0.73), causal 186.1 (0.80); bf16 alike. Much better than the 5/7
 //   expected: the dK/dV kernel takes 3.92 ms and the dQ kernel 2.93 (d = 64; 3.77 / 2.89 at d = 128) against
