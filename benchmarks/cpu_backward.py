@@ -157,8 +157,10 @@ def memory_rows(cases, threads):
         r = _child(["--memory-child", impl, str(N), "--threads", str(threads)], module="benchmarks.cpu_backward")
         r.setdefault("impl", impl)
         r.setdefault("N", N)
-        # analytic: numpy-standard holds S/P, dP and dS (Nq x Nk per head, fp32) at once; numba O(N): D, lse'
-        r["extra_bytes_analytic"] = (3 * B * H * N * N * 4) if impl == "numpy-standard" else (2 * B * H * N * 4)
+        # analytic: numpy-standard holds S/P, dP and dS (Nq x Nk per head, fp32) at once; numba is O(N): one
+        # private dQ copy per thread (the "partials" variant), their row sums for the lse check, D and lse'
+        r["extra_bytes_analytic"] = (3 * B * H * N * N * 4) if impl == "numpy-standard" else \
+            (threads * B * H * N * D * 4 + threads * B * H * N * 4 + 2 * B * H * N * 4)
         rows.append(r)
         print(f"  memory N={N} {impl:15s} {r}", flush=True)
     return rows

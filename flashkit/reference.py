@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+import functools
+
 from flashkit import validate
+from flashkit.cpu.threads import blas_for_work
 from flashkit.masks import dense_mask
 from flashkit.registry import Backend
 
@@ -41,6 +44,17 @@ def visibility(problem):
     return vis
 
 
+def _small_calls_on_one_blas_thread(fn):
+    """Run fn(problem) with NumPy's BLAS on one thread when the problem is small (flashkit/cpu/threads.py:
+    a 2-thread BLAS pool made a 0.03 ms product take 12-16 ms on a busy 2-core machine)."""
+    @functools.wraps(fn)
+    def wrapper(problem):
+        with blas_for_work(problem.flops()):
+            return fn(problem)
+    return wrapper
+
+
+@_small_calls_on_one_blas_thread
 def standard_attention(problem):
     """(O, lse) of `problem`, computed in the dtype of its arrays by materialising S and P."""
     B, Hkv, g, Nq, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.d
@@ -69,6 +83,7 @@ def standard_attention(problem):
     return O.reshape(B, Hkv * g, Nq, d), lse.reshape(B, Hkv * g, Nq)
 
 
+@_small_calls_on_one_blas_thread
 def standard_backward(problem):
     """(dQ, dK, dV) of `problem` (from validate.check_backward) with P and dP materialised.
 

@@ -13,11 +13,11 @@ elementwise vector max) was 10-15% slower, the transposed GEMMs being slower; ti
 """
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 from numba import njit, prange
 
+from flashkit.cpu.threads import one_blas_thread
 from flashkit.cpu.common import FASTMATH, NEG, PARTIAL, SKIP, launch, row_window, task_index
 from flashkit.cpu.simd import fast_exp2, from_order_key, order_key
 
@@ -111,23 +111,6 @@ def forward_kernel(Q, K, V, scale, left, right, mask, has_mask, bmap, Br, Bc, O,
                 for k in range(d):
                     O[b, h, i0 + r, k] = O_i[r, k] * inv
                 lse[b, h, i0 + r] = m_i[r] * ln2 + np.log(l_i[r])
-
-
-@functools.cache
-def _blas_controller():
-    import scipy.linalg.cython_blas  # noqa: F401
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def one_blas_thread():
-    """A context in which BLAS runs on one thread: each prange task calls it, so threads must not nest.
-
-    scipy.linalg.cython_blas (the BLAS behind Numba's np.dot) is imported first; otherwise
-    threadpoolctl does not see SciPy's OpenBLAS, and 2 tasks x 2 BLAS threads oversubscribe the cores
-    (measured on a 2-core znver5 machine: one 51 ms call took 1.7 s)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def run(problem, stats=False):

@@ -29,7 +29,7 @@ from numba import njit, prange
 
 from flashkit.cpu import threads
 from flashkit.cpu.common import FASTMATH, PARTIAL, SKIP, row_window, task_index, tile_map
-from flashkit.cpu.rung3_gemm import one_blas_thread
+from flashkit.cpu.threads import one_blas_thread
 from flashkit.cpu.simd import fast_exp2
 
 BLOCKS = (128, 128)  # (Br, Bc), as the forward rung: big tiles keep each GEMM efficient

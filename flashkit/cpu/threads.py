@@ -11,12 +11,18 @@ Two measured facts decide it (benchmarks/cpu_small.py, results in benchmarks/res
 * Below about `SERIAL_FLOPS` of work a second thread saves less than a parallel region can cost on a
   busy machine, so small calls run on the calling thread alone.
 
+NumPy's own BLAS (numpy-standard) has the same trouble: a 128 x 128 x 64 product on its 2-thread
+OpenBLAS pool took 12-16 ms instead of 0.03 ms while another process kept a core busy (measured here,
+load average 2 on 2 cores), because the product waits for a second thread that is not running. So the
+small calls of numpy-standard run their BLAS on one thread too (`blas_for_work`).
+
 `workqueue` is not thread-safe (two Python threads launching parallel kernels at once abort the
 process), so every flashkit kernel launch holds `_LAUNCH`.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -54,3 +60,29 @@ def for_work(flops: float):
             yield
         finally:
             numba.set_num_threads(previous)
+
+
+@functools.cache
+def _blas_controller():
+    import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's OpenBLAS so threadpoolctl sees it)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on one thread: each prange task of rung 3 calls it, so threads must
+    not nest. scipy.linalg.cython_blas (the BLAS behind Numba's np.dot) is imported first; otherwise
+    threadpoolctl does not see SciPy's OpenBLAS, and 2 tasks x 2 BLAS threads oversubscribe the cores
+    (measured on a 2-core znver5 machine: one 51 ms call took 1.7 s)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+@contextlib.contextmanager
+def blas_for_work(flops: float):
+    """NumPy code (numpy-standard): BLAS on one thread below SERIAL_FLOPS, else as configured."""
+    if flops >= SERIAL_FLOPS:
+        yield
+        return
+    with one_blas_thread():
+        yield
