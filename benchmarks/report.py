@@ -23,13 +23,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 def backends_table() -> str:
     from flashkit import registry
 
-    rows = ["| backend | device | rung | dtypes | head size d | custom mask | backward | what it is |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| backend | device | rung | dtypes | head size d | custom mask | score_mod / mask_mod | backward | what it is |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in registry.all_backends():
         dims = "any" if b.head_dims is None else ", ".join(map(str, b.head_dims))
         rung = "" if b.rung is None else str(b.rung)
         rows.append(f"| `{b.name}` | {b.device} | {rung} | {', '.join(b.dtypes)} | {dims} | "
-                    f"{'yes' if b.mask else 'no'} | {'yes' if b.has_backward else 'no'} | {b.summary} |")
+                    f"{'yes' if b.mask else 'no'} | {'yes' if b.mods else 'no'} | {'yes' if b.has_backward else 'no'} | "
+                    f"{b.summary} |")
     return "\n".join(rows)
 
 

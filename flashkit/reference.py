@@ -3,12 +3,16 @@
 This is the baseline every other backend is measured against (backend "numpy-standard"), and run in
 float64 it is the oracle of the tests (`reference`). Its memory is O(N^2): one Nq x Nk score matrix
 per head, which is exactly what FlashAttention avoids.
+
+FlexAttention's hooks (flashkit/mods.py) are applied here by their definition, on the whole score
+matrix: masked scores -inf, then mask_mod, then score_mod on what is left, then the softmax.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from flashkit import validate
+from flashkit.blockmask import apply_mods, index_grid
 from flashkit.masks import dense_mask
 from flashkit.registry import Backend
 
@@ -19,6 +23,7 @@ BACKENDS = (
         summary="NumPy, materialises S and P (Nq x Nk per head): the O(N^2)-memory baseline",
         runner="flashkit.reference:standard_attention",
         backward="flashkit.reference:standard_backward",
+        mods=True,
         priority=10,
     ),
 )
@@ -38,6 +43,15 @@ def visibility(problem):
     return vis
 
 
+def modified_scores(S, problem):
+    """S (B, Hkv, group, Nq, Nk) with mask_mod and score_mod applied over the whole grid of positions:
+    b, h (the query head), q_idx and kv_idx as broadcasting index arrays (flashkit.blockmask.evaluate)."""
+    B, Hq, Nq, Nk = problem.B, problem.Hq, problem.Nq, problem.Nk
+    S4 = S.reshape(B, Hq, Nq, Nk)  # query head h = hk * group + g, the order of Q's heads
+    out = apply_mods(S4, problem.score_mod, problem.mask_mod, *index_grid(np.arange(B), np.arange(Hq), 0, Nq, 0, Nk))
+    return np.ascontiguousarray(out).reshape(S.shape)
+
+
 def standard_attention(problem):
     """(O, lse) of `problem`, computed in the dtype of its arrays by materialising S and P."""
     B, Hkv, g, Nq, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.d
@@ -51,6 +65,8 @@ def standard_attention(problem):
     vis = visibility(problem)
     if vis is not None:
         np.copyto(S, -np.inf, where=~vis)
+    if problem.has_mods:
+        S = modified_scores(S, problem)
     # P = exp(S - rowmax(S)), computed in place of S: the max keeps every exp() <= 1
     m = S.max(axis=-1)  # (B, Hkv, group, Nq)
     m_safe = np.where(np.isneginf(m), 0.0, m).astype(S.dtype)  # a row with no visible key stays all -inf

@@ -22,6 +22,8 @@ class Backend:
     dtypes     dtype names computed natively; float16 input to a backend without it runs in float32
     head_dims  supported head sizes d, or None for any
     mask       whether a custom boolean mask is supported
+    mods       whether it takes FlexAttention's score_mod / mask_mod / block_mask (flashkit.mods); the
+               forward only: no backward takes them yet
     priority   "auto" picks the available backend with the highest priority that supports the request
     runner     "module:function" that takes a Problem and returns (O, lse); None for a backward-only rung
     backward   "module:function" that takes a Problem carrying dO, O and lse (validate.check_backward)
@@ -37,6 +39,7 @@ class Backend:
     dtypes: Tuple[str, ...] = ("float32", "float64")
     head_dims: Optional[Tuple[int, ...]] = None
     mask: bool = True
+    mods: bool = False
     window: bool = True
     priority: int = 0
     probe: Optional[str] = None
@@ -86,6 +89,10 @@ class Backend:
             return f"backend {self.name!r} supports head size d in {{{dims}}}; got d={problem.d}"
         if problem.mask is not None and not self.mask:
             return f"backend {self.name!r} does not support a custom mask (causal and window are supported)"
+        if problem.has_mods and not self.mods:
+            takers = ", ".join(b.name for b in all_backends() if b.mods and b.device == self.device)
+            return (f"backend {self.name!r} does not take a score_mod or mask_mod (flashkit.backends(): column "
+                    f"'mods'); " + (f"these do: {takers}" if takers else f"no {self.device.upper()} backend does yet"))
         if problem.has_window and not problem.causal and not self.window:
             return f"backend {self.name!r} does not support a sliding window"
         return None
@@ -146,6 +153,12 @@ def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
         return backend
     candidates = [b for b in all_backends() if b.cannot_serve(problem, direction) is None and b.available]
     if not candidates:
+        if problem.has_mods:
+            device = "cpu" if problem.xp.__name__ == "numpy" else "gpu"
+            takers = [b.name for b in all_backends() if b.mods and b.device == device and b.available]
+            raise RuntimeError(f"no available backend takes a score_mod or mask_mod for this {direction} request "
+                               f"({problem.xp.__name__} arrays); backends that take them here: "
+                               f"{', '.join(takers) or 'none'} (see flashkit.backends(): column 'mods')")
         raise RuntimeError(f"no available backend supports this {direction} request; see flashkit.backends()")
     # Prefer a backend that computes the input dtype natively, then the highest priority.
     return max(candidates, key=lambda b: (problem.dtype_name in b.dtypes, b.priority))

@@ -1,4 +1,5 @@
-"""Figures of notebook 9: which keys each query sees, which tiles are skipped, and how GQA shares K/V.
+"""Figures of notebooks 9 and 13: which keys each query sees, which tiles are skipped (of a mask or of a
+mask_mod's BlockMask), and how GQA shares K/V.
 
 Colours are mid-lightness hues and a translucent grey, readable on JupyterLab's light and dark themes.
 """
@@ -71,6 +72,21 @@ def block_mask_figure(Nq: int, Nk: int, Br: int, Bc: int, window=(-1, -1), mask:
     if mask is not None:
         visible = visible & np.asarray(mask, bool)
     tiles = masks.block_map(Nq, Nk, Br, Bc, window, mask)  # (Tr, Tc) SKIP / PARTIAL / FULL
+    return _tiles_figure(visible, tiles, Br, Bc, title)
+
+
+def mod_block_mask_figure(block_mask, b: int = 0, h: int = 0, title: Optional[str] = None) -> go.Figure:
+    """A flashkit.block_mask(mask_mod, ...) drawn like `block_mask_figure`: the mask_mod's scores (evaluated
+    in NumPy for batch b, head h) with the tiles it classified, skipped ones dark. For small Nq, Nk."""
+    visible = block_mask.dense(b, h)
+    name = getattr(block_mask.mask_mod, "__qualname__", "mask_mod")
+    return _tiles_figure(visible, block_mask.plane(b, h), block_mask.Br, block_mask.Bc,
+                         title or f"Block mask of {name}")
+
+
+def _tiles_figure(visible: np.ndarray, tiles: np.ndarray, Br: int, Bc: int, title: str) -> go.Figure:
+    """The picture both figures above draw: visible scores, masked ones, skipped tiles, tile borders."""
+    Nq, Nk = visible.shape
     skipped = np.repeat(np.repeat(tiles == masks.SKIP, Br, axis=0), Bc, axis=1)[:Nq, :Nk]
     z = np.where(visible, 2, np.where(skipped, 0, 1)).astype(np.int8)
     fig = go.Figure(go.Heatmap(
