@@ -202,7 +202,7 @@ def _check_scalar(kind, fn, r, where):
             raise TypeError(f"mask_mod {describe(fn)} must return a bool (True = may attend); it returned "
                             f"{type(r).__name__} {r!r} at {where()}")
     elif isinstance(r, (bool, np.bool_)):
-        raise TypeError(f"score_mod {describe(fn)} returned a bool at {where()}: a score_mod returns the "
+        raise TypeError(f"score_mod {describe(fn)} returns a bool (at {where()}): a score_mod returns the "
                         "modified score (a number); to hide scores, pass a mask_mod")
     elif not isinstance(r, (numbers.Real, np.integer, np.floating)) or isinstance(r, np.ndarray):
         raise TypeError(f"score_mod {describe(fn)} must return a number (the modified score); it returned "
@@ -221,7 +221,7 @@ def _check_array_result(kind, fn, r, shape):
                         f"{r.dtype} values")
     if kind == "score_mod":
         if r.dtype == np.bool_:
-            raise TypeError(f"score_mod {describe(fn)} returned bools: a score_mod returns the modified "
+            raise TypeError(f"score_mod {describe(fn)} returns a bool for every score: a score_mod returns the modified "
                             "score (a number); to hide scores, pass a mask_mod")
         if r.dtype.kind not in "iuf":
             raise TypeError(f"score_mod {describe(fn)} must return a number (the modified score); it "
