@@ -27,7 +27,7 @@ import numbers
 import types
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
@@ -330,6 +330,13 @@ class BlockMask:
     def sparsity(self) -> float:
         """The fraction of tiles skipped (FlexAttention's BlockMask.sparsity() gives it in percent)."""
         return float((self.tiles == SKIP).mean())
+
+    def without_sparsity(self) -> BlockMask:
+        """The same mask with every tile PARTIAL: nothing skipped, mask_mod called on every score, what a
+        kernel without block sparsity does (the benchmark's and notebook 13's baseline)."""
+        tiles = np.full(self.tiles.shape, PARTIAL, np.int8)
+        tiles.setflags(write=False)
+        return replace(self, tiles=tiles)
 
     def plane(self, b: int = 0, h: int = 0) -> np.ndarray:
         """(Tr, Tc) tile states of batch b, query head h."""

@@ -3,8 +3,9 @@
 What changed since rung 3: after S_ij = Q_i K_j^T (BLAS) and the causal/window/mask= masking, the tile
 goes through a compiled tile function, `apply_mods` (flashkit/cpu/mods_jit.py), that calls mask_mod
 where the tile is partial and score_mod on every visible score, with both functions inlined by Numba;
-the kernel calls it once per tile through a function pointer. Q_i is scaled by `scale` only (score_mod
-must see q . k * scale in natural units); the tile function converts to base 2 for rung 3's exp2.
+the kernel calls it once per tile through a function pointer. With a score_mod, Q_i is scaled by `scale`
+only (score_mod must see q . k * scale in natural units) and the tile function converts to base 2 for
+rung 3's exp2; without one, Q_i carries scale * log2(e) as in rung 3 and FULL tiles need no pass at all.
 The tile map is rung 3's (causal, window, mask=) combined with the mask_mod's BlockMask: a tile either
 skips is skipped, and mask_mod is not called on a FULL tile.
 Why: one kernel compiled once per dtype (and cached on disk) serves every mod; a new mod compiles only
@@ -35,7 +36,7 @@ def kernel_signature(dtype):
     ro = dict(readonly=True)
     return types.void(
         types.Array(dt, 4, "C", **ro), types.Array(dt, 4, "C", **ro), types.Array(dt, 4, "C", **ro),  # Q, K, V
-        types.float64, types.int64, types.int64,  # scale, left, right
+        types.float64, types.int64, types.int64,  # q_scale, left, right
         types.Array(types.boolean, 4, "C", **ro), types.boolean,  # mask, has_mask
         types.Array(types.int8, 4, "C", **ro), types.int64, types.int64,  # bmap, Br, Bc
         types.Array(dt, 4, "C"), types.Array(dt, 3, "C"), types.Array(types.int64, 1, "C"),  # O, lse, tiles
@@ -45,14 +46,14 @@ def kernel_signature(dtype):
 
 
 @njit([kernel_signature(np.float32), kernel_signature(np.float64)], parallel=True, fastmath=FASTMATH, cache=True)
-def forward_kernel(Q, K, V, scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles, apply_mods, errors):
+def forward_kernel(Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles, apply_mods, errors):
     B, Hq, Nq, d = Q.shape
     Hkv, Nk = K.shape[1], K.shape[2]
     group = Hq // Hkv
     Tr, Tc = (Nq + Br - 1) // Br, (Nk + Bc - 1) // Bc
     zero = Q.dtype.type(0)
     neg = Q.dtype.type(NEG)
-    sc = Q.dtype.type(scale)  # natural units: score_mod sees q . k * scale, as in FlexAttention
+    sc = Q.dtype.type(q_scale)  # scale (a score_mod sees q . k * scale, as in FlexAttention) or scale * log2(e)
     ln2 = Q.dtype.type(0.6931471805599453)
     for t in prange(B * Hq * Tr):
         b, h, i = task_index(t, Hq, Tr)
@@ -66,7 +67,7 @@ def forward_kernel(Q, K, V, scale, left, right, mask, has_mask, bmap, Br, Bc, O,
         i0 = i * Br
         i1 = min(i0 + Br, Nq)
         nr = i1 - i0
-        Q_i = np.empty((nr, d), Q.dtype)  # Q_i * scale, once per task
+        Q_i = np.empty((nr, d), Q.dtype)  # Q_i * q_scale, once per task
         for r in range(nr):
             for k in range(d):
                 Q_i[r, k] = Qb[i0 + r, k] * sc
@@ -86,7 +87,7 @@ def forward_kernel(Q, K, V, scale, left, right, mask, has_mask, bmap, Br, Bc, O,
             nc = j1 - j0
             K_j, V_j = Kb[j0:j1], Vb[j0:j1]  # (nc, d) each
             S = S_buf[: nr * nc].reshape((nr, nc))
-            # S_ij = Q_i K_j^T * scale            (BLAS)
+            # S_ij = Q_i K_j^T * q_scale            (BLAS)
             np.dot(Q_i, K_j.T, S)
             if state == PARTIAL:  # causal / window / mask=: hidden scores = NEG
                 for r in range(nr):
@@ -161,8 +162,10 @@ def run(problem, stats=False):
     Tr = bmap.shape[2]
     tiles = np.zeros(problem.B * problem.Hq * Tr, np.int64)
     errors = np.full((tiles.size, 2), -1, np.int64)
+    # S in natural units for a score_mod; else in base 2 straight from the GEMM, as in rung 3
+    q_scale = float(problem.scale) * (1.0 if problem.score_mod is not None else mods_jit.LOG2E)
     with one_blas_thread():
-        forward_kernel(Q, K, V, float(problem.scale), left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles,
+        forward_kernel(Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles,
                        apply_mods, errors)
     failed = np.flatnonzero(errors[:, 0] != mods_jit.OK)
     if failed.size:

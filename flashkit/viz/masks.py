@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from flashkit import masks
+from flashkit import masks, mods
 
 VISIBLE = "hsl(210, 75%, 55%)"
 HIDDEN = "rgba(128, 128, 128, 0.18)"
@@ -106,6 +106,44 @@ def _tiles_figure(visible: np.ndarray, tiles: np.ndarray, Br: int, Bc: int, titl
                             f"Br = {Br}, Bc = {Bc}; blue visible, light grey masked in a computed tile, "
                             f"dark grey skipped tile</sup>")
     return fig
+
+
+def explorer_mask(N: int, documents: int, window: int, causal: bool):
+    """The mask_mod `block_mask_explorer` draws: `documents` documents of (nearly) equal length packed in
+    N tokens, causal if asked, and a sliding window of `window` keys on each side (back only if causal;
+    0 = no window). flashkit.mods.and_masks of the library's mods."""
+    parts = []
+    if documents > 1:
+        parts.append(mods.document_mask(np.diff(np.linspace(0, N, documents + 1).round().astype(int))))
+    if causal:
+        parts.append(mods.causal(N, N))
+    if window > 0:
+        parts.append(mods.sliding_window(N, N, window, 0 if causal else window))
+    return mods.and_masks(*parts) if parts else mods.sliding_window(N, N, -1, -1)  # (-1, -1): every key
+
+
+def block_mask_explorer(N: int = 256, block: int = 16):
+    """Sliders for the number of packed documents and a sliding window, a causal toggle: the mask_mod's
+    block mask (flashkit.block_mask) redrawn, with the share of tiles a kernel skips."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from flashkit.blockmask import block_mask
+
+    documents = widgets.IntSlider(value=4, min=1, max=8, description="documents", continuous_update=False)
+    window = widgets.IntSlider(value=0, min=0, max=N, step=8, description="window", continuous_update=False)
+    causal = widgets.Checkbox(value=True, description="causal")
+
+    def show(documents, window, causal):
+        bm = block_mask(explorer_mask(N, documents, window, causal), None, None, N, N, block_size=block)
+        c = bm.counts()
+        print(f"{bm.sparsity:.0%} of the tiles skipped: a kernel computes {c['partial'] + c['full']} of {c['total']} "
+              f"({c['partial']} masked element by element, {c['full']} without a test)")
+        display(mod_block_mask_figure(bm, title=f"{documents} documents, window {window or 'none'}"
+                                                + (", causal" if causal else "")))
+
+    out = widgets.interactive_output(show, {"documents": documents, "window": window, "causal": causal})
+    return widgets.VBox([widgets.HBox([documents, window, causal]), out])
 
 
 def tile_counts(Nq: int, Nk: int, Br: int, Bc: int, window=(-1, -1), mask=None) -> dict:
