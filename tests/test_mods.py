@@ -347,6 +347,10 @@ def nan_somewhere(score, b, h, q_idx, kv_idx):
     return score if q_idx != 3 or kv_idx != 7 else math.nan
 
 
+def inf_at(score, b, h, q_idx, kv_idx):
+    return math.inf if (q_idx == 12 and kv_idx == 5) else score
+
+
 class Opaque:
     weight = 2.0
 
@@ -369,6 +373,8 @@ BAD = [
     ("score_mod returns bools", dict(score_mod=lambda s, b, h, q, k: q >= k), TypeError, ["returns a bool", "mask_mod"]),
     ("NaN from score_mod", dict(score_mod=nan_somewhere), ValueError,
      ["nan_somewhere", "nan", "q_idx=3, kv_idx=7", "-inf to hide"]),
+    ("+inf from score_mod, causal", dict(score_mod=inf_at, causal=True), ValueError,
+     ["inf_at", "inf", "q_idx=12, kv_idx=5"]),
     ("exception inside", dict(mask_mod=raises_inside), KeyError, ["raises_inside", "q_idx=4, kv_idx=6", "boom"]),
     ("out of bounds", dict(score_mod=reads_out_of_bounds), IndexError,
      ["reads_out_of_bounds", "kv_idx=25", "out of bounds"]),

@@ -22,9 +22,10 @@ tuples, NumPy arrays (lists of numbers are read as arrays). Numba freezes captur
 compiled code, so compiled code is kept per function and the bytes of what it captured
 (flashkit.blockmask.fingerprint): change a captured array and the next call compiles again.
 
-Errors are caught in the tile function (bounds are checked, as in Python): NaN or +inf from score_mod
-returns the element's position, an exception returns RAISED; the kernel records the first per task and
-`explain` re-runs that tile in Python to raise the user's own exception with the position named.
+Errors: an exception inside a mod (bounds are checked, as in Python) is caught in the tile function,
+which returns RAISED; the kernel records the tile and `explain_raised` re-runs it in Python to raise the
+user's own exception with the position named. A NaN or +inf from score_mod is not tested per score (it
+would halve the speed of the loop): it makes its output row NaN, and `explain_nonfinite` finds the key.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from flashkit.cpu.common import FASTMATH, NEG
 from flashkit.cpu.simd import fast_exp2
 from flashkit.masks import FULL, PARTIAL, SKIP
 
-OK, RAISED = -1, -2  # tile function results besides an element's position r * nc + c (NaN or +inf there)
+OK, RAISED = -1, -2  # what the tile function returns: done, or an exception was caught
 LOG2E = 1.4426950408889634
 
 NUMBA_TYPES = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}
@@ -116,7 +117,7 @@ def _soft_cap(score, cap):
     if isinstance(score, types.Float) and score.bitwidth == 32:
         def soft_cap32(score, cap):
             c = np.float32(cap)
-            return c * tanh32(score / c)
+            return c * tanh32(score * (np.float32(1) / c))  # a multiply per score: LLVM hoists 1 / c
         return soft_cap32
     return lambda score, cap: cap * np.tanh(score / cap)
 
@@ -258,55 +259,52 @@ def _make_tile_function(score_fn, mask_fn, has_score: bool, has_mask: bool):
         # S (nr, nc): scores of rows i0.., keys j0..; NEG where causal/window/mask= hid them. In natural
         # units, q . k * scale, when there is a score_mod (it must see those); else already in base 2.
         # check_mask: the tile is PARTIAL (something may be hidden); else FULL: every score is visible.
+        # A NaN or +inf from score_mod is stored as +inf: the row max becomes +inf, the kernel marks that
+        # output row NaN and run() finds it after the kernel (a test and an early exit per score here
+        # would halve the loop's speed: measured). NaN itself could slip through the max and the exp2.
         nr, nc = S.shape
         neg = S.dtype.type(NEG)
         to_base2 = S.dtype.type(LOG2E)  # the kernel's softmax runs in base 2 (exp2), like rung 3
+        inf = S.dtype.type(np.inf)
         if not check_mask:
             if not has_score:
                 return OK  # a FULL tile and no score_mod: nothing to do, not even a pass over S
-            # FULL tile: no test per score, so LLVM can vectorise the loop (score_mod inlined in it)
-            ok = True
+            # FULL tile: no test per score, so LLVM vectorises the loop (score_mod inlined in it)
             for r in range(nr):
                 q_idx = i0 + r
+                row = S[r]  # (nc,) a view: one index per score below
                 for c in range(nc):
-                    s = score_fn(S[r, c], b, h, q_idx, j0 + c)
-                    ok &= s < np.inf  # NaN or +inf: no softmax can use it (-inf is fine: hidden)
-                    t = s * to_base2
-                    S[r, c] = neg if t < neg else t  # -inf from score_mod becomes NEG: hidden; NaN stays
-            if ok:
-                return OK
-            for r in range(nr):  # rare: find the first bad score for the error message
-                for c in range(nc):
-                    if not (S[r, c] < np.inf):
-                        return r * nc + c
+                    t = score_fn(row[c], b, h, q_idx, j0 + c) * to_base2
+                    u = neg if t < neg else t  # -inf from score_mod becomes NEG: hidden
+                    row[c] = u if u == u else inf  # NaN becomes +inf: see above
+            return OK
         if not has_score:
-            # PARTIAL tile, mask_mod only: no branch per score (mask_mod is defined everywhere, the block
+            # PARTIAL tile, mask_mod only: no branch per score (mask_mod is defined everywhere: the block
             # mask evaluated it on every position), so this loop vectorises too
             if has_mask:
                 for r in range(nr):
                     q_idx = i0 + r
+                    row = S[r]
                     for c in range(nc):
-                        s = S[r, c]
+                        s = row[c]
                         keep = (s != neg) & mask_fn(b, h, q_idx, j0 + c)
-                        S[r, c] = s if keep else neg
+                        row[c] = s if keep else neg
             return OK
         # PARTIAL tile with a score_mod: asked only about visible scores, one at a time
         for r in range(nr):
             q_idx = i0 + r
+            row = S[r]
             for c in range(nc):
-                s = S[r, c]
+                s = row[c]
                 if s == neg:
                     continue  # hidden already: neither mod is asked about it
                 kv_idx = j0 + c
                 if has_mask and not mask_fn(b, h, q_idx, kv_idx):
-                    S[r, c] = neg  # mask_mod: False hides the score
+                    row[c] = neg  # mask_mod: False hides the score
                     continue
-                if has_score:
-                    s = score_fn(s, b, h, q_idx, kv_idx)
-                    if not (s < np.inf):
-                        return r * nc + c
-                    t = s * to_base2
-                    S[r, c] = neg if t < neg else t
+                t = score_fn(s, b, h, q_idx, kv_idx) * to_base2
+                u = neg if t < neg else t
+                row[c] = u if u == u else inf
         return OK
 
     # boundscheck on the function the mods are inlined into: a captured array read out of its bounds
@@ -361,35 +359,51 @@ def tile_asm(score_mod=None, mask_mod=None, dtype=np.float32) -> str:
 # ---------------------------------------------------------------------------------------------
 # Errors found in compiled code, explained in Python
 # ---------------------------------------------------------------------------------------------
-def explain(problem, b, h, i0, i1, j0, j1, code):
-    """Raise the error that the compiled tile of rows [i0, i1), keys [j0, j1) of (b, h) reported.
-
-    NaN/+inf: the position is known. An exception: the tile is evaluated again in Python, element by
-    element, which raises the user's own exception with its position (flashkit.blockmask)."""
+def _tile_scores(problem, b, h, i0, i1, j0, j1):
+    """The float64 scores of a tile, -inf where causal, window or mask= hide them (as the kernel had them)."""
     from flashkit.cpu.common import row_window
 
     Q = problem.Q[b, h].astype(np.float64)
     K = problem.K[b, h // problem.group].astype(np.float64)
-    S = (Q[i0:i1] @ K[j0:j1].T) * problem.scale  # (nr, nc), in float64 for the message
-    hidden = np.zeros(S.shape, bool)
+    S = (Q[i0:i1] @ K[j0:j1].T) * problem.scale  # (nr, nc)
+    keys = np.arange(j0, j1)
     for r in range(i1 - i0):
         lo, hi = row_window.py_func(i0 + r, problem.Nq, problem.Nk, *problem.window)
-        hidden[r] = (np.arange(j0, j1) < lo) | (np.arange(j0, j1) >= hi)
+        S[r, (keys < lo) | (keys >= hi)] = -np.inf
     if problem.mask is not None:
         Bm, Hm = problem.mask.shape[:2]
-        hidden |= ~problem.mask[b if Bm > 1 else 0, h if Hm > 1 else 0, i0:i1, j0:j1]
-    S[hidden] = -np.inf
-    if code >= 0:
-        r, c = divmod(code, j1 - j0)
-        q_idx, kv_idx = i0 + r, j0 + c
-        value = _call_quietly(problem.score_mod, (problem.dtype.type(S[r, c]), b, h, q_idx, kv_idx))
-        raise ValueError(f"score_mod {blockmask.describe(problem.score_mod)} returned {value} at b={b}, h={h}, "
-                         f"q_idx={q_idx}, kv_idx={kv_idx} (score {S[r, c]:.6g}) in the compiled kernel; a "
-                         "score_mod must return a finite score, or -inf to hide it")
-    q_idx = np.arange(i0, i1)[:, None]
-    kv_idx = np.arange(j0, j1)[None, :]
-    blockmask.apply_mods(S, problem.score_mod, problem.mask_mod, b, h, q_idx, kv_idx)  # raises, normally
+        S[~problem.mask[b if Bm > 1 else 0, h if Hm > 1 else 0, i0:i1, j0:j1]] = -np.inf
+    return S
+
+
+def explain_raised(problem, b, h, i0, i1, j0, j1):
+    """Raise the exception the compiled tile of rows [i0, i1), keys [j0, j1) of (b, h) caught: the tile
+    is evaluated again in Python (flashkit.blockmask), which raises the user's own exception with the
+    function and the position named."""
+    S = _tile_scores(problem, b, h, i0, i1, j0, j1)
+    blockmask.apply_mods(S, problem.score_mod, problem.mask_mod, b, h, np.arange(i0, i1)[:, None],
+                         np.arange(j0, j1)[None, :])  # raises, normally
     _raise_unexplained(problem.score_mod, problem.mask_mod, b, h, i0, i1, j0, j1)
+
+
+def explain_nonfinite(problem, b, h, q_idx):
+    """Raise ValueError for the output row (b, h, q_idx) that came out NaN: a score_mod gave NaN or +inf
+    on one of its visible scores. The row is evaluated in Python to name the first such key."""
+    S = _tile_scores(problem, b, h, q_idx, q_idx + 1, 0, problem.Nk)[0]  # (Nk,)
+    keys = np.arange(problem.Nk)
+    if problem.mask_mod is not None:
+        S[~blockmask.evaluate("mask_mod", problem.mask_mod, (b, h, q_idx, keys))] = -np.inf
+    visible = np.flatnonzero(S > -np.inf)
+    name = blockmask.describe(problem.score_mod)
+    for kv_idx in visible:
+        score = problem.dtype.type(S[kv_idx])
+        value = _call_quietly(problem.score_mod, (score, b, h, q_idx, int(kv_idx)))
+        if not (isinstance(value, (float, int, np.number)) and value < np.inf):
+            raise ValueError(f"score_mod {name} returned {value} at b={b}, h={h}, q_idx={q_idx}, kv_idx={kv_idx} "
+                             f"(score {float(score):.6g}); a score_mod must return a finite score, or -inf to hide it")
+    raise ValueError(f"score_mod {name} gave a NaN or +inf score in the compiled kernel for b={b}, h={h}, "
+                     f"q_idx={q_idx} (its output row is NaN), though called from Python it returns finite scores "
+                     "there; a score_mod must return a finite score, or -inf to hide it")
 
 
 def _call_quietly(fn, args):

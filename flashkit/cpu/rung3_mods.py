@@ -100,7 +100,7 @@ def forward_kernel(Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, 
             # S_ij = score_mod(S_ij) where mask_mod allows, else NEG; then base 2   (the compiled hook)
             code = apply_mods(S, b, h, np.int64(i0), np.int64(j0), state == PARTIAL)
             if code != -1:
-                errors[t, 0] = code  # a position (NaN / +inf) or RAISED: Python explains it after the kernel
+                errors[t, 0] = code  # RAISED: Python explains it after the kernel
                 errors[t, 1] = j
                 break
             for r in range(nr):
@@ -131,6 +131,9 @@ def forward_kernel(Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, 
             if m_i[r] == neg:
                 O[b, h, i0 + r, :] = zero
                 lse[b, h, i0 + r] = -np.inf
+            elif not (m_i[r] < np.inf):  # a score_mod gave NaN or +inf in this row: marked, run() raises
+                O[b, h, i0 + r, :] = np.nan
+                lse[b, h, i0 + r] = np.nan
             else:
                 inv = Q.dtype.type(1) / l_i[r]
                 for k in range(d):
@@ -168,10 +171,14 @@ def run(problem, stats=False):
         forward_kernel(Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles,
                        apply_mods, errors)
     failed = np.flatnonzero(errors[:, 0] != mods_jit.OK)
-    if failed.size:
+    if failed.size:  # an exception inside a mod: raised again from Python, with its position
         t = int(failed[0])
         b, h, i = (int(x) for x in task_index.py_func(t, problem.Hq, Tr))
         j = int(errors[t, 1])
         i0, j0 = i * Br, j * Bc
-        mods_jit.explain(problem, b, h, i0, min(i0 + Br, problem.Nq), j0, min(j0 + Bc, problem.Nk), int(errors[t, 0]))
+        mods_jit.explain_raised(problem, b, h, i0, min(i0 + Br, problem.Nq), j0, min(j0 + Bc, problem.Nk))
+    if problem.score_mod is not None:  # the kernel marks a row with a NaN or +inf score: lse NaN
+        bad = np.isnan(lse)
+        if bad.any():
+            mods_jit.explain_nonfinite(problem, *(int(x) for x in np.argwhere(bad)[0]))
     return (O, lse, tiles) if stats else (O, lse)
