@@ -20,13 +20,15 @@ with the same mods) at N = 512. The cases, each at every N:
   window                 mods.sliding_window(N, N, 256, 0): the same three, the array replaced by rung 3's
                          built-in window=(256, 0)
   torch-flex             torch.compile(flex_attention) on the CPU with the same mods (create_block_mask
-                         once, as here), and torch SDPA for the dense case; if FlexAttention does not run
-                         on this CPU, the reason is recorded instead
+                         once, as here), and torch SDPA for the dense case, in a separate process (torch
+                         timed after Numba in one process ran 5x slower); each output checked against
+                         flashkit's; if FlexAttention does not run on this CPU, the reason is recorded
 
     FLOPs = 4 * B * H * N * N * d * (fraction of scores visible)   (the work that matters; skipped tiles
                                                                     cost nothing, partial ones in full)
 
-Also the time to make each block mask (flashkit.block_mask with the compiled classifier, and torch's
+Also what a score_mod costs, measured interleaved at N = 4096 (no mod, identity, softcap in turn, the
+fastest of 7 rounds each), and the time to make each block mask (flashkit.block_mask with the compiled classifier, and torch's
 create_block_mask), which a model pays once per batch of sequences, not per layer.
 Results: benchmarks/results/cpu-mods-<machine>.json with the machine, versions and commit.
 """
@@ -194,9 +196,80 @@ def check_all():
     return out
 
 
-def run_grid(Ns, with_torch, repeats):
+MOD_COST_N, MOD_COST_ROUNDS = 4096, 7
+
+
+def mod_cost(N=MOD_COST_N, rounds=MOD_COST_ROUNDS):
+    """What a score_mod costs, measured interleaved: each round runs no mod, mods.identity and
+    mods.softcap(50.0) once each, in turn, so a neighbour's load hits all three alike; the fastest of
+    the rounds for each, and their ratios. (Timed one after the other, the ratio moved from 0.95 to 1.31
+    between two runs on the shared machine.)"""
+    import time
+
+    import flashkit
+
+    q, k, v = inputs(N)
+    runs = {"none": None, "identity": variants(N)["identity"][0], "softcap": variants(N)["softcap"][0]}
+    best = {name: float("inf") for name in runs}
+    for fn in runs.values():
+        flashkit.attention(q, k, v, score_mod=fn, backend="numba")  # compile, warm up
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            flashkit.attention(q, k, v, score_mod=fn, backend="numba")
+            best[name] = min(best[name], time.perf_counter() - t0)
+    out = dict(N=N, rounds=rounds, min_ms={n: t * 1e3 for n, t in best.items()},
+               identity_vs_none=best["identity"] / best["none"], softcap_vs_none=best["softcap"] / best["none"])
+    print(f"  mod cost N={N}, {rounds} interleaved rounds: no mod {out['min_ms']['none']:.1f} ms, identity "
+          f"{out['identity_vs_none']:.3f}x, softcap {out['softcap_vs_none']:.3f}x", flush=True)
+    return out
+
+
+def time_calls(N, calls, info, checked=None):
+    """One row per (case, impl): median and fastest of up to `repeats` runs; torch's output checked
+    against `checked[case]` (flashkit's, itself checked against float64 at N = 512) when given."""
     from benchmarks._common import median_time
     from flashkit.measure.provenance import load_average
+
+    rows = []
+    for (case, impl), fn in calls.items():
+        t = median_time(fn, repeats=REPEATS[0], budget_s=60.0)
+        frac = info.get(case, {}).get("visible_fraction", 1.0)
+        row = dict(N=N, case=case, impl=impl, ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
+                   cpu_ms=t["cpu_median_s"] * 1e3, runs=len(t["runs_s"]), visible_fraction=frac,
+                   gflops=4.0 * B * H * N * N * D * frac / t["median_s"] / 1e9, load_average=load_average())
+        rows.append(row)
+        print(f"  N={N:5d} {case:10s} {impl:24s} {row['ms']:10.1f} ms  (min {row['min_ms']:.1f}, "
+              f"{row['gflops']:6.1f} GFLOP/s of visible work, load {row['load_average'][:1]})", flush=True)
+    return rows
+
+
+REPEATS = [5]
+
+
+def torch_child(N, threads):
+    """In a fresh process (no Numba threads, nothing else loaded): torch's rows at N, then each output
+    checked against flashkit's; one JSON line. Measured in the parent process after flashkit's runs,
+    torch SDPA took 4-5 s at N = 8192 instead of the 0.8 s it takes alone."""
+    import torch
+
+    torch.set_num_threads(threads)
+    q, k, v = inputs(N)
+    tcalls, tinfo, reason = torch_calls(N, q, k, v)
+    rows = time_calls(N, tcalls, {})
+    fcalls, finfo = flashkit_calls(N, q, k, v)  # Numba from here on: after torch's timings
+    for row in rows:
+        mine = fcalls.get((row["case"], "numba block mask")) or fcalls.get((row["case"], "numba"))
+        row["visible_fraction"] = finfo.get(row["case"], {}).get("visible_fraction", 1.0)
+        row["gflops"] = 4.0 * B * H * N * N * D * row["visible_fraction"] / (row["ms"] / 1e3) / 1e9
+        row["rel_err_vs_flashkit"] = rel_err(tcalls[row["case"], row["impl"]](), mine())
+    print(json.dumps(dict(rows=rows, block_masks=[dict(N=N, case=c, impl="torch create_block_mask", **i)
+                                                  for c, i in tinfo.items()], reason=reason)))
+    return 0
+
+
+def run_grid(Ns, with_torch, threads):
+    from benchmarks.cpu_forward import _child
 
     rows, block_masks, torch_reason = [], [], None
     for N in Ns:
@@ -204,27 +277,20 @@ def run_grid(Ns, with_torch, repeats):
         calls, info = flashkit_calls(N, q, k, v)
         for case, i in info.items():
             block_masks.append(dict(N=N, case=case, impl="flashkit.block_mask (numba)", **i))
+        rows += time_calls(N, calls, info)
+        del q, k, v, calls
         if with_torch:
-            tcalls, tinfo, torch_reason = torch_calls(N, q, k, v)
-            calls.update(tcalls)
-            for case, i in tinfo.items():
-                block_masks.append(dict(N=N, case=case, impl="torch create_block_mask", **i))
-        checked = {}  # case -> flashkit's output (checked against float64 at N = 512), for torch's check
-        for (case, impl), fn in calls.items():
-            t = median_time(fn, repeats=repeats, budget_s=60.0)
-            frac = info.get(case, {}).get("visible_fraction", 1.0)
-            row = dict(N=N, case=case, impl=impl, ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
-                       cpu_ms=t["cpu_median_s"] * 1e3, runs=len(t["runs_s"]), visible_fraction=frac,
-                       gflops=4.0 * B * H * N * N * D * frac / t["median_s"] / 1e9, load_average=load_average())
-            if impl in ("numba", "numba block mask"):
-                checked[case] = fn()
-            elif impl.startswith("torch") and case in checked:
-                row["rel_err_vs_flashkit"] = rel_err(fn(), checked[case])
-            rows.append(row)
-            print(f"  N={N:5d} {case:10s} {impl:24s} {row['ms']:10.1f} ms  (min {row['min_ms']:.1f}, "
-                  f"{row['gflops']:6.1f} GFLOP/s of visible work, load {row['load_average'][:1]})"
-                  + (f", rel err vs flashkit {row['rel_err_vs_flashkit']:.1e}" if "rel_err_vs_flashkit" in row else ""),
-                  flush=True)
+            out = _child(["--torch-child", str(N), "--threads", str(threads), "--repeats", str(REPEATS[0])],
+                         timeout=3600, module="benchmarks.cpu_mods")
+            if "error" in out:
+                torch_reason = f"the torch process failed: {out['error']}"
+                continue
+            for r in out["rows"]:
+                print(f"  N={N:5d} {r['case']:10s} {r['impl']:24s} {r['ms']:10.1f} ms  (min {r['min_ms']:.1f}), "
+                      f"rel err vs flashkit {r['rel_err_vs_flashkit']:.1e}  [separate process]", flush=True)
+            rows += out["rows"]
+            block_masks += out["block_masks"]
+            torch_reason = torch_reason or out["reason"]
     # Ratios of the fastest runs: on a machine shared with other work the minimum is what the code costs
     # (medians of the same runs are kept beside them).
     by = {(r["N"], r["case"], r["impl"]): r for r in rows}
@@ -258,6 +324,10 @@ def show(path):
             return format(r[key], fmt) if key in r else ""
         print(f"{r['N']:>6} {r['case']:10} {r['impl']:24} {r['ms']:9.1f} {r['min_ms']:9.1f} {r['gflops']:8.1f} "
               f"{f('time_vs_dense_numba', '8.2f'):>8} {f('speedup_vs_every_tile', '8.2f'):>8} {f('time_vs_torch_flex', '7.2f'):>7}")
+    c = res.get("mod_cost")
+    if c:
+        print(f"score_mod cost at N={c['N']} ({c['rounds']} interleaved rounds, fastest): no mod {c['min_ms']['none']:.1f} ms, "
+              f"identity {c['identity_vs_none']:.3f}x, softcap {c['softcap_vs_none']:.3f}x")
     for b in res.get("block_masks", []):
         extra = f", {b['sparsity']:.1%} of tiles skipped" if "sparsity" in b else f", {b['sparsity_percent']:.1f}% sparse"
         print(f"block mask N={b['N']} {b['case']:10s} {b['impl']:28s} {b['block_mask_ms']:8.1f} ms{extra}")
@@ -274,9 +344,14 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="flashkit only")
     ap.add_argument("--keep-openblas-env", action="store_true", help="do not unset OPENBLAS_CORETYPE/L2_SIZE")
     ap.add_argument("--table", metavar="JSON", help="print the table of a results file and exit")
+    ap.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--torch-child", type=int, metavar="N", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.table:
         return show(args.table)
+    REPEATS[0] = args.repeats or (3 if args.quick else 5)
+    if args.torch_child:
+        return torch_child(args.torch_child, args.threads)
     if not args.keep_openblas_env:
         _reexec_without_openblas_overrides(argv, module="benchmarks.cpu_mods")
     import numba
@@ -285,20 +360,18 @@ def main(argv=None):
     from flashkit.measure import provenance
 
     numba.set_num_threads(args.threads)
-    with_torch = not args.no_torch
-    if with_torch:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    with_torch = not args.no_torch  # torch runs in its own process (torch_child)
     env = environment(args.threads)
     print(json.dumps({k: env[k] for k in ("machine", "versions", "commit")}), flush=True)
     print(f"correctness (fp32 against the float64 reference, N = {CHECK_N}):", flush=True)
     checks = check_all()
     Ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else NS_QUICK if args.quick else NS
-    rows, block_masks, torch_reason = run_grid(Ns, with_torch, repeats=3 if args.quick else 5)
+    print("what a score_mod costs (interleaved):", flush=True)
+    cost = mod_cost(N=min(MOD_COST_N, max(Ns)))
+    rows, block_masks, torch_reason = run_grid(Ns, with_torch, args.threads)
     result = dict(env, benchmark="benchmarks/cpu_mods.py", shape=dict(B=B, H=H, d=D, dtype="float32"),
                   documents=DOCUMENTS, window=WINDOW, block_size=(128, 128),
-                  flops_formula="4*B*H*N*N*d*visible_fraction", checks=checks, results=rows,
+                  flops_formula="4*B*H*N*N*d*visible_fraction", checks=checks, mod_cost=cost, results=rows,
                   block_masks=block_masks, torch_flex_unavailable=torch_reason,
                   load_average_at_end=provenance.load_average())
     out = args.out or RESULTS / f"cpu-mods-{provenance.machine_slug(env['machine'])}.json"
