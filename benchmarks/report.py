@@ -23,13 +23,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 def backends_table() -> str:
     from flashkit import registry
 
-    rows = ["| backend | device | rung | dtypes | head size d | custom mask | backward | split-K decode | what it is |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| backend | device | rung | dtypes | head size d | custom mask | score_mod / mask_mod | backward | "
+            "split-K decode | what it is |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in registry.all_backends():
         dims = "any" if b.head_dims is None else ", ".join(map(str, b.head_dims))
         rung = "" if b.rung is None else str(b.rung)
         rows.append(f"| `{b.name}` | {b.device} | {rung} | {', '.join(b.dtypes)} | {dims} | "
-                    f"{'yes' if b.mask else 'no'} | {'yes' if b.has_backward else 'no'} | "
+                    f"{'yes' if b.mask else 'no'} | {'yes' if b.mods else 'no'} | {'yes' if b.has_backward else 'no'} | "
                     f"{'yes' if b.has_decode else 'no'} | {b.summary} |")
     return "\n".join(rows)
 

@@ -5,7 +5,7 @@ from flashkit import registry, validate
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, backend="auto",
-              block_size=None, return_lse=False):
+              block_size=None, return_lse=False, score_mod=None, mask_mod=None, block_mask=None):
     """Exact softmax attention, softmax(q k^T * scale) v, computed tile by tile.
 
     Parameters
@@ -22,6 +22,15 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
         request raises; it never falls back silently.
     block_size : None (the backend chooses from the cache size), an int, or (Br, Bc).
     return_lse : also return the logsumexp of each query row (natural log), shape (B, H, Nq).
+    score_mod : FlexAttention's score hook, a Python function score_mod(score, b, h, q_idx, kv_idx) ->
+        score applied to every visible score q_i . k_j * scale (h the query head; q_idx, kv_idx raw
+        positions); -inf hides the score, NaN or +inf is an error. flashkit.mods has the standard ones
+        (softcap, ALiBi, T5's relative position bias).
+    mask_mod : FlexAttention's mask hook, mask_mod(b, h, q_idx, kv_idx) -> bool, True where the query may
+        attend; and'ed with causal, window and mask. Tiles it hides completely are skipped.
+    block_mask : flashkit.block_mask(mask_mod, B, H, Nq, Nk, block_size) made once for many calls: its
+        mask_mod and its tile classification; the call then runs with its block size.
+        Only some backends take the three (flashkit.backends(): column 'mods'); "auto" picks one.
 
     Returns
     -------
@@ -35,7 +44,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
     if backend != "auto":
         registry.get(backend)  # an unknown name fails before any work on the arrays
     problem = validate.check(q, k, v, causal=causal, scale=scale, window=window, mask=mask,
-                             block_size=block_size)
+                             block_size=block_size, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
     chosen = registry.choose(problem, backend)
     O, lse = chosen.run(problem)
     o = _as_input(O, q)
@@ -89,14 +98,15 @@ def _as_input(X, x):
 
 def backends():
     """Every backend as a list of dicts: name, device, available, reason (why not), what it supports
-    (dtypes, head_dims, mask, forward, backward), rung and summary."""
+    (dtypes, head_dims, mask, mods, forward, backward), rung and summary. `mods`: whether it takes a
+    score_mod / mask_mod / block_mask (forward only)."""
     rows = []
     for b in registry.all_backends():
         reason = b.unavailable_reason()
         rows.append({
             "name": b.name, "device": b.device, "available": reason is None, "reason": reason or "",
             "dtypes": ", ".join(b.dtypes), "head_dims": "any" if b.head_dims is None else ", ".join(map(str, b.head_dims)),
-            "mask": b.mask, "forward": b.has_forward, "backward": b.has_backward, "rung": b.rung,
+            "mask": b.mask, "mods": b.mods, "forward": b.has_forward, "backward": b.has_backward, "rung": b.rung,
             "summary": b.summary,
         })
     return rows

@@ -14,7 +14,7 @@ notebooks call it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 # Tests set this to True: outputs then start as NaN, so an element a kernel forgets to write fails
 # the comparison with the reference instead of passing by luck with whatever memory held.
@@ -59,6 +59,10 @@ class Problem:
     lse: Optional[Any] = None  # (B, Hq, Nq)    the forward's logsumexp (natural log), float32 or float64
     # "bf16" when Q, K, V (and dO, O) hold bfloat16 as uint16 bits (CuPy has no bfloat16 dtype), else None
     element: Optional[str] = None
+    # FlexAttention's hooks (flashkit/mods.py, flashkit/blockmask.py), checked by validate.check_mods:
+    score_mod: Optional[Callable] = None  # score_mod(score, b, h, q_idx, kv_idx) -> score, on every visible score
+    mask_mod: Optional[Callable] = None  # mask_mod(b, h, q_idx, kv_idx) -> bool, True = may attend (and'ed)
+    block_mask: Optional[Any] = None  # a BlockMask of mask_mod for these shapes; block_size is then its tiles
 
     # Shapes, named as in the papers.
     @property
@@ -98,6 +102,11 @@ class Problem:
     def dtype_name(self) -> str:
         """The element type's name: "bfloat16" for bf16 bits held as uint16, else dtype.name."""
         return "bfloat16" if self.element == "bf16" else self.Q.dtype.name
+
+    @property
+    def has_mods(self) -> bool:
+        """True when a score_mod or a mask_mod (possibly through a block_mask) changes the scores."""
+        return self.score_mod is not None or self.mask_mod is not None
 
     @property
     def has_window(self) -> bool:

@@ -3,14 +3,18 @@
 This is the baseline every other backend is measured against (backend "numpy-standard"), and run in
 float64 it is the oracle of the tests (`reference`). Its memory is O(N^2): one Nq x Nk score matrix
 per head, which is exactly what FlashAttention avoids.
+
+FlexAttention's hooks (flashkit/mods.py) are applied here by their definition, on the whole score
+matrix: masked scores -inf, then mask_mod, then score_mod on what is left, then the softmax.
 """
 from __future__ import annotations
 
-import numpy as np
-
 import functools
 
+import numpy as np
+
 from flashkit import validate
+from flashkit.blockmask import apply_mods, index_grid
 from flashkit.cpu.threads import blas_for_work
 from flashkit.masks import dense_mask
 from flashkit.registry import Backend
@@ -22,6 +26,7 @@ BACKENDS = (
         summary="NumPy, materialises S and P (Nq x Nk per head): the O(N^2)-memory baseline",
         runner="flashkit.reference:standard_attention",
         backward="flashkit.reference:standard_backward",
+        mods=True,
         priority=10,
         # Below 2^24 FLOPs (N = 256 with one head, d = 64) one BLAS call per product beats a kernel's
         # fixed cost: measured on 2 cores, benchmarks/cpu_small.py (results/cpu-small-*.json).
@@ -42,6 +47,15 @@ def visibility(problem):
         m5 = m.reshape(Bm, problem.Hkv, problem.group, problem.Nq, problem.Nk) if Hm > 1 else m[:, :, None]
         vis = m5 if vis is None else (m5 & vis)
     return vis
+
+
+def modified_scores(S, problem):
+    """S (B, Hkv, group, Nq, Nk) with mask_mod and score_mod applied over the whole grid of positions:
+    b, h (the query head), q_idx and kv_idx as broadcasting index arrays (flashkit.blockmask.evaluate)."""
+    B, Hq, Nq, Nk = problem.B, problem.Hq, problem.Nq, problem.Nk
+    S4 = S.reshape(B, Hq, Nq, Nk)  # query head h = hk * group + g, the order of Q's heads
+    out = apply_mods(S4, problem.score_mod, problem.mask_mod, *index_grid(np.arange(B), np.arange(Hq), 0, Nq, 0, Nk))
+    return np.ascontiguousarray(out).reshape(S.shape)
 
 
 def _small_calls_on_one_blas_thread(fn):
@@ -68,6 +82,8 @@ def standard_attention(problem):
     vis = visibility(problem)
     if vis is not None:
         np.copyto(S, -np.inf, where=~vis)
+    if problem.has_mods:
+        S = modified_scores(S, problem)
     # P = exp(S - rowmax(S)), computed in place of S: the max keeps every exp() <= 1
     m = S.max(axis=-1)  # (B, Hkv, group, Nq)
     m_safe = np.where(np.isneginf(m), 0.0, m).astype(S.dtype)  # a row with no visible key stays all -inf

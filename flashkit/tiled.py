@@ -4,6 +4,10 @@ Rung 0 of the CPU ladder. Nothing here is fast (Python loops over tiles); everyt
 algorithm: Q is cut into Tr blocks of Br rows, K and V into Tc blocks of Bc rows, and the Nq x Nk
 score matrix never exists, only one Br x Bc tile S_ij at a time. Memory beyond the inputs: O(N*d).
 
+FlexAttention's hooks (flashkit/mods.py) enter each tile after S_ij = Q_i K_j^T * scale: mask_mod where
+the tile is partial, score_mod on every visible score (`HeadMods.apply`); tiles the block mask marks
+empty are skipped like causal ones.
+
 The backward (`fa2_backward_head`) is FlashAttention-2's Algorithm 2: K/V blocks outside, query blocks
 inside, P recomputed from the forward's lse. Both numpy-tiled backends use it.
 
@@ -17,10 +21,11 @@ Two loop orders of the forward, both selectable as backends:
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from flashkit import online_softmax
+from flashkit import blockmask, online_softmax
 from flashkit.masks import FULL, SKIP, block_map, row_bounds
 from flashkit.registry import Backend
 
@@ -31,6 +36,7 @@ BACKENDS = (
         summary="NumPy, FlashAttention-2 loop order (query blocks outside): readable, slow",
         runner="flashkit.tiled:run_fa2",
         backward="flashkit.tiled:run_backward",
+        mods=True,
         priority=1,
         rung=0,
     ),
@@ -40,6 +46,7 @@ BACKENDS = (
         summary="NumPy, FlashAttention-1 loop order (K/V blocks outside): readable, slow",
         runner="flashkit.tiled:run_fa1",
         backward="flashkit.tiled:run_backward",
+        mods=True,
         priority=0,
         rung=0,
     ),
@@ -66,12 +73,36 @@ def _tile_visibility(lo, hi, mask, rows, cols):
     return vis
 
 
-def fa2_head(Q, K, V, scale, window, mask, Br, Bc):
+class HeadMods(NamedTuple):
+    """FlexAttention's hooks for one (batch b, query head h): the functions and the head's tile states."""
+
+    score_mod: Any
+    mask_mod: Any
+    b: int
+    h: int
+    tiles: Optional[np.ndarray]  # (Tr, Tc) of the mask_mod's BlockMask; None without a mask_mod
+
+    def combine(self, tiles):
+        """The window/mask tile states and the block mask's: a tile is skipped if either skips it."""
+        return tiles if self.tiles is None else np.minimum(tiles, self.tiles)
+
+    def apply(self, S_ij, rows, cols, i, j):
+        """S_ij with mask_mod (only if the block mask says tile (i, j) is partial) and score_mod applied."""
+        q_idx = np.arange(rows.start, rows.stop)[:, None]  # (Br, 1): positions, raw
+        kv_idx = np.arange(cols.start, cols.stop)[None, :]  # (1, Bc)
+        partial = self.tiles is not None and self.tiles[i, j] != FULL
+        return blockmask.apply_mods(S_ij, self.score_mod, self.mask_mod, self.b, self.h, q_idx, kv_idx,
+                                    check_mask=partial)
+
+
+def fa2_head(Q, K, V, scale, window, mask, Br, Bc, mods: Optional[HeadMods] = None):
     """One head. Q (Nq, d), K and V (Nk, d), mask None or (Nq, Nk). Returns O (Nq, d), lse (Nq,)."""
     Nq, d = Q.shape
     Nk = K.shape[0]
     Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
     tiles = block_map(Nq, Nk, Br, Bc, window, mask)  # (Tr, Tc) SKIP / PARTIAL / FULL
+    if mods is not None:
+        tiles = mods.combine(tiles)
     lo, hi = row_bounds(Nq, Nk, window)
     O = np.empty_like(Q)
     lse = np.empty(Nq, Q.dtype)
@@ -88,6 +119,8 @@ def fa2_head(Q, K, V, scale, window, mask, Br, Bc):
             S_ij = (Q_i @ K_j.T) * scale  # (Br, Bc)
             if tiles[i, j] != FULL:
                 S_ij = np.where(_tile_visibility(lo, hi, mask, rows, cols), S_ij, -np.inf)
+            if mods is not None:  # S_ij = score_mod(S_ij) where mask_mod allows, else -inf
+                S_ij = mods.apply(S_ij, rows, cols, i, j)
             # m_i, l_i, O_i <- online softmax update with (S_ij, V_j)
             state = online_softmax.update(state, S_ij, V_j)
         # O_i = O_i / l_i;  lse_i = m_i + log(l_i)
@@ -95,12 +128,14 @@ def fa2_head(Q, K, V, scale, window, mask, Br, Bc):
     return O, lse
 
 
-def fa1_head(Q, K, V, scale, window, mask, Br, Bc):
+def fa1_head(Q, K, V, scale, window, mask, Br, Bc, mods: Optional[HeadMods] = None):
     """One head in FlashAttention-1 order, with the paper's Algorithm 1 lines written out."""
     Nq, d = Q.shape
     Nk = K.shape[0]
     Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
     tiles = block_map(Nq, Nk, Br, Bc, window, mask)
+    if mods is not None:
+        tiles = mods.combine(tiles)
     lo, hi = row_bounds(Nq, Nk, window)
     # line 2: O = 0, l = 0, m = -inf, all in slow memory
     O = np.zeros_like(Q)
@@ -118,6 +153,8 @@ def fa1_head(Q, K, V, scale, window, mask, Br, Bc):
             S_ij = (Q_i @ K_j.T) * scale
             if tiles[i, j] != FULL:
                 S_ij = np.where(_tile_visibility(lo, hi, mask, rows, cols), S_ij, -np.inf)
+            if mods is not None:  # S_ij = score_mod(S_ij) where mask_mod allows, else -inf
+                S_ij = mods.apply(S_ij, rows, cols, i, j)
             # line 10: m~_ij = rowmax(S_ij), P~_ij = exp(S_ij - m~_ij), l~_ij = rowsum(P~_ij)
             m_ij = S_ij.max(axis=1)
             P_ij = online_softmax._exp_diff(S_ij, m_ij[:, None])
@@ -140,6 +177,8 @@ def _run(problem, head_fn):
     """Apply a one-head function to every (batch, head), sharing K/V heads for GQA."""
     B, Hq, g = problem.B, problem.Hq, problem.group
     Br, Bc = problem.block_size or block_sizes(FAST_MEMORY_FLOATS, problem.d)
+    # the mask_mod's tile classification, evaluated in NumPy block row by block row (the definition)
+    bm = blockmask.for_problem(problem, Br, Bc, engine="numpy")
     O, lse = problem.new_outputs()
     for b in range(B):
         for h in range(Hq):
@@ -147,9 +186,12 @@ def _run(problem, head_fn):
             if problem.mask is not None:
                 Bm, Hm = problem.mask.shape[:2]
                 mask = problem.mask[b if Bm > 1 else 0, h if Hm > 1 else 0]
+            mods = None
+            if problem.has_mods:
+                mods = HeadMods(problem.score_mod, problem.mask_mod, b, h, None if bm is None else bm.plane(b, h))
             O[b, h], lse[b, h] = head_fn(
                 problem.Q[b, h], problem.K[b, h // g], problem.V[b, h // g],
-                problem.scale, problem.window, mask, Br, Bc,
+                problem.scale, problem.window, mask, Br, Bc, mods=mods,
             )
     return O, lse
 

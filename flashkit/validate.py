@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 
 import numpy as np
 
 from dataclasses import replace
 
+from flashkit.blockmask import BlockMask, signature_problem
 from flashkit.masks import effective_window
 from flashkit.problem import DecodeProblem, Problem
 
@@ -100,6 +102,46 @@ def positive_int(name, v) -> int:
     return int(v)
 
 
+def check_mod(kind: str, fn):
+    """`fn` itself if it can be a `kind` ("score_mod" or "mask_mod"): a Python function (def or lambda,
+    or a Numba-jitted one) taking FlexAttention's positional arguments; else TypeError saying what is
+    wrong. What it returns is checked where it is called (flashkit.blockmask, flashkit.cpu.mods_jit)."""
+    f = getattr(fn, "py_func", fn)  # a numba.njit function: its Python function
+    signature = "score_mod(score, b, h, q_idx, kv_idx) -> score" if kind == "score_mod" else \
+        "mask_mod(b, h, q_idx, kv_idx) -> bool"
+    if not callable(fn):
+        raise TypeError(f"{kind} must be a function {signature} (FlexAttention's signature); got {type(fn).__name__}")
+    if not isinstance(f, types.FunctionType):
+        raise TypeError(f"{kind} must be a Python function (def or lambda) {signature}, which Numba can compile; "
+                        f"got {type(fn).__name__} {fn!r}")
+    problem = signature_problem(kind, fn)
+    if problem is not None:
+        raise TypeError(problem)
+    return fn
+
+
+def check_mods(score_mod, mask_mod, block_mask, B, Hq, Nq, Nk, block_size):
+    """(score_mod, mask_mod, block_mask, block_size) checked against each other and the call's shapes.
+
+    A block_mask brings its mask_mod and its tiles: the call runs with its block size (a different
+    block_size is an error, not a silent re-tiling)."""
+    if score_mod is not None:
+        check_mod("score_mod", score_mod)
+    if mask_mod is not None:
+        check_mod("mask_mod", mask_mod)
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be a flashkit.block_mask(mask_mod, B, H, Nq, Nk) result; got "
+                            f"{type(block_mask).__name__}")
+        if mask_mod is not None and mask_mod is not block_mask.mask_mod:
+            raise ValueError("mask_mod and block_mask disagree: block_mask carries its own mask_mod; pass "
+                             "block_mask alone, or the same function to both")
+        block_mask.check_call(B, Hq, Nq, Nk, block_size)
+        mask_mod = block_mask.mask_mod
+        block_size = block_mask.block_size
+    return score_mod, mask_mod, block_mask, block_size
+
+
 def nonneg_int(name, v) -> int:
     """v as an int if it is an integer >= 0 (not a bool), else ValueError naming `name`."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
@@ -138,8 +180,8 @@ def _check_qkv(names, q, k, v, **array_checks):
     return xp, Q, K, V
 
 
-def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None,
-          finite=True) -> Problem:
+def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None, score_mod=None,
+          mask_mod=None, block_mask=None, finite=True) -> Problem:
     """The Problem of attention(q, k, v, ...), or TypeError/ValueError naming the argument at fault.
 
     finite=False leaves the NaN/Inf scan of q, k, v to the caller (check_backward scans them together
@@ -184,6 +226,7 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
         else:
             b = positive_int("block_size", block_size)
             block_size = (b, b)
+    score_mod, mask_mod, block_mask, block_size = check_mods(score_mod, mask_mod, block_mask, B, Hq, Nq, Nk, block_size)
 
     # bfloat16 on the GPU travels as uint16 bits with element="bf16"; the kernels read them as __nv_bfloat16
     element = "bf16" if dtype_name(q) == "bfloat16" and xp is not np else None
@@ -192,6 +235,7 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
         Q=xp.ascontiguousarray(Q), K=xp.ascontiguousarray(K), V=xp.ascontiguousarray(V),
         scale=float(scale), causal=bool(causal), window=win, mask=mask4,
         block_size=block_size, xp=xp, element=element,
+        score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
     )
 
 

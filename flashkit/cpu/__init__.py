@@ -4,7 +4,11 @@
     rung 2  numba-regblock  loops over 4 query rows at once (register blocking) flashkit/cpu/rung2_regblock.py
     rung 3  numba-gemm      block GEMMs through np.dot (BLAS) + polynomial exp  flashkit/cpu/rung3_gemm.py
             its backward    FA2's Algorithm 2, the same GEMMs, dQ in per-thread partials  rung3_gemm_backward.py
-    numba                   the highest rung that can run here (rung 3; rung 2 without SciPy)
+    numba                   the highest rung that can run here (rung 3; rung 2 without SciPy); with a
+                            score_mod / mask_mod / block_mask, numba-mods
+    numba-mods              rung 3 with FlexAttention's hooks: the user's score_mod and mask_mod compiled
+                            by Numba into the tile loop, empty tiles of the BlockMask skipped  rung3_mods.py
+                            (mods_jit.py compiles the user's functions)
 
 Each rung is one row of `RUNGS` below, from which the registry's backends, the tests and the CPU benchmark
 derive. Every rung module has `run(problem, stats=False) -> (O, lse)` (and the tiles computed per task with
@@ -103,13 +107,23 @@ def run_fastest_backward(problem):
 
 def run_fastest(problem):
     """The "numba" backend: the highest rung that can run here (rung 3 where SciPy and threadpoolctl are
-    installed, else rung 2)."""
+    installed, else rung 2); numba-mods when the problem has a score_mod or mask_mod."""
+    if problem.has_mods:
+        reason = _probe_gemm()
+        if reason is not None:
+            raise RuntimeError(f"score_mod / mask_mod on the CPU need backend 'numba-mods', which cannot run here: "
+                               f"{reason}; backend='numpy-tiled' takes them without Numba")
+        return importlib.import_module("flashkit.cpu.rung3_mods").run(problem)
     return available_rungs()[-1].load().run(problem)
 
 
 BACKENDS = (
     Backend(name="numba", summary="Numba, FlashAttention-2 on all cores: the fastest rung below",
             runner="flashkit.cpu:run_fastest", backward="flashkit.cpu:run_fastest_backward",
-            probe="flashkit.cpu:_probe", priority=50, **_COMMON),
+            probe="flashkit.cpu:_probe", priority=50, mods=True, **_COMMON),
     *_LADDER,
+    # Beside the ladder, not in RUNGS: "numba" runs it only when a mod is given.
+    Backend(name="numba-mods", summary="Numba rung 3 + score_mod/mask_mod compiled into the tile loop, "
+            "BlockMask tiles skipped", runner="flashkit.cpu.rung3_mods:run", probe="flashkit.cpu:_probe_gemm",
+            priority=45, mods=True, **_COMMON),
 )

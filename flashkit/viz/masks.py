@@ -1,4 +1,5 @@
-"""Figures of notebook 9: which keys each query sees, which tiles are skipped, and how GQA shares K/V.
+"""Figures of notebooks 9 and 13: which keys each query sees, which tiles are skipped (of a mask or of a
+mask_mod's BlockMask), and how GQA shares K/V.
 
 Colours are mid-lightness hues and a translucent grey, readable on JupyterLab's light and dark themes.
 """
@@ -10,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from flashkit import masks
+from flashkit import masks, mods
 
 VISIBLE = "hsl(210, 75%, 55%)"
 HIDDEN = "rgba(128, 128, 128, 0.18)"
@@ -76,6 +77,21 @@ def block_mask_figure(Nq: int, Nk: int, Br: int, Bc: int, window=(-1, -1), mask:
     if mask is not None:
         visible = visible & np.asarray(mask, bool)
     tiles = masks.block_map(Nq, Nk, Br, Bc, window, mask)  # (Tr, Tc) SKIP / PARTIAL / FULL
+    return _tiles_figure(visible, tiles, Br, Bc, title)
+
+
+def mod_block_mask_figure(block_mask, b: int = 0, h: int = 0, title: Optional[str] = None) -> go.Figure:
+    """A flashkit.block_mask(mask_mod, ...) drawn like `block_mask_figure`: the mask_mod's scores (evaluated
+    in NumPy for batch b, head h) with the tiles it classified, skipped ones dark. For small Nq, Nk."""
+    visible = block_mask.dense(b, h)
+    name = getattr(block_mask.mask_mod, "__qualname__", "mask_mod")
+    return _tiles_figure(visible, block_mask.plane(b, h), block_mask.Br, block_mask.Bc,
+                         title or f"Block mask of {name}")
+
+
+def _tiles_figure(visible: np.ndarray, tiles: np.ndarray, Br: int, Bc: int, title: str) -> go.Figure:
+    """The picture both figures above draw: visible scores, masked ones, skipped tiles, tile borders."""
+    Nq, Nk = visible.shape
     skipped = np.repeat(np.repeat(tiles == masks.SKIP, Br, axis=0), Bc, axis=1)[:Nq, :Nk]
     z = np.where(visible, 2, np.where(skipped, 0, 1)).astype(np.int8)
     fig = go.Figure(go.Heatmap(
@@ -102,6 +118,44 @@ def block_mask_figure(Nq: int, Nk: int, Br: int, Bc: int, window=(-1, -1), mask:
                             f"Br = {Br}, Bc = {Bc}</sup>",
                       width=640, height=640, legend=dict(orientation="h", y=-0.12, x=0), plot_bgcolor="rgba(0,0,0,0)")
     return fig
+
+
+def explorer_mask(N: int, documents: int, window: int, causal: bool):
+    """The mask_mod `block_mask_explorer` draws: `documents` documents of (nearly) equal length packed in
+    N tokens, causal if asked, and a sliding window of `window` keys on each side (back only if causal;
+    0 = no window). flashkit.mods.and_masks of the library's mods."""
+    parts = []
+    if documents > 1:
+        parts.append(mods.document_mask(np.diff(np.linspace(0, N, documents + 1).round().astype(int))))
+    if causal:
+        parts.append(mods.causal(N, N))
+    if window > 0:
+        parts.append(mods.sliding_window(N, N, window, 0 if causal else window))
+    return mods.and_masks(*parts) if parts else mods.sliding_window(N, N, -1, -1)  # (-1, -1): every key
+
+
+def block_mask_explorer(N: int = 256, block: int = 16):
+    """Sliders for the number of packed documents and a sliding window, a causal toggle: the mask_mod's
+    block mask (flashkit.block_mask) redrawn, with the share of tiles a kernel skips."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from flashkit.blockmask import block_mask
+
+    documents = widgets.IntSlider(value=4, min=1, max=8, description="documents", continuous_update=False)
+    window = widgets.IntSlider(value=0, min=0, max=N, step=8, description="window", continuous_update=False)
+    causal = widgets.Checkbox(value=True, description="causal")
+
+    def show(documents, window, causal):
+        bm = block_mask(explorer_mask(N, documents, window, causal), None, None, N, N, block_size=block)
+        c = bm.counts()
+        print(f"{bm.sparsity:.0%} of the tiles skipped: a kernel computes {c['partial'] + c['full']} of {c['total']} "
+              f"({c['partial']} masked element by element, {c['full']} without a test)")
+        display(mod_block_mask_figure(bm, title=f"{documents} documents, window {window or 'none'}"
+                                                + (", causal" if causal else "")))
+
+    out = widgets.interactive_output(show, {"documents": documents, "window": window, "causal": causal})
+    return widgets.VBox([widgets.HBox([documents, window, causal]), out])
 
 
 def tile_counts(Nq: int, Nk: int, Br: int, Bc: int, window=(-1, -1), mask=None) -> dict:
