@@ -47,7 +47,8 @@ def results_section() -> str:
     """Headline numbers from every results file found, each labelled with where it was measured."""
     parts = []
     for path, data in _load("cpu-*.json"):
-        parts.append(_cpu_headline(path, data))
+        if data.get("benchmark", "benchmarks/cpu_forward.py") == "benchmarks/cpu_forward.py":  # not cpu-mods-*, ...
+            parts.append(_cpu_headline(path, data))
     for path, data in _load("gpu-*.json"):
         parts.append(_gpu_headline(path, data))
     for path, data in _load("decode-*.json"):
