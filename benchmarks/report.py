@@ -50,7 +50,7 @@ def results_section() -> str:
     for path, data in _load("cpu-*.json"):
         if path.name.startswith("cpu-backward-"):
             parts.append(_cpu_backward_headline(path, data))
-        elif not path.name.startswith("cpu-small-"):
+        elif data.get("benchmark", "benchmarks/cpu_forward.py") == "benchmarks/cpu_forward.py":  # not cpu-mods-*, cpu-small-*
             parts.append(_cpu_headline(path, data))
     for path, data in _load("gpu-*.json"):
         if path.name.startswith("gpu-bwd-"):
