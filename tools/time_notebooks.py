@@ -34,7 +34,7 @@ from flashkit.atomic import write_json, write_text
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- notebook-times:begin -->", "<!-- notebook-times:end -->"
 AGENDA_BEGIN, AGENDA_END = "<!-- agenda:begin -->", "<!-- agenda:end -->"
-SERIES = [f"{n:02d}" for n in range(13)]  # the numbered walkthroughs 00..12 we expect in notebooks/
+SERIES = [f"{n:02d}" for n in range(14)]  # the numbered walkthroughs 00..13 we expect in notebooks/
 
 
 def machine() -> tuple:
