@@ -103,7 +103,7 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def missing_series(folder: Path, found: list) -> list:
-    """Numbers of the 00..12 series with no notebook named NN_*.ipynb directly in `folder`."""
+    """Numbers of the 00..13 series with no notebook named NN_*.ipynb directly in `folder`."""
     have = {p.name[:2] for p in found if p.parent == Path(folder)}
     return [n for n in SERIES if n not in have]
 
