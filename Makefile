@@ -40,10 +40,13 @@ install: $(NOTEBOOKS_ENV)
 lab: $(NOTEBOOKS_ENV)
 	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter" $(BIN)/jupyter lab --no-browser $(ALLOW_ROOT) --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks
 
-# The linter first (seconds; the rule set and why: [tool.ruff] in pyproject.toml), then every test.
+# The linter first (seconds; the rule set and why: [tool.ruff] in pyproject.toml), then every test, on as
+# many workers as cores (pytest-xdist, at most 4; TEST_WORKERS=1 runs them in one process). --dist loadfile
+# keeps each test file, and so each notebook (its cells share one kernel), whole and in order on one worker.
+TEST_WORKERS ?= auto
 test: $(TEST_ENV)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --maxprocesses=4 --dist loadfile
 
 # The CPU benchmark. It unsets the OpenBLAS overrides of these machines in its own command only,
 # and records the BLAS kernel in use with the results.

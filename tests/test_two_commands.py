@@ -109,7 +109,9 @@ def test_skipped_browser_tests_end_the_run_with_the_command_that_enables_them(tm
     run them (the reason alone sits in the skip list, where nobody reads it)."""
     env = dict(os.environ)
     env["FLASHKIT_CHROMIUM"] = str(tmp_path / "no-chromium")  # as on a machine without it
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/browser/test_lab_settings.py"],
+    # on two xdist workers, as `make test` runs: the skip is seen in a worker, the line printed by the controller
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile",
+                          "tests/browser/test_lab_settings.py"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     lines = run.stdout.strip().splitlines()
     summary = [line for line in lines if "browser tests skipped" in line]

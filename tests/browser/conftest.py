@@ -8,6 +8,7 @@ driver on a scratch copy); $FLASHKIT_BROWSER_TIMEOUT is the seconds one Run All 
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,12 +19,19 @@ from . import lab_driver
 _REPORT = lab_driver.REPORT
 
 
+def pytest_sessionstart(session):
+    """Empty test-artifacts/browser/ of the previous run's screenshots and logs, once per run: in the
+    controller under pytest-xdist (`make test` runs with -n), whose workers share the folder."""
+    if getattr(session.config, "workerinput", None) is None:
+        lab_driver.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for old in list(lab_driver.ARTIFACTS.glob("*.png")) + list(lab_driver.ARTIFACTS.glob("*.log")):
+            old.unlink()
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
-    """test-artifacts/browser/, emptied of the previous run's screenshots and log."""
+    """test-artifacts/browser/, where screenshots and the JupyterLab log go."""
     lab_driver.ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for old in list(lab_driver.ARTIFACTS.glob("*.png")) + list(lab_driver.ARTIFACTS.glob("*.log")):
-        old.unlink()
     return lab_driver.ARTIFACTS
 
 
@@ -38,7 +46,7 @@ def browser_ready():
 @pytest.fixture(scope="session")
 def lab(browser_ready, artifacts, tmp_path_factory):
     """A JupyterLab on a free 127.0.0.1 port with a random token, serving the notebooks folder."""
-    server = lab_driver.LabServer(lab_driver.NOTEBOOKS_ROOT, tmp_path_factory.mktemp("jupyter"), artifacts / "jupyterlab.log")
+    server = lab_driver.LabServer(lab_driver.NOTEBOOKS_ROOT, tmp_path_factory.mktemp("jupyter"), artifacts / _log_name())
     _REPORT["server_log"] = server.log_path
     try:
         server.start()
@@ -78,6 +86,38 @@ def page(browser, lab):
     finally:
         context.close()
         lab.shutdown_kernels()
+
+
+def _log_name() -> str:
+    """One JupyterLab log per xdist worker: two workers may each start a server (one per test file)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"jupyterlab-{worker}.log" if worker else "jupyterlab.log"
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist the browser tests run in a worker: hand its report to the controller, which
+    prints the summary (`make test` runs with -n)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["flashkit_browser"] = json.dumps({
+            "screenshots": [str(s) for s in _REPORT["screenshots"]], "timings": _REPORT["timings"],
+            "server_log": str(_REPORT["server_log"]) if _REPORT["server_log"] else None,
+            "skipped": _REPORT.get("skipped")})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller's side of the hand-over above (an xdist hook: unknown without xdist)."""
+    data = getattr(node, "workeroutput", {}).get("flashkit_browser")
+    if not data:
+        return
+    got = json.loads(data)
+    _REPORT["screenshots"].extend(Path(s) for s in got["screenshots"])
+    _REPORT["timings"].extend((name, seconds) for name, seconds in got["timings"])
+    if got["server_log"]:
+        _REPORT["server_log"] = Path(got["server_log"])
+    if got["skipped"]:
+        _REPORT["skipped"] = got["skipped"]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
