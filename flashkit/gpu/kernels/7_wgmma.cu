@@ -1,0 +1,377 @@
+// Rung 7: Hopper (sm_90a). wgmma.mma_async from shared memory, TMA loads completing on mbarriers, and a
+// producer warpgroup feeding two consumer warpgroups (warp specialisation with setmaxnreg).
+// Changed since rung 6: (1) the tensor-core instruction is wgmma.mma_async (one warpgroup, 4 warps, computes a
+//   64 x N x 16 product; A and B are read by the tensor cores straight from shared memory through 64-bit matrix
+//   descriptors, so no ldmatrix and no operand registers; P stays in registers as the A operand of P V, and V is
+//   read transposed through the descriptor's "N-major" flag); (2) Q_i, K_j and V_j arrive by TMA
+//   (cp.async.bulk.tensor: one thread asks the copy engine for a whole 64-column box; it writes the box into
+//   shared memory with the 128-byte swizzle that the wgmma descriptors expect and signals an mbarrier with the
+//   byte count); (3) STAGES K/V buffers: warpgroup 0 is the producer (one thread issues the copies, the warpgroup
+//   gives its registers away with setmaxnreg.dec), warpgroups 1.. are consumers (64 query rows each, setmaxnreg.inc)
+//   that wait on "full" barriers and release a stage through its "empty" barrier.
+// Why: cuDNN and FlashAttention-3 reach 415-585 TFLOP/s on this card with these instructions (shared/FACTS.md);
+//   mma.sync (rungs 4-6) tops out near torch's flash backend. The layouts are modelled and unit-tested in NumPy:
+//   flashkit/gpu/hopper_layout.py (tests/test_hopper_layout.py).
+// Expected: well above rung 6 (300 TFLOP/s); FA3's softmax/GEMM overlap is not in this version.
+//
+// Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T (unscaled), P = exp2(S * scale_log2 - m_i), m_i, l_i, O_i.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#ifndef INFINITY  // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128  // d: 64 or 128 (set by the loader)
+#endif
+#ifndef BR
+#define BR 128  // query rows per block: 64 per consumer warpgroup (set by the loader: 64, 128 or 192)
+#endif
+#ifndef BC
+#define BC 128  // keys per K_j / V_j tile (set by the loader: 64 or 128)
+#endif
+#ifndef STAGES
+#define STAGES 2  // K/V shared-memory buffers
+#endif
+#ifndef WARP_SPECIALIZE
+#define WARP_SPECIALIZE 1  // 0: no producer warpgroup, consumer thread 0 issues the copies (the first version)
+#endif
+#define D HEAD_DIM
+#define NC (BR / 64)          // consumer warpgroups
+#define NHALF (D / 64)        // 64-column (128-byte) halves of a row: one TMA box and one swizzle atom wide
+#define NT (128 * (NC + WARP_SPECIALIZE))
+#define Q_BYTES (BR * D * 2)
+#define KV_BYTES (BC * D * 2)  // one K_j or V_j tile; also the byte count its TMA copies report
+#if NC == 1
+#define REG_PRODUCER 56
+#define REG_CONSUMER 256
+#elif NC == 2
+#define REG_PRODUCER 24
+#define REG_CONSUMER 240
+#else
+#define REG_PRODUCER 32
+#define REG_CONSUMER 160
+#endif
+
+#ifdef USE_BF16
+typedef __nv_bfloat16 T;
+#define MMA_TYPE "bf16"
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+#else
+typedef __half T;
+#define MMA_TYPE "f16"
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+#endif
+
+// ---- wgmma: D (64 x N, fp32, registers) (+)= A (64 x 16) * B (16 x N) ---------------------------------------
+// D fragment (hopper_layout.accumulator_owner): warp w of the warpgroup holds rows 16 w .. 16 w + 15; lane 4 g + t
+// holds, for each 8-column block n, d[4n + 0..1] = row 16 w + g, columns 8 n + 2 t, 8 n + 2 t + 1, and
+// d[4n + 2..3] = row 16 w + g + 8: rung 6's mma.sync C fragment, repeated along N.
+// "ss": A and B from shared memory (descriptors; both K-major). "rs": A from 4 registers per thread (the
+// mma.sync A fragment layout), B from shared memory, N-major (imm-trans-b = 1).
+// accumulate = 0 overwrites D (the first k-step of S), 1 adds to it.
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long a_desc, unsigned long long b_desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." MMA_TYPE "." MMA_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const unsigned (&a)[4], unsigned long long b_desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." MMA_TYPE "." MMA_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long a_desc, unsigned long long b_desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a)[4], unsigned long long b_desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+}
+
+#define CAT2(a, b) a##b
+#define CAT(a, b) CAT2(a, b)
+#define WGMMA_S CAT(wgmma_ss_n, BC)  // S (64 x Bc) += Q (64 x 16) K^T (16 x Bc)
+#define WGMMA_O CAT(wgmma_rs_n, D)   // O (64 x d) += P (64 x 16) V (16 x d)
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// An empty asm that "reads and writes" each accumulator register: the compiler may not move ordinary uses
+// of these registers across a wgmma issue or wait (the asm statements above do not mention them).
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, leading- and stride-dimension byte
+// offsets, all >> 4; bits 62-63 = 1: 128-byte swizzle. Tiles start on 1024-byte boundaries (base offset 0).
+__device__ __forceinline__ unsigned long long descriptor(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// ---- mbarriers and TMA --------------------------------------------------------------------------------------
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrive and add `bytes` to the transactions this phase waits for (the copies that follow report them).
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Wait until the barrier's phase with this parity (0, 1, 0, ...: its completions counted mod 2) has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+// One box (64 columns x rows x 1 head) of a 3-D tensor map (columns, rows, heads) into shared memory.
+__device__ __forceinline__ void tma_load(unsigned dst, const void* map, int col, int row, int head, unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+        ::"r"(dst), "l"(map), "r"(col), "r"(row), "r"(head), "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
+__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
+    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
+}
+
+// The three tensor maps (flashkit/gpu/tma.py writes them to device memory before the launch): Q, K, V viewed as
+// (d columns, N rows, B*H heads) of 16-bit elements, box 64 x (BR or BC) x 1, 128-byte swizzle, rows past N
+// read as zeros.
+struct __align__(64) TensorMaps { unsigned long long q[16], k[16], v[16]; };
+
+// Shared memory (bytes from a 1024-aligned base): Q_s [NHALF][BR][64], K_s [STAGES][NHALF][BC][64],
+// V_s [STAGES][NHALF][BC][64], each [rows][64] block 128-byte swizzled (hopper_layout.swizzle128), then the
+// mbarriers. Grid: (Tr, Hq, B), block: NT threads.
+extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
+    const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+    T* __restrict__ O, float* __restrict__ lse,
+    int Hq, int Hkv, int Nq, int Nk, float scale_log2, int left, int right, const TensorMaps* __restrict__ maps) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const unsigned base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    const unsigned Q_s = base;
+    const unsigned K_s = Q_s + Q_BYTES;
+    const unsigned V_s = K_s + STAGES * KV_BYTES;
+    const unsigned bars = V_s + STAGES * KV_BYTES;
+    const unsigned bar_q = bars;                          // Q_i landed
+    #define FULL_K(s) (bars + 8 * (1 + (s)))               // K_j landed in stage s
+    #define FULL_V(s) (bars + 8 * (1 + STAGES + (s)))      // V_j landed in stage s
+    #define EMPTY(s) (bars + 8 * (1 + 2 * STAGES + (s)))   // every consumer thread is done with stage s
+
+    const int tid = threadIdx.x;
+    const int wg = tid / 128;  // warpgroup
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * BR, hq = blockIdx.y, b = blockIdx.z;  // heavy tiles first
+    const int hkv = hq / (Hq / Hkv);
+    const int offset = Nk - Nq;
+    const int i_last = min(i0 + BR, Nq) - 1;
+    const int kv_begin = row_lo(i0, offset, left), kv_end = row_hi(i_last, offset, right, Nk);
+    const int full_lo = row_lo(i_last, offset, left), full_hi = row_hi(i0, offset, right, Nk);
+    const int j_first = (kv_begin / BC) * BC;
+    const int n_tiles = kv_end > j_first ? (kv_end - j_first + BC - 1) / BC : 0;
+    const int q_head = b * Hq + hq, kv_head = b * Hkv + hkv;
+
+    if (tid == 0) {
+        mbar_init(bar_q, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(FULL_K(s), 1);
+            mbar_init(FULL_V(s), 1);
+            mbar_init(EMPTY(s), 128 * NC);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
+    }
+    __syncthreads();
+
+    // Ask the copy engine for tile t of K and V (one thread). Stage t % STAGES is reused once every consumer
+    // thread has arrived on its EMPTY barrier for tile t - STAGES.
+    auto issue_tile = [&](int t) {
+        const int s = t % STAGES, j0 = j_first + t * BC;
+        if (t >= STAGES) mbar_wait(EMPTY(s), ((t / STAGES) - 1) & 1);
+        mbar_expect_tx(FULL_K(s), KV_BYTES);
+        for (int h = 0; h < NHALF; ++h) tma_load(K_s + s * KV_BYTES + h * (BC * 128), maps->k, 64 * h, j0, kv_head, FULL_K(s));
+        mbar_expect_tx(FULL_V(s), KV_BYTES);
+        for (int h = 0; h < NHALF; ++h) tma_load(V_s + s * KV_BYTES + h * (BC * 128), maps->v, 64 * h, j0, kv_head, FULL_V(s));
+    };
+    auto issue_q = [&]() {
+        // The maps were written by a host copy (generic proxy); the copy engine reads them through the tensormap proxy.
+        asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(maps->q) : "memory");
+        asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(maps->k) : "memory");
+        asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(maps->v) : "memory");
+        mbar_expect_tx(bar_q, Q_BYTES);
+        for (int h = 0; h < NHALF; ++h) tma_load(Q_s + h * (BR * 128), maps->q, 64 * h, i0, q_head, bar_q);
+    };
+
+#if WARP_SPECIALIZE
+    if (wg == 0) {  // producer warpgroup: one thread issues every copy; the others have nothing to do
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REG_PRODUCER));
+        if (tid == 0 && n_tiles > 0) {
+            issue_q();
+            for (int t = 0; t < n_tiles; ++t) issue_tile(t);
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(REG_CONSUMER));
+    const int cw = wg - 1;  // consumer warpgroup: query rows 64 cw .. 64 cw + 63 of the block
+#else
+    const int cw = wg;
+    if (tid == 0 && n_tiles > 0) {
+        issue_q();
+        for (int t = 0; t < STAGES && t < n_tiles; ++t) issue_tile(t);
+    }
+#endif
+    const int ct = tid - 128 * (wg - cw);  // thread index inside the consumers, 0 .. 128 NC - 1
+    (void)ct;
+    const int warp = (tid / 32) % 4, lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    const int r0 = 64 * cw + 16 * warp + g;  // this thread's rows in the block: r0 and r0 + 8
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // m_i in log2 units; l is this thread's partial sum
+    float o[D / 2];
+#pragma unroll
+    for (int k = 0; k < D / 2; ++k) o[k] = 0.f;
+
+    if (n_tiles > 0) mbar_wait(bar_q, 0);
+    for (int it = 0; it < n_tiles; ++it) {
+        const int s = it % STAGES, j0 = j_first + it * BC;
+        const unsigned parity = (it / STAGES) & 1;
+
+        // S = Q_i K_j^T: d / 16 wgmma, each a 64 x Bc x 16 product. Both operands K-major (d contiguous); the
+        // 16-column step kk moves the start address 32 bytes inside a 128-byte swizzled row, or to the next half.
+        float S[BC / 2];
+        mbar_wait(FULL_K(s), parity);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned qa = Q_s + (kk / 4) * (BR * 128) + cw * (64 * 128) + (kk % 4) * 32;
+            const unsigned ka = K_s + s * KV_BYTES + (kk / 4) * (BC * 128) + (kk % 4) * 32;
+            WGMMA_S(S, descriptor(qa, 16, 1024), descriptor(ka, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_regs(S);
+
+        // the per-element mask only where the tile is not FULL for every row of Q_i
+        const bool full = (j0 >= full_lo) && (j0 + BC <= full_hi);
+        if (!full) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = i0 + r0 + 8 * r;
+                const int lo = row_lo(i, offset, left), hi = row_hi(i, offset, right, Nk);
+#pragma unroll
+                for (int n = 0; n < BC / 8; ++n)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int j = j0 + 8 * n + 2 * t4 + c;
+                        if (!(j >= lo && j < hi)) S[4 * n + 2 * r + c] = -INFINITY;
+                    }
+            }
+        }
+
+        // m_new = max(m_i, rowmax(S) * scale_log2); P = exp2(S * scale_log2 - m_new); l_i, O_i rescaled by
+        // exp2(m_i - m_new). A row's Bc values sit in the 4 threads t4 = 0..3 of its lane group.
+        unsigned P[BC / 16][4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < BC / 8; ++n) mx = fmaxf(mx, fmaxf(S[4 * n + 2 * r], S[4 * n + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[r], mx * scale_log2);  // scale > 0, so the max commutes with it
+            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+            const float alpha = fast_exp2(m[r] - m_use);
+            l[r] *= alpha;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) o[4 * n + 2 * r] *= alpha, o[4 * n + 2 * r + 1] *= alpha;
+#pragma unroll
+            for (int n = 0; n < BC / 8; ++n) {
+                S[4 * n + 2 * r] = fast_exp2(fmaf(S[4 * n + 2 * r], scale_log2, -m_use));
+                S[4 * n + 2 * r + 1] = fast_exp2(fmaf(S[4 * n + 2 * r + 1], scale_log2, -m_use));
+                l[r] += S[4 * n + 2 * r] + S[4 * n + 2 * r + 1];
+            }
+            m[r] = m_new;
+        }
+        // P as the A operand of the next product: k-block kk (keys 16 kk .. 16 kk + 15) is S's 8-column blocks
+        // 2 kk and 2 kk + 1 (hopper_layout.p_fragment_from_s).
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            P[kk][0] = pack2(S[8 * kk + 0], S[8 * kk + 1]);
+            P[kk][1] = pack2(S[8 * kk + 2], S[8 * kk + 3]);
+            P[kk][2] = pack2(S[8 * kk + 4], S[8 * kk + 5]);
+            P[kk][3] = pack2(S[8 * kk + 6], S[8 * kk + 7]);
+        }
+
+        // O_i += P V_j: Bc / 16 wgmma, each 64 x d x 16. V_j is [key][d] in shared memory: N-major for this
+        // product (imm-trans-b = 1); 8-key groups are 1024 bytes apart (SBO), the two 64-column halves of d
+        // BC * 128 bytes apart (LBO).
+        mbar_wait(FULL_V(s), parity);
+        fence_regs(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const unsigned va = V_s + s * KV_BYTES + kk * (16 * 128);
+            WGMMA_O(o, P[kk], descriptor(va, BC * 128, 1024), 1);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_regs(o);
+        mbar_arrive(EMPTY(s));  // this thread's wgmma reads of stage s are complete
+#if !WARP_SPECIALIZE
+        if (tid == 0 && it + STAGES < n_tiles) issue_tile(it + STAGES);
+#endif
+    }
+
+    // l_i = sum over the row's 4 threads; O_i = O_i / l_i; lse_i = m_i + log(l_i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float lr = l[r];
+        lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+        lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+        const int i = i0 + r0 + 8 * r;
+        if (i < Nq) {
+            const float inv_l = (lr > 0.f) ? 1.f / lr : 0.f;
+            T* Oi = O + ((long long)q_head * Nq + i) * D;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<unsigned*>(Oi + 8 * n + 2 * t4) = pack2(o[4 * n + 2 * r] * inv_l, o[4 * n + 2 * r + 1] * inv_l);
+            if (t4 == 0)
+                lse[(long long)q_head * Nq + i] = (lr > 0.f) ? (m[r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+}
