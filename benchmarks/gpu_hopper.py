@@ -7,9 +7,9 @@ Each stage runs in its own process with a time limit, so a kernel that hangs cos
   sass      nvcc -cubin for sm_90a (the same ptxas as NVRTC 13.0) and cuobjdump --dump-sass: opcode counts
             (HGMMA = wgmma, UTMALDG = TMA loads, USETMAXREG = setmaxnreg, HMMA = mma.sync)
   check     flashkit.gpu.check's criteria on the awkward shapes (d = 64 and 128), fp16 and bf16, every allowed
-            block on two shapes, a peaky softmax; outputs poisoned with NaN first; rung 7 and its first version
-            without warp specialisation ("cupy-wgmma-nows", 7_wgmma.cu built with -DWARP_SPECIALIZE=0)
-  memcheck  compute-sanitizer --tool memcheck over small launches of both (CuPy's pool off)
+            block on two shapes, a peaky softmax; outputs poisoned with NaN first; rung 7 and its earlier versions
+            (VARIANTS: v1 without a producer warpgroup or overlap, v2 with the producer, no overlap)
+  memcheck  compute-sanitizer --tool memcheck over small launches of all three (CuPy's pool off)
   time      N = 4096, B*N = 16384, H*d = 2048 (benchmarks.gpu_forward's shapes, timing and FLOP count)
 Writes DIR/hopper.json (results rows in gpu_forward's format; rung 7's ratio is to cuDNN, its peer).
 """
@@ -27,20 +27,24 @@ from pathlib import Path
 
 from flashkit.atomic import write_json
 
-NOWS = 70  # the pseudo-rung number of 7_wgmma.cu without warp specialisation (registered in this process only)
+# Earlier versions of 7_wgmma.cu, as pseudo-rungs registered in this process only (number, name, defines):
+VARIANTS = ((70, "cupy-wgmma-v1", "#define WARP_SPECIALIZE 0\n#define OVERLAP 0\n"),  # no producer, no overlap
+            (71, "cupy-wgmma-v2", "#define OVERLAP 0\n"))                             # producer warpgroup
+
 CHECK_CASES = (0, 1, 2, 4, 5, 6, 8)  # flashkit.gpu.check.CASES with d in {64, 128}
 
 
 def register_nows():
-    """7_wgmma.cu with -DWARP_SPECIALIZE=0 (consumer thread 0 issues the copies) as pseudo-rung 70."""
+    """7_wgmma.cu's earlier versions (VARIANTS) as pseudo-rungs of flashkit.gpu.flash."""
     from flashkit.gpu import flash
     from flashkit.gpu.rungs import rung
 
     src = (flash.KERNEL_DIR / "7_wgmma.cu").read_text()
-    path = Path(tempfile.gettempdir()) / "7_wgmma_nows.cu"
-    path.write_text("#define WARP_SPECIALIZE 0\n" + src)
-    flash.RUNGS[NOWS] = replace(rung(7), number=NOWS, name="cupy-wgmma-nows", source=str(path),
-                                threads=lambda Br, Bc: 2 * Br)
+    for number, name, defines in VARIANTS:
+        path = Path(tempfile.gettempdir()) / f"7_wgmma_{number}.cu"
+        path.write_text(defines + src)
+        threads = (lambda Br, Bc: 2 * Br) if "WARP_SPECIALIZE 0" in defines else rung(7).threads
+        flash.RUNGS[number] = replace(rung(7), number=number, name=name, source=str(path), threads=threads)
 
 
 def stage_sass(out):
@@ -69,7 +73,7 @@ def stage_check(out):
     rows = []
     for ci in CHECK_CASES:
         case = check.CASES[ci]
-        for number in (7, NOWS):
+        for number in (7, 70, 71):
             for element in ("f16", "bf16"):
                 rows.append(check.check_rung(number, case, element, seed=ci))
     for bs in rung(7).allowed_blocks:
@@ -92,7 +96,7 @@ def stage_small():
     cupy.cuda.set_allocator(None)
     rows = []
     for case in ((1, 2, 1, 70, 90, 64, True, None), (1, 1, 1, 33, 47, 128, False, (8, 4)), (1, 2, 2, 200, 130, 128, True, None)):
-        for number in (7, NOWS):
+        for number in (7, 70, 71):
             rows.append(check.check_rung(number, case, "f16", 3))
     cupy.cuda.Device().synchronize()
     check.print_table(rows)
@@ -115,7 +119,8 @@ def stage_time(out):
                 print(f"d={d} N={N} causal={causal} {dtype}", flush=True)
                 measure("cupy-mma-2tile", rung_call(6, q, k, v, causal, dtype), rows, dict(meta, rung=6))
                 measure("cupy-wgmma", rung_call(7, q, k, v, causal, dtype), rows, dict(meta, rung=7))
-                measure("cupy-wgmma-nows", rung_call(NOWS, q, k, v, causal, dtype), rows, dict(meta, rung=None, variant="no warp specialisation"))
+                for number, name, defines in VARIANTS:
+                    measure(name, rung_call(number, q, k, v, causal, dtype), rows, dict(meta, rung=None, variant=defines))
                 if dtype == "float16" and not causal:
                     for bs in ((64, 128), (128, 64), (192, 64), (192, 128)):
                         measure(f"cupy-wgmma{bs}", rung_call(7, q, k, v, causal, dtype, bs), rows,

@@ -38,6 +38,12 @@
 #ifndef WARP_SPECIALIZE
 #define WARP_SPECIALIZE 1  // 0: no producer warpgroup, consumer thread 0 issues the copies (the first version)
 #endif
+#ifndef OVERLAP
+#define OVERLAP WARP_SPECIALIZE  // 1: the softmax of K_j's tile runs while P_{j-1} V_{j-1} is on the tensor cores
+#endif
+#if OVERLAP && !WARP_SPECIALIZE
+#error "OVERLAP needs WARP_SPECIALIZE (the copies of later tiles are issued by the producer warpgroup)"
+#endif
 #define D HEAD_DIM
 #define NC (BR / 64)          // consumer warpgroups
 #define NHALF (D / 64)        // 64-column (128-byte) halves of a row: one TMA box and one swizzle atom wide
@@ -118,7 +124,9 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Wait until at most N committed wgmma groups of this warpgroup are still running.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 // An empty asm that "reads and writes" each accumulator register: the compiler may not move ordinary uses
 // of these registers across a wgmma issue or wait (the asm statements above do not mention them).
 template <int N>
@@ -170,6 +178,75 @@ __device__ __forceinline__ float fast_exp2(float x) {
 __device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
 __device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
     return right < 0 ? Nk : min(Nk, i + offset + right + 1);
+}
+
+// ---- one tile's steps (the consumer warpgroup's 64 rows) ----------------------------------------------------
+// S = Q_i K_j^T: d / 16 wgmma, each a 64 x Bc x 16 product. Both operands K-major (d contiguous); the 16-column
+// step kk moves the start address 32 bytes inside a 128-byte swizzled row, or to the next 64-column half.
+__device__ __forceinline__ void issue_s(float (&S)[BC / 2], unsigned Q_s, unsigned K_stage, int cw) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned qa = Q_s + (kk / 4) * (BR * 128) + cw * (64 * 128) + (kk % 4) * 32;
+        const unsigned ka = K_stage + (kk / 4) * (BC * 128) + (kk % 4) * 32;
+        WGMMA_S(S, descriptor(qa, 16, 1024), descriptor(ka, 16, 1024), kk > 0);
+    }
+}
+// O_i += P V_j: Bc / 16 wgmma, each 64 x d x 16. V_j is [key][d] in shared memory: N-major for this product
+// (imm-trans-b = 1); 8-key groups are 1024 bytes apart (SBO), the 64-column halves of d BC * 128 bytes (LBO).
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const unsigned (&P)[BC / 16][4], unsigned V_stage) {
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) WGMMA_O(o, P[kk], descriptor(V_stage + kk * (16 * 128), BC * 128, 1024), 1);
+}
+// Keys outside a row's [lo, hi) get -inf (only on tiles that are not FULL for every row of the block).
+__device__ __forceinline__ void mask_tile(float (&S)[BC / 2], int j0, int i_row, int offset, int left, int right,
+                                          int Nk, int t4) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = i_row + 8 * r;
+        const int lo = row_lo(i, offset, left), hi = row_hi(i, offset, right, Nk);
+#pragma unroll
+        for (int n = 0; n < BC / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int j = j0 + 8 * n + 2 * (t4) + c;
+                if (!(j >= lo && j < hi)) S[4 * n + 2 * r + c] = -INFINITY;
+            }
+    }
+}
+// m_new = max(m_i, rowmax(S) * scale_log2); P = exp2(S * scale_log2 - m_new) packed to 16 bits as the A operand
+// of P V (k-block kk is S's 8-column blocks 2 kk and 2 kk + 1: hopper_layout.p_fragment_from_s);
+// l_i = alpha l_i + rowsum(P), alpha = exp2(m_i - m_new) (O_i is rescaled by the caller). A row's Bc values
+// sit in the 4 threads t4 = 0..3 of its lane group.
+__device__ __forceinline__ void softmax_tile(float (&S)[BC / 2], unsigned (&P)[BC / 16][4], float (&m)[2],
+                                             float (&l)[2], float (&alpha)[2], float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < BC / 8; ++n) mx = fmaxf(mx, fmaxf(S[4 * n + 2 * r], S[4 * n + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[r], mx * scale_log2);  // scale > 0, so the max commutes with it
+        const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+        alpha[r] = fast_exp2(m[r] - m_use);
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < BC / 8; ++n) {
+            S[4 * n + 2 * r] = fast_exp2(fmaf(S[4 * n + 2 * r], scale_log2, -m_use));
+            S[4 * n + 2 * r + 1] = fast_exp2(fmaf(S[4 * n + 2 * r + 1], scale_log2, -m_use));
+            sum += S[4 * n + 2 * r] + S[4 * n + 2 * r + 1];
+        }
+        l[r] = alpha[r] * l[r] + sum;
+        m[r] = m_new;
+    }
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) P[kk][q] = pack2(S[8 * kk + 2 * q], S[8 * kk + 2 * q + 1]);
+}
+__device__ __forceinline__ void rescale(float (&o)[D / 2], const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[4 * n] *= alpha[0], o[4 * n + 1] *= alpha[0], o[4 * n + 2] *= alpha[1], o[4 * n + 3] *= alpha[1];
 }
 
 // The three tensor maps (flashkit/gpu/tma.py writes them to device memory before the launch): Q, K, V viewed as
@@ -255,8 +332,6 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
         for (int t = 0; t < STAGES && t < n_tiles; ++t) issue_tile(t);
     }
 #endif
-    const int ct = tid - 128 * (wg - cw);  // thread index inside the consumers, 0 .. 128 NC - 1
-    (void)ct;
     const int warp = (tid / 32) % 4, lane = tid % 32;
     const int g = lane / 4, t4 = lane % 4;
     const int r0 = 64 * cw + 16 * warp + g;  // this thread's rows in the block: r0 and r0 + 8
@@ -265,97 +340,87 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
     float o[D / 2];
 #pragma unroll
     for (int k = 0; k < D / 2; ++k) o[k] = 0.f;
+    float S[BC / 2], alpha[2];
+    unsigned P[BC / 16][4];
+    const int i_row = i0 + r0;  // this thread's first query row (the second is i_row + 8)
 
     if (n_tiles > 0) mbar_wait(bar_q, 0);
+#if OVERLAP
+    // FA3's intra-warpgroup overlap: while the tensor cores compute S_j = Q K_j^T and O += P_{j-1} V_{j-1}
+    // (two wgmma groups in flight), this warpgroup waits only for S_j, runs its softmax, then waits for P V and
+    // rescales O. Tile 0's S and softmax come first; the last tile's P V after the loop.
+    if (n_tiles > 0) {
+        mbar_wait(FULL_K(0), 0);
+        wgmma_fence();
+        issue_s(S, Q_s, K_s, cw);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(S);
+        if (!((j_first >= full_lo) && (j_first + BC <= full_hi))) mask_tile(S, j_first, i_row, offset, left, right, Nk, t4);
+        softmax_tile(S, P, m, l, alpha, scale_log2);  // O is still 0: no rescale needed
+    }
+    for (int it = 1; it < n_tiles; ++it) {
+        const int s = it % STAGES, sp = (it - 1) % STAGES, j0 = j_first + it * BC;
+        mbar_wait(FULL_K(s), (it / STAGES) & 1);
+        fence_regs(o);
+        wgmma_fence();
+        issue_s(S, Q_s, K_s + s * KV_BYTES, cw);
+        wgmma_commit();
+        mbar_wait(FULL_V(sp), ((it - 1) / STAGES) & 1);
+        issue_pv(o, P, V_s + sp * KV_BYTES);
+        wgmma_commit();
+        wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run
+        fence_regs(S);
+        if (!((j0 >= full_lo) && (j0 + BC <= full_hi))) mask_tile(S, j0, i_row, offset, left, right, Nk, t4);
+        unsigned P_next[BC / 16][4];
+        softmax_tile(S, P_next, m, l, alpha, scale_log2);
+        wgmma_wait<0>();
+        fence_regs(o);
+        mbar_arrive(EMPTY(sp));  // K_{j-1} and V_{j-1} are no longer read
+        rescale(o, alpha);
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) P[kk][q] = P_next[kk][q];
+    }
+    if (n_tiles > 0) {
+        const int sl = (n_tiles - 1) % STAGES;
+        mbar_wait(FULL_V(sl), ((n_tiles - 1) / STAGES) & 1);
+        fence_regs(o);
+        wgmma_fence();
+        issue_pv(o, P, V_s + sl * KV_BYTES);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+        mbar_arrive(EMPTY(sl));
+    }
+#else
     for (int it = 0; it < n_tiles; ++it) {
         const int s = it % STAGES, j0 = j_first + it * BC;
         const unsigned parity = (it / STAGES) & 1;
-
-        // S = Q_i K_j^T: d / 16 wgmma, each a 64 x Bc x 16 product. Both operands K-major (d contiguous); the
-        // 16-column step kk moves the start address 32 bytes inside a 128-byte swizzled row, or to the next half.
-        float S[BC / 2];
         mbar_wait(FULL_K(s), parity);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned qa = Q_s + (kk / 4) * (BR * 128) + cw * (64 * 128) + (kk % 4) * 32;
-            const unsigned ka = K_s + s * KV_BYTES + (kk / 4) * (BC * 128) + (kk % 4) * 32;
-            WGMMA_S(S, descriptor(qa, 16, 1024), descriptor(ka, 16, 1024), kk > 0);
-        }
+        issue_s(S, Q_s, K_s + s * KV_BYTES, cw);
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_regs(S);
-
         // the per-element mask only where the tile is not FULL for every row of Q_i
-        const bool full = (j0 >= full_lo) && (j0 + BC <= full_hi);
-        if (!full) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = i0 + r0 + 8 * r;
-                const int lo = row_lo(i, offset, left), hi = row_hi(i, offset, right, Nk);
-#pragma unroll
-                for (int n = 0; n < BC / 8; ++n)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int j = j0 + 8 * n + 2 * t4 + c;
-                        if (!(j >= lo && j < hi)) S[4 * n + 2 * r + c] = -INFINITY;
-                    }
-            }
-        }
-
-        // m_new = max(m_i, rowmax(S) * scale_log2); P = exp2(S * scale_log2 - m_new); l_i, O_i rescaled by
-        // exp2(m_i - m_new). A row's Bc values sit in the 4 threads t4 = 0..3 of its lane group.
-        unsigned P[BC / 16][4];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int n = 0; n < BC / 8; ++n) mx = fmaxf(mx, fmaxf(S[4 * n + 2 * r], S[4 * n + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[r], mx * scale_log2);  // scale > 0, so the max commutes with it
-            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-            const float alpha = fast_exp2(m[r] - m_use);
-            l[r] *= alpha;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) o[4 * n + 2 * r] *= alpha, o[4 * n + 2 * r + 1] *= alpha;
-#pragma unroll
-            for (int n = 0; n < BC / 8; ++n) {
-                S[4 * n + 2 * r] = fast_exp2(fmaf(S[4 * n + 2 * r], scale_log2, -m_use));
-                S[4 * n + 2 * r + 1] = fast_exp2(fmaf(S[4 * n + 2 * r + 1], scale_log2, -m_use));
-                l[r] += S[4 * n + 2 * r] + S[4 * n + 2 * r + 1];
-            }
-            m[r] = m_new;
-        }
-        // P as the A operand of the next product: k-block kk (keys 16 kk .. 16 kk + 15) is S's 8-column blocks
-        // 2 kk and 2 kk + 1 (hopper_layout.p_fragment_from_s).
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            P[kk][0] = pack2(S[8 * kk + 0], S[8 * kk + 1]);
-            P[kk][1] = pack2(S[8 * kk + 2], S[8 * kk + 3]);
-            P[kk][2] = pack2(S[8 * kk + 4], S[8 * kk + 5]);
-            P[kk][3] = pack2(S[8 * kk + 6], S[8 * kk + 7]);
-        }
-
-        // O_i += P V_j: Bc / 16 wgmma, each 64 x d x 16. V_j is [key][d] in shared memory: N-major for this
-        // product (imm-trans-b = 1); 8-key groups are 1024 bytes apart (SBO), the two 64-column halves of d
-        // BC * 128 bytes apart (LBO).
+        if (!((j0 >= full_lo) && (j0 + BC <= full_hi))) mask_tile(S, j0, i_row, offset, left, right, Nk, t4);
+        softmax_tile(S, P, m, l, alpha, scale_log2);
+        rescale(o, alpha);
         mbar_wait(FULL_V(s), parity);
         fence_regs(o);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            const unsigned va = V_s + s * KV_BYTES + kk * (16 * 128);
-            WGMMA_O(o, P[kk], descriptor(va, BC * 128, 1024), 1);
-        }
+        issue_pv(o, P, V_s + s * KV_BYTES);
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_regs(o);
         mbar_arrive(EMPTY(s));  // this thread's wgmma reads of stage s are complete
 #if !WARP_SPECIALIZE
         if (tid == 0 && it + STAGES < n_tiles) issue_tile(it + STAGES);
 #endif
     }
+#endif
 
     // l_i = sum over the row's 4 threads; O_i = O_i / l_i; lse_i = m_i + log(l_i)
 #pragma unroll
