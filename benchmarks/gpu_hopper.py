@@ -8,8 +8,8 @@ Each stage runs in its own process with a time limit, so a kernel that hangs cos
             (HGMMA = wgmma, UTMALDG = TMA loads, USETMAXREG = setmaxnreg, HMMA = mma.sync)
   check     flashkit.gpu.check's criteria on the awkward shapes (d = 64 and 128), fp16 and bf16, every allowed
             block on two shapes, a peaky softmax; outputs poisoned with NaN first; rung 7 and its earlier versions
-            (VARIANTS: v1 without a producer warpgroup or overlap, v2 with the producer, no overlap)
-  memcheck  compute-sanitizer --tool memcheck over small launches of all three (CuPy's pool off)
+            (VARIANTS: v1 without a producer warpgroup; with FA3's intra-warpgroup overlap; with ping-pong too)
+  memcheck  compute-sanitizer --tool memcheck over small launches of all of them (CuPy's pool off)
   time      N = 4096, B*N = 16384, H*d = 2048 (benchmarks.gpu_forward's shapes, timing and FLOP count)
 Writes DIR/hopper.json (results rows in gpu_forward's format; rung 7's ratio is to cuDNN, its peer).
 """
@@ -28,8 +28,10 @@ from pathlib import Path
 from flashkit.atomic import write_json
 
 # Earlier versions of 7_wgmma.cu, as pseudo-rungs registered in this process only (number, name, defines):
-VARIANTS = ((70, "cupy-wgmma-v1", "#define WARP_SPECIALIZE 0\n#define OVERLAP 0\n"),  # no producer, no overlap
-            (71, "cupy-wgmma-v2", "#define OVERLAP 0\n"))                             # producer warpgroup
+VARIANTS = ((70, "cupy-wgmma-v1", "#define WARP_SPECIALIZE 0\n"),                      # no producer warpgroup
+            (72, "cupy-wgmma-overlap", "#define OVERLAP 1\n"),                       # + FA3's intra-warpgroup overlap
+            (73, "cupy-wgmma-pingpong", "#define OVERLAP 1\n#define PINGPONG 1\n"))  # + FA3's ping-pong
+TIMED = (72, 73)  # the variants the time stage measures beside rung 7 (v1 was timed in the first run)
 
 CHECK_CASES = (0, 1, 2, 4, 5, 6, 8)  # flashkit.gpu.check.CASES with d in {64, 128}
 
@@ -73,7 +75,7 @@ def stage_check(out):
     rows = []
     for ci in CHECK_CASES:
         case = check.CASES[ci]
-        for number in (7, 70, 71):
+        for number in (7,) + tuple(v[0] for v in VARIANTS):
             for element in ("f16", "bf16"):
                 rows.append(check.check_rung(number, case, element, seed=ci))
     for bs in rung(7).allowed_blocks:
@@ -96,7 +98,7 @@ def stage_small():
     cupy.cuda.set_allocator(None)
     rows = []
     for case in ((1, 2, 1, 70, 90, 64, True, None), (1, 1, 1, 33, 47, 128, False, (8, 4)), (1, 2, 2, 200, 130, 128, True, None)):
-        for number in (7, 70, 71):
+        for number in (7,) + tuple(v[0] for v in VARIANTS):
             rows.append(check.check_rung(number, case, "f16", 3))
     cupy.cuda.Device().synchronize()
     check.print_table(rows)
@@ -119,10 +121,10 @@ def stage_time(out):
                 print(f"d={d} N={N} causal={causal} {dtype}", flush=True)
                 measure("cupy-mma-2tile", rung_call(6, q, k, v, causal, dtype), rows, dict(meta, rung=6))
                 measure("cupy-wgmma", rung_call(7, q, k, v, causal, dtype), rows, dict(meta, rung=7))
-                for number, name, defines in VARIANTS:
+                for number, name, defines in (v for v in VARIANTS if v[0] in TIMED):
                     measure(name, rung_call(number, q, k, v, causal, dtype), rows, dict(meta, rung=None, variant=defines))
                 if dtype == "float16" and not causal:
-                    for bs in ((64, 128), (128, 64), (192, 64), (192, 128)):
+                    for bs in ((192, 64), (192, 128)):
                         measure(f"cupy-wgmma{bs}", rung_call(7, q, k, v, causal, dtype, bs), rows,
                                 dict(meta, rung=None, block_size=list(bs)))
                 for p in ("flash", "cudnn"):
@@ -134,7 +136,10 @@ def stage_time(out):
         six = by.get((r["d"], r["causal"], r["dtype"], "cupy-mma-2tile"))
         if r["impl"].startswith("cupy-wgmma") and r["status"] == "ok" and six:
             r["ratio_rung6"] = six["ms"] / r["ms"]
-    write_json(out, dict(environment=environment(), results=rows))
+    env = environment()
+    if os.environ.get("FLASHKIT_COMMIT"):  # the tree is a copy inside another checkout: git would name that one
+        env.update(commit=os.environ["FLASHKIT_COMMIT"], dirty=None, tree="copy of the worktree at that commit")
+    write_json(out, dict(environment=env, results=rows))
     print(f"\n{'d':>4} {'causal':>6} {'dtype':>9} {'impl':<26} {'ms':>8} {'TFLOP/s':>8} {'/cudnn':>7} {'/rung6':>7}")
     for r in rows:
         if r["status"] == "ok":

@@ -172,7 +172,7 @@ RUNGS = (
         threads=lambda Br, Bc: Br,
         smem=lambda d, Br, Bc: 2 * (Br + 3 * Bc) * (d + 8),
     ),
-    # Q_s [Br][d] + K_s, V_s [2 stages][Bc][d], 16-bit, 128-byte swizzled, + 7 mbarriers + 1024 bytes to align
+    # Q_s [Br][d] + K_s, V_s [2 stages][Bc][d], 16-bit, 128-byte swizzled, + 9 mbarriers + 1024 bytes to align
     # the base; Br / 64 consumer warpgroups + 1 producer warpgroup. sm_90a only (wgmma, setmaxnreg).
     Rung(
         7, "cupy-wgmma",
@@ -182,7 +182,7 @@ RUNGS = (
         default_blocks={64: (128, 128), 128: (128, 128)},
         allowed_blocks=((64, 64), (64, 128), (128, 64), (128, 128), (192, 64), (192, 128)),
         threads=lambda Br, Bc: 128 * (Br // 64 + 1),
-        smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 7 + 1024,
+        smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 9 + 1024,
         arch="sm_90a", tensor_maps=True,
     ),
 )

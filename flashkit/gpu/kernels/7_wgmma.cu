@@ -39,13 +39,19 @@
 #define WARP_SPECIALIZE 1  // 0: no producer warpgroup, consumer thread 0 issues the copies (the first version)
 #endif
 #ifndef OVERLAP
-#define OVERLAP WARP_SPECIALIZE  // 1: the softmax of K_j's tile runs while P_{j-1} V_{j-1} is on the tensor cores
+#define OVERLAP 0  // 1: the softmax of K_j's tile runs while P_{j-1} V_{j-1} is on the tensor cores
 #endif
 #if OVERLAP && !WARP_SPECIALIZE
 #error "OVERLAP needs WARP_SPECIALIZE (the copies of later tiles are issued by the producer warpgroup)"
 #endif
 #define D HEAD_DIM
 #define NC (BR / 64)          // consumer warpgroups
+#ifndef PINGPONG
+#define PINGPONG 0  // 1: the two consumer warpgroups alternate on the tensor cores (needs OVERLAP and BR = 128)
+#endif
+#if PINGPONG && !(OVERLAP && NC == 2)
+#error "PINGPONG needs OVERLAP and two consumer warpgroups"
+#endif
 #define NHALF (D / 64)        // 64-column (128-byte) halves of a row: one TMA box and one swizzle atom wide
 #define NT (128 * (NC + WARP_SPECIALIZE))
 #define Q_BYTES (BR * D * 2)
@@ -270,7 +276,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
     const unsigned bar_q = bars;                          // Q_i landed
     #define FULL_K(s) (bars + 8 * (1 + (s)))               // K_j landed in stage s
     #define FULL_V(s) (bars + 8 * (1 + STAGES + (s)))      // V_j landed in stage s
-    #define EMPTY(s) (bars + 8 * (1 + 2 * STAGES + (s)))   // every consumer thread is done with stage s
+    #define EMPTY_K(s) (bars + 8 * (1 + 2 * STAGES + (s))) // every consumer thread is done with K in stage s
+    #define EMPTY_V(s) (bars + 8 * (1 + 3 * STAGES + (s))) // ... with V in stage s
 
     const int tid = threadIdx.x;
     const int wg = tid / 128;  // warpgroup
@@ -289,19 +296,22 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(FULL_K(s), 1);
             mbar_init(FULL_V(s), 1);
-            mbar_init(EMPTY(s), 128 * NC);
+            mbar_init(EMPTY_K(s), 128 * NC);
+            mbar_init(EMPTY_V(s), 128 * NC);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
     }
     __syncthreads();
 
     // Ask the copy engine for tile t of K and V (one thread). Stage t % STAGES is reused once every consumer
-    // thread has arrived on its EMPTY barrier for tile t - STAGES.
+    // thread has arrived on its EMPTY barriers for tile t - STAGES (K and V separately: K_j is free as soon as
+    // S_j is computed).
     auto issue_tile = [&](int t) {
         const int s = t % STAGES, j0 = j_first + t * BC;
-        if (t >= STAGES) mbar_wait(EMPTY(s), ((t / STAGES) - 1) & 1);
+        if (t >= STAGES) mbar_wait(EMPTY_K(s), ((t / STAGES) - 1) & 1);
         mbar_expect_tx(FULL_K(s), KV_BYTES);
         for (int h = 0; h < NHALF; ++h) tma_load(K_s + s * KV_BYTES + h * (BC * 128), maps->k, 64 * h, j0, kv_head, FULL_K(s));
+        if (t >= STAGES) mbar_wait(EMPTY_V(s), ((t / STAGES) - 1) & 1);
         mbar_expect_tx(FULL_V(s), KV_BYTES);
         for (int h = 0; h < NHALF; ++h) tma_load(V_s + s * KV_BYTES + h * (BC * 128), maps->v, 64 * h, j0, kv_head, FULL_V(s));
     };
@@ -344,6 +354,20 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
     unsigned P[BC / 16][4];
     const int i_row = i0 + r0;  // this thread's first query row (the second is i_row + 8)
 
+    // Ping-pong (FA3): the two consumer warpgroups take turns to issue their products, so that one's softmax
+    // runs while the other's products occupy the tensor cores. Named barrier 1 + c opens warpgroup c's turn:
+    // warpgroup c waits on it (128 threads) and the other warpgroup arrives on it (128) when its turn ends.
+    // Warpgroup 1 opens warpgroup 0's first turn and skips its own last hand-over, so every barrier completes.
+#if OVERLAP
+    auto take_turn = [&]() {
+        if (PINGPONG) asm volatile("bar.sync %0, 256;" ::"r"(1 + cw) : "memory");
+    };
+    auto hand_over = [&](bool last) {
+        if (PINGPONG && !(cw == 1 && last)) asm volatile("bar.arrive %0, 256;" ::"r"(1 + (cw ^ 1)) : "memory");
+    };
+    if (PINGPONG && cw == 1 && n_tiles > 0) asm volatile("bar.arrive 1, 256;" ::: "memory");
+#endif
+
     if (n_tiles > 0) mbar_wait(bar_q, 0);
 #if OVERLAP
     // FA3's intra-warpgroup overlap: while the tensor cores compute S_j = Q K_j^T and O += P_{j-1} V_{j-1}
@@ -351,32 +375,38 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
     // rescales O. Tile 0's S and softmax come first; the last tile's P V after the loop.
     if (n_tiles > 0) {
         mbar_wait(FULL_K(0), 0);
+        take_turn();
         wgmma_fence();
         issue_s(S, Q_s, K_s, cw);
         wgmma_commit();
+        hand_over(n_tiles == 1);
         wgmma_wait<0>();
         fence_regs(S);
+        mbar_arrive(EMPTY_K(0));
         if (!((j_first >= full_lo) && (j_first + BC <= full_hi))) mask_tile(S, j_first, i_row, offset, left, right, Nk, t4);
         softmax_tile(S, P, m, l, alpha, scale_log2);  // O is still 0: no rescale needed
     }
     for (int it = 1; it < n_tiles; ++it) {
         const int s = it % STAGES, sp = (it - 1) % STAGES, j0 = j_first + it * BC;
         mbar_wait(FULL_K(s), (it / STAGES) & 1);
+        mbar_wait(FULL_V(sp), ((it - 1) / STAGES) & 1);
+        take_turn();
         fence_regs(o);
         wgmma_fence();
         issue_s(S, Q_s, K_s + s * KV_BYTES, cw);
         wgmma_commit();
-        mbar_wait(FULL_V(sp), ((it - 1) / STAGES) & 1);
         issue_pv(o, P, V_s + sp * KV_BYTES);
         wgmma_commit();
+        hand_over(it == n_tiles - 1);
         wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run
         fence_regs(S);
+        mbar_arrive(EMPTY_K(s));
         if (!((j0 >= full_lo) && (j0 + BC <= full_hi))) mask_tile(S, j0, i_row, offset, left, right, Nk, t4);
         unsigned P_next[BC / 16][4];
         softmax_tile(S, P_next, m, l, alpha, scale_log2);
         wgmma_wait<0>();
         fence_regs(o);
-        mbar_arrive(EMPTY(sp));  // K_{j-1} and V_{j-1} are no longer read
+        mbar_arrive(EMPTY_V(sp));  // V_{j-1} is no longer read
         rescale(o, alpha);
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk)
@@ -392,7 +422,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(o);
-        mbar_arrive(EMPTY(sl));
+        mbar_arrive(EMPTY_V(sl));
     }
 #else
     for (int it = 0; it < n_tiles; ++it) {
@@ -404,6 +434,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(S);
+        mbar_arrive(EMPTY_K(s));  // K_j is no longer read
         // the per-element mask only where the tile is not FULL for every row of Q_i
         if (!((j0 >= full_lo) && (j0 + BC <= full_hi))) mask_tile(S, j0, i_row, offset, left, right, Nk, t4);
         softmax_tile(S, P, m, l, alpha, scale_log2);
@@ -415,7 +446,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(o);
-        mbar_arrive(EMPTY(s));  // this thread's wgmma reads of stage s are complete
+        mbar_arrive(EMPTY_V(s));  // V_j is no longer read
 #if !WARP_SPECIALIZE
         if (tid == 0 && it + STAGES < n_tiles) issue_tile(it + STAGES);
 #endif
