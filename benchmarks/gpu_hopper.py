@@ -11,7 +11,8 @@ Each stage runs in its own process with a time limit, so a kernel that hangs cos
             (VARIANTS: v1 without a producer warpgroup; with FA3's intra-warpgroup overlap; with ping-pong too)
   memcheck  compute-sanitizer --tool memcheck over small launches of all of them (CuPy's pool off)
   time      N = 4096, B*N = 16384, H*d = 2048 (benchmarks.gpu_forward's shapes, timing and FLOP count)
-Writes DIR/hopper.json (results rows in gpu_forward's format; rung 7's ratio is to cuDNN, its peer).
+Writes DIR/hopper.json (results rows in gpu_forward's format; rung 7's ratio is to cuDNN, its peer); kept as
+benchmarks/results/rung7-<card>.json (outside the gpu-*.json that benchmarks.report reads as headlines).
 """
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ def test_backends_are_registered_with_rungs():
     names = {b.name: b for b in BACKENDS}
     assert [names[n].rung for n in ("cupy-standard", "cupy-fp32-row", "cupy-fp32-tile", "cupy-mma", "cupy-mma-async",
                                     "cupy-mma-2tile", "cupy-wgmma")] == [1, 2, 3, 4, 5, 6, 7]
-    assert max(BACKENDS, key=lambda b: b.priority).name == "cupy-mma-2tile"
+    assert max(BACKENDS, key=lambda b: b.priority).name == "cupy-wgmma"
 
 
 def test_through_flashkit_attention():

@@ -6,7 +6,7 @@ Q, K and V (B, H, N, d) are seen as 3-D tensors of 16-bit elements (d columns, N
 64 columns (128 bytes: one swizzle row) x `rows` rows x 1 head, written into shared memory with the 128-byte
 swizzle (flashkit.gpu.hopper_layout.swizzle128); rows past N read as zeros, so a tile never mixes two heads.
 
-The maps live in one small device array per (pointers, shapes, blocks), cached: a map holds addresses and
+The maps live in one small device array per (device, pointers, shapes, blocks), cached: a map holds addresses and
 sizes only, never data, so an entry stays valid for any array at the same address with the same shape.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def encode(ptr: int, heads: int, rows: int, d: int, box_rows: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _maps(q, k, v, B, Hq, Hkv, Nq, Nk, d, Br, Bc):
+def _maps(device, q, k, v, B, Hq, Hkv, Nq, Nk, d, Br, Bc):
     import cupy
     import numpy
 
@@ -65,4 +65,4 @@ def tensor_maps(Q, K, V, Br: int, Bc: int):
     """A device array holding the maps of Q (box Br rows), K and V (box Bc rows), in the kernel's TensorMaps order."""
     B, Hq, Nq, d = Q.shape
     _, Hkv, Nk, _ = K.shape
-    return _maps(Q.data.ptr, K.data.ptr, V.data.ptr, B, Hq, Hkv, Nq, Nk, d, Br, Bc)
+    return _maps(Q.device.id, Q.data.ptr, K.data.ptr, V.data.ptr, B, Hq, Hkv, Nq, Nk, d, Br, Bc)

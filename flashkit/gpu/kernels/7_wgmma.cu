@@ -1,18 +1,44 @@
 // Rung 7: Hopper (sm_90a). wgmma.mma_async from shared memory, TMA loads completing on mbarriers, and a
 // producer warpgroup feeding two consumer warpgroups (warp specialisation with setmaxnreg).
-// Changed since rung 6: (1) the tensor-core instruction is wgmma.mma_async (one warpgroup, 4 warps, computes a
-//   64 x N x 16 product; A and B are read by the tensor cores straight from shared memory through 64-bit matrix
-//   descriptors, so no ldmatrix and no operand registers; P stays in registers as the A operand of P V, and V is
-//   read transposed through the descriptor's "N-major" flag); (2) Q_i, K_j and V_j arrive by TMA
-//   (cp.async.bulk.tensor: one thread asks the copy engine for a whole 64-column box; it writes the box into
-//   shared memory with the 128-byte swizzle that the wgmma descriptors expect and signals an mbarrier with the
-//   byte count); (3) STAGES K/V buffers: warpgroup 0 is the producer (one thread issues the copies, the warpgroup
-//   gives its registers away with setmaxnreg.dec), warpgroups 1.. are consumers (64 query rows each, setmaxnreg.inc)
-//   that wait on "full" barriers and release a stage through its "empty" barrier.
-// Why: cuDNN and FlashAttention-3 reach 415-585 TFLOP/s on this card with these instructions (shared/FACTS.md);
-//   mma.sync (rungs 4-6) tops out near torch's flash backend. The layouts are modelled and unit-tested in NumPy:
+// Changed since rung 6: (1) the tensor-core instruction is wgmma.mma_async: one warpgroup (4 warps) computes a
+//   64 x N x 16 product; the tensor cores read A and B straight from shared memory through 64-bit matrix
+//   descriptors (no ldmatrix, no operand registers); P stays in registers as the A operand of P V, and V is read
+//   transposed through the "N-major" flag (imm-trans-b); the fp32 accumulators S and O stay in registers;
+//   (2) Q_i, K_j and V_j arrive by TMA (cp.async.bulk.tensor: one thread asks the copy engine for a 64-column box;
+//   it writes the box with the 128-byte swizzle the descriptors expect and reports the bytes to an mbarrier;
+//   flashkit/gpu/tma.py builds the tensor maps); (3) two K/V stages, each with "full" barriers (the copy landed)
+//   and "empty" barriers (every consumer thread is done with K_j, or with V_j); (4) warpgroup 0 is the producer
+//   (one thread issues the copies; setmaxnreg.dec gives its registers to the consumers), warpgroups 1 and 2 the
+//   consumers (64 query rows each, setmaxnreg.inc to 240). The layouts are modelled and unit-tested in NumPy:
 //   flashkit/gpu/hopper_layout.py (tests/test_hopper_layout.py).
-// Expected: well above rung 6 (300 TFLOP/s); FA3's softmax/GEMM overlap is not in this version.
+// Why: mma.sync (rungs 4-6) stops near torch's flash backend; cuDNN reaches 435-650 TFLOP/s on this card.
+// ptxas (sm_90a, Br x Bc = 128 x 128): no spills, no C7515 (wgmma serialised) warning, 168 registers at entry
+//   (the consumers raise theirs to 240); SASS (cuobjdump on the H200): HGMMA.64x128x16.F32, UTMALDG, USETMAXREG,
+//   no HMMA, no local memory. (192, 128) at d = 128 spills 100 bytes (three consumers get 160 registers each).
+// Steps, measured on an NVIDIA H200 (N = 4096, B*N = 16384, H*d = 2048, fp16, non-causal, d = 64 / 128, 128 x 128;
+//   ratio = cuDNN's time / the rung's, cuDNN in the same run; the runs' cuDNN itself varied 5-7% between runs):
+//   v1, no producer warpgroup (consumer thread 0 issues the copies, one empty barrier per stage): 304.1 / 479.0
+//     TFLOP/s, 0.70x / 0.83x (rung7-h200-history1.json, cupy-wgmma-v1);
+//   v2, + producer warpgroup and setmaxnreg: 388.7 / 517.5, 0.89x / 0.90x (+28% / +8%; history1, cupy-wgmma-v2);
+//   v3, + K_j and V_j released separately (K_j once S_j is computed): 409.9 / 555.2, 0.88x / 0.92x, the same ratio
+//     within the runs' spread (rung7-h200.json, cupy-wgmma); this file's default;
+//   FA3's intra-warpgroup overlap (S_j and P_{j-1} V_{j-1} in flight together, softmax of S_j while P V runs;
+//     -DOVERLAP=1): 326.1 / 465.7, 0.80x / 0.84x of v3 (rung7-h200.json, cupy-wgmma-overlap; with one empty
+//     barrier per stage it was 313.4 / 448.9, history1); + FA3's ping-pong of the two consumer warpgroups
+//     (-DPINGPONG=1): 351.6 / 430.2 (cupy-wgmma-pingpong). Both slower here: not the default; why is not yet
+//     known (no profile was taken).
+//   Blocks (v3, fp16 non-causal only): 192 x 128 (three consumer warpgroups) 457.2 / 592.8 TFLOP/s, 0.98x / 0.98x
+//     cuDNN, +12% / +7% over 128 x 128; 192 x 64 385.4 / 511.5. Not the default yet: causal and bf16 not timed.
+// Expected: 1.3-1.8x rung 6 and within 10-20% of cuDNN. Measured for the default (rung7-h200.json; 1.41-1.77x
+//   rung 6 in the same run; the goal, >= 1.0x cuDNN, is not met: 0.87-0.98x):
+// Measured (rung7-h200.json; N=4096 d=64 dtype=float16 causal=False): 409.9 TFLOP/s, 0.88x torch-cudnn
+// Measured (rung7-h200.json; N=4096 d=64 dtype=bfloat16 causal=False): 390.2 TFLOP/s, 0.90x torch-cudnn
+// Measured (rung7-h200.json; N=4096 d=64 dtype=float16 causal=True): 335.1 TFLOP/s, 0.92x torch-cudnn
+// Measured (rung7-h200.json; N=4096 d=64 dtype=bfloat16 causal=True): 336.6 TFLOP/s, 0.91x torch-cudnn
+// Measured (rung7-h200.json; N=4096 d=128 dtype=float16 causal=False): 555.2 TFLOP/s, 0.92x torch-cudnn
+// Measured (rung7-h200.json; N=4096 d=128 dtype=bfloat16 causal=False): 563.8 TFLOP/s, 0.87x torch-cudnn
+// Measured (rung7-h200.json; N=4096 d=128 dtype=float16 causal=True): 470.1 TFLOP/s, 0.89x torch-cudnn
+// Measured (rung7-h200.json; N=4096 d=128 dtype=bfloat16 causal=True): 482.0 TFLOP/s, 0.98x torch-cudnn
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T (unscaled), P = exp2(S * scale_log2 - m_i), m_i, l_i, O_i.
 
