@@ -15,7 +15,8 @@ and CuPy share that stream), after a warm-up call (NVRTC compile and cuBLAS/cuDN
 out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
 TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at, its `peer`
-in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash.
+in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash,
+rung 7 (Hopper only, timed only where its probe passes) -> cudnn.
 Memory: extra GPU bytes beyond inputs at B=1, H=16, d=128, fp16, N = 16384 and 65536 (CuPy pool for the
 flashkit rungs, torch.cuda.max_memory_allocated for torch's flash backend).
 Ceilings: the card's GEMM TFLOP/s (float16, bfloat16, float32; 8192^3) and device copy bandwidth, measured
@@ -130,6 +131,8 @@ def run_grid(quick=False):
                     print(f"d={d} N={N} B={B} H={H} causal={causal} {dtype}", flush=True)
                     peers = {"float16": TORCH_BACKENDS, "bfloat16": ("flash", "cudnn"), "float32": ("efficient", "math")}[dtype]
                     for spec in FORWARD:
+                        if not spec.backend().available():  # rung 7 on a GPU that is not a Hopper
+                            continue
                         call = rung_call(spec.number, q, k, v, causal, dtype) if dtype in spec.dtypes else None
                         if call is not None:  # None: the rung does not compute this dtype here
                             measure(spec.name, call, rows, dict(meta, rung=spec.number))

@@ -19,8 +19,8 @@ from flashkit.gpu.flash import forward  # noqa: E402
 from flashkit.gpu.rungs import kernels  # noqa: E402
 
 KERNEL_PARAMS = [(rung, element, case) for rung, elements in check.ELEMENT_OF.items()
-                 for element in elements for case in check.CASES]
-KERNELS = [r.number for r in kernels("forward")]
+                 for element in elements for case in check.CASES if check.runs(rung, case)]
+KERNELS = [r.number for r in kernels("forward") if r.backend().available()]
 
 
 def _explain(row, seed):
@@ -44,7 +44,8 @@ def test_standard_matches_float64(case, element):
     assert row["ok"], _explain(row, 3)
 
 
-@pytest.mark.parametrize("rung,block", [(r.number, b) for r in kernels("forward") for b in r.allowed_blocks])
+@pytest.mark.parametrize("rung,block", [(r.number, b) for r in kernels("forward") for b in r.allowed_blocks
+                                        if r.backend().available()])
 def test_every_allowed_block_size(rung, block):
     row = check.check_rung(rung, check.CASES[2], check.ELEMENT_OF[rung][0], seed=11, block_size=block)
     assert row["ok"], _explain(row, 11)
@@ -77,8 +78,9 @@ def test_non_contiguous_input_is_copied():
 
 def test_backends_are_registered_with_rungs():
     names = {b.name: b for b in BACKENDS}
-    assert [names[n].rung for n in ("cupy-standard", "cupy-fp32-row", "cupy-fp32-tile", "cupy-mma", "cupy-mma-async", "cupy-mma-2tile")] == [1, 2, 3, 4, 5, 6]
-    assert max(BACKENDS, key=lambda b: b.priority).name == "cupy-mma-2tile"
+    assert [names[n].rung for n in ("cupy-standard", "cupy-fp32-row", "cupy-fp32-tile", "cupy-mma", "cupy-mma-async",
+                                    "cupy-mma-2tile", "cupy-wgmma")] == [1, 2, 3, 4, 5, 6, 7]
+    assert max(BACKENDS, key=lambda b: b.priority).name == "cupy-wgmma"
 
 
 def test_through_flashkit_attention():

@@ -1,6 +1,6 @@
 """FlashAttention forward kernels on an NVIDIA GPU, written in CUDA C++ and launched from CuPy.
 
-A ladder: rung 1 in standard.py, rungs 2-6 one file each under flashkit/gpu/kernels/ (read them in order,
+A ladder: rung 1 in standard.py, rungs 2-7 one file each under flashkit/gpu/kernels/ (read them in order,
 each opens with what changed, why, and what it measured). Each rung is one row of the table in rungs.py:
 
   rung 1  cupy-standard     S = Q K^T and P = softmax(S) materialised with CuPy (cuBLAS): O(N^2) memory
@@ -9,6 +9,7 @@ each opens with what changed, why, and what it measured). Each rung is one row o
   rung 4  cupy-mma          fp16/bf16 tensor cores (inline PTX mma.sync.m16n8k16), FA2 warp partition
   rung 5  cupy-mma-async    + ldmatrix, padded bank-conflict-free tiles, cp.async pipelining (FA2 order)
   rung 6  cupy-mma-2tile    + two 16-row m-tiles per warp (FA2's 4 warps x 32 rows), Q re-read from shared
+  rung 7  cupy-wgmma        Hopper only: wgmma from shared memory, TMA loads on mbarriers, producer/consumer warpgroups
 
 and the backward (FlashAttention-2's Algorithm 2), its own ladder in backward.py:
 
@@ -55,4 +56,17 @@ def _probe_tensor_cores():
     cc = int(cupy.cuda.Device().compute_capability)
     if cc < 80:
         return f"needs a GPU of compute capability >= 8.0 (mma.sync bf16, cp.async); this one is {cc // 10}.{cc % 10}"
+    return None
+
+
+def _probe_hopper():
+    """Rung 7 is built for sm_90a (wgmma, setmaxnreg, TMA): it runs on compute capability 9.0 only."""
+    reason = _probe()
+    if reason is not None:
+        return reason
+    import cupy
+
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc != 90:
+        return f"needs a Hopper GPU (compute capability 9.0: wgmma, TMA, setmaxnreg); this one is {cc // 10}.{cc % 10}"
     return None

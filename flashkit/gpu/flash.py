@@ -38,7 +38,7 @@ def kernel(rung: int, d: int, element: str, Br: int, Bc: int):
     import cupy
 
     spec = RUNGS[rung]
-    options = ["--std=c++17", f"--gpu-architecture={_arch()}", f"-DHEAD_DIM={d}"]
+    options = ["--std=c++17", f"--gpu-architecture={spec.arch or _arch()}", f"-DHEAD_DIM={d}"]
     if spec.defines_br:
         options.append(f"-DBR={Br}")
     if spec.defines_bc:
@@ -105,9 +105,12 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
     Tr = -(-Nq // Br)
     left, right = (int(w) for w in window)
     i32, f32 = cupy.int32, cupy.float32
-    fn((Tr, Hq, B), (spec.threads(Br, Bc),),
-       (Q, K, V, O, lse, i32(Hq), i32(Hkv), i32(Nq), i32(Nk), f32(scale * LOG2E), i32(left), i32(right)),
-       shared_mem=spec.smem(d, Br, Bc))
+    args = (Q, K, V, O, lse, i32(Hq), i32(Hkv), i32(Nq), i32(Nk), f32(scale * LOG2E), i32(left), i32(right))
+    if spec.tensor_maps:  # rung 7 reads Q, K and V through TMA tensor maps
+        from flashkit.gpu.tma import tensor_maps
+
+        args += (tensor_maps(Q, K, V, Br, Bc),)
+    fn((Tr, Hq, B), (spec.threads(Br, Bc),), args, shared_mem=spec.smem(d, Br, Bc))
     return O, lse
 
 

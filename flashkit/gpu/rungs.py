@@ -26,6 +26,7 @@ DIRECTIONS = ("forward", "backward")
 
 PROBE = "flashkit.gpu:_probe"
 PROBE_TENSOR_CORES = "flashkit.gpu:_probe_tensor_cores"
+PROBE_HOPPER = "flashkit.gpu:_probe_hopper"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Rung:
     threads         (Br, Bc) -> threads per block
     smem            (d, Br, Bc) -> dynamic shared-memory bytes; must match the layout in the .cu file
     defines_br      whether Br is a -DBR of the source (else fixed in it); defines_bc likewise
+    arch            the exact compile target when the kernel needs one (e.g. "sm_90a"); None: the device's own
+    tensor_maps     whether the kernel takes TMA tensor maps of Q, K, V as a last argument (flashkit.gpu.tma)
     """
 
     number: int
@@ -69,6 +72,8 @@ class Rung:
     smem: Optional[Callable[[int, int, int], int]] = None
     defines_br: bool = True
     defines_bc: bool = True
+    arch: Optional[str] = None
+    tensor_maps: bool = False
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -166,6 +171,21 @@ RUNGS = (
         allowed_blocks=((64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)),
         threads=lambda Br, Bc: Br,
         smem=lambda d, Br, Bc: 2 * (Br + 3 * Bc) * (d + 8),
+    ),
+    # Q_s [Br][d] + K_s, V_s [2 stages][Bc][d], 16-bit, 128-byte swizzled, + 9 mbarriers + 1024 bytes to align
+    # the base; Br / 64 consumer warpgroups + 1 producer warpgroup. sm_90a only (wgmma, setmaxnreg). Priority above
+    # rung 6: checked correct and 1.41-1.77x rung 6 in all eight cells on an H200 (rung7-h200.json). Defaults
+    # 128 x 128; 192 x 128 measured 7-12% faster (fp16 non-causal only) and spills 100 bytes at d = 128.
+    Rung(
+        7, "cupy-wgmma",
+        "Hopper: wgmma from shared memory, TMA + mbarrier pipeline, producer/consumer warpgroups (kernels/7_wgmma.cu)",
+        dtypes=("float16", "bfloat16"), peer="cudnn", priority=120, source="7_wgmma.cu", probe=PROBE_HOPPER,
+        head_dims=(64, 128),
+        default_blocks={64: (128, 128), 128: (128, 128)},
+        allowed_blocks=((64, 64), (64, 128), (128, 64), (128, 128), (192, 64), (192, 128)),
+        threads=lambda Br, Bc: 128 * (Br // 64 + 1),
+        smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 9 + 1024,
+        arch="sm_90a", tensor_maps=True,
     ),
 )
 
