@@ -77,3 +77,23 @@ class MPIComm(Communicator):
             src = status.Get_source()
             message = self.comm.recv(source=src, tag=ABORT_TAG)
             raise RingPeerError(f"rank {self.rank} of {self.size} stops: rank {src} failed: {message}")
+
+
+def mpiexec(n: int) -> list:
+    """The command line that starts n ranks: the mpiexec beside this Python (the mpich wheel puts it in
+    the environment's bin/), else the first on PATH; Open MPI's refuses root without a flag."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    exe = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if exe is None:
+        raise RuntimeError("no mpiexec found: pip install 'flashkit[distributed]' brings MPICH's")
+    cmd = [exe, "-n", str(int(n))]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        if "Open MPI" in version or "OpenRTE" in version:
+            cmd.append("--allow-run-as-root")
+    return cmd

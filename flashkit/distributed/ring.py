@@ -33,7 +33,7 @@ import numpy as np
 
 from flashkit import api, validate
 from flashkit.distributed import split as splitting
-from flashkit.distributed.comm import Communicator, RingError, RingMismatch, agree
+from flashkit.distributed.comm import Communicator, RingError, RingMismatch, RingPeerError, agree
 from flashkit.online_softmax import merge_outputs
 
 LAYOUTS = ("bhnd", "bnhd")  # flashkit's (B, H, N, d), and flash_attn's / Megatron's (B, N, H, d)
@@ -93,6 +93,7 @@ def ring_attention(q, k, v, *, comm: Communicator, causal=False, window=None, sc
 
     Every rank must call it with the same options and matching chunks: an agreement step first checks
     that on every rank, and any mismatch, or a rank that fails, raises on every rank instead of hanging.
+    After a failure the communicator is spent (a peer may have stopped mid-exchange): make a new one.
     """
     return _run(_forward, comm, "forward", (q, k, v), dict(causal=causal, window=window, scale=scale, layout=layout,
                 split=split, return_lse=return_lse, backend=backend, stats=stats))
@@ -125,12 +126,14 @@ def _run(body, comm, kind, arrays, opts):
         except RingError:
             pass
         raise
-    metas = agree(comm, local["meta"])
-    layout = _global_layout(comm, metas, opts["split"])
     try:
+        metas = agree(comm, local["meta"])
+        layout = _global_layout(comm, metas, opts["split"])
         return body(comm, local, layout, opts)
+    except (RingMismatch, RingPeerError):
+        raise  # every rank knows already: a mismatch is found alike everywhere, a peer's failure came from it
     except Exception as exc:
-        comm.abort(f"{type(exc).__name__}: {exc}")
+        comm.abort(f"{type(exc).__name__}: {exc}")  # the others would wait for this rank: tell them
         raise
 
 

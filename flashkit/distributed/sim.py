@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from flashkit.distributed.comm import DEFAULT_TIMEOUT, Communicator, Request, RingPeerError, check_timeout
+from flashkit.distributed.comm import DEFAULT_TIMEOUT, Communicator, Request, RingMismatch, RingPeerError, check_timeout
 
 
 class _World:
@@ -106,7 +106,8 @@ def simulate(fn, size: int, timeout: float = DEFAULT_TIMEOUT) -> list:
             results[r] = fn(comms[r])
         except BaseException as exc:  # noqa: BLE001 - reported below, for every rank
             errors[r] = exc
-            comms[r].abort(f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, (RingMismatch, RingPeerError)):  # those every rank knows already
+                comms[r].abort(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=run, args=(r,), name=f"ring-rank-{r}", daemon=True) for r in range(size)]
     for t in threads:
