@@ -32,46 +32,55 @@ def measure(N, repeats, budget_s):
     from flashkit.measure import ring
 
     runs = []
-    for causal, split in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag")):
-        for P in RANKS:
-            r = ring.run(P, N=N, causal=causal, split=split, repeats=repeats, budget_s=budget_s, **SHAPE)
-            per = r["per_rank"]
-            compute = [x["compute_s"] for x in per]
-            scores = [x["visible_scores"] for x in per]
-            row = {"ranks": P, "causal": causal, "split": split, "N": N, "time_min_s": r["time_min_s"],
-                   "threads_per_rank": r["threads_per_rank"], "cores": r["cores"], "mpi": r["mpi"],
-                   "extra_mib_per_rank": [x["extra_mib"] for x in per],
-                   "hidden_fraction_per_rank": [x["hidden_fraction"] for x in per],
-                   "wait_s_per_rank": [x["wait_s"] for x in per], "comm_alone_s_per_rank": [x["comm_alone_s"] for x in per],
-                   "compute_s_per_rank": compute, "visible_scores_per_rank": scores,
-                   "work_imbalance": max(scores) / (sum(scores) / P), "compute_imbalance": max(compute) / (sum(compute) / P),
-                   "bytes_sent_per_rank": [x["bytes_sent"] for x in per]}
-            if P == 1:
-                row["single_device_min_s"] = per[0]["single_device_min_s"]
-            runs.append(row)
-            print(_line(row), flush=True)
+    configs = [(causal, split, P, None) for causal, split in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag"))
+               for P in RANKS]
+    configs += [(False, "contiguous", P, 1) for P in RANKS[1:]]  # one piece: MPI polled only between blocks
+    for causal, split, P, pieces in configs:
+        r = ring.run(P, N=N, causal=causal, split=split, repeats=repeats, budget_s=budget_s, pieces=pieces, **SHAPE)
+        per = r["per_rank"]
+        compute = [x["compute_s"] for x in per]
+        scores = [x["visible_scores"] for x in per]
+        row = {"ranks": P, "causal": causal, "split": split, "N": N, "time_min_s": r["time_min_s"],
+               "progress_pieces": pieces or "default (MPIComm.progress_pieces)",
+               "threads_per_rank": r["threads_per_rank"], "cores": r["cores"], "mpi": r["mpi"],
+               "extra_mib_per_rank": [x["extra_mib"] for x in per],
+               "hidden_fraction_per_rank": [x["hidden_fraction"] for x in per],
+               "wait_s_per_rank": [x["wait_s"] for x in per], "comm_alone_s_per_rank": [x["comm_alone_s"] for x in per],
+               "compute_s_per_rank": compute, "visible_scores_per_rank": scores,
+               "work_imbalance": max(scores) / (sum(scores) / P), "compute_imbalance": max(compute) / (sum(compute) / P),
+               "bytes_sent_per_rank": [x["bytes_sent"] for x in per]}
+        if P == 1:
+            row["single_device_min_s"] = per[0]["single_device_min_s"]
+        runs.append(row)
+        print(_line(row), flush=True)
     for row in runs:  # the peer: flashkit.attention on the whole sequence, one process, all cores
-        single = next(x for x in runs if x["ranks"] == 1 and x["causal"] == row["causal"] and x["split"] == row["split"])
+        single = next(x for x in runs if x["ranks"] == 1 and x["causal"] == row["causal"] and x["split"] == row["split"]
+                      and "single_device_min_s" in x)
         row["vs_single_device"] = row["time_min_s"] / single["single_device_min_s"]
     return runs
 
 
 def _line(r):
-    return (f"{r['ranks']} rank(s) causal={str(r['causal']):5s} {r['split']:10s} N={r['N']}: {r['time_min_s'] * 1e3:8.1f} ms, "
+    return (f"{r['ranks']} rank(s) causal={str(r['causal']):5s} {r['split']:10s} pieces={r['progress_pieces']} N={r['N']}: "
+            f"{r['time_min_s'] * 1e3:8.1f} ms, "
             f"memory/rank {max(r['extra_mib_per_rank']):6.1f} MiB, hidden {min(r['hidden_fraction_per_rank']):.2f}, "
             f"work imbalance {r['work_imbalance']:.2f}, compute imbalance {r['compute_imbalance']:.2f}")
 
 
 def show(path) -> int:
+    from flashkit.distributed.mpi import MPIComm
+
+    MPI_PIECES = MPIComm.progress_pieces
     with open(path) as f:
         res = json.load(f)
     m = res["machine"]
     print(f"{m['cpu']}, {m['cores']} cores; {res['date']}; commit {res.get('commit', '?')[:10]}; "
           f"load average {res['load_average_at_start']} -> {res['load_average_at_end']}; {res['runs'][0]['mpi']}")
-    print("| ranks | causal | split | ms | / single device | MiB a rank | hidden | work max/mean | compute max/mean |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| ranks | causal | split | MPI polls a block | ms | / single device | MiB a rank | hidden | work max/mean | compute max/mean |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["runs"]:
-        print(f"| {r['ranks']} | {'yes' if r['causal'] else 'no'} | {r['split']} | {r['time_min_s'] * 1e3:.1f} | "
+        polls = r["progress_pieces"] if isinstance(r["progress_pieces"], int) else MPI_PIECES
+        print(f"| {r['ranks']} | {'yes' if r['causal'] else 'no'} | {r['split']} | {polls} | {r['time_min_s'] * 1e3:.1f} | "
               f"{r['vs_single_device']:.2f} | {max(r['extra_mib_per_rank']):.1f} | {min(r['hidden_fraction_per_rank']):.2f} | "
               f"{r['work_imbalance']:.2f} | {r['compute_imbalance']:.2f} |")
     return 0
@@ -97,7 +106,7 @@ def main(argv=None) -> int:
                versions=provenance.versions("numpy", "numba", "mpi4py", "mpich"), date=provenance.now_utc())
     env.update(provenance.commit())
     N = args.N or (N_QUICK if args.quick else N_FULL)
-    runs = measure(N, repeats=3 if args.quick else 5, budget_s=10.0 if args.quick else 30.0)
+    runs = measure(N, repeats=3, budget_s=10.0 if args.quick else 20.0)
     result = dict(env, benchmark="benchmarks/cpu_ring.py", shape=dict(B=1, **SHAPE), runs=runs,
                   load_average_at_end=provenance.load_average(),
                   notes="time_min_s: min over repeats of the slowest rank; memory: tracemalloc extra bytes of one call "

@@ -81,6 +81,10 @@ class Communicator:
     size: int
     timeout: float
     name: str = "communicator"
+    # The ring computes each block pair in this many pieces of query rows while a transfer is in
+    # flight, calling Request.progress() between them: transports that move data only inside their
+    # own calls (MPI without a progress thread) need the calls; the others need no extra launches.
+    progress_pieces: int = 1
 
     def isendrecv(self, send, dest: int, recv, source: int, what: str = "exchange") -> Request:
         raise NotImplementedError

@@ -232,16 +232,21 @@ def _segments_with_offsets(N, size, rank, split):
     return out
 
 
-def _pairs(layout, rank, src, size, split, window):
-    """(box, q offset, k offset) of every block pair of this rank's queries and src's keys, and #skipped."""
+def _pairs(layout, rank, src, size, split, window, pieces=1):
+    """(box, q offset, k offset) of every block pair of this rank's queries and src's keys, and #skipped.
+
+    pieces > 1 cuts each query segment into that many runs of rows (rows are independent, so the
+    answer is the same) so that the caller can let the transport progress between them."""
     pairs, skipped = [], 0
-    for qseg, qoff in _segments_with_offsets(layout["Nq"], size, rank, split):
+    for (qs, qe), qoff in _segments_with_offsets(layout["Nq"], size, rank, split):
         for kseg, koff in _segments_with_offsets(layout["Nk"], size, src, split):
-            box = splitting.pair_box(qseg, kseg, layout["Nq"], layout["Nk"], window)
-            if box is None:
-                skipped += 1
-            else:
-                pairs.append((box, qoff, koff))
+            boxes = []
+            for a, b in splitting.chunk_bounds(qe - qs, max(1, min(pieces, qe - qs))):
+                box = splitting.pair_box((qs + a, qs + b), kseg, layout["Nq"], layout["Nk"], window)
+                if box is not None:
+                    boxes.append((box, qoff + a, koff))
+            skipped += not boxes
+            pairs += boxes
     return pairs, skipped
 
 
@@ -268,7 +273,7 @@ def _forward(comm, local, layout, opts):
             V_in = xp.empty_like(K_in)
             req = comm.isendrecv([K, V], comm.next, [K_in, V_in], comm.prev,
                                  what=f"ring step {t + 1}: the K/V block of rank {nxt}")
-        pairs, skipped = _pairs(layout, rank, src, size, split, P.window)
+        pairs, skipped = _pairs(layout, rank, src, size, split, P.window, comm.progress_pieces if req else 1)
         scores = 0
         for box, qoff, koff in pairs:
             rows, cols = slice(qoff + box.r0, qoff + box.r1), slice(koff + box.c0, koff + box.c1)
@@ -321,7 +326,7 @@ def _backward(comm, local, layout, opts):
         # This step's contributions to the held block's dK, dV, summed before the travelling ones arrive.
         dK_t = xp.zeros(K.shape, acc)
         dV_t = xp.zeros(V.shape, acc)
-        pairs, skipped = _pairs(layout, rank, src, size, split, P.window)
+        pairs, skipped = _pairs(layout, rank, src, size, split, P.window, comm.progress_pieces if size > 1 else 1)
         scores = 0
         for box, qoff, koff in pairs:
             rows, cols = slice(qoff + box.r0, qoff + box.r1), slice(koff + box.c0, koff + box.c1)

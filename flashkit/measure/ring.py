@@ -35,7 +35,7 @@ def _worker(args) -> None:
     from flashkit.distributed.split import local_length
     from flashkit.measure import memory, timing
 
-    comm = MPIComm(timeout=args.timeout)
+    comm = MPIComm(timeout=args.timeout, progress_pieces=args.pieces)
     MPI, world = comm.MPI, comm.comm
     rng = np.random.default_rng(args.seed)
     dtype = np.dtype(args.dtype)
@@ -83,7 +83,8 @@ def _worker(args) -> None:
 
 def run(ranks: int, *, N: int, H: int = 4, Hkv: int | None = None, d: int = 64, dtype: str = "float32",
         causal: bool = True, split: str = "zigzag", repeats: int = 5, budget_s: float = 10.0, timeout: float = 60.0,
-        threads_per_rank: int | None = None, seed: int = 0, wall_timeout: float = 300.0) -> dict:
+        threads_per_rank: int | None = None, seed: int = 0, pieces: int | None = None,
+        wall_timeout: float = 300.0) -> dict:
     """Launch the worker on `ranks` MPI processes and return its results (see the module docstring)."""
     from flashkit.distributed.mpi import mpiexec
 
@@ -94,14 +95,15 @@ def run(ranks: int, *, N: int, H: int = 4, Hkv: int | None = None, d: int = 64, 
     cmd = mpiexec(ranks) + [sys.executable, "-m", "flashkit.measure.ring", "--N", str(N), "--H", str(H),
                             "--Hkv", str(Hkv or H), "--d", str(d), "--dtype", dtype, "--split", split,
                             "--repeats", str(repeats), "--budget", str(budget_s), "--timeout", str(timeout),
-                            "--seed", str(seed)] + (["--causal"] if causal else [])
+                            "--seed", str(seed)] + (["--causal"] if causal else []) + (
+                                ["--pieces", str(pieces)] if pieces else [])
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=wall_timeout, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith(PREFIX)]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     result = json.loads(lines[-1][len(PREFIX):])
-    result.update({"N": N, "H": H, "Hkv": Hkv or H, "d": d, "dtype": dtype, "causal": causal, "split": split,
+    result.update({"pieces": pieces, "N": N, "H": H, "Hkv": Hkv or H, "d": d, "dtype": dtype, "causal": causal, "split": split,
                    "threads_per_rank": threads, "cores": cores, "launch_wall_s": time.perf_counter() - t0})
     result["time_min_s"] = max(r["time_min_s"] for r in result["per_rank"])  # the slowest rank ends the call
     return result
@@ -120,6 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pieces", type=int, default=None, help="MPIComm.progress_pieces (default: its own)")
     _worker(ap.parse_args(argv))
 
 
