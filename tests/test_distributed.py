@@ -1,5 +1,6 @@
 """Ring attention (flashkit.distributed): exact against single-device attention, in the simulated ring
 and on real MPI ranks; every rank stops with a clear error when one fails or the ranks disagree."""
+import importlib
 import subprocess
 import sys
 import threading
@@ -9,9 +10,9 @@ import pytest
 
 import flashkit
 from flashkit import masks
-from flashkit.distributed import (RingMismatch, RingPeerError, RingStats, RingTimeout, pair_box, ring, ring_attention,
+from flashkit.distributed import (RingMismatch, RingPeerError, RingStats, RingTimeout, pair_box, ring_attention,
                                   ring_attention_backward, segments, simulate, split_sequence, unsplit_sequence,
-                                  work_per_rank)
+                                  virtual_ranks, work_per_rank)
 from flashkit.distributed import mpi as ring_mpi
 from tests.conftest import stable_seed
 
@@ -153,7 +154,7 @@ def test_stats_count_the_work_and_the_skipped_pairs():
 
 def _every_rank(fn, size, timeout=10):
     """fn(comm) on each virtual rank; the exception (or result) of every rank."""
-    comms = ring(size, timeout)
+    comms = virtual_ranks(size, timeout)
     out = [None] * size
 
     def go(r):
@@ -243,7 +244,7 @@ def test_a_rank_failing_mid_ring_or_never_calling_stops_the_others():
 
 def test_bad_arguments_name_what_was_expected():
     q, k, v, _ = make(8, 1, 2, 2, 8, 8, 4, np.float64)
-    (c,) = ring(1)
+    (c,) = virtual_ranks(1)
     with pytest.raises(TypeError, match="comm must be a flashkit.distributed Communicator"):
         ring_attention(q, k, v, comm=object())
     with pytest.raises(ValueError, match="layout must be one of"):
@@ -259,7 +260,7 @@ def test_bad_arguments_name_what_was_expected():
     with pytest.raises(ValueError, match="lse must have shape"):
         ring_attention_backward(q, q, k, v, q, np.zeros(3), comm=c)
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
-        ring(2, timeout=0)
+        virtual_ranks(2, timeout=0)
     before = [x.copy() for x in (q, k, v)]
     ring_attention(q, k, v, comm=c, causal=True)
     assert all(np.array_equal(a, b) for a, b in zip(before, (q, k, v))), "inputs modified"
@@ -309,3 +310,28 @@ def test_gpu_check_says_clearly_that_there_is_no_gpu(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_ring_check", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "gpu_ring_check: no GPU" in out.stderr, out.stdout + out.stderr
+
+
+def test_pieces_for_transport_progress_give_the_same_answer(monkeypatch):
+    """MPIComm computes block pairs in pieces of query rows (to poll MPI between them): same answer."""
+    ring_module = importlib.import_module("flashkit.distributed.ring")
+
+    monkeypatch.setattr(ring_module, "PIECE_MIN_ROWS", 2)
+    q, k, v, do = make(9, 1, 4, 2, 31, 31, 4, np.float64)
+    o_ref, lse_ref = flashkit.attention(q, k, v, causal=True, window=(7, 3), return_lse=True)
+    g_ref = flashkit.attention_backward(do, q, k, v, o_ref, lse_ref, causal=True, window=(7, 3))
+    parts = [split_sequence(x, 3, "zigzag") for x in (q, k, v, do)]
+    stats = RingStats()
+
+    def rank(comm):
+        comm.progress_pieces = 3
+        q_r, k_r, v_r, do_r = (p[comm.rank] for p in parts)
+        o, lse = ring_attention(q_r, k_r, v_r, comm=comm, causal=True, window=(7, 3), split="zigzag", return_lse=True,
+                                stats=stats if comm.rank == 0 else None)
+        return (o,) + ring_attention_backward(do_r, q_r, k_r, v_r, o, lse, comm=comm, causal=True, window=(7, 3),
+                                              split="zigzag")
+
+    res = simulate(rank, 3)
+    assert max(st["pairs"] for st in stats.steps[:-1]) > 4  # more calls than the 4 segment pairs
+    for i, ref in enumerate((o_ref,) + g_ref):
+        assert rel(unsplit_sequence([r[i] for r in res], "zigzag"), ref) < 1e-12

@@ -17,10 +17,10 @@ from flashkit.distributed.comm import (Communicator, RingError, RingMismatch, Ri
 from flashkit.distributed.mpi import MPIComm
 from flashkit.distributed.nccl import NcclComm
 from flashkit.distributed.ring import LAYOUTS, RingStats, ring_attention, ring_attention_backward
-from flashkit.distributed.sim import SimComm, ring, simulate
+from flashkit.distributed.sim import SimComm, simulate, virtual_ranks
 from flashkit.distributed.split import SPLITS, chunk_bounds, pair_box, segments, split_sequence, unsplit_sequence, work_per_rank
 
 __all__ = ["ring_attention", "ring_attention_backward", "RingStats", "LAYOUTS", "SPLITS", "Communicator", "MPIComm",
-           "NcclComm", "SimComm", "ring", "simulate", "split_sequence", "unsplit_sequence", "segments", "chunk_bounds",
+           "NcclComm", "SimComm", "virtual_ranks", "simulate", "split_sequence", "unsplit_sequence", "segments", "chunk_bounds",
            "pair_box", "work_per_rank", "allgather_json", "agree", "RingError", "RingMismatch", "RingPeerError",
            "RingTimeout"]

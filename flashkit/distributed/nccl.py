@@ -7,6 +7,10 @@ are ready on the caller's stream; the request records an event behind it, and wa
 under the timeout, then makes the caller's stream wait for the received blocks. NCCL has no notion of
 a timeout or of a failed peer, so a timeout aborts the communicator (ncclCommAbort) before it raises,
 and an optional multiprocessing Event (`abort_event`) lets a failing rank stop the others at once.
+One limit NCCL sets: the first exchange between two ranks builds their connection inside
+ncclGroupEnd, on the host, with no timeout; if a peer never reaches that first exchange (the agreement
+step), its neighbours block there, and only the launcher's own deadline (benchmarks/gpu_ring_check.py
+kills its ranks after 45 s) ends them. Every later exchange is polled under the timeout.
 """
 from __future__ import annotations
 

@@ -37,6 +37,10 @@ from flashkit.distributed.comm import Communicator, RingError, RingMismatch, Rin
 from flashkit.online_softmax import merge_outputs
 
 LAYOUTS = ("bhnd", "bnhd")  # flashkit's (B, H, N, d), and flash_attn's / Megatron's (B, N, H, d)
+# A piece of a block pair (Communicator.progress_pieces) keeps at least this many query rows: every
+# flashkit.attention call costs its checks and dispatch, which smaller calls would not amortise
+# (measured in notebook 14: 16 calls a step at N = 1024 on 2 ranks cost more than the balance saved).
+PIECE_MIN_ROWS = 256
 
 
 @dataclass
@@ -235,13 +239,14 @@ def _segments_with_offsets(N, size, rank, split):
 def _pairs(layout, rank, src, size, split, window, pieces=1):
     """(box, q offset, k offset) of every block pair of this rank's queries and src's keys, and #skipped.
 
-    pieces > 1 cuts each query segment into that many runs of rows (rows are independent, so the
-    answer is the same) so that the caller can let the transport progress between them."""
+    pieces > 1 cuts each query segment into up to that many runs of at least PIECE_MIN_ROWS rows (rows
+    are independent, so the answer is the same) so that the caller can let the transport progress
+    between them."""
     pairs, skipped = [], 0
     for (qs, qe), qoff in _segments_with_offsets(layout["Nq"], size, rank, split):
         for kseg, koff in _segments_with_offsets(layout["Nk"], size, src, split):
             boxes = []
-            for a, b in splitting.chunk_bounds(qe - qs, max(1, min(pieces, qe - qs))):
+            for a, b in splitting.chunk_bounds(qe - qs, max(1, min(pieces, (qe - qs) // PIECE_MIN_ROWS))):
                 box = splitting.pair_box((qs + a, qs + b), kseg, layout["Nq"], layout["Nk"], window)
                 if box is not None:
                     boxes.append((box, qoff + a, koff))

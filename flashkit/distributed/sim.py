@@ -54,7 +54,7 @@ class _SimRequest(Request):
 
 
 class SimComm(Communicator):
-    """One virtual rank of a simulated ring (made by `simulate`, or `ring(size)` for hand-driven use)."""
+    """One virtual rank of a simulated ring (made by `simulate`, or `virtual_ranks(size)` for hand-driven use)."""
 
     name = "simulated"
 
@@ -84,7 +84,7 @@ class SimComm(Communicator):
             raise RingPeerError(f"rank {self.rank} of {self.size} stops: rank {r} failed: {m}")
 
 
-def ring(size: int, timeout: float = DEFAULT_TIMEOUT) -> list:
+def virtual_ranks(size: int, timeout: float = DEFAULT_TIMEOUT) -> list:
     """`size` SimComms sharing one world, for code that drives the virtual ranks itself."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an integer >= 1; got {size!r}")
@@ -98,7 +98,7 @@ def simulate(fn, size: int, timeout: float = DEFAULT_TIMEOUT) -> list:
     If ranks fail, the exception of the lowest failing rank that failed on its own (not a RingPeerError
     caused by another) is raised, with every rank's outcome in its notes.
     """
-    comms = ring(size, timeout)
+    comms = virtual_ranks(size, timeout)
     results, errors = [None] * size, [None] * size
 
     def run(r):
