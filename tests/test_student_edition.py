@@ -121,7 +121,7 @@ def test_time_notebooks_records_times_errors_and_the_missing_series(tmp_path):
     assert abs(ok["seconds"] - ok["kernel_start_seconds"] - ok["cells_seconds"]) < 0.02
     assert ok["wall_seconds"] >= ok["cells_seconds"]
     assert by_name["03_broken.ipynb"]["status"] == "errors" and "ZeroDivisionError" in by_name["03_broken.ipynb"]["errors"][0]
-    assert results["missing_series"] == ["01", "02", "04", "05", "06", "07", "08", "09", "10", "11", "12", "13"]
+    assert results["missing_series"] == ["01", "02", "04", "05", "06", "07", "08", "09", "10", "11", "12", "13", "14"]
     text = workshop.read_text()
     assert "old table" not in text and "`notebooks/00_ok.ipynb`" in text and text.endswith("after\n")
     ok_seconds = by_name["00_ok.ipynb"]["seconds"]

@@ -34,7 +34,7 @@ from flashkit.atomic import write_json, write_text
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- notebook-times:begin -->", "<!-- notebook-times:end -->"
 AGENDA_BEGIN, AGENDA_END = "<!-- agenda:begin -->", "<!-- agenda:end -->"
-SERIES = [f"{n:02d}" for n in range(14)]  # the numbered walkthroughs 00..13 we expect in notebooks/
+SERIES = [f"{n:02d}" for n in range(15)]  # the numbered walkthroughs 00..14 we expect in notebooks/
 
 
 def machine() -> tuple:
@@ -103,7 +103,7 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def missing_series(folder: Path, found: list) -> list:
-    """Numbers of the 00..13 series with no notebook named NN_*.ipynb directly in `folder`."""
+    """Numbers of the 00..14 series with no notebook named NN_*.ipynb directly in `folder`."""
     have = {p.name[:2] for p in found if p.parent == Path(folder)}
     return [n for n in SERIES if n not in have]
 

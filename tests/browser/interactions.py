@@ -58,6 +58,7 @@ INTERACTIONS: dict = {
     "08_live_benchmarks.ipynb": Move("button", "Run", "figure"),  # the dashboard's sweep redraws the chart
     "11_backward.ipynb": Move("slider", "step", "figure"),  # Algorithm 2's stepper: the next (j, i) tile
     "13_variants.ipynb": Move("slider", "window", "figure"),  # the block mask of another sliding window
+    "14_ring_attention.ipynb": Move("slider", "step", "figure"),  # the ring's stepper: the next ring step
 }
 
 
