@@ -61,7 +61,7 @@ SCORES = {
 
 
 def test_every_library_mod_translates():
-    for name, fn in MASKS.items():
+    for fn in MASKS.values():
         code = modlang.translate("mask_mod", fn)
         assert "fkm_mask_mod(long long b, long long h, long long q_idx, long long kv_idx, int* fk_err" in code.source
     for name, fn in SCORES.items():
@@ -230,7 +230,7 @@ def _all_device_functions():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_generated_code_compiles_with_nvcc(tmp_path):
     parts, calls = _all_device_functions()
-    for kind, name, fn, code in calls:
+    for kind, _, _, code in calls:
         args = "score, " if kind == "score_mod" else ""
         parts.append(f'extern "C" __global__ void call_{code.prefix}(float* out, float score, int* err{code.params}) '
                      f'{{ out[0] = (float){code.entry}({args}1, 2, 3, 4, err{code.args}); }}')
@@ -278,7 +278,7 @@ def _score_grid():
 def test_translated_mods_give_pythons_answers(tmp_path):
     parts, calls = _all_device_functions()
     main = ["int main() {", "    int err[8] = {0};"]
-    for kind, name, fn, code in calls:
+    for kind, name, _, code in calls:
         parts += [_c_array(a) for a in code.arrays]
         main.append(f'    std::printf("# {name}\\n");')
         main.append(f"    for (int b = 0; b < {B}; ++b) for (int h = 0; h < {H}; ++h) "
@@ -302,7 +302,7 @@ def test_translated_mods_give_pythons_answers(tmp_path):
         blocks[head] = rows
     assert blocks["err 0"] == []  # no lookup went out of bounds
     grid = blockmask.index_grid(np.arange(B), np.arange(H), 0, Nq, 0, Nk)
-    for kind, name, fn, code in calls:
+    for kind, name, fn, _ in calls:
         got = np.array([float(x) for x in blocks[name]]).reshape(B, H, Nq, Nk)
         if kind == "mask_mod":
             want = np.broadcast_to(blockmask.evaluate("mask_mod", fn, grid), got.shape)
