@@ -71,30 +71,37 @@ def prelude(score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCo
 #else
 #define FK_BITS_AT(it) (-1)
 #endif
-#define FK_KEEP(i, j, it) fk_keep(FK_ENTRY(it), FK_BITS_AT(it), fk_bits, (i) - i0, (j) - j0, b, hq, i, j, Nq, fk_err FKM_ARGS)
+#define FK_KEEP(i, j, it, in) \
+    fk_keep(FK_ENTRY(it), FK_BITS_AT(it), fk_bits, (i) - i0, (j) - j0, b, hq, i, j, Nq, in, fk_err FKM_ARGS)
 
-// Whether score (i, j) of a visited tile stays, beyond the window: the bit mask and the mask_mod, only
-// where the tile is PARTIAL for them (a FULL one needs neither).
+// Whether score (i, j) of a visited tile stays: `in` (the window's verdict), and where the tile is PARTIAL
+// for them, the bit mask and the mask_mod. Without branches per score (they cost more than the mask): the
+// mask_mod runs on every score of the tile, but only a score in the window of a real row may report an
+// error (a lookup out of bounds elsewhere reads element 0 and is ignored, as the score is hidden anyway).
 __device__ __forceinline__ bool fk_keep(int entry, int bits_at, const unsigned* __restrict__ bits, int r, int c,
-                                        int b, int h, int i, int j, int Nq, int* fk_err FKM_PARAMS) {
-    if (!(entry & 1)) return true;
-    if (i >= Nq) return false;  // padding rows: never ask the mask_mod about a position that does not exist
+                                        int b, int h, int i, int j, int Nq, bool in, int* fk_err FKM_PARAMS) {
+    if (!(entry & 1)) return in;  // the same for the whole tile: a uniform branch
+    bool keep = in && i < Nq;
 #if FK_HAS_BITS
-    if (bits_at >= 0 && !((bits[bits_at + r * (BC / 32) + (c >> 5)] >> (c & 31)) & 1u)) return false;
+    if (bits_at >= 0) keep = keep && ((bits[bits_at + r * (BC / 32) + (c >> 5)] >> (c & 31)) & 1u);
 #endif
 #if FK_HAS_MASK_MOD
-    return fkm_mask_mod(b, h, i, j, fk_err FKM_ARGS);
-#else
-    return true;
+    keep = keep & fkm_mask_mod(b, h, i, j, keep ? fk_err : nullptr FKM_ARGS);
 #endif
+    return keep;
 }
 """)
     if score is not None:
         parts.append(r"""
 // score_mod on every visible score of the tile, in natural units (q . k * scale), in registers: the
 // fragment layout of mma.m16n8k16 puts score (g + 8 (e >> 1), 8 n + 2 t + (e & 1)) of m-tile mt in s[mt][n][e].
-// Hidden scores (-inf) and padding rows are not passed to it. A NaN or +inf result is recorded (err).
+// Without a branch per score: score_mod runs on every score, its result kept where the score is visible
+// (not -inf); only a visible score of a real row may report an error. A NaN or +inf result is not tested
+// here: it makes the row's sum l_i NaN (exp2 of NaN, or of inf - inf), which FK_ROW_DONE finds once per
+// row at the end, and the launcher then finds the key on the host (explain_nonfinite).
 #define FK_SCORES(s, it, j0) fk_scores(s, i0 + wr, j0, b, hq, Nq, fk_scale, fk_err FKS_ARGS)
+#define FK_ROW_DONE(i, l) \
+    if (!((l) < INFINITY)) { const fk_pos fk_p{fk_err, b, hq, i, -1}; fk_fail(fk_p, 1, 0); }
 template <int M_, int N_>
 __device__ __forceinline__ void fk_scores(float (&s)[M_][N_][4], int r0, int j0, int b, int h, int Nq, float scale,
                                           int* fk_err FKS_PARAMS) {
@@ -104,25 +111,20 @@ __device__ __forceinline__ void fk_scores(float (&s)[M_][N_][4], int r0, int j0,
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int i = r0 + 16 * mt + g + 8 * (e >> 1);
-            if (i >= Nq) continue;
+            int* err_row = i < Nq ? fk_err : nullptr;  // padding rows report nothing
 #pragma unroll
             for (int n = 0; n < N_; ++n) {
                 const int j = j0 + 8 * n + 2 * t + (e & 1);
                 const float x = s[mt][n][e];
-                if (x != -INFINITY) {
-                    const float y = fks_score_mod(x * scale, b, h, i, j, fk_err FKS_ARGS);
-                    if (!(y < INFINITY)) {
-                        const fk_pos p{fk_err, b, h, i, j};
-                        fk_fail(p, 1, ((long long)__float_as_int(x * scale) << 32) | (unsigned)__float_as_int(y));
-                    }
-                    s[mt][n][e] = y;
-                }
+                const bool keep = x != -INFINITY;
+                const float y = fks_score_mod(x * scale, b, h, i, j, keep ? err_row : nullptr FKS_ARGS);
+                s[mt][n][e] = keep ? y : -INFINITY;
             }
         }
 }
 """)
     else:
-        parts.append("#define FK_SCORES(s, it, j0)")
+        parts.append("#define FK_SCORES(s, it, j0)\n#define FK_ROW_DONE(i, l)")
     return "\n".join(parts) + "\n// ==== rung 6 ====\n"
 
 
@@ -261,7 +263,31 @@ def _arrays(code: Optional[modlang.DeviceCode]):
     return tuple(out)
 
 
-def _check_errors(err, score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCode]):
+def explain_nonfinite(problem, b: int, h: int, q: int):
+    """Raise ValueError naming the key where score_mod gave NaN or +inf in row (b, h, q): the row's scores
+    recomputed on the host in float64 (one row: Nk dot products), the visible ones through score_mod in
+    NumPy (flashkit.blockmask.apply_mods raises with the position). Returns if NumPy finds nothing."""
+    import cupy
+
+    hk = h // problem.group
+    Q = cupy.asnumpy(problem.Q[b, h, q]).astype(np.float64) if problem.element is None else None
+    if Q is None:  # bf16 bits: widen to float32 by shifting into the high half
+        to32 = lambda x: (cupy.asnumpy(x).astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+        Q, K = to32(problem.Q[b, h, q]), to32(problem.K[b, hk])
+    else:
+        K = cupy.asnumpy(problem.K[b, hk]).astype(np.float64)
+    S = (K @ Q * problem.scale)[None, None, None, :]
+    lo, hi = masks.row_bounds(problem.Nq, problem.Nk, problem.window)
+    j = np.arange(problem.Nk)
+    visible = (j >= lo[q]) & (j < hi[q])
+    if problem.mask is not None:
+        m = problem.mask
+        visible &= cupy.asnumpy(m[b if m.shape[0] > 1 else 0, h if m.shape[1] > 1 else 0, q])
+    S = np.where(visible, S, -np.inf)
+    blockmask.apply_mods(S, problem.score_mod, problem.mask_mod, *blockmask.index_grid(b, h, q, q + 1, 0, problem.Nk))
+
+
+def _check_errors(err, score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCode], problem=None):
     e = err.get()  # the one host sync of a call with mods
     code = int(e[0])
     if code == 0:
@@ -270,10 +296,15 @@ def _check_errors(err, score: Optional[modlang.DeviceCode], mask: Optional[modla
     value = (int(e[6]) << 32) | (int(e[5]) & 0xffffffff)
     where = f"b={b}, h={h}, q_idx={q}, kv_idx={kv}"
     if code == modlang.NONFINITE and score is not None:
-        x = np.array([(value >> 32) & 0xffffffff], np.uint32).view(np.float32)[0]
-        y = np.array([value & 0xffffffff], np.uint32).view(np.float32)[0]
-        raise ValueError(f"score_mod {blockmask.describe(score.fn)} returned {y} at {where} (score {x:.6g}); "
-                         "a score_mod must return a finite score, or -inf to hide it")
+        if problem is not None:
+            try:
+                explain_nonfinite(problem, b, h, q)
+            except ValueError:
+                raise
+            except Exception:  # NumPy cannot evaluate this mod (a CuPy capture): the row is still named
+                pass
+        raise ValueError(f"score_mod {blockmask.describe(score.fn)} returned NaN or +inf for a key of b={b}, h={h}, "
+                         f"q_idx={q}; a score_mod must return a finite score, or -inf to hide it")
     for dc in (score, mask):
         if dc is not None and code in dc.sites:
             site = dc.sites[code]
@@ -477,7 +508,7 @@ def prepare(rung: int, problem):
         fn(grid, threads, args, shared_mem=smem)
 
     def check():
-        _check_errors(err, score, mask)
+        _check_errors(err, score, mask, problem)
 
     return launch, check, O, lse
 

@@ -114,8 +114,9 @@ __device__ __forceinline__ void async_tile(T (*dst)[LDS], const T* __restrict__ 
 #define FK_TILES(n) (n)                          // how many K_j tiles this block row visits
 #define FK_J0(it) (j_first + (it) * BC)          // the first key of the it-th
 #define FK_FULL(it, full) (full)                 // whether the it-th tile needs no per-element test
-#define FK_KEEP(i, j, it) true                   // the per-element test beyond the window (mask_mod, bits)
+#define FK_KEEP(i, j, it, in) (in)               // score (i, j) stays: in the window, and mask_mod / bits
 #define FK_SCORES(s, it, j0)                     // score_mod on the tile's scores, in registers
+#define FK_ROW_DONE(i, l)                        // a row's final sum l_i (NaN: score_mod gave NaN or +inf)
 #endif
 
 // Grid: (Tr, Hq, B), block: Br threads (Br / 32 warps, 32 rows each).
@@ -210,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
 #pragma unroll
                     for (int n = 0; n < BC / 8; ++n) {
                         const int j = j0 + 8 * n + 2 * t + (e & 1);
-                        if (!(j >= lo && j < hi && FK_KEEP(i, j, it))) s[mt][n][e] = -INFINITY;
+                        if (!FK_KEEP(i, j, it, j >= lo && j < hi)) s[mt][n][e] = -INFINITY;
                     }
                 }
         }
@@ -282,6 +283,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             lr += __shfl_xor_sync(0xffffffffu, lr, 2);
             const int i = i0 + wr + 16 * mt + g + 8 * r;
             if (i < Nq) {
+                FK_ROW_DONE(i, lr);
                 const float inv_l = (lr > 0.f) ? 1.f / lr : 0.f;
                 T* Oi = O + (((long long)b * Hq + hq) * Nq + i) * D;
 #pragma unroll
