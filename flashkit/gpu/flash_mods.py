@@ -17,6 +17,17 @@ Compiled once per (score_mod, mask_mod, bit mask or not, d, dtype, tile) and cac
 arrays are kernel arguments, so new contents of a captured array need no new compile. A mod's run-time
 error (an index out of bounds, a division by zero, a NaN or +inf score) is recorded by the kernel in an
 error word read after the call (one 32-byte copy, a host sync) and raised with its position.
+
+Measured (benchmarks/results/gpu-mods-h200.json: H200, fp16, commit 6f29f7f): 75 of 75 checks against
+the float64 reference, compute-sanitizer memcheck clean on a small case of each path. A document mask (8
+documents in N = 65536, H = 16, d = 64): 8.75 ms with its block mask (kernel; 10.2 ms the public call),
+0.142 of the 61.8 ms without a mask for 0.125 of the tiles; 673 ms with the mask_mod on every tile;
+31.7 ms given as a dense bool mask (classified and packed in each call); torch FlexAttention 8.32 ms.
+Negative result, since changed: in that run the error checks were a function call and a branch per
+score, and a trivial score_mod cost 2.2x (d = 64) / 1.8x (d = 128) the time without one, softcap
+4.2x / 2.9x (FlexAttention's softcap: 2.1x its own). The hooks now have no call and no branch per score
+(fk_fail inlined, hidden positions report nothing, a NaN is found once per row from l_i); ptxas: 214
+registers, no spills for identity at d = 64 (plain rung 6: 225). Not yet measured on a GPU.
 """
 from __future__ import annotations
 

@@ -188,6 +188,8 @@ class Translator:
         try:
             lines, first = inspect.getsourcelines(f)
         except (OSError, TypeError):
+            lines = None
+        if lines is None:
             self.fail(None, None, f"the source of {blockmask.describe(fn)} cannot be read (defined in an "
                                   "interactive prompt or generated?); define it in a file or a notebook cell")
         src = textwrap.dedent("".join(lines))
