@@ -57,6 +57,8 @@ def results_section() -> str:
             parts.append(_gpu_backward_headline(path, data))
         elif path.name.startswith("gpu-overhead-"):
             parts.append(_gpu_overhead_headline(path, data))
+        elif path.name.startswith("gpu-mods-"):
+            parts.append(_gpu_mods_headline(path, data))
         else:
             parts.append(_gpu_headline(path, data))
     for path, data in _load("decode-*.json"):
@@ -158,6 +160,29 @@ def _gpu_overhead_headline(path, data) -> str:
            "| dtype | what | ms |", "| --- | --- | --- |"]
     for r in data["results"]:
         out.append(f"| {r['dtype']} | {r['what']} | {r['ms']:.3f} |")
+    return "\n".join(out + ["", _label(path, data)])
+
+
+def _gpu_mods_headline(path, data) -> str:
+    """score_mod / mask_mod on rung 6 (benchmarks/gpu_mods_check.py): their cost, and a document mask."""
+    s = data["summary"]
+    out = [f"**GPU score_mod / mask_mod on cupy-mma-2tile**: {s['checks'] - s['failed']} of {s['checks']} checks "
+           "against the float64 reference passed. Time with a score_mod / time without (kernel), N=4096, fp16:", "",
+           "| d | causal | no mod (ms) | identity | softcap(50) |", "| --- | --- | --- | --- | --- |"]
+    for r in data.get("mod_cost", []):
+        out.append(f"| {r['d']} | {'yes' if r['causal'] else 'no'} | {r['kernel_none']['min_ms']:.2f} | "
+                   f"{r['ratio_kernel_identity']:.2f}x | {r['ratio_kernel_softcap50']:.2f}x |")
+    d = data.get("documents", {})
+    if "block_mask_kernel" in d:
+        flex = f", torch FlexAttention {d['flex']['min_ms']:.1f} ms" if "min_ms" in d.get("flex", {}) else ""
+        out.append(f"\nDocument mask, {d['documents']} documents in N={d['N']} (H={d['H']}, d={d['d']}): block mask "
+                   f"{d['block_mask_kernel']['min_ms']:.1f} ms (public call {d['block_mask_public']['min_ms']:.1f}), "
+                   f"{d['time_fraction_vs_no_mask']:.3f} of the time without a mask for {d['visible_fraction_tiles']:.3f} "
+                   f"of the tiles; every tile through the mask_mod {d['every_tile_mask_mod_kernel']['min_ms']:.0f} ms; "
+                   f"the same mask as a dense bool array {d['dense_mask_public']['min_ms']:.1f} ms{flex}.")
+    note = data.get("provenance", {}).get("code", {}).get("note")
+    if note:
+        out.append(f"\nNote: {note}")
     return "\n".join(out + ["", _label(path, data)])
 
 

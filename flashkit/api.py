@@ -29,7 +29,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
     mask_mod : FlexAttention's mask hook, mask_mod(b, h, q_idx, kv_idx) -> bool, True where the query may
         attend; and'ed with causal, window and mask. Tiles it hides completely are skipped.
     block_mask : flashkit.block_mask(mask_mod, B, H, Nq, Nk, block_size) made once for many calls: its
-        mask_mod and its tile classification; the call then runs with its block size.
+        mask_mod and its tile classification; the call then runs with its block size (the GPU's
+        tensor-core rung runs its own tiles and maps the classification onto them exactly).
         Only some backends take the three (flashkit.backends(): column 'mods'); "auto" picks one.
 
     Returns

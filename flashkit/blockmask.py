@@ -409,8 +409,10 @@ def block_mask(mask_mod, B: Optional[int], H: Optional[int], Nq: int, Nk: int, b
     batch or head (one plane, as FlexAttention's create_block_mask(B=None, H=None)).
 
     engine: "numpy" evaluates mask_mod in NumPy block row by block row; "numba" compiles it into a
-    parallel classifier (flashkit.cpu.mods_jit; needs Numba); "auto" uses Numba for large problems
-    (it compiles in about 0.2 s) when it is installed."""
+    parallel classifier (flashkit.cpu.mods_jit; needs Numba); "cuda" translates it to CUDA and classifies
+    on the GPU, one block a tile (flashkit.gpu.flash_mods; needs CuPy and a mask_mod in the GPU's subset,
+    flashkit.gpu.modlang); "auto" uses Numba for large problems (it compiles in about 0.2 s) when it is
+    installed."""
     from flashkit.validate import check_mod
 
     check_mod("mask_mod", mask_mod)
@@ -422,8 +424,8 @@ def block_mask(mask_mod, B: Optional[int], H: Optional[int], Nq: int, Nk: int, b
             raise ValueError(f"{name} must be a positive integer, or None when the mask is the same for all; got {n!r}")
     Br, Bc = _block_size(block_size)
     B, H, Nq, Nk = int(B or 1), int(H or 1), int(Nq), int(Nk)
-    if engine not in ("auto", "numpy", "numba"):
-        raise ValueError(f"engine must be 'auto', 'numpy' or 'numba'; got {engine!r}")
+    if engine not in ("auto", "numpy", "numba", "cuda"):
+        raise ValueError(f"engine must be 'auto', 'numpy', 'numba' or 'cuda'; got {engine!r}")
     captured = fingerprint(mask_mod)
     if engine == "auto":
         engine = "numba" if B * H * Nq * Nk >= 1 << 22 and _numba_installed() else "numpy"
@@ -431,6 +433,10 @@ def block_mask(mask_mod, B: Optional[int], H: Optional[int], Nq: int, Nk: int, b
         from flashkit.cpu import mods_jit
 
         tiles = mods_jit.classify(mask_mod, B, H, Nq, Nk, Br, Bc)
+    elif engine == "cuda":
+        from flashkit.gpu import flash_mods
+
+        tiles = flash_mods.classify(mask_mod, B, H, Nq, Nk, Br, Bc)
     else:
         tiles = classify_numpy(mask_mod, B, H, Nq, Nk, Br, Bc)
     tiles.setflags(write=False)

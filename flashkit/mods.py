@@ -20,7 +20,9 @@ three evaluators agree on them:
 - NumPy evaluates them on whole index grids at once (the reference and "numpy-tiled"): so `&` and `|`
   instead of `and` and `or`, `mods.where(cond, x, y)` instead of `if` (np.where works too, but Numba
   compiles it into 0-d array code, seconds slower to compile);
-- and plain Python calls them one score at a time (the fallback for functions written with `if`).
+- and plain Python calls them one score at a time (the fallback for functions written with `if`);
+- for the GPU, flashkit.gpu.modlang translates their source to CUDA (a subset of Python: arithmetic,
+  comparisons, & | and or not, where, exp/log/tanh, lookups of captured arrays, captured numbers).
 
 Positions are raw; the positional masks below align the last query with the last key when Nq != Nk,
 bottom-right as the rest of flashkit (`causal=True`, FlashAttention >= 2.1): query i sits at key

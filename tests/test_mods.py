@@ -406,7 +406,8 @@ def test_numba_names_what_it_cannot_compile():
 def test_backends_say_whether_they_take_mods():
     rows = {r["name"]: r for r in flashkit.backends()}
     assert rows["numpy-standard"]["mods"] and rows["numpy-tiled"]["mods"] and rows["numba"]["mods"]
-    assert not rows["numba-gemm"]["mods"] and not rows["cupy-mma-2tile"]["mods"]
+    assert not rows["numba-gemm"]["mods"] and not rows["cupy-mma-async"]["mods"]
+    assert rows["cupy-mma-2tile"]["mods"] and rows["cupy-mma-2tile"]["mask"]  # rung 6's hooks (flashkit.gpu.flash_mods)
     with pytest.raises(ValueError, match="numba-gemm.*does not take a score_mod.*these do: numpy-standard"):
         flashkit.attention(Q, K, V, score_mod=mods.softcap(5.0), backend="numba-gemm")
     o_auto = flashkit.attention(Q, K, V, score_mod=mods.softcap(5.0))  # auto: a backend that takes it

@@ -8,7 +8,8 @@ each opens with what changed, why, and what it measured). Each rung is one row o
   rung 3  cupy-fp32-tile    fp32, 4x8 register blocks of S per thread, warp-shuffle row reductions
   rung 4  cupy-mma          fp16/bf16 tensor cores (inline PTX mma.sync.m16n8k16), FA2 warp partition
   rung 5  cupy-mma-async    + ldmatrix, padded bank-conflict-free tiles, cp.async pipelining (FA2 order)
-  rung 6  cupy-mma-2tile    + two 16-row m-tiles per warp (FA2's 4 warps x 32 rows), Q re-read from shared
+  rung 6  cupy-mma-2tile    + two 16-row m-tiles per warp (FA2's 4 warps x 32 rows), Q re-read from shared;
+                            also score_mod / mask_mod / block masks / bool masks (flash_mods.py, modlang.py)
   rung 7  cupy-wgmma        Hopper only: wgmma from shared memory, TMA loads on mbarriers, producer/consumer warpgroups
 
 and the backward (FlashAttention-2's Algorithm 2), its own ladder in backward.py:

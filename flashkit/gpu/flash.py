@@ -32,22 +32,28 @@ def _arch() -> str:
     return f"sm_{cupy.cuda.Device().compute_capability}"
 
 
+def options(rung: int, d: int, element: str, Br: int, Bc: int) -> tuple:
+    """NVRTC's options for one rung and one (d, element, Br, Bc)."""
+    spec = RUNGS[rung]
+    opts = ["--std=c++17", f"--gpu-architecture={spec.arch or _arch()}", f"-DHEAD_DIM={d}"]
+    if spec.defines_br:
+        opts.append(f"-DBR={Br}")
+    if spec.defines_bc:
+        opts.append(f"-DBC={Bc}")
+    if element == "bf16":
+        opts.append("-DUSE_BF16")
+    return tuple(opts)
+
+
 @functools.cache
 def kernel(rung: int, d: int, element: str, Br: int, Bc: int):
     """The compiled `flash_fwd` of one rung for one (d, element, Br, Bc), with its shared-memory limit raised."""
     import cupy
 
     spec = RUNGS[rung]
-    options = ["--std=c++17", f"--gpu-architecture={spec.arch or _arch()}", f"-DHEAD_DIM={d}"]
-    if spec.defines_br:
-        options.append(f"-DBR={Br}")
-    if spec.defines_bc:
-        options.append(f"-DBC={Bc}")
-    if element == "bf16":
-        options.append("-DUSE_BF16")
     source = (KERNEL_DIR / spec.source).read_text()
     t0 = time.perf_counter()  # NVRTC compile, or a hit in CuPy's on-disk cache
-    fn = cupy.RawModule(code=source, options=tuple(options)).get_function("flash_fwd")
+    fn = cupy.RawModule(code=source, options=options(rung, d, element, Br, Bc)).get_function("flash_fwd")
     COMPILE_SECONDS[(rung, d, element, Br, Bc)] = time.perf_counter() - t0
     smem = spec.smem(d, Br, Bc)
     if smem > 48 * 1024:  # above 48 KB a kernel must opt in to more dynamic shared memory
@@ -116,7 +122,13 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
 
 def run(rung: int, problem):
     """(O, lse) of a validated Problem computed by one forward CUDA rung, written into the Problem's
-    fresh outputs (problem.new_outputs: NaN when the tests poison them, so a row a kernel forgets stays NaN)."""
+    fresh outputs (problem.new_outputs: NaN when the tests poison them, so a row a kernel forgets stays NaN).
+    A rung with `mods` in its row runs score_mod / mask_mod / block masks / bool masks through
+    flashkit.gpu.flash_mods (the same kernel with its hooks filled in)."""
+    if RUNGS[rung].mods and (problem.has_mods or problem.mask is not None):
+        from flashkit.gpu import flash_mods
+
+        return flash_mods.run(rung, problem)
     if problem.mask is not None:
         raise ValueError(f"rung {rung} does not support a custom mask (causal and sliding windows are supported)")
     O, lse = problem.new_outputs(lse_dtype="float32")
@@ -138,4 +150,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["RUNGS", "forward", "run", "kernel", "blocks_for"]
+__all__ = ["RUNGS", "forward", "run", "kernel", "blocks_for", "options"]

@@ -43,6 +43,8 @@ class Rung:
     source          file under flashkit/gpu/kernels/ (None: not a CUDA kernel, rung 1 is CuPy calls)
     head_dims       supported head sizes d (None: any)
     mask            whether a custom boolean mask is supported
+    mods            whether it takes score_mod / mask_mod / block_mask (flashkit.gpu.flash_mods fills the
+                    kernel's FK_* hooks with the mods translated by flashkit.gpu.modlang)
     probe           "module:function" giving None when the rung can run here, else why not
     runner          "module:function" taking a Problem; None for a forward CUDA rung (the generic launcher)
     default_blocks  d -> (Br, Bc) used when the user forces none
@@ -64,6 +66,7 @@ class Rung:
     source: Optional[str] = None
     head_dims: Optional[Tuple[int, ...]] = HEAD_DIMS
     mask: bool = False
+    mods: bool = False
     probe: str = PROBE
     runner: Optional[str] = None
     default_blocks: Dict[int, Tuple[int, int]] = field(default_factory=dict)
@@ -101,6 +104,7 @@ class Rung:
             dtypes=self.dtypes,
             head_dims=self.head_dims,
             mask=self.mask,
+            mods=self.mods,
             priority=self.priority,
             probe=self.probe,
             rung=self.number,
@@ -167,6 +171,7 @@ RUNGS = (
         6, "cupy-mma-2tile",
         "rung 5 with 32 query rows per warp: each K/V fragment feeds 2 mma (kernels/6_mma_2tile.cu)",
         dtypes=("float16", "bfloat16"), peer="flash", priority=110, source="6_mma_2tile.cu", probe=PROBE_TENSOR_CORES,
+        mask=True, mods=True,
         default_blocks={32: (128, 64), 64: (128, 64), 128: (128, 64)},
         allowed_blocks=((64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)),
         threads=lambda Br, Bc: Br,

@@ -172,3 +172,19 @@ def time_rungs(N: int = 4096, d: int = 64, causal: bool = False, *, tokens: int 
                              card=card, date="live", commit="working tree"))
         del q, k, v
     return rows
+
+
+MODS_PATH = RESULTS / "gpu-mods-h200.json"  # benchmarks/gpu_mods_check.py: score_mod / mask_mod on rung 6
+
+
+def load_mods(path=None) -> dict:
+    """The results of benchmarks/gpu_mods_check.py (checks, mod costs, the document mask, FlexAttention),
+    with `card`, `date` and `commit` at the top level for labels (the commit of the code that ran, where
+    the file records it apart from the checkout's)."""
+    data = json.loads(Path(path or MODS_PATH).read_text())
+    prov = data.get("provenance", {})
+    code = prov.get("code") or prov.get("commit") or {}
+    data["card"] = prov.get("gpu", {}).get("card")
+    data["date"] = prov.get("date")
+    data["commit"] = str(code.get("commit", ""))[:7] if isinstance(code, dict) else str(code)[:7]
+    return data
