@@ -55,7 +55,9 @@ def rung_files() -> dict:
     from flashkit import registry
     from flashkit.gpu.flash import KERNEL_DIR, RUNGS  # plain Python: CuPy is imported only at launch
 
-    names = {b.rung: b.name for b in registry.all_backends() if b.device == "gpu" and b.rung is not None}
+    # The forward ladder only: the backward rungs (cupy-bwd-*) are numbered 1-3 in their own ladder.
+    names = {b.rung: b.name for b in registry.all_backends()
+             if b.device == "gpu" and b.rung is not None and b.computes("forward")}
     files = {1: PACKAGE / "gpu" / "standard.py"}
     files.update({r: KERNEL_DIR / spec.source for r, spec in RUNGS.items()})
     return {r: (names.get(r, f"rung {r}"), files[r]) for r in sorted(files) if r in names}
