@@ -9,7 +9,7 @@ from flashkit.exercises import ExerciseError, check_attention_backward, check_so
 SEEDS = [0, 1, 2, 7, 12345]
 
 
-# ------------------------------------------------------------------ task 8: dS from P and dP
+# ------------------------------------------------------------------ task 13: dS from P and dP
 def softmax_backward(P, dP):
     D = (P * dP).sum(axis=1, keepdims=True)  # one number per row
     return P * (dP - D)
@@ -42,7 +42,7 @@ def test_softmax_backward_names_the_mistake(fn, expected, seed):
     assert f"seed={seed}" in str(info.value) or "float32" in str(info.value)
 
 
-# ------------------------------------------------------------------ task 9: dQ, dK, dV with GQA
+# ------------------------------------------------------------------ task 14: dQ, dK, dV with GQA
 def attention_backward(Q, K, V, O, dO, lse, scale):
     Hq, Hkv = Q.shape[0], K.shape[0]
     g = Hq // Hkv

@@ -5,7 +5,7 @@ benchmarks/results/notebook-times-<machine>.json (written atomically); with --wo
 between the markers `<!-- notebook-times:begin -->` and `<!-- notebook-times:end -->` in FILE is
 regenerated from the same numbers, and in the agenda table between `<!-- agenda:begin -->` and
 `<!-- agenda:end -->` the last column of each row becomes the measured run time of the notebooks named
-in backticks in that row (e.g. `03_tiling`, `exercises/02_fa2_tile`). Notebooks are executed on copies
+in backticks in that row (e.g. `03_tiling`, `exercises/03_fa2_tile`). Notebooks are executed on copies
 in memory: the committed files are never modified. A notebook that fails or times out is recorded as
 such and the run goes on.
 

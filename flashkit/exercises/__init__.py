@@ -8,7 +8,9 @@ call; a failure message gives the seed that reproduces it). The inputs are awkwa
 multiple of the block, Nq != Nk, rows that see no key, scores near +-1000. The references are
 flashkit's own pieces (online_softmax, masks, tiled, reference).
 
-Tasks and the signature each checker expects:
+Tasks and the signature each checker expects (exercise numbers follow the notebooks they come after):
+    check_standard_attention(standard_attention)  standard_attention(Q, K, V, scale) -> O        (exercise 1)
+    check_standard_memory(standard_memory_bytes)  standard_memory_bytes(B, H, Nq, Nk, itemsize) -> int
     check_safe_softmax(softmax)          softmax(x) -> (rows, n)
     check_online_update(online_update)   online_update(m, l, O, S, V) -> (m, l, O)
     check_merge(merge)                   merge((m_a, l_a, O_a), (m_b, l_b, O_b)) -> (m, l, O)
@@ -17,15 +19,24 @@ Tasks and the signature each checker expects:
     check_block_sizes(block_sizes)       block_sizes(M, d) -> (Br, Bc)
     check_hbm_traffic(hbm_bytes_standard) hbm_bytes_standard(B, H, Nq, Nk, d, itemsize) -> int
     check_softmax_backward(softmax_backward)  softmax_backward(P, dP) -> dS
+    check_vectorised(weighted_sum)       weighted_sum(p, v) -> float, a numba.njit loop  (exercise 6)
+    check_kv_head(kv_head)               kv_head(h, H, H_kv) -> int                       (exercise 7)
+    check_decode_step(decode_step)       decode_step(q, k_new, v_new, K_cache, V_cache, length, scale) -> O
     check_attention_backward(attention_backward)  attention_backward(Q, K, V, O, dO, lse, scale) -> (dQ, dK, dV)
-The memory-hierarchy sweep lives in flashkit.exercises.membench (imported on use: it compiles Numba code).
+    check_mask_mod(make_mask_mod)        make_mask_mod(seq_lens, Nq, Nk, left, right) -> mask_mod  (exercise 9)
+The memory-hierarchy sweep lives in flashkit.exercises.membench, and the vectorisation checker imports
+Numba only when it runs (the package imports no Numba).
 """
 from flashkit.exercises.backward import check_attention_backward, check_softmax_backward
 from flashkit.exercises.checking import ExerciseError
+from flashkit.exercises.decoding import check_decode_step, check_kv_head
+from flashkit.exercises.masking import check_mask_mod
 from flashkit.exercises.softmax import check_merge, check_online_update, check_safe_softmax
+from flashkit.exercises.standard import check_standard_attention, check_standard_memory
 from flashkit.exercises.tiles import check_block_sizes, check_fa2_tile, check_skip_tile
 from flashkit.exercises.traffic import check_hbm_traffic
+from flashkit.exercises.vectorise import check_vectorised
 
-__all__ = ["ExerciseError", "check_safe_softmax", "check_online_update", "check_merge", "check_fa2_tile",
-           "check_skip_tile", "check_block_sizes", "check_hbm_traffic", "check_softmax_backward",
-           "check_attention_backward"]
+__all__ = ["ExerciseError", "check_standard_attention", "check_standard_memory", "check_safe_softmax", "check_online_update", "check_merge", "check_fa2_tile",
+           "check_skip_tile", "check_block_sizes", "check_hbm_traffic", "check_vectorised",
+           "check_kv_head", "check_decode_step", "check_softmax_backward", "check_attention_backward", "check_mask_mod"]

@@ -21,7 +21,7 @@ from flashkit.reference import reference, standard_backward
 GRADS = ("dQ", "dK", "dV")
 
 
-# ---------------------------------------------------------------- task 8: the softmax's backward
+# ---------------------------------------------------------------- task 13: the softmax's backward
 def _softmax_backward_variants(P, dP):
     """Known-wrong dS, each one mistake away from P * (dP - rowsum(P * dP))."""
     D = (P * dP).sum(axis=-1, keepdims=True)
@@ -79,7 +79,7 @@ def check_softmax_backward(softmax_backward, *, seed=None) -> None:
     return passed(task, "dS = P * (dP - rowsum(P * dP)) on plain rows, a square case and masked rows")
 
 
-# ---------------------------------------------------------------- task 9: the backward of attention, GQA
+# ---------------------------------------------------------------- task 14: the backward of attention, GQA
 def _backward(Q, K, V, O, dO, lse, scale, *, D="dO*O", P="lse", dV_from="P", scale_S=True, scale_dQ=True,
               scale_dK=True, group="sum", swap_dS=False, swap_P=False):
     """The backward head by head, with one classic mistake switched on by the keyword arguments."""

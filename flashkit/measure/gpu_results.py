@@ -82,6 +82,26 @@ def load(path=None) -> GpuResults:
                       ceilings=dict(data.get("ceilings") or {}), **labels)
 
 
+def committed_files() -> List[Path]:
+    """Every GPU results file of benchmarks/results/ that is not a superseded run (`-history<N>`), newest
+    name last: the forward ladder's (gpu-<card>.json), the backward's (gpu-bwd-*) and the launch
+    overheads' (gpu-overhead-*). Use `load` on the forward ones; `card_and_ceilings` reads any of them."""
+    return sorted(p for p in RESULTS.glob("gpu-*.json") if "-history" not in p.stem)
+
+
+def card_and_ceilings(path) -> dict:
+    """{"file", "card", "date", "kind" ("forward", "backward" or "overhead"), "ceilings"} of one results
+    file, the ceilings as `ceilings()` gives them ({} of each when the file records none)."""
+    path = Path(path)
+    with open(path) as f:
+        data = json.load(f)
+    kind = "backward" if path.stem.startswith("gpu-bwd") else "overhead" if path.stem.startswith("gpu-overhead") else "forward"
+    recorded = data.get("ceilings") or {}
+    return {"file": path.name, "card": str(data.get("card", "card not recorded")), "date": str(data.get("date", ""))[:10],
+            "kind": kind, "gemm_tflops": {str(k): float(v) for k, v in (recorded.get("gemm_tflops") or {}).items()},
+            "bandwidth_tbps": recorded.get("bandwidth_tbps"), "source": recorded.get("source")}
+
+
 def select(rows, **where) -> List[dict]:
     """The rows whose fields equal every keyword (e.g. N=4096, d=64, causal=False, dtype="float16")."""
     return [r for r in rows if all(r.get(k) == v for k, v in where.items())]

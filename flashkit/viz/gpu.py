@@ -55,7 +55,9 @@ def rung_files() -> dict:
     from flashkit import registry
     from flashkit.gpu.flash import KERNEL_DIR, RUNGS  # plain Python: CuPy is imported only at launch
 
-    names = {b.rung: b.name for b in registry.all_backends() if b.device == "gpu" and b.rung is not None}
+    # The forward ladder only: the backward rungs (cupy-bwd-*) are numbered 1-3 in their own ladder.
+    names = {b.rung: b.name for b in registry.all_backends()
+             if b.device == "gpu" and b.rung is not None and b.computes("forward")}
     files = {1: PACKAGE / "gpu" / "standard.py"}
     files.update({r: KERNEL_DIR / spec.source for r, spec in RUNGS.items()})
     return {r: (names.get(r, f"rung {r}"), files[r]) for r in sorted(files) if r in names}
@@ -122,7 +124,9 @@ def ladder_figure(rows: Sequence[dict], title: str) -> go.Figure:
     order = list(dict.fromkeys(_impl_label(r) for r in rows))  # ladder order, whatever trace comes first
     fig.update_yaxes(title_text="implementation (rung number, then torch SDPA backends)", autorange="reversed",
                      categoryorder="array", categoryarray=order)
-    fig.update_layout(title=title, barmode="group", height=200 + 28 * len(rows), legend_title_text="dtype")
+    # A title of three lines (title and a two-line subtitle) needs a taller top margin, or the subtitle is cut off.
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), margin=dict(t=130), barmode="group",
+                      height=260 + 28 * len(rows), legend_title_text="dtype")
     return fig
 
 
@@ -160,7 +164,8 @@ def roofline_figure(rows: Sequence[dict], ceilings: dict, title: str) -> go.Figu
     top = max([r["tflops"] for r in rows] + list(ceilings.get("gemm_tflops", {}).values()) + [1.0])
     fig.update_xaxes(type="log", title_text="arithmetic intensity (FLOP per byte of HBM traffic, log scale)")
     fig.update_yaxes(type="log", title_text="throughput (TFLOP/s, log scale)", range=[0, np.log10(top * 2)])
-    fig.update_layout(title=title, legend=dict(orientation="h", y=-0.3), height=620)
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), margin=dict(t=120),
+                      legend=dict(orientation="h", y=-0.3), height=660)
     return fig
 
 
@@ -181,7 +186,8 @@ def sdpa_figure(rows: Sequence[dict], best_rung: dict, title: str) -> go.Figure:
                             line=dict(dash="solid" if impl in SDPA else "dash"))
     fig.update_xaxes(type="log", title_text="sequence length N (tokens, log scale)")
     fig.update_yaxes(title_text="throughput (TFLOP/s)")
-    fig.update_layout(title=title, legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), margin=dict(t=110),
+                      legend=dict(orientation="h", y=-0.25))
     return fig
 
 

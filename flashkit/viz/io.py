@@ -108,15 +108,51 @@ def io_summary(N: int, d: int, M: int) -> str:
     return "\n".join(lines)
 
 
+def explorer_figure(N: int, d: int, M: int) -> go.Figure:
+    """The slider app's figure: left, what each algorithm moves at this N (stacked by array); right, the
+    three totals over N with this N marked, so a move of N shows where it sits on N² against N²d²/M
+    (the bars alone keep their proportions as N grows: only their scale changes)."""
+    from plotly.subplots import make_subplots
+
+    bars = breakdown_figure(N, d, M)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.12,
+                        subplot_titles=(f"at N = {N:,}: which arrays move", "total over N (this N marked)"))
+    for trace in bars.data:
+        fig.add_trace(trace, row=1, col=1)
+    colors = _colors()
+    Ns = np.array([2 ** e for e in range(8, 17)])
+    totals = {"standard": lambda n: io_model.standard_io(n, d).total,
+              "tiled-fa2": lambda n: io_model.tiled_io(n, d, M, order="fa2").total,
+              "tiled-fa1": lambda n: io_model.tiled_io(n, d, M, order="fa1").total}
+    for name, total in totals.items():
+        ys = _mib([total(int(n)) for n in Ns])
+        # Lines labelled at their right end, not in the legend: the legend is the bars' (one colour per array).
+        fig.add_scatter(x=Ns, y=ys, mode="lines+text", line=dict(color=colors[name], width=2), showlegend=False,
+                        text=[""] * (len(Ns) - 1) + [name], textposition="middle right", row=1, col=2)
+        fig.add_scatter(x=[N], y=_mib([total(N)]), mode="markers", showlegend=False, row=1, col=2,
+                        marker=dict(size=13, color=colors[name], line=dict(width=2, color="white")),
+                        hovertemplate=f"{name} at N = {N:,}: %{{y:.1f}} MiB<extra></extra>")
+    fig.update_xaxes(title_text="algorithm", row=1, col=1)
+    fig.update_yaxes(title_text="HBM traffic (MiB of float32)", row=1, col=1)
+    fig.update_xaxes(type="log", title_text="sequence length N (tokens, log scale)", range=[np.log10(200), 5.3],
+                     row=1, col=2)
+    fig.update_yaxes(type="log", title_text="HBM reads + writes (MiB, log scale)", row=1, col=2)
+    s, f2 = io_model.standard_io(N, d).total, io_model.tiled_io(N, d, M, order="fa2").total
+    fig.update_layout(barmode="stack", height=500, width=1050,
+                      title=f"N = {N:,}, d = {d}, M = {M:,} floats: tiled-fa2 moves {f2 / s:.2f} x what standard moves",
+                      legend=dict(title="solid: read, hatched: write", x=1.02, y=1, xanchor="left"))
+    return fig
+
+
 def io_explorer():
-    """Sliders for N, d and M; redraws the breakdown and the summary. Errors show in the output area
-    (ipywidgets.interactive prints a callback's traceback below the sliders)."""
+    """Sliders for N, d and M; redraws the breakdown beside the totals over N, and the summary. Errors
+    show in the output area (ipywidgets.interactive prints a callback's traceback below the sliders)."""
     import ipywidgets as widgets
     from IPython.display import display
 
     def show(N, d, M):
         print(io_summary(N, d, M))
-        display(breakdown_figure(N, d, M))
+        display(explorer_figure(N, d, M))
 
     powers = lambda lo, hi: [2 ** e for e in range(lo, hi + 1)]  # noqa: E731
     style = {"description_width": "initial"}
@@ -127,6 +163,64 @@ def io_explorer():
         M=widgets.SelectionSlider(options=powers(6, 20), value=2 ** 14, description="M (floats of fast memory)",
                                   style=style, layout=widgets.Layout(width="60%")),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured: a tiled kernel's time as its tiles outgrow the caches
+# ---------------------------------------------------------------------------------------------
+def working_set_bytes(Br: int, Bc: int, d: int, itemsize: int = 4) -> int:
+    """Bytes one worker keeps hot: Q_i and O_i (Br x d), K_j and V_j (Bc x d), S_ij (Br x Bc)."""
+    return (2 * Br * d + 2 * Bc * d + Br * Bc) * itemsize
+
+
+def block_sweep(N: int = 1024, d: int = 64, blocks: Sequence[int] = (8, 16, 32, 64, 128, 256, 512, 1024),
+                backend: str = "numba-loops", repeats: int = 5, seed: int = 0) -> list:
+    """Time `backend` at Br = Bc = B for each B (one head, float32, one thread) beside what the IO model
+    counts for those tiles: rows of B, working-set bytes, time (min and median of `repeats`, ms) and the
+    K/V traffic of FA2's loop order (bytes), with that traffic over the min time (GB/s).
+
+    The time is measured; the bytes are counted (a CPU has no portable counter of cache traffic): they
+    say how much the loop would move if every tile stayed in fast memory while it is used."""
+    from flashkit.measure import timing
+    from flashkit.measure.threads import threads_limit
+
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, 1, N, d), dtype=np.float32) for _ in range(3))
+    rows = []
+    with threads_limit(1):  # one core: the tiles of one worker against that core's caches
+        for B in blocks:
+            B = min(int(B), N)
+            t = timing.time_attention(q, k, v, backend=backend, block_size=(B, B), warmup=1, repeats=repeats)
+            count = io_model.tiled_io(N, d, max(d, 4 * B * d), order="fa2", Br=B, Bc=B)
+            moved = count.total * ITEMSIZE
+            rows.append({"B": B, "working_set": working_set_bytes(B, B, d), "ms_min": t["ms_min"], "ms": t["ms"],
+                         "bytes": moved, "gbps": moved / (t["ms_min"] * 1e-3) / 1e9, "backend": t["backend"]})
+    return rows
+
+
+def block_sweep_figure(rows: Sequence[dict], caches: Dict[str, int], title: str) -> go.Figure:
+    """Left axis: measured time (min, error bar up to the median) against the working set, log x, with the
+    caches as vertical lines; right axis: the counted traffic of the same tiles."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    x = [r["working_set"] / 1024 for r in rows]
+    fig.add_scatter(x=x, y=[r["ms_min"] for r in rows], mode="lines+markers", name="time, measured (min; bar to median)",
+                    text=[f"Br = Bc = {r['B']}" for r in rows], marker=dict(size=9, color="hsl(10, 75%, 55%)"),
+                    error_y=dict(type="data", symmetric=False, array=[r["ms"] - r["ms_min"] for r in rows],
+                                 arrayminus=[0] * len(rows)),
+                    hovertemplate="%{text}: %{y:.1f} ms<extra></extra>")
+    fig.add_scatter(x=x, y=[r["bytes"] / MiB for r in rows], mode="lines+markers", name="K/V traffic, counted (MiB)",
+                    line=dict(dash="dot", color="hsl(210, 75%, 55%)"), secondary_y=True)
+    top = max(r["ms"] for r in rows) * 1.1
+    for (name, size), color in zip(caches.items(), ("hsl(140, 60%, 40%)", "hsl(280, 50%, 55%)", "hsl(30, 90%, 50%)")):
+        fig.add_scatter(x=[size / 1024] * 2, y=[0, top], mode="lines", line=dict(dash="dash", color=color),
+                        name=f"{name}: {size // 1024:,} KiB")
+    fig.update_xaxes(type="log", title_text="working set of one tile step, Q_i O_i K_j V_j S_ij (KiB, log scale)")
+    fig.update_yaxes(title_text="time of one call (ms)", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="K/V traffic counted (MiB)", rangemode="tozero", secondary_y=True)
+    fig.update_layout(title=title, height=480, legend=dict(orientation="h", y=-0.25))
+    return fig
 
 
 def crossover_figure(N: int, ds: Sequence[int], Ms: Sequence[int]) -> go.Figure:

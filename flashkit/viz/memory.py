@@ -83,3 +83,89 @@ def projection_figure(fits: Dict[str, dict], ram_bytes: int, N_limit: int, N_max
     fig.update_yaxes(type="log", title_text="memory beyond inputs and output (MiB, log scale)")
     fig.update_layout(title=title, legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The N slider of notebook 4: measured and counted memory side by side, standard against tiled
+# ---------------------------------------------------------------------------------------------
+EXPLORER_NS = (128, 256, 512, 1024, 2048)
+EXPLORER_BLOCKS = (128, 256)  # (Br, Bc) of the tiled call: big tiles, few Python steps, a quick slider
+
+
+def measured_and_counted(N: int, d: int = 64, seed: int = 0) -> Dict[str, dict]:
+    """{backend: {"measured": bytes, "counted": bytes, "method": ...}} for one head of float32 at N.
+
+    Measured: flashkit.measure.memory.attention_peak (tracemalloc: the NumPy backends' every buffer).
+    Counted: S and P for standard attention (analytic_standard); for tiled, the tile working set at
+    (Br, Bc) = EXPLORER_BLOCKS plus numpy-tiled's per-row bookkeeping (O and lse of the head, two int64
+    key bounds per row: 4d + 4 + 16 bytes a row), the count notebook 4's fit confirms."""
+    from flashkit.measure import memory
+
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, 1, N, d), dtype=np.float32) for _ in range(3))
+    Br, Bc = (min(b, N) for b in EXPLORER_BLOCKS)
+    counted = {"numpy-standard": sum(memory.analytic_standard(1, 1, N, N).values()),
+               "numpy-tiled": sum(memory.analytic_tiled(d, Br, Bc).values()) + (4 * d + 4 + 16) * N}
+    kwargs = {"numpy-standard": {}, "numpy-tiled": {"block_size": EXPLORER_BLOCKS}}
+    out = {}
+    for name, count in counted.items():
+        report = memory.attention_peak(q, k, v, backend=name, method="tracemalloc", **kwargs[name])
+        out[name] = {"measured": report.extra_bytes, "counted": int(count), "method": report.method}
+    return out
+
+
+def explorer_figure(N: int, d: int, values: Dict[str, dict], history: Dict[int, Dict[str, dict]]) -> go.Figure:
+    """Left: measured and counted bytes at this N (grouped bars, log axis); right: every N measured so far
+    against the counts over N (N² against N), so moving the slider draws the two growth laws."""
+    from plotly.subplots import make_subplots
+
+    colors = {"numpy-standard": "hsl(10, 75%, 55%)", "numpy-tiled": "hsl(210, 75%, 55%)"}
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.42, 0.58], horizontal_spacing=0.14,
+                        subplot_titles=(f"at N = {N:,}", "over N: every N you measured"))
+    names = list(values)
+    for kind, pattern in (("counted", "/"), ("measured", "")):
+        ys = [values[n][kind] / MiB for n in names]
+        fig.add_bar(x=names, y=ys, name=f"{kind} (MiB)", row=1, col=1, text=[f"{y:.2f}" for y in ys],
+                    textposition="outside", marker=dict(color=[colors[n] for n in names], pattern_shape=pattern),
+                    legendgroup=kind)
+    Ns = np.array(sorted(set(EXPLORER_NS) | set(history)))
+    for name in names:
+        per_n = values[name]["counted"] / (N * N if name == "numpy-standard" else 1)
+        if name == "numpy-standard":
+            curve = per_n * Ns.astype(float) ** 2
+        else:  # fixed tiles plus a linear part: rebuild from the two points the count defines
+            fixed = values[name]["counted"] - (4 * d + 20) * N
+            curve = fixed + (4 * d + 20) * Ns.astype(float)
+        fig.add_scatter(x=Ns, y=curve / MiB, mode="lines", line=dict(color=colors[name], dash="dash"),
+                        name=f"{name} counted", row=1, col=2)
+        seen = sorted(history)
+        fig.add_scatter(x=seen, y=[history[n][name]["measured"] / MiB for n in seen], mode="markers",
+                        marker=dict(size=10, color=colors[name]), name=f"{name} measured", row=1, col=2)
+    fig.update_yaxes(type="log", title_text="memory beyond inputs and output (MiB, log scale)", row=1, col=1)
+    fig.update_xaxes(title_text="backend (hatched: counted, solid: measured)", row=1, col=1)
+    fig.update_yaxes(type="log", title_text="MiB (log scale)", row=1, col=2)
+    fig.update_xaxes(type="log", title_text="sequence length N (tokens, log scale)", row=1, col=2)
+    s, t = values["numpy-standard"], values["numpy-tiled"]
+    fig.update_layout(title=f"One head, d = {d}, float32: standard {s['measured'] / MiB:.2f} MiB measured, tiled "
+                            f"{t['measured'] / MiB:.2f} MiB ({s['measured'] / max(t['measured'], 1):.0f}x less)",
+                      height=480, width=1000, legend=dict(orientation="h", y=-0.22))
+    return fig
+
+
+def memory_explorer(d: int = 64):
+    """An N slider: each move measures one standard and one tiled call at that N (tracemalloc, a second
+    at most) and redraws the measured and counted memory side by side."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    history: Dict[int, Dict[str, dict]] = {}
+    N = widgets.SelectionSlider(options=list(EXPLORER_NS), value=512, description="N (tokens)",
+                                continuous_update=False, style={"description_width": "initial"})
+
+    def show(N):
+        values = measured_and_counted(N, d)
+        history[N] = values
+        display(explorer_figure(N, d, values, history))
+
+    out = widgets.interactive_output(show, {"N": N})
+    return widgets.VBox([N, out])

@@ -54,7 +54,9 @@ INTERACTIONS: dict = {
         Move("slider", "step", "figure"),  # loop explorer: the next step of the FA2 loop
         Move("slider", "d", "figure"),  # block-size explorer: another head size d
     ),
+    "04_memory.ipynb": Move("slider", "N (tokens)", "figure"),  # measured and counted memory at another N
     "05_io_complexity.ipynb": Move("slider", "N (tokens)", "figure"),  # the HBM-traffic breakdown at another N
+    "07_gpu_kernels.ipynb": Move("slider", "lane", "figure"),  # mma.sync's fragments: another lane's elements
     "08_live_benchmarks.ipynb": Move("button", "Run", "figure"),  # the dashboard's sweep redraws the chart
     "11_backward.ipynb": Move("slider", "step", "figure"),  # Algorithm 2's stepper: the next (j, i) tile
     "13_variants.ipynb": Move("slider", "window", "figure"),  # the block mask of another sliding window
