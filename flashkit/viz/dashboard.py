@@ -27,14 +27,13 @@ from flashkit.measure.export import metadata, write_csv, write_json
 from flashkit.measure.sweep import (DTYPES, PEERS, Sweep, check_dtype, default_backends, default_peers,
                                     peer_unavailable_reason, sweep)
 from flashkit.measure.threads import check_threads, current_threads, max_threads
-from flashkit.measure.timing import NOISY_SPREAD
+from flashkit.viz import spread
 from flashkit.validate import positive_int
 
 METRICS = {
     "ms": ("time per call (ms, fastest sample; bar to the 75th percentile)", "log"),
     "gflops": ("throughput (GFLOP/s at the fastest sample; bar to the 75th percentile)", "linear"),
 }
-NOISY_COLOUR = "#B22222"  # the rings on noisy points: a red outside the lines' palette
 # The whole default sweep's timing budget (warm-ups and compiles not counted): on a busy or
 # oversubscribed machine the remaining points are skipped rather than letting Run take minutes.
 DASHBOARD_BUDGET_S = 20.0
@@ -72,43 +71,28 @@ def _add_traces(fig, rows, metric, fields, **where):
             series.setdefault(series_label(r, fields), []).append(r)
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(pts, key=lambda r: r["N"])
-        y = [r[metric] for r in pts]
         # The bar runs from the fastest sample to the 75th percentile: up in time, down in GFLOP/s.
         slow = [r["ms_p75"] if r.get("ms_p75") is not None else r["ms"] for r in pts]
         if metric == "ms":
-            error = dict(type="data", symmetric=False, array=[s - r["ms"] for s, r in zip(slow, pts)],
-                         arrayminus=[0.0] * len(pts))
+            error = spread.bar_up([r["ms"] for r in pts], slow)
         else:
-            error = dict(type="data", symmetric=False, array=[0.0] * len(pts),
-                         arrayminus=[r["gflops"] - r["flops"] / (s * 1e-3) / 1e9 for s, r in zip(slow, pts)])
+            error = spread.bar_down([r["gflops"] for r in pts], [r["flops"] / (s * 1e-3) / 1e9 for s, r in zip(slow, pts)])
         fig.add_trace(go.Scatter(
-            x=[r["N"] for r in pts], y=y, name=name, mode="lines+markers",
+            x=[r["N"] for r in pts], y=[r[metric] for r in pts], name=name, mode="lines+markers",
             legendgroup=name, showlegend=where.get("col", 1) == 1,
-            marker=dict(color=_colour(i)), line=dict(color=_colour(i)),
-            error_y=dict(error, color=_colour(i), thickness=1.5, width=4),
+            marker=dict(color=_colour(i)), line=dict(color=_colour(i)), error_y=dict(error, color=_colour(i)),
             customdata=[[r["ms"], s, r["gflops"]] for s, r in zip(slow, pts)],
             hovertemplate=("N=%{x}<br>%{customdata[0]:.3f} ms fastest, %{customdata[1]:.3f} ms p75"
                            "<br>%{customdata[2]:.2f} GFLOP/s<extra>" + name + "</extra>"),
         ), **where)
     noisy = [r for pts in series.values() for r in pts if r.get("noisy")]
-    if noisy:
-        fig.add_trace(go.Scatter(
-            x=[r["N"] for r in noisy], y=[r[metric] for r in noisy], mode="markers",
-            name=f"noisy: p75 > {1 + NOISY_SPREAD:g}x fastest", legendgroup="noisy",
-            showlegend=where.get("col", 1) == 1,
-            marker=dict(symbol="circle-open", size=16, color=NOISY_COLOUR, line=dict(width=2.5)),
-            hoverinfo="skip",
-        ), **where)
-    return len(noisy)
+    return spread.ring_noisy(fig, [r["N"] for r in noisy], [r[metric] for r in noisy],
+                             showlegend=where.get("col", 1) == 1, **where)
 
 
 def noisy_warning(rows: Sequence[dict]) -> str:
     """'' when every timed point is steady, else a sentence naming how many are not and what to do."""
-    noisy = [r for r in rows if r["ms"] is not None and r.get("noisy")]
-    if not noisy:
-        return ""
-    return (f"⚠ {len(noisy)} noisy point{'s' if len(noisy) > 1 else ''} (p75 > {1 + NOISY_SPREAD:g}x the "
-            "fastest): other work shared the cores; close it and run again")
+    return spread.warning(sum(1 for r in rows if r["ms"] is not None and r.get("noisy")))
 
 
 def _colour(i: int) -> str:
@@ -133,9 +117,8 @@ def sweep_figure(rows: Sequence[dict], metric: str = "ms", fields: Optional[Sequ
     fig = go.Figure()
     _add_traces(fig, rows, metric, fields)
     title = title or f"Attention forward: {label.split(' (')[0]} against sequence length"
-    warning = noisy_warning(rows)
     fig.update_layout(
-        title=title + (f"<br><sup style='color:{NOISY_COLOUR}'>{warning}</sup>" if warning else ""),
+        title=spread.title(title, sum(1 for r in rows if r["ms"] is not None and r.get("noisy"))),
         xaxis=dict(title="sequence length N (tokens, log scale)", type="log",
                    tickvals=sorted({r["N"] for r in rows}) or None),
         yaxis=dict(title=label, type=axis_type),
