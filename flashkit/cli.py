@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="time attention backends over a small sweep and print a table",
-        description="Time flashkit.attention for every combination of the options below (median of "
-                    "--repeats calls after --warmup calls), print a table, and optionally write the "
+        description="Time flashkit.attention for every combination of the options below (after "
+                    "--warmup untimed calls, samples for --seconds-per-point, at least --repeats; the "
+                    "fastest is reported with the 75th percentile beside it), print a table, and "
+                    "optionally write the "
                     "raw results (--json, --csv) and a self-contained HTML report (--html).",
         epilog="Backends: " + _backend_help())
     bench.add_argument("--backends", nargs="+", metavar="NAME",
@@ -77,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", nargs="+", type=_positive_int, metavar="T",
                        help="thread counts for Numba and BLAS (default: leave as is)")
     bench.add_argument("--repeats", type=_positive_int, default=BENCH_DEFAULTS["repeats"],
-                       help="timed calls per point; the median is reported (default: %(default)s)")
+                       help="the fewest timed samples per point (default: %(default)s)")
+    bench.add_argument("--seconds-per-point", type=float, default=0.2, metavar="S",
+                       help="seconds of timing per point: more samples while they last (default: %(default)s)")
     bench.add_argument("--warmup", type=_nonneg_int, default=BENCH_DEFAULTS["warmup"],
                        help="untimed calls first, e.g. for Numba's compile (default: %(default)s)")
     bench.add_argument("--json", metavar="FILE", help="write the raw results and machine info as JSON")
@@ -108,6 +112,7 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
 
     from flashkit.measure import export
     from flashkit.measure.sweep import Sweep, sweep
+    from flashkit.measure.timing import NOISY_SPREAD
 
     outputs = {kind: getattr(args, kind) for kind in ("json", "csv", "html") if getattr(args, kind)}
     for kind, path in outputs.items():  # fail before the sweep, not after it
@@ -120,7 +125,7 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
         spec = Sweep(backends=args.backends, N=args.N, d=args.d, heads=args.heads, batch=args.batch,
                             causal={"off": [False], "on": [True], "both": [False, True]}[args.causal],
                             dtype=args.dtype, threads=args.threads or [None], repeats=args.repeats,
-                            warmup=args.warmup)
+                            warmup=args.warmup, seconds_per_point=args.seconds_per_point)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -137,7 +142,9 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
             bar.update()
     print(export.format_table(rows))
     machines = " and ".join(sorted({r["machine"] for r in rows}))
-    print(f"\n{machines}, commit {meta['commit']}; median of {spec.repeats} calls after {spec.warmup} warm-up")
+    print(f"\n{machines}, commit {meta['commit']}; the fastest sample (ms per call) of at least {spec.repeats} "
+          f"taken over about {spec.seconds_per_point:g} s per point, after {spec.warmup} warm-up call(s); "
+          f"p75 beside it, '!' where it is more than {1 + NOISY_SPREAD:g}x the fastest")
     load, cores = meta["load_average"], os.cpu_count() or 1
     if load and load[0] > cores:
         print(f"note: load average {load[0]:.2f} on {cores} cores: other work shared the cores, times are noisy")

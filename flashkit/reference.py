@@ -59,11 +59,15 @@ def modified_scores(S, problem):
 
 
 def _small_calls_on_one_blas_thread(fn):
-    """Run fn(problem) with NumPy's BLAS on one thread when the problem is small (flashkit/cpu/threads.py:
-    a 2-thread BLAS pool made a 0.03 ms product take 12-16 ms on a busy 2-core machine)."""
+    """Run fn(problem) with NumPy's BLAS on one thread when each of its products is small
+    (flashkit/cpu/threads.py: a 2-thread BLAS pool made a 0.03 ms product take 12-16 ms on a busy 2-core
+    machine). The size that counts is one product's, not the whole call's: np.matmul calls BLAS once per
+    (batch, head) matrix, and each call is a parallel region that waits for its slowest thread. Judged
+    by the whole call, N=512 with 4 heads went to every thread and took 196 ms instead of 18 ms while
+    other work kept the cores busy (2 cores, load average 9, measured)."""
     @functools.wraps(fn)
     def wrapper(problem):
-        with blas_for_work(problem.flops()):
+        with blas_for_work(problem.flops() / (2 * problem.B * problem.Hq)):  # S = QK^T or PV of one head
             return fn(problem)
     return wrapper
 

@@ -13,7 +13,7 @@ from flashkit.cli import main
 
 # A bench that takes well under a second: two NumPy backends, tiny sizes, one timed call a point.
 TINY = ["bench", "--backends", "numpy-standard", "numpy-tiled", "--N", "16", "40", "--d", "8",
-        "--heads", "2", "--repeats", "1", "--warmup", "0", "--quiet"]
+        "--heads", "2", "--repeats", "1", "--warmup", "0", "--seconds-per-point", "0.01", "--quiet"]
 
 
 def flashkit_cmd(*args, **kw):

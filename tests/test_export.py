@@ -15,7 +15,7 @@ from flashkit.measure import sweep as sweeps
 @pytest.fixture(scope="module")
 def rows():
     return list(sweeps.sweep(backends=["numpy-standard"], N=[16], d=[8], heads=[1], causal=[False, True],
-                             repeats=1, warmup=0))
+                             repeats=3, warmup=0, seconds_per_point=0.01))
 
 
 def test_write_json_structure(tmp_path, rows):

@@ -10,7 +10,7 @@ from flashkit.measure import export, threads, timing
 from flashkit.measure import sweep as sweeps
 from flashkit.registry import Backend
 
-TINY = dict(N=[16, 40], d=[8], heads=[2], repeats=2, warmup=1)
+TINY = dict(N=[16, 40], d=[8], heads=[2], repeats=2, warmup=1, seconds_per_point=0.01)
 
 
 # --- the sweep ------------------------------------------------------------------------------
@@ -32,6 +32,9 @@ def test_sweep_yields_rows_one_at_a_time():
     for r in rows:
         assert tuple(r) == sweeps.COLUMNS
         assert r["ms"] > 0 and r["gflops"] > 0 and r["skipped"] == ""
+        assert r["ms"] <= r["ms_p75"] and r["ms"] <= r["ms_median"] and isinstance(r["noisy"], bool)
+        assert r["repeats"] >= 2 and r["calls"] >= 1 and r["warmup_ms"] >= 0
+        assert r["gflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e9)  # at the fastest sample
         assert r["threads"] == 1 and r["device"] == "cpu" and r["dtype"] == "float32"
         assert r["flops"] == timing.attention_flops(1, 2, r["N"], r["N"], 8, causal=r["causal"])
         assert r["machine"]
@@ -70,6 +73,9 @@ def test_sweep_skips_a_point_the_backend_cannot_serve(monkeypatch):
     ({"threads": [10_000]}, "threads must be between 1 and"),
     ({"repeats": 0}, "repeats must be a positive integer"),
     ({"batch": 0}, "batch must be a positive integer"),
+    ({"budget_s": -1}, "budget_s must be a number of seconds"),
+    ({"seconds_per_point": "fast"}, "seconds_per_point must be a number of seconds"),
+    ({"peers": ["no-such"]}, "peers must be names from PEERS"),
 ])
 def test_sweep_bad_arguments(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -83,6 +89,24 @@ def test_sweep_unavailable_backend_says_why(monkeypatch):
     monkeypatch.setattr(registry, "all_backends", lambda: real() + (broken,))
     with pytest.raises(ValueError, match="'test-broken' is not available"):
         sweeps.Sweep(backends=["test-broken"])
+
+
+def test_a_spent_budget_skips_the_remaining_points_and_says_so():
+    """The whole sweep's timing is bounded: past budget_s, points are skipped with that reason."""
+    rows = list(sweeps.sweep(backends=["numpy-standard"], N=[16, 24, 32], d=[8], heads=[1], repeats=3,
+                             warmup=0, seconds_per_point=0.05, budget_s=0.01))
+    assert rows[0]["ms"] > 0  # the first point starts inside the budget and finishes
+    assert all(r["ms"] is None and "time budget" in r["skipped"] for r in rows[1:])
+    assert "time budget" in export.format_table(rows)
+
+
+def test_torch_cpu_peer_is_timed_on_the_same_points():
+    pytest.importorskip("torch")
+    rows = list(sweeps.sweep(backends=["numpy-standard"], peers=["torch-sdpa-cpu"], N=[16], d=[8], heads=[1],
+                             causal=[False, True], repeats=3, warmup=1, seconds_per_point=0.01, threads=[1]))
+    peer = [r for r in rows if r["backend"] == "torch-sdpa-cpu"]
+    assert len(peer) == 2 and all(r["ms"] > 0 and r["device"] == "cpu" and r["threads"] == 1 for r in peer)
+    assert sweeps.default_peers() == ["torch-sdpa-cpu"]
 
 
 def test_one_value_stands_for_a_list():

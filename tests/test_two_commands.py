@@ -1,4 +1,4 @@
-"""The README's first command: `make lab` starts JupyterLab on 127.0.0.1 with a token, as whoever runs it
+"""The README's first command: `make lab` (and `make lab-student`, the student edition) starts JupyterLab on 127.0.0.1 with a token, as whoever runs it
 (root included: containers and cloud machines run as root), and installs only what the lab needs.
 
 The lab runs from this interpreter's environment (`BIN=...`, so no .venv is created or installed into),
@@ -42,8 +42,18 @@ def _get(url: str) -> int:
         return e.code
 
 
+def _get_json(url: str):
+    import json
+
+    with _NO_PROXY.open(url, timeout=10) as r:
+        return json.load(r)
+
+
 @needs_make_and_lab
-def test_make_lab_serves_the_lab_with_its_token(tmp_path):
+@pytest.mark.parametrize("target", ["lab", "lab-student"])
+def test_make_lab_serves_the_lab_with_its_token(tmp_path, target):
+    """`make lab` serves notebooks/; `make lab-student` builds the student edition (here into tmp_path)
+    and serves it the same way: localhost, the token required."""
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ)
     env.pop("PLOTLY_RENDERER", None)
@@ -54,18 +64,20 @@ def test_make_lab_serves_the_lab_with_its_token(tmp_path):
         JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
         IPYTHONDIR=str(tmp_path / "ipython"),
     )
+    student = tmp_path / "student"
     log = tmp_path / "make-lab.log"
     with open(log, "wb") as out:
         # Its own process group, so the kill below reaches make, JupyterLab and anything it started.
-        proc = subprocess.Popen(["make", "--no-print-directory", "lab", f"BIN={BIN}", f"PORT={port}"],
+        proc = subprocess.Popen(["make", "--no-print-directory", target, f"BIN={BIN}", f"PORT={port}",
+                                 f"STUDENT={student}"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         status = None
         while time.monotonic() < deadline:
-            assert proc.poll() is None, f"make lab exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
+            assert proc.poll() is None, f"make {target} exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
             try:
                 status = _get(f"{base}/lab?token={token}")
                 break
@@ -77,6 +89,17 @@ def test_make_lab_serves_the_lab_with_its_token(tmp_path):
         assert code == 403, f"/api/status without the token answered {code}, expected 403"
         text = log.read_text(errors="replace")
         assert f"127.0.0.1:{port}" in text, f"the lab does not say it listens on 127.0.0.1:{port}:\n{text}"
+        # What the lab serves: the notebooks, or the student edition of every exercise.
+        served = sorted(item["name"] for item in _get_json(f"{base}/api/contents?token={token}")["content"])
+        if target == "lab":
+            assert "00_start_here.ipynb" in served and "exercises" in served, served
+        else:
+            exercises = sorted(p.name for p in (ROOT / "notebooks" / "exercises").glob("*.ipynb"))
+            assert exercises and [n for n in served if n.endswith(".ipynb")] == exercises, served
+            import nbformat
+
+            first = nbformat.read(student / exercises[0], as_version=4)
+            assert first.metadata["flashkit"]["edition"] == "student"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -102,6 +125,9 @@ def test_make_lab_installs_only_the_notebooks_extra_and_make_test_adds_the_test_
     assert ('.venv/bin/python -m pip install --quiet -e ".[notebooks,test]"' in test
             and "pytest" in test), test
     assert ("--allow-root" in lab) == (os.getuid() == 0), "--allow-root exactly when running as root"
+    student = subprocess.run(fresh + ["lab-student"], capture_output=True, text=True, check=True).stdout
+    assert "tools/make_student.py" in student and "--notebook-dir=build/student" in student, student
+    assert "--ip=127.0.0.1" in student and "--no-browser" in student, student
 
 
 def test_skipped_browser_tests_end_the_run_with_the_command_that_enables_them(tmp_path):

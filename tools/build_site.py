@@ -14,9 +14,15 @@ learner sees after "Run All". Two kinds of outputs need help to read well in a s
   its Output widgets showed when the notebook was executed (kept in the notebook's widget state),
   so the figure a slider drives is still on the page. No widget JavaScript is loaded from a CDN.
 
+- Formulas ($...$ in markdown) are typeset by MathJax 2, whose files come from the installed
+  jupyter-server-mathjax package (a dependency of the notebooks extra) and are copied into the site's
+  mathjax/ folder once: pages load it by a relative path, so formulas render with no network. MathJax
+  draws with its STIX web fonts where the browser loads them and with the system's fonts otherwise.
+- Links between notebooks (`03_tiling.ipynb`) and to the glossary (`glossary.md`, rendered as a page
+  of the site) are rewritten to the pages (`03_tiling.html`, `glossary.html`), anchors kept.
+
 The site is built in a temporary folder next to --out and swapped in at the end, so a failed build
-never leaves half a site. Only MathJax, on pages whose markdown has LaTeX, still comes from nbconvert's
-CDN URL; without a network those formulas show as their TeX source.
+never leaves half a site.
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ PLOTLY_MIME = "application/vnd.plotly.v1+json"
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE_KEY = "application/vnd.jupyter.widget-state+json"
 PLOTLY_JS = "plotly.min.js"
+MATHJAX_DIR = "mathjax"  # the site's copy of MathJax 2 (from jupyter-server-mathjax)
+GLOSSARY = "glossary.md"  # in the notebooks folder; rendered as glossary.html
 
 # The page template: nbconvert's lab template with plotly.min.js (local) in place of require.js,
 # no widget manager from a CDN, and a navigation bar (index, previous, next).
@@ -46,7 +54,7 @@ PAGE_TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {%- endblock html_head_js_requirejs -%}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
 {%- block html_head_js_mathjax -%}
-{%- if resources.flashkit.math -%}{{ super() }}{%- endif -%}
+{%- if resources.flashkit.math -%}{{ resources.flashkit.mathjax_html }}{%- endif -%}
 {%- endblock html_head_js_mathjax -%}
 {% block extra_css %}
 <style type="text/css">
@@ -65,6 +73,72 @@ PAGE_TEMPLATE = r"""{%- extends 'index.html.j2' -%}
   {% if resources.flashkit.next %}<a href="{{ resources.flashkit.next[0] }}">{{ resources.flashkit.next[1] | e }} &rarr;</a>{% endif %}
 </nav>
 {%- endblock body_header -%}
+"""
+
+
+# MathJax 2 from the site's own folder: the configuration (TeX in $...$ and $$...$$ as in JupyterLab,
+# HTML-CSS output with the STIX web fonts the package ships) comes before MathJax.js, which reads it.
+MATHJAX_HTML = """<script type="text/x-mathjax-config">
+MathJax.Hub.Config({{
+  tex2jax: {{inlineMath: [["$", "$"], ["\\\\(", "\\\\)"]], displayMath: [["$$", "$$"], ["\\\\[", "\\\\]"]],
+            processEscapes: true, processEnvironments: true}},
+  "HTML-CSS": {{availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null,
+               linebreaks: {{automatic: true}}}},
+  messageStyle: "none"
+}});
+</script>
+<script type="text/javascript" src="{src}/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"></script>"""
+
+
+def mathjax_source() -> Path:
+    """The MathJax 2 files of the installed jupyter-server-mathjax package."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError as exc:
+        raise RuntimeError("the site's formulas need jupyter-server-mathjax (MathJax's files, in flashkit's "
+                           "notebooks extra: pip install -e '.[notebooks]')") from exc
+    return Path(jupyter_server_mathjax.__file__).parent / "static"
+
+
+def copy_mathjax(dest: Path) -> None:
+    """Copy MathJax into dest, leaving out the translations of its menus but English."""
+    src = mathjax_source()
+    shutil.copytree(src, dest, ignore=lambda folder, names: [
+        n for n in names if Path(folder) == src / "localization" and n != "en"])
+
+
+# href="X.ipynb" or "X.md" (a relative path, optionally with #anchor) in a page: the site's page for it
+_LOCAL_LINK = re.compile(r'href="(?![a-z]+:|#|/)([^"#]*?)\.(ipynb|md)(#[^"]*)?"')
+
+
+def rewrite_links(body: str, pages: set, page: str) -> str:
+    """Links to notebooks and to the glossary that are pages of this site lead to those pages."""
+    def swap(m):
+        target = (Path(page).parent / f"{m.group(1)}.html").as_posix()
+        target = os.path.normpath(target)
+        if target not in pages:
+            return m.group(0)
+        return f'href="{m.group(1)}.html{m.group(3) or ""}"'
+    return _LOCAL_LINK.sub(swap, body)
+
+
+def render_markdown_page(markdown: str, title: str, index_href: str) -> str:
+    """A markdown file as a plain page (the glossary), its headings with JupyterLab's ids."""
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1.0">
+<title>{html.escape(title)}</title>
+<style>body {{ font-family: system-ui, sans-serif; max-width: 52em; margin: 2em auto; padding: 0 1em; line-height: 1.5; }}
+.anchor-link {{ display: none; }}
+@media (prefers-color-scheme: dark) {{ body {{ background: #111; color: #ddd; }} a {{ color: #8ab4f8; }} }}</style>
+</head>
+<body>
+<p><a href="{html.escape(index_href)}">&#8962; all notebooks</a></p>
+{markdown2html_mistune(markdown)}
+</body>
+</html>
 """
 
 
@@ -213,8 +287,9 @@ def _relative(target: str, page: str) -> str:
     return Path(os.path.relpath(target, Path(page).parent)).as_posix()
 
 
-def render_index(entries: list) -> str:
-    """The index page: the notebooks in series order with their titles and promises."""
+def render_index(entries: list, glossary: bool = False) -> str:
+    """The index page: the notebooks in series order with their titles and promises (and a link to the
+    glossary page when the site has one)."""
     from nbconvert.filters.markdown_mistune import markdown2html_mistune
 
     items = []
@@ -243,7 +318,7 @@ li p {{ margin: 0.3em 0 0 0; }}
 <h1>flashkit notebooks</h1>
 <p>Exact attention computed tile by tile with an online softmax (FlashAttention), every claim measured.
 These pages show the notebooks as executed; figures are interactive (zoom, hover) with no network.
-To run them and use the sliders: <code>make lab</code>.</p>
+To run them and use the sliders: <code>make lab</code>.{' The names they share are in the <a href="glossary.html">glossary</a>.' if glossary else ''}</p>
 <ul class="series">
 {chr(10).join(items)}
 </ul>
@@ -283,6 +358,8 @@ def build_site(notebooks: list, out: Path, root: Path, log=print) -> dict:
         )
         totals = {"plots": 0, "widgets": 0}
         pages = []
+        glossary = Path(root) / GLOSSARY
+        site_pages = {e["href"] for e in loaded} | ({"glossary.html"} if glossary.is_file() else set())
         for i, entry in enumerate(loaded):
             builder = _PageBuilder(copy.deepcopy(entry["nb"]))
             nb = builder.rewrite()
@@ -291,19 +368,25 @@ def build_site(notebooks: list, out: Path, root: Path, log=print) -> dict:
             links = {
                 "plotly_js": _relative(PLOTLY_JS, page),
                 "math": _has_math(entry["nb"]),
+                "mathjax_html": MATHJAX_HTML.format(src=_relative(MATHJAX_DIR, page)),
                 "index": _relative("index.html", page),
                 "prev": (_relative(loaded[i - 1]["href"], page), loaded[i - 1]["title"]) if i > 0 else None,
                 "next": (_relative(loaded[i + 1]["href"], page), loaded[i + 1]["title"]) if i + 1 < len(loaded) else None,
             }
             body, _ = exporter.from_notebook_node(nb, resources={"flashkit": links})
-            _atomic_write(staging / page, body)
+            _atomic_write(staging / page, rewrite_links(body, site_pages, page))
             totals["plots"] += builder.n_plots
             totals["widgets"] += builder.n_widgets
             pages.append(out / page)
             log(f"  {entry['source']}: {builder.n_plots} figures, {builder.n_widgets} widgets -> {out / page}")
 
         _atomic_write(staging / PLOTLY_JS, plotly.offline.get_plotlyjs())
-        _atomic_write(staging / "index.html", render_index(loaded))
+        _atomic_write(staging / "index.html", rewrite_links(render_index(loaded, glossary.is_file()), site_pages, "index.html"))
+        if any(_has_math(e["nb"]) for e in loaded):
+            copy_mathjax(staging / MATHJAX_DIR)
+        if glossary.is_file():
+            _atomic_write(staging / "glossary.html", rewrite_links(
+                render_markdown_page(glossary.read_text(), "Glossary", "index.html"), site_pages, "glossary.html"))
 
         # Swap the finished site in: the old one (if any) is moved aside first, then removed.
         old = None

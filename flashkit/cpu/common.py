@@ -36,21 +36,30 @@ NEG = -1e30  # a masked score: finite, so exp(NEG - NEG) = 1 never turns into Na
 # ---------------------------------------------------------------------------------------------
 # Block sizes from the cache
 # ---------------------------------------------------------------------------------------------
-def l2_bytes() -> int:
-    """Bytes of L2 cache per core: /sys first, then lscpu's total / cores, else 512 KiB."""
+def cache_bytes(level: int):
+    """Bytes of the level-`level` data (or unified) cache of core 0, as /sys reports it; None if it does
+    not (another OS, a container hiding /sys). L1 and L2 are per core on current x86 and Arm CPUs."""
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for index in sorted(os.listdir(base)):
             path = os.path.join(base, index)
             with open(os.path.join(path, "level")) as f:
-                level = f.read().strip()
+                found = f.read().strip()
             with open(os.path.join(path, "type")) as f:
                 kind = f.read().strip()
-            if level == "2" and kind in ("Unified", "Data"):
+            if found == str(level) and kind in ("Unified", "Data"):
                 with open(os.path.join(path, "size")) as f:
                     return _parse_size(f.read())
     except (OSError, ValueError):
         pass
+    return None
+
+
+def l2_bytes() -> int:
+    """Bytes of L2 cache per core: /sys first, then lscpu's total / cores, else 512 KiB."""
+    found = cache_bytes(2)
+    if found is not None:
+        return found
     try:
         import subprocess
 

@@ -29,8 +29,9 @@ def metadata(spec: Optional[Sweep] = None) -> dict:
     meta = {"created": provenance.now_utc(), "commit": provenance.commit_label(), "info": info(),
             "load_average": provenance.load_average(), "blas": provenance.blas_info()}
     if spec is not None:
-        meta["sweep"] = {k: getattr(spec, k) for k in ("backends", "N", "d", "heads", "causal", "dtype",
-                                                         "threads", "batch", "warmup", "repeats", "seed")}
+        meta["sweep"] = {k: getattr(spec, k) for k in ("backends", "peers", "N", "d", "heads", "causal", "dtype",
+                                                         "threads", "batch", "warmup", "repeats",
+                                                         "seconds_per_point", "budget_s", "seed")}
     return meta
 
 
@@ -77,21 +78,30 @@ def _json_default(x):
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Rows as an aligned text table: backend, B, H, N, d, causal, dtype, threads, ms, GFLOP/s, and a
-    note column (why a point was skipped) when any was."""
-    head = ["backend", "B", "H", "N", "d", "causal", "dtype", "threads", "ms (median)", "GFLOP/s"]
-    notes = any(r["skipped"] for r in rows)
+    """Rows as an aligned text table: backend, B, H, N, d, causal, dtype, threads, ms (the fastest
+    sample), p75 (its spread, "!" when noisy), GFLOP/s, and a note column (why a point was skipped, or
+    that its spread is large) when any has one."""
+    head = ["backend", "B", "H", "N", "d", "causal", "dtype", "threads", "ms (min)", "ms (p75)", "GFLOP/s"]
+    def note(r):
+        if r["skipped"]:
+            return r["skipped"]
+        return "noisy: p75 far above min" if r.get("noisy") else ""
+
+    notes = any(note(r) for r in rows)
     if notes:
         head.append("note")
     body = []
     for r in rows:
         timed = r["ms"] is not None
+        p75 = r.get("ms_p75")
         cells = [r["backend"], str(r["B"]), str(r["H"]), str(r["N"]), str(r["d"]), "yes" if r["causal"] else "no",
                  r["dtype"], "-" if r["threads"] is None else str(r["threads"]),
-                 f"{r['ms']:.3f}" if timed else "-", f"{r['gflops']:.2f}" if timed else "-"]
-        body.append(cells + ([r["skipped"] or ""] if notes else []))
+                 f"{r['ms']:.3f}" if timed else "-",
+                 (f"{p75:.3f}" + ("!" if r.get("noisy") else "")) if timed and p75 is not None else "-",
+                 f"{r['gflops']:.2f}" if timed else "-"]
+        body.append(cells + ([note(r)] if notes else []))
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
-    numeric = {1, 2, 3, 4, 7, 8, 9}
+    numeric = {1, 2, 3, 4, 7, 8, 9, 10}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)

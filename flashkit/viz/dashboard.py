@@ -6,7 +6,10 @@
     sweep_figure(dash.rows)          # the results as a plain plotly figure
 
 The dashboard measures with flashkit.measure.sweep.sweep, which yields one result at a time, so the
-chart and the progress bar move as each point finishes. The chart is a plotly go.Figure redrawn in an
+chart and the progress bar move as each point finishes. Each point is the fastest of its timed samples
+(flashkit.measure.timing.time_robust); its error bar reaches the 75th percentile, and a point whose
+spread is large (timing.NOISY_SPREAD) is ringed and named in the title: its time is not to be trusted.
+When torch is installed, its CPU attention is timed beside flashkit's backends as a labelled peer. The chart is a plotly go.Figure redrawn in an
 ipywidgets Output (plotly's FigureWidget needs the anywidget package, which flashkit does not require).
 Callback errors are printed in the dashboard's log area, never swallowed.
 """
@@ -21,14 +24,19 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from flashkit.measure.export import metadata, write_csv, write_json
-from flashkit.measure.sweep import DTYPES, Sweep, check_dtype, default_backends, sweep
+from flashkit.measure.sweep import (DTYPES, PEERS, Sweep, check_dtype, default_backends, default_peers,
+                                    peer_unavailable_reason, sweep)
 from flashkit.measure.threads import check_threads, current_threads, max_threads
+from flashkit.viz import spread
 from flashkit.validate import positive_int
 
 METRICS = {
-    "ms": ("time per call (ms, median)", "log"),
-    "gflops": ("throughput (GFLOP/s)", "linear"),
+    "ms": ("time per call (ms, fastest sample; bar to the 75th percentile)", "log"),
+    "gflops": ("throughput (GFLOP/s at the fastest sample; bar to the 75th percentile)", "linear"),
 }
+# The whole default sweep's timing budget (warm-ups and compiles not counted): on a busy or
+# oversubscribed machine the remaining points are skipped rather than letting Run take minutes.
+DASHBOARD_BUDGET_S = 20.0
 # Point fields that may vary across a sweep; those that do name the chart's lines beside the backend.
 SERIES_FIELDS = ("causal", "d", "H", "dtype", "threads")
 
@@ -43,7 +51,7 @@ def varying(rows: Sequence[dict]) -> tuple:
 
 def series_label(row: dict, fields: Sequence[str]) -> str:
     """A line's name: the backend, then each varying field (e.g. "numba, causal, d=128")."""
-    parts = [row["backend"]]
+    parts = [f"{row['backend']} (peer, not flashkit)" if row["backend"] in PEERS else row["backend"]]
     for f in fields:
         if f == "causal":
             parts.append("causal" if row["causal"] else "non-causal")
@@ -63,13 +71,28 @@ def _add_traces(fig, rows, metric, fields, **where):
             series.setdefault(series_label(r, fields), []).append(r)
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(pts, key=lambda r: r["N"])
+        # The bar runs from the fastest sample to the 75th percentile: up in time, down in GFLOP/s.
+        slow = [r["ms_p75"] if r.get("ms_p75") is not None else r["ms"] for r in pts]
+        if metric == "ms":
+            error = spread.bar_up([r["ms"] for r in pts], slow)
+        else:
+            error = spread.bar_down([r["gflops"] for r in pts], [r["flops"] / (s * 1e-3) / 1e9 for s, r in zip(slow, pts)])
         fig.add_trace(go.Scatter(
             x=[r["N"] for r in pts], y=[r[metric] for r in pts], name=name, mode="lines+markers",
             legendgroup=name, showlegend=where.get("col", 1) == 1,
-            marker=dict(color=_colour(i)), line=dict(color=_colour(i)),
-            customdata=[[r["ms"], r["gflops"]] for r in pts],
-            hovertemplate="N=%{x}<br>%{customdata[0]:.3f} ms<br>%{customdata[1]:.2f} GFLOP/s<extra>" + name + "</extra>",
+            marker=dict(color=_colour(i)), line=dict(color=_colour(i)), error_y=dict(error, color=_colour(i)),
+            customdata=[[r["ms"], s, r["gflops"]] for s, r in zip(slow, pts)],
+            hovertemplate=("N=%{x}<br>%{customdata[0]:.3f} ms fastest, %{customdata[1]:.3f} ms p75"
+                           "<br>%{customdata[2]:.2f} GFLOP/s<extra>" + name + "</extra>"),
         ), **where)
+    noisy = [r for pts in series.values() for r in pts if r.get("noisy")]
+    return spread.ring_noisy(fig, [r["N"] for r in noisy], [r[metric] for r in noisy],
+                             showlegend=where.get("col", 1) == 1, **where)
+
+
+def noisy_warning(rows: Sequence[dict]) -> str:
+    """'' when every timed point is steady, else a sentence naming how many are not and what to do."""
+    return spread.warning(sum(1 for r in rows if r["ms"] is not None and r.get("noisy")))
 
 
 def _colour(i: int) -> str:
@@ -93,8 +116,9 @@ def sweep_figure(rows: Sequence[dict], metric: str = "ms", fields: Optional[Sequ
     label, axis_type = METRICS[metric]
     fig = go.Figure()
     _add_traces(fig, rows, metric, fields)
+    title = title or f"Attention forward: {label.split(' (')[0]} against sequence length"
     fig.update_layout(
-        title=title or f"Attention forward: {label.split(' (')[0]} against sequence length",
+        title=spread.title(title, sum(1 for r in rows if r["ms"] is not None and r.get("noisy"))),
         xaxis=dict(title="sequence length N (tokens, log scale)", type="log",
                    tickvals=sorted({r["N"] for r in rows}) or None),
         yaxis=dict(title=label, type=axis_type),
@@ -117,9 +141,11 @@ def report_figure(rows: Sequence[dict], title: str = "flashkit bench") -> go.Fig
     ticks = sorted({r["N"] for r in rows}) or None
     for col in (1, 2):
         fig.update_xaxes(title_text="sequence length N (tokens, log scale)", type="log", tickvals=ticks, row=1, col=col)
-    fig.update_yaxes(title_text=METRICS["ms"][0], type="log", row=1, col=1)
-    fig.update_yaxes(title_text=METRICS["gflops"][0], row=1, col=2)
-    fig.update_layout(title=title, height=460, legend=dict(title="backend"))
+    fig.update_yaxes(title_text="time per call (ms, fastest; bar to p75)", type="log", row=1, col=1)
+    fig.update_yaxes(title_text="throughput (GFLOP/s; bar to p75)", row=1, col=2)
+    warning = noisy_warning(rows)
+    fig.update_layout(title=title + (f"<br><sup>{warning}</sup>" if warning else ""), height=460,
+                      legend=dict(title="backend"))
     return fig
 
 
@@ -134,12 +160,13 @@ def report_html(rows: Sequence[dict], meta: dict) -> str:
     figure = pio.to_html(report_figure(rows, title=f"flashkit bench on {machine}"),
                          include_plotlyjs=True, full_html=False)
     esc = html.escape
-    head = ("backend", "B", "H", "N", "d", "causal", "dtype", "threads", "ms (median)", "ms (min)", "GFLOP/s", "note")
+    head = ("backend", "B", "H", "N", "d", "causal", "dtype", "threads", "ms (min)", "ms (p75)", "GFLOP/s", "note")
     body = "\n".join(
         "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
             r["backend"], r["B"], r["H"], r["N"], r["d"], "yes" if r["causal"] else "no", r["dtype"], "-" if r["threads"] is None else r["threads"],
-            "" if r["ms"] is None else f"{r['ms']:.3f}", "" if r["ms_min"] is None else f"{r['ms_min']:.3f}",
-            "" if r["gflops"] is None else f"{r['gflops']:.2f}", r["skipped"])) + "</tr>"
+            "" if r["ms"] is None else f"{r['ms']:.3f}", "" if r["ms_p75"] is None else f"{r['ms_p75']:.3f}",
+            "" if r["gflops"] is None else f"{r['gflops']:.2f}",
+            r["skipped"] or ("noisy: p75 far above the fastest" if r["noisy"] else ""))) + "</tr>"
         for r in rows)
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -149,7 +176,7 @@ td, th {{ padding: 0.2em 0.7em; border-bottom: 1px solid #8884; text-align: righ
 td:first-child, th:first-child, td:last-child {{ text-align: left; }}</style></head>
 <body>
 <h1>flashkit bench</h1>
-<p>Median of {esc(str(rows[0]['repeats']) if rows else '?')} timed calls after warm-up; FLOPs = 4&middot;B&middot;H&middot;N&sup2;&middot;d
+<p>The fastest of the timed samples after warm-up (at least {esc(str(meta.get('sweep', {}).get('repeats', '?')))} a point), the 75th percentile beside it; FLOPs = 4&middot;B&middot;H&middot;N&sup2;&middot;d
 times the visible fraction (about half when causal). Created {esc(meta['created'])}, commit {esc(str(meta.get('commit')))}.</p>
 {figure}
 <h2>Results</h2>
@@ -174,13 +201,16 @@ HEAD_CHOICES = (1, 2, 4, 8, 16, 32)
 class BenchmarkDashboard:
     """Widgets that set up a sweep, a Run button, a progress bar, a live chart and CSV/JSON export.
 
-    The defaults (the CPU baselines, N = 128..512, d = 64, 4 heads, 3 repeats) finish in seconds on a
-    laptop. `run()` does what the button does and returns the rows, so a notebook can run it from code.
+    The defaults (the CPU baselines, torch's CPU attention as a peer when torch is installed, N =
+    128..512, d = 64, 4 heads, at least 3 samples and about `seconds_per_point` of timing a point) finish
+    in seconds on a laptop; `budget_s` bounds the timing of a whole Run (points past it are skipped and
+    say so). `run()` does what the button does and returns the rows, so a notebook can run it from code.
     """
 
-    def __init__(self, *, backends: Optional[Sequence[str]] = None, N=(128, 512), d: int = 64, heads: int = 4,
-                 causal: str = "off", dtype: str = "float32", threads: Optional[int] = None, repeats: int = 3,
-                 metric: str = "ms", folder="."):
+    def __init__(self, *, backends: Optional[Sequence[str]] = None, peers: Optional[Sequence[str]] = None,
+                 N=(128, 512), d: int = 64, heads: int = 4, causal: str = "off", dtype: str = "float32",
+                 threads: Optional[int] = None, repeats: int = 3, seconds_per_point: float = 0.2,
+                 budget_s: Optional[float] = DASHBOARD_BUDGET_S, metric: str = "ms", folder="."):
         import ipywidgets as W
         import flashkit
 
@@ -189,6 +219,13 @@ class BenchmarkDashboard:
         unknown = [b for b in chosen if b not in available]
         if unknown:
             raise ValueError(f"backends must be available backends ({', '.join(available)}); got {unknown}")
+        peers = default_peers() if peers is None else list(peers)
+        for p in peers:
+            reason = peer_unavailable_reason(p)
+            if reason is not None:
+                raise ValueError(f"peers must be peers that run here ({', '.join(default_peers()) or 'none'}); "
+                                 f"got {p!r}: {reason}")
+        self.seconds_per_point, self.budget_s = seconds_per_point, budget_s
         if tuple(N) != tuple(sorted(N)) or len(N) != 2 or any(n not in N_CHOICES for n in N):
             raise ValueError(f"N must be a (low, high) pair from {N_CHOICES}; got {N!r}")
         if d not in D_CHOICES:
@@ -219,7 +256,10 @@ class BenchmarkDashboard:
         self.dtype = W.Dropdown(options=list(DTYPES), value=check_dtype(dtype), description="dtype", style=style)
         self.threads = W.IntSlider(value=threads, min=1, max=top, description="threads", style=style)
         self.repeats = W.IntSlider(value=positive_int("repeats", repeats), min=1, max=20,
-                                   description="repeats", style=style)
+                                   description="min samples", style=style)
+        self.peers = W.Checkbox(value="torch-sdpa-cpu" in peers, indent=False,
+                                description="torch SDPA on the CPU (a peer, not flashkit)",
+                                disabled=peer_unavailable_reason("torch-sdpa-cpu") is not None)
         self.metric = W.ToggleButtons(options=[("time (ms)", "ms"), ("GFLOP/s", "gflops")], value=metric,
                                       description="plot", style=style)
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
@@ -238,7 +278,7 @@ class BenchmarkDashboard:
 
         self.widget = W.VBox([
             W.HBox([W.VBox([self.backends, self.N, self.d, self.heads]),
-                    W.VBox([self.causal, self.dtype, self.threads, self.repeats])]),
+                    W.VBox([self.causal, self.dtype, self.threads, self.repeats, self.peers])]),
             W.HBox([self.run_button, self.progress, self.status]),
             self.metric, self.chart,
             W.HBox([self.filename, self.csv_button, self.json_button]),
@@ -253,9 +293,10 @@ class BenchmarkDashboard:
         """The sweep the widgets describe: powers of two over the N range, the chosen settings."""
         lo, hi = self.N.value
         causal = {"off": (False,), "on": (True,), "both": (False, True)}[self.causal.value]
-        return Sweep(backends=list(self.backends.value), N=[n for n in N_CHOICES if lo <= n <= hi],
-                            d=[self.d.value], heads=[self.heads.value], causal=causal, dtype=[self.dtype.value],
-                            threads=[self.threads.value], repeats=self.repeats.value)
+        return Sweep(backends=list(self.backends.value), peers=["torch-sdpa-cpu"] if self.peers.value else [],
+                     N=[n for n in N_CHOICES if lo <= n <= hi], d=[self.d.value], heads=[self.heads.value],
+                     causal=causal, dtype=[self.dtype.value], threads=[self.threads.value],
+                     repeats=self.repeats.value, seconds_per_point=self.seconds_per_point, budget_s=self.budget_s)
 
     def run(self) -> list:
         """Run the sweep the widgets describe, redrawing the chart after every point; returns the rows."""
@@ -271,7 +312,8 @@ class BenchmarkDashboard:
             for row in sweep(spec):
                 self.rows.append(row)
                 self.progress.value += 1
-                done = f"{row['ms']:.2f} ms" if row["ms"] is not None else "skipped: " + row["skipped"]
+                done = (f"{row['ms']:.2f} ms" + (" (noisy)" if row["noisy"] else "") if row["ms"] is not None
+                        else "skipped: " + row["skipped"])
                 self.status.value = f"{self.progress.value}/{points}: {row['backend']} N={row['N']} {done}"
                 self._redraw()
         except Exception as exc:
@@ -281,7 +323,9 @@ class BenchmarkDashboard:
         finally:
             self.run_button.disabled = False
         self.progress.bar_style = "success"
-        self.status.value = f"done: {len(self.rows)} points"
+        over = sum("time budget" in r["skipped"] for r in self.rows)
+        self.status.value = (f"done: {len(self.rows)} points" + (f", {over} past the time budget" if over else "")
+                             + (f"; {noisy_warning(self.rows)}" if noisy_warning(self.rows) else ""))
         return self.rows
 
     def figure(self) -> go.Figure:

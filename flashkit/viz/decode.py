@@ -10,6 +10,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from flashkit.viz import spread
+
 
 def causal_alignment_figure(n_new: int, n_cached: int) -> go.Figure:
     """Two masks side by side: a prefill of n_cached tokens and one decoding step (1 query, bottom row)."""
@@ -30,18 +32,31 @@ def causal_alignment_figure(n_new: int, n_cached: int) -> go.Figure:
     return fig
 
 
+COST_SERIES = (("prefill", "prefill of N tokens"), ("recompute", "next token without a cache (prefill of N+1)"),
+               ("decode", "next token with the KV cache (1 query)"))
+
+
 def cost_figure(rows) -> go.Figure:
-    """rows: dicts with N, prefill_ms, decode_ms, recompute_ms (time to add token N+1 without a cache)."""
+    """rows: dicts with N, prefill_ms, decode_ms, recompute_ms (time to add token N+1 without a cache),
+    each the fastest sample; optional <name>_p75_ms and <name>_noisy (flashkit.measure.timing.time_robust)
+    add the error bars and the rings of noisy points (flashkit.viz.spread)."""
     N = [r["N"] for r in rows]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=N, y=[r["prefill_ms"] for r in rows], mode="lines+markers", name="prefill of N tokens"))
-    fig.add_trace(go.Scatter(x=N, y=[r["recompute_ms"] for r in rows], mode="lines+markers",
-                             name="next token without a cache (prefill of N+1)"))
-    fig.add_trace(go.Scatter(x=N, y=[r["decode_ms"] for r in rows], mode="lines+markers",
-                             name="next token with the KV cache (1 query)"))
-    fig.update_layout(title="One more token: recompute everything, or read the cache (tiny model, measured)",
-                      xaxis_title="tokens already in the sequence N", yaxis_title="time (ms)",
-                      xaxis_type="log", yaxis_type="log", legend=dict(x=0.01, y=0.99))
+    ring_x, ring_y = [], []
+    for key, name in COST_SERIES:
+        fastest = [r[f"{key}_ms"] for r in rows]
+        p75 = [r.get(f"{key}_p75_ms") for r in rows]
+        fig.add_trace(go.Scatter(x=N, y=fastest, mode="lines+markers", name=name,
+                                 error_y=spread.bar_up(fastest, p75) if any(v is not None for v in p75) else None))
+        for r in rows:
+            if r.get(f"{key}_noisy"):
+                ring_x.append(r["N"])
+                ring_y.append(r[f"{key}_ms"])
+    n_noisy = spread.ring_noisy(fig, ring_x, ring_y)
+    fig.update_layout(title=spread.title("One more token: recompute everything, or read the cache (measured, "
+                                         "fastest sample, bar to p75)", n_noisy),
+                      xaxis_title="tokens already in the sequence, N (tokens, log scale)", yaxis_title="time per call (ms, log scale)",
+                      xaxis_type="log", yaxis_type="log", legend=dict(x=0.01, y=0.99), height=450)
     return fig
 
 
@@ -54,14 +69,14 @@ def cache_growth_figure(configs, max_tokens: int, measured=None) -> go.Figure:
     t = np.linspace(0, max_tokens, 65)
     for c in configs:
         fig.add_trace(go.Scatter(x=t, y=t * c["bytes_per_token"] / 2**30, mode="lines", name=c["name"]), 1, 1)
-    fig.update_xaxes(title_text="tokens in the cache", row=1, col=1)
+    fig.update_xaxes(title_text="cache length (tokens)", row=1, col=1)
     fig.update_yaxes(title_text="K + V memory (GiB)", row=1, col=1)
     if measured is not None:
         tokens, used, allocated = measured
         fig.add_trace(go.Scatter(x=tokens, y=np.asarray(used) / 2**10, mode="lines+markers", name="used_bytes (filled rows)"), 1, 2)
         fig.add_trace(go.Scatter(x=[min(tokens), max(tokens)], y=[allocated / 2**10] * 2, mode="lines", line_dash="dash",
                                  name="nbytes (preallocated)"), 1, 2)
-        fig.update_xaxes(title_text="tokens in the cache", row=1, col=2)
+        fig.update_xaxes(title_text="cache length (tokens)", row=1, col=2)
         fig.update_yaxes(title_text="K + V memory, all layers (KiB)", row=1, col=2)
     fig.update_layout(title="KV cache memory grows linearly with the tokens kept", legend=dict(orientation="h", y=-0.25))
     return fig
@@ -84,18 +99,25 @@ def splitk_timeline_figure(runs) -> go.Figure:
                              marker_color="#888888", showlegend=False, text="merge", textposition="outside",
                              hovertemplate="online_softmax.merge: %{x:.3f} ms<extra></extra>"))
     fig.update_layout(title="Split-K on a timeline: chunks of one head's cache on all threads, then an exact merge",
-                      xaxis_title="time since launch (ms)", yaxis_title="", barmode="overlay", height=360)
+                      xaxis_title="time since launch (ms)", yaxis_title="run and thread", barmode="overlay", height=360)
     fig.update_yaxes(autorange="reversed")
     return fig
 
 
 def bandwidth_figure(rows, copy_GBps: float, title_suffix: str = "") -> go.Figure:
-    """rows: dicts with method, L, kv_GBps; a horizontal line at the measured copy bandwidth."""
+    """rows: dicts with method, L, kv_GBps (at the fastest sample); optional kv_GBps_p75 (at the 75th
+    percentile) and noisy add the error bars and rings (flashkit.viz.spread). A horizontal line at the
+    measured copy bandwidth."""
     fig = go.Figure()
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
-        fig.add_trace(go.Scatter(x=[r["L"] for r in sel], y=[r["kv_GBps"] for r in sel], mode="lines+markers", name=method))
+        best, at_p75 = [r["kv_GBps"] for r in sel], [r.get("kv_GBps_p75") for r in sel]
+        fig.add_trace(go.Scatter(x=[r["L"] for r in sel], y=best, mode="lines+markers", name=method,
+                                 error_y=spread.bar_down(best, at_p75) if any(v is not None for v in at_p75) else None))
+    noisy = [r for r in rows if r.get("noisy")]
+    n_noisy = spread.ring_noisy(fig, [r["L"] for r in noisy], [r["kv_GBps"] for r in noisy])
     fig.add_hline(y=copy_GBps, line_dash="dash", annotation_text=f"copy bandwidth {copy_GBps:.1f} GB/s")
-    fig.update_layout(title=f"Decoding reads the whole cache: K + V bytes per second{title_suffix}",
-                      xaxis_title="tokens in the cache L", yaxis_title="K + V read (GB/s)", xaxis_type="log")
+    fig.update_layout(title=spread.title(f"Decoding reads the whole cache: K + V bytes per second{title_suffix}", n_noisy),
+                      xaxis_title="cache length L (tokens, log scale)", yaxis_title="K + V read (GB/s; bar down to p75)",
+                      xaxis_type="log", height=450)
     return fig

@@ -11,9 +11,11 @@ AVX-512, or ARM NEON with v0.4s registers) the notebook prints what was found, n
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import plotly.graph_objects as go
+
+from flashkit.viz import spread
 
 # x86: "vfmadd231ps %ymm1, %ymm2, %ymm0" (AT&T) or "vfmadd231ps ymm0, ymm1, ymm2" (Intel)
 _X86 = re.compile(r"^\s*(v[a-z0-9]+)\s+(.*)$")
@@ -93,13 +95,22 @@ def micro_figure(rows: Sequence[dict], title: str) -> go.Figure:
 
 
 def speed_figure(labels: Sequence[str], values: Sequence[float], title: str, x_title: str,
-                 y_title: str = "throughput (GFLOP/s, 4·B·H·N²·d / median time)") -> go.Figure:
-    """One bar per configuration, value printed on the bar."""
-    fig = go.Figure(go.Bar(x=list(labels), y=list(values), marker_color=[_colour(i) for i in range(len(labels))],
-                           text=[f"{v:.1f}" for v in values], textposition="outside"))
+                 y_title: str = "throughput (GFLOP/s, 4·B·H·N²·d / fastest time)", low: Optional[Sequence[float]] = None,
+                 noisy: Optional[Sequence[bool]] = None) -> go.Figure:
+    """One bar per configuration, value printed on the bar. `low` (the rate at the 75th percentile of the
+    samples, flashkit.measure.timing.time_robust) draws an error bar down to it; `noisy` rings the bars
+    whose spread is large and says so in the title (flashkit.viz.spread)."""
+    values = list(values)
+    fig = go.Figure(go.Bar(x=list(labels), y=values, marker_color=[_colour(i) for i in range(len(labels))],
+                           text=[f"{v:.1f}" for v in values], textposition="outside",
+                           error_y=spread.bar_down(values, list(low)) if low is not None else None))
+    n_noisy = 0
+    if noisy is not None:
+        flagged = [i for i, flag in enumerate(noisy) if flag]
+        n_noisy = spread.ring_noisy(fig, [list(labels)[i] for i in flagged], [values[i] for i in flagged])
     fig.update_xaxes(title_text=x_title, type="category")
     fig.update_yaxes(title_text=y_title)
-    fig.update_layout(title=title, showlegend=False)
+    fig.update_layout(title=spread.title(title, n_noisy), showlegend=n_noisy > 0)
     return fig
 
 

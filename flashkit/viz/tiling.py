@@ -245,21 +245,42 @@ def block_size_figure(d_values=(32, 64, 128), M_values=None):
     return fig
 
 
+_TILE_COLOURS = {"Q_i": "#636EFA", "K_j": "#EF553B", "V_j": "#00CC96", "O_i": "#AB63FA"}
+
+
 def fast_memory_figure(M: int, d: int):
-    """Stacked bar of the floats the four tiles Q_i, K_j, V_j, O_i occupy next to the budget M."""
+    """Left: stacked bar of the floats the four tiles Q_i, K_j, V_j, O_i occupy next to the budget M.
+    Right: the tiles' shapes to scale (rows x d). Once d is large enough that Br = Bc, every tile holds
+    M/4 floats whatever d is, so the bar alone stops changing with d; the shapes show what d still
+    changes: how many rows (tokens) a tile holds at that width."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     f = fast_memory_use(M, d)
-    fig = go.Figure()
+    rows = {"Q_i": f["Br"], "K_j": f["Bc"], "V_j": f["Bc"], "O_i": f["Br"]}
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.12,
+                        subplot_titles=("floats held", "tile shapes to scale: rows x d"))
     for name, n in f["use"].items():
-        fig.add_trace(go.Bar(y=["tiles"], x=[n], name=f"{name}: {n:,} floats", orientation="h"))
+        fig.add_trace(go.Bar(y=["tiles"], x=[n], name=f"{name}: {rows[name]} x {d} = {n:,} floats", orientation="h",
+                             marker_color=_TILE_COLOURS[name], legendgroup=name), 1, 1)
     fig.add_trace(go.Bar(y=["budget M"], x=[M], name=f"M = {M:,} floats", orientation="h",
-                         marker_color="rgba(128,128,128,0.5)"))
-    fig.update_layout(barmode="stack", height=320, legend=dict(orientation="h", y=-0.35), title=(
+                         marker_color="rgba(128,128,128,0.5)"), 1, 1)
+    x0, gap = 0, max(d // 4, 2)
+    for name, n_rows in rows.items():  # rectangles d wide and n_rows tall, side by side
+        fig.add_shape(type="rect", x0=x0, x1=x0 + d, y0=0, y1=n_rows, fillcolor=_TILE_COLOURS[name], opacity=0.6,
+                      line=dict(color=_TILE_COLOURS[name]), row=1, col=2)
+        fig.add_trace(go.Scatter(x=[x0 + d / 2], y=[n_rows], mode="text", text=[f"{name}<br>{n_rows} x {d}"],
+                                 textposition="top center", showlegend=False, hoverinfo="skip"), 1, 2)
+        x0 += d + gap
+    fig.update_layout(barmode="stack", height=380, legend=dict(orientation="h", y=-0.3), title=(
         f"M = {M:,} floats, d = {d}: Br = {f['Br']}, Bc = {f['Bc']};<br>tiles Q_i, K_j, V_j, O_i use {f['total']:,} floats "
         f"({f['total'] / M:.0%} of M)"))
-    fig.update_xaxes(title_text="fast memory (float32 words)")
-    fig.update_yaxes(title_text="fast-memory contents")
+    fig.update_xaxes(title_text="fast memory (float32 words)", row=1, col=1)
+    fig.update_yaxes(title_text="fast-memory contents", row=1, col=1)
+    top = max(rows.values())
+    fig.update_xaxes(title_text="columns (head size d, floats)", range=[-gap, x0], constrain="domain", row=1, col=2)
+    fig.update_yaxes(title_text="rows (tokens)", range=[0, top * 1.35], scaleanchor="x2", scaleratio=1,
+                     constrain="domain", row=1, col=2)  # one row as tall as one column is wide: to scale
     return fig
 
 
