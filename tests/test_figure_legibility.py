@@ -130,10 +130,7 @@ def problems_of(fig: dict) -> list:
 
 # Figures of notebooks that other work is fixing: each known failure is listed, strict, so that this list
 # shrinks as they are fixed (an entry that starts to pass fails the run until it is removed).
-KNOWN = {
-    "07_gpu_kernels.ipynb": "cell 22: 8 legend entries in 6 distinct styles (torch-efficient and torch-math "
-                            "draw float16 and float32 in one colour and one dash)",
-}
+KNOWN = {}  # notebook file -> why its figures fail today (a strict xfail): none
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.relative_to(ROOT / "notebooks").as_posix() for p in NOTEBOOKS])

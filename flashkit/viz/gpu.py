@@ -169,6 +169,10 @@ def roofline_figure(rows: Sequence[dict], ceilings: dict, title: str) -> go.Figu
     return fig
 
 
+# One marker per dtype, so a backend drawn in two dtypes (one colour) stays two legible series.
+_SYMBOL = {"float16": "circle", "bfloat16": "diamond", "float32": "square"}
+
+
 def sdpa_figure(rows: Sequence[dict], best_rung: dict, title: str) -> go.Figure:
     """TFLOP/s against N: each SDPA backend and the best flashkit rung for the dtype (best_rung: dtype -> impl)."""
     rows = gpu_results.ok(rows)
@@ -182,7 +186,7 @@ def sdpa_figure(rows: Sequence[dict], best_rung: dict, title: str) -> go.Figure:
             if not sub:
                 continue
             fig.add_scatter(x=[r["N"] for r in sub], y=[r["tflops"] for r in sub], mode="lines+markers",
-                            name=f"{impl} {dt}", marker_color=_colour(i),
+                            name=f"{impl} {dt}", marker_color=_colour(i), marker_symbol=_SYMBOL.get(dt, "circle"),
                             line=dict(dash="solid" if impl in SDPA else "dash"))
     fig.update_xaxes(type="log", title_text="sequence length N (tokens, log scale)")
     fig.update_yaxes(title_text="throughput (TFLOP/s)")
