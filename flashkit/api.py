@@ -43,10 +43,14 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
         raise TypeError(f"return_lse must be True or False; got {return_lse!r}")
     if backend != "auto":
         registry.get(backend)  # an unknown name fails before any work on the arrays
+    # On the GPU the NaN/Inf scan of q, k, v runs beside the attention kernel (validate.finish waits for the
+    # scan alone, not for the kernel); a flagged input raises and the output is dropped.
     problem = validate.check(q, k, v, causal=causal, scale=scale, window=window, mask=mask,
-                             block_size=block_size, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
+                             block_size=block_size, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+                             finite="async")
     chosen = registry.choose(problem, backend)
     O, lse = chosen.run(problem)
+    validate.finish(problem)
     o = _as_input(O, q)
     if not return_lse:
         return o
@@ -81,10 +85,13 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=
         raise TypeError(f"backend must be a string ('auto' or a name from flashkit.backends()); got {backend!r}")
     if backend != "auto":
         registry.get(backend)
+    # On the GPU the NaN/Inf scan of the six arrays runs beside the backward kernels, and the CUDA rungs check
+    # lse inside them (the row sums of the recomputed P); validate.finish waits for both and raises.
     problem = validate.check_backward(do, q, k, v, o, lse, causal=causal, scale=scale, window=window,
-                                      mask=mask, block_size=block_size)
+                                      mask=mask, block_size=block_size, finite="async")
     chosen = registry.choose(problem, backend, direction="backward")
     dQ, dK, dV = chosen.run_backward(problem)
+    validate.finish(problem)
     return tuple(_as_input(g, x) for g, x in ((dQ, q), (dK, k), (dV, v)))
 
 

@@ -33,21 +33,39 @@ def _arch() -> str:
 
 
 @functools.cache
+def include_options() -> Tuple[str, ...]:
+    """NVRTC options that let a kernel `#include "mma.cuh"` (the shared helpers beside the .cu files).
+
+    CuPy's on-disk cache keys a module by its source and options, not by the headers it includes: the
+    headers' hash goes into the options, so editing a header recompiles every kernel that could use it."""
+    import hashlib
+
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.cuh")))).hexdigest()[:16]
+    return (f"-I{KERNEL_DIR}", f"-DFLASHKIT_HEADERS=0x{digest}")
+
+
+def build_options(d: int, element: str, Br: Optional[int] = None, Bc: Optional[int] = None) -> Tuple[str, ...]:
+    """The NVRTC options of one compiled variant: target, head size, block sizes, element type, includes."""
+    options = ["--std=c++17", f"--gpu-architecture={_arch()}", f"-DHEAD_DIM={d}"]
+    if Br is not None:
+        options.append(f"-DBR={Br}")
+    if Bc is not None:
+        options.append(f"-DBC={Bc}")
+    if element == "bf16":
+        options.append("-DUSE_BF16")
+    return tuple(options) + include_options()
+
+
+@functools.cache
 def kernel(rung: int, d: int, element: str, Br: int, Bc: int):
     """The compiled `flash_fwd` of one rung for one (d, element, Br, Bc), with its shared-memory limit raised."""
     import cupy
 
     spec = RUNGS[rung]
-    options = ["--std=c++17", f"--gpu-architecture={_arch()}", f"-DHEAD_DIM={d}"]
-    if spec.defines_br:
-        options.append(f"-DBR={Br}")
-    if spec.defines_bc:
-        options.append(f"-DBC={Bc}")
-    if element == "bf16":
-        options.append("-DUSE_BF16")
+    options = build_options(d, element, Br if spec.defines_br else None, Bc if spec.defines_bc else None)
     source = (KERNEL_DIR / spec.source).read_text()
     t0 = time.perf_counter()  # NVRTC compile, or a hit in CuPy's on-disk cache
-    fn = cupy.RawModule(code=source, options=tuple(options)).get_function("flash_fwd")
+    fn = cupy.RawModule(code=source, options=options).get_function("flash_fwd")
     COMPILE_SECONDS[(rung, d, element, Br, Bc)] = time.perf_counter() - t0
     smem = spec.smem(d, Br, Bc)
     if smem > 48 * 1024:  # above 48 KB a kernel must opt in to more dynamic shared memory
@@ -63,8 +81,8 @@ def blocks_for(rung: int, d: int, block_size: Optional[Tuple[int, int]]) -> Tupl
     if block_size is None:
         return spec.default_blocks[d]
     block_size = tuple(int(x) for x in block_size)
-    if block_size not in spec.allowed_blocks:
-        allowed = ", ".join(f"({a}, {b})" for a, b in spec.allowed_blocks)
+    if block_size not in spec.allowed(d):
+        allowed = ", ".join(f"({a}, {b})" for a, b in spec.allowed(d))
         raise ValueError(f"rung {rung} ({spec.source}) supports block_size (Br, Bc) in {{{allowed}}}; got {block_size}")
     return block_size
 

@@ -15,10 +15,6 @@
 // l_i running row sum, O_i running (un-normalised) output. Scores are kept in log2 units
 // (scale_log2 = scale * log2(e)) so that exp() is one ex2 instruction.
 
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
-
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d, set by the loader (-DHEAD_DIM=...); 32, 64 or 128
 #endif
@@ -31,18 +27,7 @@
 #define D HEAD_DIM
 #define LDQ (D + 1)  // Q_s row pitch in floats: +1 so that thread t reading Q_s[t][k] hits bank (t + k) % 32
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; ex2.approx(-inf) = 0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// Keys visible to query row i: [row_lo, row_hi). Causal and sliding windows are aligned bottom-right
-// (offset = Nk - Nq); left/right = -1 means unbounded. row_hi <= row_lo means the row sees nothing.
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
+#include "common.cuh"
 
 // Grid: (Tr = ceil(Nq / Br), Hq, B). Block: Br threads. Dynamic shared memory (floats):
 //   Q_s [Br][D+1], K_s [Bc][D], V_s [Bc][D], S_s [Bc][Br] (each thread's row of S, as in flash-attention-minimal;

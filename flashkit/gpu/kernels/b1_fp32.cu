@@ -21,10 +21,6 @@
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
 //   dQ_i += dS K_j * scale.
 
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
-
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
 #endif
@@ -50,15 +46,8 @@
 static_assert(BR % 16 == 0 && BC % 16 == 0, "Br and Bc must be multiples of 16");
 static_assert(BC % TY == 0 && BR % TY == 0, "the dK/dV and dQ thread grids must tile Bc and Br");
 
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
+#include "common.cuh"
+#include "bwd_check.cuh"
 
 // rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDK] shared tile; rows >= N are 0.
 __device__ __forceinline__ void load_tile(float (*dst)[LDK], const float* __restrict__ src, int row0, int nrows, int N) {
@@ -70,11 +59,12 @@ __device__ __forceinline__ void load_tile(float (*dst)[LDK], const float* __rest
     }
 }
 
-// D = rowsum(dO * O) for every query row (B * Hq * Nq rows of d), and dQ (the atomics' target) zeroed.
+// D = rowsum(dO * O) for every query row (B * Hq * Nq rows of d), and dQ (the atomics' target) and Psum
+// (the row sums of P, the lse check's) zeroed.
 // D / 4 threads per row, each one float4 of both; the row's threads are adjacent lanes of one warp.
 extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
     const float* __restrict__ O, const float* __restrict__ dO, float* __restrict__ Dvec, float* __restrict__ dQ,
-    long long rows) {
+    float* __restrict__ Psum, long long rows) {
     constexpr int TPR = D / 4;  // threads per row: 8, 16 or 32
     const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / TPR;
     const int c = (threadIdx.x % TPR) * 4;
@@ -87,16 +77,17 @@ extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
     }
 #pragma unroll
     for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s;
+    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s, Psum[row] = 0.f;
 }
 
 // Grid: (Tc, Hkv, B), block: 256 threads. Dynamic shared memory (floats): K_s, V_s [BC][LDK], Q_s, dO_s
 // [BR][LDK], PT_s, dST_s [BC][LDT] (P^T and dS^T, key-major), lse_s, D_s [BR].
 // dQ must be zero on entry (bwd_preprocess); it receives dS K_j * scale from every key block.
+// Psum must be zero on entry too; it receives rowsum(P) over this block's keys (bwd_lse_check, bwd_check.cuh).
 extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
     const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
     const float* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Dvec,
-    float* __restrict__ dQ, float* __restrict__ dK, float* __restrict__ dV,
+    float* __restrict__ dQ, float* __restrict__ dK, float* __restrict__ dV, float* __restrict__ Psum,
     int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right) {
     extern __shared__ __align__(16) float smem[];
     float(*K_s)[LDK] = reinterpret_cast<float(*)[LDK]>(smem);
@@ -206,6 +197,11 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
                 }
             }
             __syncthreads();  // P^T and dS^T complete
+            if (tid < BR && i0 + tid < Nq) {  // rowsum(P) over this block's keys for the lse check: one atomic a row
+                float p = 0.f;
+                for (int c = 0; c < BC; ++c) p += PT_s[c][tid];
+                if (p != 0.f) atomicAdd(Psum + ((long long)b * Hq + h) * Nq + i0 + tid, p);
+            }
 
             // dV_j += P^T dO_i and dK_j += dS^T Q_i (scale applied at the end): query rows 4 at a time
 #pragma unroll 1
