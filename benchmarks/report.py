@@ -62,7 +62,7 @@ def results_section() -> str:
     for path, data in _load("decode-*.json"):
         parts.append(_decode_headline(path, data))
     if not parts:
-        return "No results recorded yet: run `make bench` (CPU) or `python -m benchmarks.gpu_check` (GPU)."
+        return "No results recorded yet: run `make bench` (CPU) or `python -m benchmarks.gpu_session` (GPU)."
     return "\n\n".join(p for p in parts if p)
 
 

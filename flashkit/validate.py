@@ -37,9 +37,18 @@ def array_module(x):
 def dtype_name(x) -> str:
     """The name of x's element type. CuPy has no bfloat16: a torch bfloat16 tensor seen through DLPack
     arrives as an array of 2-byte void ('|V2'), which flashkit reads as bfloat16 bits."""
-    if x.dtype.kind == "V" and x.dtype.itemsize == 2 and array_module(x) is not np:
-        return "bfloat16"
-    return x.dtype.name
+    key = (type(x), x.dtype)
+    name = _DTYPE_NAMES.get(key)
+    if name is None:  # numpy's dtype.name is computed in Python on each access: a hot path keeps it
+        if x.dtype.kind == "V" and x.dtype.itemsize == 2 and array_module(x) is not np:
+            name = "bfloat16"
+        else:
+            name = x.dtype.name
+        _DTYPE_NAMES[key] = name
+    return name
+
+
+_DTYPE_NAMES: dict = {}  # (array type, dtype) -> dtype_name
 
 
 def bf16_bits(x):
@@ -91,6 +100,8 @@ def check_scale(scale, d: int) -> float:
 
 
 def _as4d(x):
+    if x.ndim == 4:  # already (B, H, N, d): no new view (a hot path on the GPU)
+        return x
     return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))  # (B, H, N, d), a view
 
 

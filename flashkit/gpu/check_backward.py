@@ -321,9 +321,54 @@ def run_all(verbose=True, seed=0, only=None) -> List[dict]:
             rows.append(check_lse_detection(name, case, element, seed_of(seed, "lse", name, element, case)))
             if verbose:
                 print_row(rows[-1])
+    # the public call on each rung: the rung's bits, bad input named, a wrong lse refused
+    for name, elements in RUNG_ELEMENTS.items():
+        if only and name not in only:
+            continue
+        element = next(e for e in elements if e != "bf16")  # bf16 reaches the public call from torch only
+        rows.append(check_public(name, CASES[2], element, seed_of(seed, "public", name)))
+        if verbose:
+            print_row(rows[-1])
     if verbose:
         summary(rows)
     return rows
+
+
+def check_public(rung, case, element, seed=0) -> dict:
+    """flashkit.attention_backward(..., backend=<rung>) against the rung called directly (the same bits); then
+    NaN in each of q, k, v, do, o (and +inf in lse) must raise naming it, and lse in log2 units must raise."""
+    import cupy
+
+    import flashkit
+    from flashkit.gpu.backward import backward
+
+    (Q, K, V, O, dO, lse), _ = make_inputs(case, element, seed, cupy)
+    *_, d, causal, window = case
+    kw = dict(causal=causal, window=window, backend=rung)
+    got = flashkit.attention_backward(dO, Q, K, V, O, lse, **kw)
+    want = backward(rung, Q, K, V, O, dO, lse, scale=1.0 / d ** 0.5, window=window_of(case), element=element)
+    same = all(bool((a == b).all()) for a, b in zip(got, want))
+    said = {}
+    args = dict(do=dO, q=Q, k=K, v=V, o=O, lse=lse)
+    for arg in args:
+        bad = dict(args)
+        x = args[arg].copy()
+        x.reshape(-1)[x.size // 2] = cupy.inf if arg == "lse" else cupy.nan
+        bad[arg] = x
+        try:
+            flashkit.attention_backward(bad["do"], bad["q"], bad["k"], bad["v"], bad["o"], bad["lse"], **kw)
+            said[arg] = "silent"
+        except ValueError as exc:
+            said[arg] = "raised" if str(exc).startswith(f"{arg} contains NaN") else f"raised: {exc}"[:120]
+    try:
+        flashkit.attention_backward(dO, Q, K, V, O, cupy.where(cupy.isfinite(lse), lse * 1.4426950408889634, lse)
+                                    .astype(cupy.float32), **kw)
+        said["lse in log2 units"] = "silent"
+    except ValueError as exc:
+        said["lse in log2 units"] = "raised" if "lse does not belong" in str(exc) else f"raised: {exc}"[:120]
+    ok = same and all(v == "raised" for v in said.values())
+    return dict(rung=rung, element=element, case=list(case) + ["public"], seed=seed, lse_check=True, ok=ok,
+                same_as_rung=same, errors={k: (None if v == "silent" else v) for k, v in said.items()})
 
 
 def print_header():

@@ -119,14 +119,20 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
         raise ValueError("out must be a C-contiguous array of Q's shape and dtype")
     if lse.shape != (B, Hq, Nq) or lse.dtype != cupy.float32 or not lse.flags.c_contiguous:
         raise ValueError("lse_out must be a C-contiguous float32 array (B, Hq, Nq)")
-    fn = kernel(rung, d, element, Br, Bc)
-    Tr = -(-Nq // Br)
-    left, right = (int(w) for w in window)
+    fn, threads, smem = launch_config(rung, d, element, Br, Bc)
+    left, right = window
     i32, f32 = cupy.int32, cupy.float32
-    fn((Tr, Hq, B), (spec.threads(Br, Bc),),
+    fn((-(-Nq // Br), Hq, B), threads,
        (Q, K, V, O, lse, i32(Hq), i32(Hkv), i32(Nq), i32(Nk), f32(scale * LOG2E), i32(left), i32(right)),
-       shared_mem=spec.smem(d, Br, Bc))
+       shared_mem=smem)
     return O, lse
+
+
+@functools.cache
+def launch_config(rung: int, d: int, element: str, Br: int, Bc: int):
+    """(compiled kernel, block shape, dynamic shared bytes) of one variant, worked out once per process."""
+    spec = RUNGS[rung]
+    return kernel(rung, d, element, Br, Bc), (spec.threads(Br, Bc),), spec.smem(d, Br, Bc)
 
 
 def run(rung: int, problem):

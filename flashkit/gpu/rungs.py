@@ -19,7 +19,7 @@ Plain Python: importing this module imports neither CuPy nor NumPy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 from flashkit.registry import Backend
 
@@ -83,7 +83,7 @@ class Rung:
     probe: str = PROBE
     runner: Optional[str] = None
     default_blocks: Dict[int, Tuple[int, int]] = field(default_factory=dict)
-    allowed_blocks: Union[Tuple[Tuple[int, int], ...], Dict[int, Tuple[Tuple[int, int], ...]]] = ()
+    allowed_blocks: Tuple[Tuple[int, int], ...] | Dict[int, Tuple[Tuple[int, int], ...]] = ()
     threads: Optional[Callable[[int, int], int]] = None
     smem: Optional[Callable[[int, int, int], int]] = None
     kernels: Tuple[Kernel, ...] = ()

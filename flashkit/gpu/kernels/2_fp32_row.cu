@@ -9,6 +9,12 @@
 //   11.2 at d = 128 (0.63 / 0.25 of torch's efficient kernel): far above the prediction at d = 64, not yet
 //   explained (no profile taken); at d = 128 ptxas spills 96 bytes (o[128] in registers) and 74 KB of
 //   shared memory allow 3 blocks (6 warps) per SM. Details: benchmarks/NOTES-gpu.md.
+// Measured on an H100 80GB HBM3 (B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=False): 21.9 TFLOP/s, 0.63x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=True): 20.0 TFLOP/s, 0.61x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=False): 11.2 TFLOP/s, 0.24x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=True): 10.2 TFLOP/s, 0.23x torch-efficient
 //
 // Paper names: Br query rows per block (= threads), Bc keys per tile, Q_i the block's query rows,
 // K_j / V_j the current key/value tile, S = Q_i K_j^T * scale, P = exp(S - m_i), m_i running row max,

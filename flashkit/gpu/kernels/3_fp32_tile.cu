@@ -10,6 +10,12 @@
 // Measured (H100 80GB HBM3, fp32, N = 4096, non-causal): 35.8 TFLOP/s at d = 64 (1.04x torch efficient,
 //   69% of the fp32 GEMM ceiling), 33.2 at d = 128 with Bc = 32 (0.73x; 30.5 with Bc = 64). Only 1.6x / 3x
 //   rung 2, far under the 5-10x expected, because rung 2 ran far above its own prediction.
+// Measured on an H100 80GB HBM3 (B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=False): 36.3 TFLOP/s, 1.05x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=True): 34.2 TFLOP/s, 1.04x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=False): 33.6 TFLOP/s, 0.72x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=True): 31.3 TFLOP/s, 0.70x torch-efficient
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
 

@@ -14,6 +14,12 @@
 // Measured (H100 80GB HBM3, fp16, N = 4096): 246.4 TFLOP/s at d = 64 (Br x Bc = 128 x 64), 274.1 at d = 128
 //   (128 x 128): 1.6x / 2.5x rung 4, 0.85 / 0.83 of torch's flash backend; causal 211.8 / 240.9 (0.83 / 0.86).
 //   The goal (>= torch flash) is not met. Details and the block sweep: benchmarks/NOTES-gpu.md.
+// Measured on an H100 80GB HBM3 (B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float16 causal=False): 248.5 TFLOP/s, 0.87x torch-flash
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float16 causal=True): 229.1 TFLOP/s, 0.84x torch-flash
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float16 causal=False): 283.7 TFLOP/s, 0.89x torch-flash
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float16 causal=True): 254.4 TFLOP/s, 0.85x torch-flash
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
 

@@ -16,6 +16,12 @@
 //   the goal (>= 1.0x torch efficient) is not met. The block sweep: 64 x 64 beats 32 x 32, 32 x 64 and 64 x 32
 //   (19-25 TFLOP/s) at both d. ptxas (sm_90): 127 registers at d = 64, 199 at d = 128, no spills; 105 / 170 KB of
 //   shared memory (2 / 1 blocks per SM). Not profiled: where the other ~40% of the fp32 ceiling (51) goes.
+// Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float32 causal=False): 30.2 TFLOP/s, 0.86x torch-efficient
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float32 causal=True): 29.4 TFLOP/s, 0.88x torch-efficient
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float32 causal=False): 28.2 TFLOP/s, 0.77x torch-efficient
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float32 causal=True): 28.0 TFLOP/s, 0.79x torch-efficient
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,

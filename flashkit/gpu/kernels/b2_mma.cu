@@ -23,6 +23,12 @@
 //   (+7% over 64 x 128, fp16 non-causal, block sweep only): allowed, not yet the default. ptxas (sm_90): 217
 //   registers at d = 64, 255 at d = 128, no spills (128 x 128 at d = 64: 255 and 12 bytes); 93 / 155 KB of shared
 //   memory: one 8-warp block per SM.
+// Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=False): 212.0 TFLOP/s, 0.82x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=True): 197.0 TFLOP/s, 0.90x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=False): 233.9 TFLOP/s, 0.82x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=True): 209.4 TFLOP/s, 0.90x torch-flash
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
@@ -74,7 +80,8 @@ __device__ __forceinline__ void reduce_half(float* v, int lane, int mask) {
 }
 
 // D = rowsum(dO * O) in fp32 for every query row (B * Hq * Nq rows of d), and the fp32 dQ accumulator and
-// the row sums of P (Psum, the lse check's) zeroed. D / 8 threads per row, each 8 elements (16 bytes) of both; the row's threads are adjacent lanes.
+// the row sums of P (Psum, the lse check's) zeroed. D / 8 threads per row, each 8 elements (16 bytes) of
+// both; the row's threads are adjacent lanes.
 extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
     const T* __restrict__ O, const T* __restrict__ dO, float* __restrict__ Dvec, float* __restrict__ dQacc,
     float* __restrict__ Psum, long long rows) {

@@ -11,14 +11,21 @@
 //   the Triton tutorial's layout) trades them for recomputation.
 // Expected: 7 products per tile pair instead of 5 (S and dP computed twice): about 5/7 of rung 2's speed
 //   if both are bound by the tensor cores, closer to rung 2 if rung 2 is held back by its atomics.
-// Measured (NVIDIA H200, fp16, B*N = 16384, H*d = 2048, N = 4096, 2026-12-01; benchmarks/results/gpu-bwd-h200-history3.json):
-//   d = 64 (Br x Bc = 64 x 64) 198.1 TFLOP/s, 0.93x rung 2 and 0.77 of torch's flash backward, causal 189.3 (0.87);
+// Measured (NVIDIA H200, fp16, B*N = 16384, H*d = 2048, N = 4096, 2026-12-01;
+//   benchmarks/results/gpu-bwd-h200-history3.json): d = 64 (Br x Bc = 64 x 64) 198.1 TFLOP/s, 0.93x rung 2
+//   and 0.77 of torch's flash backward, causal 189.3 (0.87);
 //   d = 128 (64 x 128) 206.9, 0.88x rung 2 (0.73), causal 186.1 (0.80); bf16 alike. Much better than the 5/7
 //   expected: the dK/dV kernel takes 3.92 ms and the dQ kernel 2.93 (d = 64; 3.77 / 2.89 at d = 128) against
 //   rung 2's 6.33 ms main kernel, so rung 2 is not bound by its mma count (not profiled further). Gradients are
 //   bit-identical from run to run (tests/test_gpu_backward.py); extra memory is D alone (4 MiB at B = 1, H = 16,
 //   N = 65536, d = 128, against rung 2's 516 MiB fp32 dQ buffer). ptxas (sm_90): dK/dV 168 / 255 registers, dQ
 //   128 / 208 (d = 64 / 128), no spills.
+// Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=False): 198.1 TFLOP/s, 0.77x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=True): 189.3 TFLOP/s, 0.87x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=False): 206.9 TFLOP/s, 0.73x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=True): 186.1 TFLOP/s, 0.80x torch-flash
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
