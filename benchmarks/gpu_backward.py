@@ -125,16 +125,16 @@ def rel_errs(ours, theirs):
             for name, a, b in zip(("dq", "dk", "dv"), ours, theirs)}
 
 
-def run_grid(Ns=(4096,)):
+def run_grid(Ns=(4096,), ds=(64, 128), dtypes=DTYPES):
     import torch
 
     from benchmarks.gpu_forward import free_all
 
     rows = []
-    for d, N in ((d, N) for d in (64, 128) for N in Ns):
+    for d, N in ((d, N) for d in ds for N in Ns):
         B, H = 16384 // N, 2048 // d
         for causal in (False, True):
-            for dtype in DTYPES:
+            for dtype in dtypes:
                 tdt = getattr(torch, dtype)
                 gen = torch.Generator(device="cuda").manual_seed(0)
                 q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(4))
@@ -294,6 +294,8 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--Ns", default="4096", help="comma-separated sequence lengths (default 4096)")
+    ap.add_argument("--ds", default="64,128", help="comma-separated head sizes (default 64,128)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes")
     ap.add_argument("--table-from", help="print the markdown table of a results JSON (no GPU needed) and exit")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -307,7 +309,8 @@ def main(argv=None):
     env = environment()
     print(env, flush=True)
     roof = ceilings_of_this_run()
-    rows = run_grid(tuple(int(n) for n in args.Ns.split(",")))
+    rows = run_grid(tuple(int(n) for n in args.Ns.split(",")), tuple(int(x) for x in args.ds.split(",")),
+                    tuple(args.dtypes.split(",")))
     add_ratios(rows)
     print_table(rows)
     sweep = [] if args.no_sweep else block_sweep()

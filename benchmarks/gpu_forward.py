@@ -127,15 +127,15 @@ def public_call(name, q, k, v, causal):
     return lambda: flashkit.attention(Qc, Kc, Vc, causal=causal, backend=name)
 
 
-def run_grid(Ns=(1024, 4096, 16384)):
+def run_grid(Ns=(1024, 4096, 16384), ds=(64, 128), dtypes=("float16", "bfloat16", "float32")):
     import torch
 
     rows = []
-    for d in (64, 128):
+    for d in ds:
         for N in Ns:
             B, H = 16384 // N, 2048 // d
             for causal in (False, True):
-                for dtype in ("float16", "bfloat16", "float32"):
+                for dtype in dtypes:
                     tdt = getattr(torch, dtype)
                     gen = torch.Generator(device="cuda").manual_seed(0)
                     q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(3))
@@ -337,6 +337,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N in {1024, 4096} only")
     ap.add_argument("--Ns", help="comma-separated sequence lengths (default 1024,4096,16384)")
+    ap.add_argument("--ds", default="64,128", help="comma-separated head sizes (default 64,128)")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32", help="comma-separated dtypes")
     ap.add_argument("--json", help="where to write the results (default benchmarks/results/gpu-<card>.json)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
@@ -351,7 +353,7 @@ def main(argv=None):
     print(env, flush=True)
     roof = ceilings_of_this_run()
     Ns = tuple(int(n) for n in args.Ns.split(",")) if args.Ns else (1024, 4096) if args.quick else (1024, 4096, 16384)
-    rows = run_grid(Ns)
+    rows = run_grid(Ns, tuple(int(x) for x in args.ds.split(",")), tuple(args.dtypes.split(",")))
     add_ratios(rows)
     sweep = [] if args.no_sweep else block_sweep()
     mem = [] if args.no_memory else memory_rows()

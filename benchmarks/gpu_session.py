@@ -93,6 +93,9 @@ def main(argv=None):
     ap.add_argument("--Ns", default="4096", help="sequence lengths of the benchmarks (comma-separated)")
     ap.add_argument("--pytest", action="store_true", help="also run pytest tests/test_gpu*.py in step 1")
     ap.add_argument("--no-sanitizer", action="store_true")
+    ap.add_argument("--sanitize", default="forward:memcheck,forward:racecheck,backward:memcheck,backward:racecheck",
+                    help="which sanitizer runs (direction:tool, comma-separated)")
+    ap.add_argument("--bench-args", default="", help="extra arguments for both benchmarks (e.g. '--ds 64')")
     ap.add_argument("--no-bench", action="store_true")
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -116,10 +119,11 @@ def main(argv=None):
             Job("check_backward", [py, "-m", "flashkit.gpu.check_backward", "--json", str(work / "check_backward.json")],
                 logs, env)]
     if not args.no_sanitizer:
-        for module, short in (("flashkit.gpu.check", "forward"), ("flashkit.gpu.check_backward", "backward")):
-            for tool in ("memcheck", "racecheck"):
-                jobs.append(Job(f"sanitizer_{tool}_{short}", [san, "--tool", tool, py, "-m", module, "--sanitize"],
-                                logs, env))
+        modules = {"forward": "flashkit.gpu.check", "backward": "flashkit.gpu.check_backward"}
+        for which in args.sanitize.split(","):
+            short, tool = which.split(":")
+            jobs.append(Job(f"sanitizer_{tool}_{short}", [san, "--tool", tool, py, "-m", modules[short], "--sanitize"],
+                            logs, env))
     for module in extra_checks():
         name = module.split(".")[-1]
         (extra_out / name).mkdir()
@@ -135,8 +139,9 @@ def main(argv=None):
 
     # 2. the benchmarks, alone on the GPU
     if not args.no_bench:
-        plan = [("bench_forward", "benchmarks.gpu_forward", ["--Ns", args.Ns, "--no-sweep", "--no-memory"], 0.45),
-                ("bench_backward", "benchmarks.gpu_backward", ["--Ns", args.Ns, "--no-sweep", "--no-memory"], 0.75),
+        common = ["--Ns", args.Ns, "--no-sweep", "--no-memory"] + args.bench_args.split()
+        plan = [("bench_forward", "benchmarks.gpu_forward", common, 0.45),
+                ("bench_backward", "benchmarks.gpu_backward", common, 0.75),
                 ("overhead", "benchmarks.gpu_overhead", [], 1.0)]
         for name, module, extra, share in plan:
             path = work / f"{name}.json"
