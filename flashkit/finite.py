@@ -116,8 +116,11 @@ class HostFlags:
         import cupy
 
         if self.stream is None:
-            _, greatest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
-            self.stream = cupy.cuda.Stream(non_blocking=True, priority=greatest)
+            # CUDA clamps a priority beyond the device's range to its greatest (H100/H200: -5; lower = higher)
+            try:
+                self.stream = cupy.cuda.Stream(non_blocking=True, priority=-1000)
+            except TypeError:  # a CuPy without stream priorities: still beside, only not ahead
+                self.stream = cupy.cuda.Stream(non_blocking=True)
         return self.stream
 
     def event(self, name):
