@@ -31,7 +31,7 @@ def main(argv=None):
 
     from benchmarks.gpu_backward import ELEMENT, FlashkitBackward, flops
     from benchmarks.gpu_forward import environment, free_all
-    from flashkit.gpu.backward import RUNGS, kernels
+    from flashkit.gpu.backward import LSE_TILES, RUNGS, kernels
     from flashkit.gpu.flash import KERNEL_DIR, build_options
     from flashkit.measure.timing import stream_time
 
@@ -64,15 +64,18 @@ def main(argv=None):
         k2 = kernels("cupy-bwd-mma", d, ELEMENT[dtype], Br2, Bc2)
         k3 = kernels("cupy-bwd-mma-2kernel", d, ELEMENT[dtype], Br3, Bc3)
         smem2 = r2.kernel("main").smem(d, Br2, Bc2)
+        q_tiles = -(-N // Br2)
+        every2 = (i32(max(1, -(-q_tiles // LSE_TILES))),)
         parts["rung 2 preprocess (D, zero dQacc and Psum)"] = lambda: k2["preprocess"](
             (-(-rows_n * (d // 8) // 256),), (256,), (O, dO, Dvec, dQacc, Psum, i64(rows_n)))
         parts["rung 2 main kernel"] = lambda: k2["main"](
-            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims, shared_mem=smem2)
+            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims + every2,
+            shared_mem=smem2)
         parts["rung 2 dQ convert"] = lambda: k2["convert"](
             (-(-Q.size // (8 * 256)),), (256,), (dQacc, dQ, i64(Q.size), f32(d ** -0.5)))
         parts["rung 2 lse check (bwd_lse_check)"] = lambda: k2["check"](
             (-(-rows_n // 256),), (256,), (Psum, lse, i64(rows_n), i32(N), i32(N), i32(-1), i32(-1), f32(1e-3),
-                                           np.uint64(0), i64(0)))
+                                           i32(Br2)) + every2 + (np.uint64(0), i64(0)))
         # rung 2's main kernel without its atomics
         src = (KERNEL_DIR / r2.source).read_text()
         marker = "__device__ __forceinline__ float fast_exp2"
@@ -80,7 +83,8 @@ def main(argv=None):
         noatom = cupy.RawModule(code=src, options=build_options(d, ELEMENT[dtype], Br2, Bc2)).get_function("flash_bwd")
         noatom.max_dynamic_shared_size_bytes = smem2
         parts["rung 2 main kernel, dQ additions removed (diagnostic)"] = lambda: noatom(
-            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims, shared_mem=smem2)
+            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims + every2,
+            shared_mem=smem2)
         parts["rung 3 dK/dV kernel"] = lambda: k3["dkdv"](
             (-(-N // Bc3), H, B), (2 * Bc3,), (Q, K, V, dO, lse, Dvec, dK, dV) + dims,
             shared_mem=r3.kernel("dkdv").smem(d, Br3, Bc3))

@@ -24,7 +24,7 @@ own side), so one (Br, Bc) sets both.
 The lse check is computed inside the kernels (kernels/bwd_check.cuh): every kernel recomputes P from the
 forward's lse, and P must sum to 1 over each row's keys. The two-kernel rung's dQ kernel visits a row's whole
 key range and tests its sum in registers; the atomics rungs add each block's partial row sums into one fp32
-word per row and a last small kernel tests them. A bad row is written to page-locked host memory
+word per row, on about LSE_TILES query tiles of each head, and a last small kernel tests those rows. A bad row is written to page-locked host memory
 (flashkit.finite.HostFlags); the public call (`run_problem`) records an event right after the testing kernel
 and validate.finish waits for that event alone (for the two-kernel rung the dK/dV kernel runs behind it).
 
@@ -46,6 +46,11 @@ RUNGS: Dict[str, Rung] = {r.name: r for r in table_rows("backward")}  # the back
 NUMBERS = {r.number: name for name, r in RUNGS.items()}
 COMPILE_SECONDS: Dict[tuple, float] = {}  # (rung name, d, element, Br, Bc) -> seconds of the first build here
 LSE_TOLERANCE = 1e-3  # validate.lse_tolerance(float32): how far a row sum of P may stray from 1
+# The atomics rungs sum P for the lse check on about this many query tiles per head (1 tile in lse_every),
+# all tiles up to that many: summing every tile cost backward rung 2 9% at d = 64 (H200, N = 4096,
+# benchmarks/results/gpu-overhead-h200.json), and a wrong lse is off on every row. The two-kernel rung
+# checks every row (its dQ kernel's sums are free).
+LSE_TILES = 8
 
 
 def rung_of(rung) -> Rung:
@@ -204,14 +209,16 @@ def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), elemen
         acc = cupy.empty(Q.shape, cupy.float32) if "convert" in fns else dQ  # the atomics' target, zeroed first
         Psum = cupy.empty((B, Hq, Nq), cupy.float32)  # rowsum(P), added up by the key blocks; zeroed first
         fns["preprocess"](pre_grid, (256,), (O, dO, Dvec, acc, Psum, i64(rows)))
-        fns["main"]((-(-Nk // Bc), Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, acc, dK, dV, Psum) + dims,
-                    shared_mem=smem("main"))
+        q_tiles = -(-Nq // Br)
+        every = max(1, -(-q_tiles // LSE_TILES))  # sum P on 1 query tile in `every`
+        fns["main"]((-(-Nk // Bc), Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, acc, dK, dV, Psum) + dims
+                    + (i32(every),), shared_mem=smem("main"))
         if "convert" in fns:
             n = Q.size
             fns["convert"]((-(-n // (8 * 256)),), (256,), (acc, dQ, i64(n), f32(scale)))
         if check is not None:
             fns["check"]((-(-rows // 256),), (256,), (Psum, lse, i64(rows), i32(Nq), i32(Nk), i32(left), i32(right),
-                                                      f32(LSE_TOLERANCE)) + report)
+                                                      f32(LSE_TOLERANCE), i32(Br), i32(every)) + report)
             check.record()
     else:  # a dQ kernel over query blocks (it tests lse), then a dK/dV kernel over key blocks: no atomics
         fns["preprocess"](pre_grid, (256,), (O, dO, Dvec, i64(rows)))

@@ -22,6 +22,9 @@
 // Measured (gpu-bwd-h200-history3.json; d=64 dtype=float32 causal=True): 29.4 TFLOP/s, 0.88x torch-efficient
 // Measured (gpu-bwd-h200-history3.json; d=128 dtype=float32 causal=False): 28.2 TFLOP/s, 0.77x torch-efficient
 // Measured (gpu-bwd-h200-history3.json; d=128 dtype=float32 causal=True): 28.0 TFLOP/s, 0.79x torch-efficient
+// The lse check (bwd_check.cuh, 2026-12-02): BR threads sum their query's column of P^T_s and add it with one
+//   atomic per query and step (1 query tile in 8 at large N); bwd_lse_check tests the sums. Measured (H200, d = 64,
+//   every tile): 45.35 ms vs 45.53 before (gpu-bwd-h200.json, -history3.json): no cost measurable.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
@@ -94,7 +97,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
     const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
     const float* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Dvec,
     float* __restrict__ dQ, float* __restrict__ dK, float* __restrict__ dV, float* __restrict__ Psum,
-    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right) {
+    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right, int lse_every) {
     extern __shared__ __align__(16) float smem[];
     float(*K_s)[LDK] = reinterpret_cast<float(*)[LDK]>(smem);
     float(*V_s)[LDK] = reinterpret_cast<float(*)[LDK]>(smem + BC * LDK);
@@ -203,7 +206,9 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
                 }
             }
             __syncthreads();  // P^T and dS^T complete
-            if (tid < BR && i0 + tid < Nq) {  // rowsum(P) over this block's keys for the lse check: one atomic a row
+            // rowsum(P) over this block's keys for the lse check, one atomic a row, on every lse_every-th query tile
+            // (as b2_mma.cu does; the loader sets it so that about 8 tiles of each head are checked)
+            if ((i0 / BR) % lse_every == 0 && tid < BR && i0 + tid < Nq) {
                 float p = 0.f;
                 for (int c = 0; c < BC; ++c) p += PT_s[c][tid];
                 if (p != 0.f) atomicAdd(Psum + ((long long)b * Hq + h) * Nq + i0 + tid, p);

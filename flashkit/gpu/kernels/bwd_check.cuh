@@ -5,7 +5,8 @@
 // plausible-looking garbage. Every kernel already computes each P, so the row sums are nearly free: the
 // dQ kernel of b3 (which visits a row's whole key range) sums them in registers; b1 and b2 (which visit a
 // row's keys spread over many blocks) add each block's partial sum into Psum with one atomic per row and
-// step, and `bwd_lse_check` reads Psum at the end. A bad row is reported in two words of page-locked host
+// step (on 1 query tile in lse_every, about 8 tiles a head: the shuffles cost b2 9% on every tile), and
+// `bwd_lse_check` reads Psum at the end. A bad row is reported in two words of page-locked host
 // memory (flashkit.finite.HostFlags): report[1] = (row << 32) | bits of the sum shown, then report[0] =
 // the call's serial number. report = 0: compute, do not report.
 
@@ -37,13 +38,16 @@ __device__ __forceinline__ void report_lse(unsigned long long report, long long 
     w[0] = (unsigned long long)serial;
 }
 
-// One thread a row: the check of Psum (the row sums of P added up by the main kernel) against lse.
+// One thread a row: the check of Psum (the row sums of P added up by the main kernel) against lse, on the
+// rows the main kernel summed: those of every `every`-th tile of `tile_rows` query rows.
 extern "C" __global__ void __launch_bounds__(256) bwd_lse_check(
     const float* __restrict__ Psum, const float* __restrict__ lse, long long rows, int Nq, int Nk, int left,
-    int right, float tol, unsigned long long report, long long serial) {
+    int right, float tol, int tile_rows, int every, unsigned long long report, long long serial) {
     const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = (int)(r % Nq);
     float shown = 0.f;
-    const bool bad = r < rows && lse_row_bad(Psum[r], lse[r], (int)(r % Nq), Nq, Nk, left, right, tol, shown);
+    const bool bad = r < rows && (i / tile_rows) % every == 0 &&
+                     lse_row_bad(Psum[r], lse[r], i, Nq, Nk, left, right, tol, shown);
     const unsigned ballot = __ballot_sync(0xffffffffu, bad);
     if (ballot != 0 && (threadIdx.x & 31) == __ffs(ballot) - 1) report_lse(report, serial, r, shown);
 }
