@@ -326,7 +326,11 @@ def run_all(verbose=True, seed=0, only=None) -> List[dict]:
         if only and name not in only:
             continue
         element = next(e for e in elements if e != "bf16")  # bf16 reaches the public call from torch only
-        rows.append(check_public(name, CASES[2], element, seed_of(seed, "public", name)))
+        try:
+            rows.append(check_public(name, CASES[2], element, seed_of(seed, "public", name)))
+        except Exception as exc:  # a failure of one rung's public path is a FAIL row, not the end of the check
+            rows.append(dict(rung=name, element=element, case=list(CASES[2]) + ["public"], seed=0, lse_check=True,
+                             ok=False, errors={"exception": f"{type(exc).__name__}: {exc}"}))
         if verbose:
             print_row(rows[-1])
     if verbose:
