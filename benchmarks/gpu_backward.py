@@ -6,8 +6,10 @@ Shapes (issue 10): B*N = 16384 tokens, H*d = 2048, N = 4096, d in {64, 128}, cau
 bfloat16: cupy-bwd-mma and cupy-bwd-mma-2kernel beside torch's flash, cudnn and efficient backward;
 float32: cupy-bwd-fp32 beside torch's efficient backward (the only torch fused fp32 backward).
 
-What is timed is the backward alone, each rung called directly and, beside them, the public call
-`flashkit.attention_backward` (what users get: validation, the lse spot check, the "auto" choice). torch: the forward runs once under the backend (sdpa_kernel), then
+What is timed is the backward alone, each rung called directly and, beside it, the same rung through the
+public call `flashkit.attention_backward(..., backend=<rung>)` (impl "<rung> (public)": validation with its
+NaN/Inf scan, the in-kernel lse check and its wait, the choice; `public_over_rung` is its time over the
+rung's), and the public call with backend "auto". torch: the forward runs once under the backend (sdpa_kernel), then
 `torch.autograd.grad(o, (q, k, v), do, retain_graph=True)` with a fixed dO is timed. flashkit: O and lse come
 once from the forward rung 6 (fp16/bf16) or 3 (fp32), then `flashkit.gpu.backward.backward(...)` is timed:
 its preprocessing kernel (D = rowsum(dO * O)), the main kernel(s) and, for the atomics rung, the dQ
@@ -29,11 +31,13 @@ from pathlib import Path
 
 from flashkit.atomic import write_json
 
-RUNGS = {"float16": ("cupy-bwd-mma", "cupy-bwd-mma-2kernel"), "bfloat16": ("cupy-bwd-mma", "cupy-bwd-mma-2kernel"),
-         "float32": ("cupy-bwd-fp32",)}
+from flashkit.gpu.rungs import ELEMENTS as ELEMENT, kernels as table_rows
+
+BACKWARD = table_rows("backward")  # the backward rungs of flashkit/gpu/rungs.py, ladder order
+DTYPES = ("float16", "bfloat16", "float32")
+RUNGS = {dt: tuple(r.name for r in BACKWARD if dt in r.dtypes) for dt in DTYPES}
 PEERS = {"float16": ("flash", "cudnn", "efficient"), "bfloat16": ("flash", "cudnn", "efficient"), "float32": ("efficient",)}
-PEER = {"float16": "flash", "bfloat16": "flash", "float32": "efficient"}
-ELEMENT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
+PEER = {dt: next(r.peer for r in BACKWARD if dt in r.dtypes) for dt in DTYPES}  # the rungs' peer per dtype
 FORWARD_RUNG = {"float16": 6, "bfloat16": 6, "float32": 3}
 
 
@@ -86,13 +90,13 @@ class FlashkitBackward:
                                 window=self.window, element=self.element, block_size=block_size,
                                 dq_out=dq, dk_out=dk, dv_out=dv)
 
-    def public(self, causal):
+    def public(self, causal, backend="auto"):
         """flashkit.attention_backward on the arrays a user holds (bfloat16 as CuPy '|V2', as DLPack gives it)."""
         import flashkit
 
         view = (lambda x: x.view("|V2")) if self.element == "bf16" else (lambda x: x)
         dO, Q, K, V, O = (view(x) for x in (self.dO, self.Q, self.K, self.V, self.O))
-        return lambda: flashkit.attention_backward(dO, Q, K, V, O, self.lse, causal=causal)
+        return lambda: flashkit.attention_backward(dO, Q, K, V, O, self.lse, causal=causal, backend=backend)
 
     def grads_torch(self, dtype):
         """The last backward's dQ, dK, dV as float32 torch tensors."""
@@ -121,16 +125,16 @@ def rel_errs(ours, theirs):
             for name, a, b in zip(("dq", "dk", "dv"), ours, theirs)}
 
 
-def run_grid(N=4096):
+def run_grid(Ns=(4096,), ds=(64, 128), dtypes=DTYPES):
     import torch
 
     from benchmarks.gpu_forward import free_all
 
     rows = []
-    for d in (64, 128):
+    for d, N in ((d, N) for d in ds for N in Ns):
         B, H = 16384 // N, 2048 // d
         for causal in (False, True):
-            for dtype in ("float16", "bfloat16", "float32"):
+            for dtype in dtypes:
                 tdt = getattr(torch, dtype)
                 gen = torch.Generator(device="cuda").manual_seed(0)
                 q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(4))
@@ -159,26 +163,44 @@ def run_grid(N=4096):
                         row["rel_err_vs_peer"] = rel_errs(fk.grads_torch(dtype), peer_grads)
                         print(f"    rel. error vs torch-{PEER[dtype]}: " +
                               ", ".join(f"{k_} {v_:.1e}" for k_, v_ in row["rel_err_vs_peer"].items()), flush=True)
-                # What users call: validation, the lse spot check, "auto" and the launch, outputs allocated
-                measure("flashkit.attention_backward", fk.public(causal), rows, dict(meta, rung=None, public=True))
+                    # the same rung through the public call: validation, the NaN/Inf scan, the lse check, the choice
+                    measure(f"{r} (public)", fk.public(causal, r), rows, dict(meta, rung=r, public=True, backend=r))
+                # What "auto" gives a user
+                measure("flashkit.attention_backward", fk.public(causal), rows,
+                        dict(meta, rung=None, public=True, backend="auto"))
                 del fk, q, k, v, do, peer_grads
                 free_all()
     return rows
 
 
 def add_ratios(rows):
-    """ratio = peer time / rung time (> 1: the rung is faster), peers from the same (d, N, causal, dtype)."""
+    """As benchmarks.gpu_forward.add_ratios: `ratio_fastest` (against the fastest torch backward of the same
+    shape and dtype, `fastest_peer`), `ratio_flash`, `ratio` against the rungs' peer and `ratio_cudnn`;
+    `public_over_rung` for a public row."""
     def key(r):
         return (r["d"], r["N"], r["causal"], r["dtype"])
     torch_rows = {(key(r), r["impl"]): r for r in rows if r["impl"].startswith("torch-") and r["status"] == "ok"}
+    fastest = {}
+    for (k, _), p in torch_rows.items():
+        if k not in fastest or p["ms"] < fastest[k]["ms"]:
+            fastest[k] = p
+    alone = {(key(r), r["rung"]): r for r in rows if r.get("rung") and not r.get("public") and r["status"] == "ok"}
     for r in rows:
-        if (r.get("rung") or r.get("public")) and r["status"] == "ok":
-            p = torch_rows.get((key(r), f"torch-{PEER[r['dtype']]}"))
-            if p is not None:
-                r["peer"], r["ratio"] = p["impl"], p["ms"] / r["ms"]
-            c = torch_rows.get((key(r), "torch-cudnn"))
+        if r["status"] != "ok" or r["impl"].startswith("torch-"):
+            continue
+        p = torch_rows.get((key(r), f"torch-{PEER[r['dtype']]}"))
+        if p is not None:
+            r["peer"], r["ratio"] = p["impl"], p["ms"] / r["ms"]
+        for name, field in (("torch-cudnn", "ratio_cudnn"), ("torch-flash", "ratio_flash")):
+            c = torch_rows.get((key(r), name))
             if c is not None:
-                r["ratio_cudnn"] = c["ms"] / r["ms"]
+                r[field] = c["ms"] / r["ms"]
+        f = fastest.get(key(r))
+        if f is not None:
+            r["fastest_peer"], r["ratio_fastest"] = f["impl"], f["ms"] / r["ms"]
+        a = alone.get((key(r), r.get("rung")))
+        if r.get("public") and a is not None:
+            r["public_over_rung"] = r["ms"] / a["ms"]
 
 
 def block_sweep(N=4096):
@@ -201,7 +223,7 @@ def block_sweep(N=4096):
                             direction="backward")
                 print(f"sweep d={d} N={N} causal={causal} {dtype}", flush=True)
                 for r in RUNGS[dtype]:
-                    for bs in SPECS[r].allowed_blocks[d]:
+                    for bs in SPECS[r].allowed(d):
                         measure(f"{r}{bs}", fk.call(r, bs), rows, dict(meta, rung=r, block_size=list(bs)))
                 del fk, q, k, v, do
                 free_all()
@@ -271,6 +293,9 @@ def main(argv=None):
     ap.add_argument("--json", help="where to write the results (default benchmarks/results/gpu-bwd-<card>.json)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--Ns", default="4096", help="comma-separated sequence lengths (default 4096)")
+    ap.add_argument("--ds", default="64,128", help="comma-separated head sizes (default 64,128)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes")
     ap.add_argument("--table-from", help="print the markdown table of a results JSON (no GPU needed) and exit")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -279,11 +304,13 @@ def main(argv=None):
         print(markdown_table(json.loads(Path(args.table_from).read_text())))
         return 0
 
-    from benchmarks.gpu_forward import card_slug, environment
+    from benchmarks.gpu_forward import card_slug, ceilings_of_this_run, environment
 
     env = environment()
     print(env, flush=True)
-    rows = run_grid()
+    roof = ceilings_of_this_run()
+    rows = run_grid(tuple(int(n) for n in args.Ns.split(",")), tuple(int(x) for x in args.ds.split(",")),
+                    tuple(args.dtypes.split(",")))
     add_ratios(rows)
     print_table(rows)
     sweep = [] if args.no_sweep else block_sweep()
@@ -291,7 +318,7 @@ def main(argv=None):
     from flashkit.gpu.backward import COMPILE_SECONDS
 
     result = dict(env, recorded="measured by benchmarks/gpu_backward.py; shown elsewhere as recorded, not live",
-                  flops="2.5 x 4 B H Nq Nk d x visible fraction", results=rows, block_sweep=sweep, memory=mem,
+                  flops="2.5 x 4 B H Nq Nk d x visible fraction", ceilings=roof, results=rows, block_sweep=sweep, memory=mem,
                   compile_seconds_this_process=[dict(rung=k[0], d=k[1], element=k[2], Br=k[3], Bc=k[4], seconds=v)
                                                 for k, v in COMPILE_SECONDS.items()])
     path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"gpu-bwd-{card_slug(env['card'])}.json"

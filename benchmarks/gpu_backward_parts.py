@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_backward_parts [--json PATH]
 
 fp16, B*N = 16384, H*d = 2048, N = 4096, d in {64, 128}, non-causal, default blocks. Timed alone, by CUDA
-events (benchmarks.gpu_forward.time_ms): the preprocessing kernel (D = rowsum(dO * O)), rung 2's main
+events (flashkit.measure.timing.stream_time): the preprocessing kernel (D = rowsum(dO * O)), rung 2's main
 kernel, its dQ conversion, rung 3's dK/dV kernel and its dQ kernel; and rung 2's main kernel compiled with
 its dQ additions replaced by a store that never happens (so the compiler keeps the dQ products): the
 difference to the real kernel is what the fp32 atomics cost. The main kernels are timed without their
@@ -26,12 +26,18 @@ __device__ __forceinline__ void diag_sink(float* dst, float4 v) {
 
 def main(argv=None):
     import cupy
+    import numpy as np
     import torch
 
     from benchmarks.gpu_backward import ELEMENT, FlashkitBackward, flops
-    from benchmarks.gpu_forward import environment, free_all, time_ms
-    from flashkit.gpu.backward import RUNGS, kernels
-    from flashkit.gpu.flash import KERNEL_DIR, _arch
+    from benchmarks.gpu_forward import environment, free_all
+    from flashkit.gpu.backward import LSE_TILES, RUNGS, kernels
+    from flashkit.gpu.flash import KERNEL_DIR, build_options
+    from flashkit.measure.timing import stream_time
+
+    def time_ms(fn):
+        t = stream_time(fn, calls=20, rounds=3, budget_s=0.3)
+        return t["median_s"] * 1e3, t["calls"] * len(t["rounds_s"])
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")
@@ -48,6 +54,7 @@ def main(argv=None):
         dQ, dK, dV = fk.out
         Dvec = cupy.empty((B, H, N), cupy.float32)
         dQacc = cupy.zeros(Q.shape, cupy.float32)
+        Psum = cupy.zeros((B, H, N), cupy.float32)
         dims = (i32(H), i32(H), i32(N), i32(N), f32(d ** -0.5), i32(-1), i32(-1))
         rows_n = B * H * N
         parts = {}
@@ -56,25 +63,34 @@ def main(argv=None):
         Br3, Bc3 = r3.default_blocks[d]
         k2 = kernels("cupy-bwd-mma", d, ELEMENT[dtype], Br2, Bc2)
         k3 = kernels("cupy-bwd-mma-2kernel", d, ELEMENT[dtype], Br3, Bc3)
-        parts["rung 2 preprocess (D, zero dQacc)"] = lambda: k2["bwd_preprocess"](
-            (-(-rows_n * (d // 8) // 256),), (256,), (O, dO, Dvec, dQacc, i64(rows_n)))
-        parts["rung 2 main kernel"] = lambda: k2["flash_bwd"](
-            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV) + dims, shared_mem=r2.smem(d, Br2, Bc2))
-        parts["rung 2 dQ convert"] = lambda: k2["bwd_dq_convert"](
+        smem2 = r2.kernel("main").smem(d, Br2, Bc2)
+        q_tiles = -(-N // Br2)
+        every2 = (i32(max(1, -(-q_tiles // LSE_TILES))),)
+        parts["rung 2 preprocess (D, zero dQacc and Psum)"] = lambda: k2["preprocess"](
+            (-(-rows_n * (d // 8) // 256),), (256,), (O, dO, Dvec, dQacc, Psum, i64(rows_n)))
+        parts["rung 2 main kernel"] = lambda: k2["main"](
+            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims + every2,
+            shared_mem=smem2)
+        parts["rung 2 dQ convert"] = lambda: k2["convert"](
             (-(-Q.size // (8 * 256)),), (256,), (dQacc, dQ, i64(Q.size), f32(d ** -0.5)))
+        parts["rung 2 lse check (bwd_lse_check)"] = lambda: k2["check"](
+            (-(-rows_n // 256),), (256,), (Psum, lse, i64(rows_n), i32(N), i32(N), i32(-1), i32(-1), f32(1e-3),
+                                           i32(Br2)) + every2 + (np.uint64(0), i64(0)))
         # rung 2's main kernel without its atomics
         src = (KERNEL_DIR / r2.source).read_text()
         marker = "__device__ __forceinline__ float fast_exp2"
         src = src.replace(marker, SINK + marker, 1).replace("red_add4(dQh", "diag_sink(dQh")
-        opts = ("--std=c++17", f"--gpu-architecture={_arch()}", f"-DHEAD_DIM={d}", f"-DBR={Br2}", f"-DBC={Bc2}")
-        noatom = cupy.RawModule(code=src, options=opts).get_function("flash_bwd")
-        noatom.max_dynamic_shared_size_bytes = r2.smem(d, Br2, Bc2)
+        noatom = cupy.RawModule(code=src, options=build_options(d, ELEMENT[dtype], Br2, Bc2)).get_function("flash_bwd")
+        noatom.max_dynamic_shared_size_bytes = smem2
         parts["rung 2 main kernel, dQ additions removed (diagnostic)"] = lambda: noatom(
-            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV) + dims, shared_mem=r2.smem(d, Br2, Bc2))
-        parts["rung 3 dK/dV kernel"] = lambda: k3["flash_bwd_dkdv"](
-            (-(-N // Bc3), H, B), (2 * Bc3,), (Q, K, V, dO, lse, Dvec, dK, dV) + dims, shared_mem=r3.smem(d, Br3, Bc3))
-        parts["rung 3 dQ kernel"] = lambda: k3["flash_bwd_dq"](
-            (-(-N // Bc3), H, B), (2 * Bc3,), (Q, K, V, dO, lse, Dvec, dQ) + dims, shared_mem=r3.dq_smem(d, Br3, Bc3))
+            (-(-N // Bc2), H, B), (2 * Bc2,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims + every2,
+            shared_mem=smem2)
+        parts["rung 3 dK/dV kernel"] = lambda: k3["dkdv"](
+            (-(-N // Bc3), H, B), (2 * Bc3,), (Q, K, V, dO, lse, Dvec, dK, dV) + dims,
+            shared_mem=r3.kernel("dkdv").smem(d, Br3, Bc3))
+        parts["rung 3 dQ kernel (with the lse check)"] = lambda: k3["dq"](
+            (-(-N // Bc3), H, B), (2 * Bc3,), (Q, K, V, dO, lse, Dvec, dQ) + dims + (f32(1e-3), np.uint64(0), i64(0)),
+            shared_mem=r3.kernel("dq").smem(d, Br3, Bc3))
         parts["rung 2 whole backward"] = fk.call("cupy-bwd-mma")
         parts["rung 3 whole backward"] = fk.call("cupy-bwd-mma-2kernel")
         fl = flops(B, H, N, d, False)

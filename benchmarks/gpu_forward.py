@@ -1,18 +1,22 @@
 """Forward attention on one GPU: every flashkit rung beside torch's scaled_dot_product_attention backends.
 
-    python -m benchmarks.gpu_forward [--quick] [--json PATH]
+    python -m benchmarks.gpu_forward [--quick] [--Ns 4096,16384] [--json PATH]
 
 Shapes: B*N = 16384 tokens, H*d = 2048, d in {64, 128}, N in {1024, 4096, 16384}, causal and not;
 float16 and bfloat16 for the tensor-core rungs, float32 for the fp32 rungs. Every implementation reads
 the same input tensors (torch allocates them; CuPy sees them through DLPack, bfloat16 as int16 bits).
 
-The public call `flashkit.attention` (validation, the "auto" choice, the launch) is timed beside the
-rungs called directly: the ladder shows the kernels, the public row what users get. Each row also gets
-`ratio_fastest`, the fastest torch backend's time over its own (cuDNN where it runs).
+Every rung is timed twice: called directly (flashkit.gpu.flash.forward, the ladder: the kernel) and through
+the public call `flashkit.attention(q, k, v, backend=<rung>)` (what users get: validation with its NaN/Inf
+scan, the choice, the launch; impl "<rung> (public)", `public_over_rung` = its time over the rung's), and
+`flashkit.attention` with backend "auto". Each flashkit row gets `ratio_fastest`, the fastest torch
+backend's time over its own (cuDNN where it runs), `ratio_flash` (torch flash's) beside it, and `ratio`
+against the rung's own peer.
 
-Timing: CUDA events around each call on the default stream (flashkit.measure.timing.median_time; torch
-and CuPy share that stream), after a warm-up call (NVRTC compile and cuBLAS/cuDNN handle creation stay
-out), repeated until ~0.25 s or 30 calls (at least 3), median reported.
+Timing: flashkit.measure.timing.stream_time: CUDA events around up to 20 calls issued back to back on the
+default stream (torch and CuPy share it), as a training loop issues them, so a call's host work overlaps
+the previous call's kernel; 3 rounds after a warm-up call (NVRTC compile and cuBLAS/cuDNN handle creation
+stay out), the median round's time per call reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
 TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at, its `peer`
 in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash,
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from flashkit.atomic import write_json
 from flashkit.gpu.rungs import ELEMENTS, RUNGS, rung
-from flashkit.measure.timing import median_time
+from flashkit.measure.timing import stream_time
 
 FORWARD = tuple(r for r in RUNGS if r.direction == "forward")  # the rungs this script times, ladder order
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -100,8 +104,8 @@ def measure(label, fn, rows, meta):
         row.update(status="not applicable")
     else:
         try:
-            t = median_time(fn, repeats=30, budget_s=0.25, cuda=True)  # at least 3 calls, at most 30
-            ms, reps = t["median_s"] * 1e3, len(t["runs_s"])
+            t = stream_time(fn, calls=20, rounds=3, budget_s=0.3)
+            ms, reps = t["median_s"] * 1e3, t["calls"] * len(t["rounds_s"])
             row.update(status="ok", ms=ms, reps=reps, tflops=meta["flops"] / (ms * 1e-3) / 1e12)
         except (torch.cuda.OutOfMemoryError, cupy.cuda.memory.OutOfMemoryError) as exc:
             row.update(status=f"out of memory: {str(exc).splitlines()[0][:120]}")
@@ -114,16 +118,25 @@ def measure(label, fn, rows, meta):
     return row
 
 
-def run_grid(quick=False):
+def public_call(name, q, k, v, causal):
+    """flashkit.attention on the CuPy arrays a user holds (bfloat16 from torch through DLPack: '|V2')."""
+    import cupy
+
+    import flashkit
+
+    Qc, Kc, Vc = (cupy.from_dlpack(t) for t in (q, k, v))
+    return lambda: flashkit.attention(Qc, Kc, Vc, causal=causal, backend=name)
+
+
+def run_grid(Ns=(1024, 4096, 16384), ds=(64, 128), dtypes=("float16", "bfloat16", "float32")):
     import torch
 
     rows = []
-    Ns = (1024, 4096) if quick else (1024, 4096, 16384)
-    for d in (64, 128):
+    for d in ds:
         for N in Ns:
             B, H = 16384 // N, 2048 // d
             for causal in (False, True):
-                for dtype in ("float16", "bfloat16", "float32"):
+                for dtype in dtypes:
                     tdt = getattr(torch, dtype)
                     gen = torch.Generator(device="cuda").manual_seed(0)
                     q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(3))
@@ -134,17 +147,16 @@ def run_grid(quick=False):
                         if not spec.backend().available():  # rung 7 on a GPU that is not a Hopper
                             continue
                         call = rung_call(spec.number, q, k, v, causal, dtype) if dtype in spec.dtypes else None
-                        if call is not None:  # None: the rung does not compute this dtype here
-                            measure(spec.name, call, rows, dict(meta, rung=spec.number))
-                    # What users call: flashkit.attention on CuPy arrays (validation included; "auto" picks the
-                    # rung). bfloat16 arrives from torch through DLPack as CuPy '|V2', as a user's would.
-                    import cupy
-
-                    import flashkit
-
-                    Qc, Kc, Vc = (cupy.from_dlpack(t) for t in (q, k, v))
-                    measure("flashkit.attention", lambda: flashkit.attention(Qc, Kc, Vc, causal=causal), rows,
-                            dict(meta, rung=None, public=True))
+                        if call is None:  # the rung does not compute this dtype here
+                            continue
+                        measure(spec.name, call, rows, dict(meta, rung=spec.number))
+                        # the same rung through the public call (validation, NaN/Inf scan, choice, launch)
+                        if spec.number != 1 or dtype != "bfloat16":
+                            measure(f"{spec.name} (public)", public_call(spec.name, q, k, v, causal), rows,
+                                    dict(meta, rung=spec.number, public=True, backend=spec.name))
+                    # What "auto" gives a user: flashkit.attention on CuPy arrays, validation included.
+                    measure("flashkit.attention", public_call("auto", q, k, v, causal), rows,
+                            dict(meta, rung=None, public=True, backend="auto"))
                     for p in peers:
                         measure(f"torch-{p}", sdpa_call(p, q, k, v, causal), rows, dict(meta, rung=None))
                     del q, k, v
@@ -153,28 +165,36 @@ def run_grid(quick=False):
 
 
 def add_ratios(rows):
-    """ratio = peer time / rung time (> 1: the rung is faster), for the rung's peer in the same row group."""
-    def key(r):  # one row group: the same shape and dtype
+    """Ratios of a flashkit row against torch in the same row group (same shape and dtype; > 1: flashkit
+    faster): `ratio_fastest` against the fastest torch backend (`fastest_peer`, cuDNN where it runs),
+    `ratio_flash` against torch flash, `ratio` against the rung's own `peer` (rungs.py); a public row also
+    gets `public_over_rung`, its time over the rung called directly."""
+    def key(r):
         return r["d"], r["N"], r["causal"], r["dtype"]
 
     peers = {(key(r), r["impl"]): r for r in rows if r["impl"].startswith("torch-") and r["status"] == "ok"}
     fastest = {}
-    for (k, _), p in peers.items():  # the fastest torch backend of each row group (cuDNN where it runs)
+    for (k, _), p in peers.items():
         if k not in fastest or p["ms"] < fastest[k]["ms"]:
             fastest[k] = p
+    alone = {(key(r), r["rung"]): r for r in rows if r.get("rung") and not r.get("public") and r["status"] == "ok"}
     for r in rows:
+        if r["status"] != "ok" or r["impl"].startswith("torch-"):
+            continue
         f = fastest.get(key(r))
-        if r["status"] == "ok" and not r["impl"].startswith("torch-") and f is not None:
+        if f is not None:
             r["fastest_peer"], r["ratio_fastest"] = f["impl"], f["ms"] / r["ms"]
         flash = peers.get((key(r), "torch-flash"))
-        if r.get("public") and r["status"] == "ok" and flash is not None:
-            r["peer"], r["ratio"] = "torch-flash", flash["ms"] / r["ms"]
-    for r in rows:
-        if r.get("rung") and r["status"] == "ok":
-            p = peers.get((key(r), f"torch-{rung(r['rung']).peer}"))
-            if p is not None:
-                r["peer"] = p["impl"]
-                r["ratio"] = p["ms"] / r["ms"]
+        if flash is not None:
+            r["ratio_flash"] = flash["ms"] / r["ms"]
+        name = r.get("backend") if r.get("public") else r["impl"]
+        peer = f"torch-{rung(name).peer}" if r.get("rung") else "torch-flash"
+        p = peers.get((key(r), peer))
+        if p is not None:
+            r["peer"], r["ratio"] = p["impl"], p["ms"] / r["ms"]
+        a = alone.get((key(r), r.get("rung")))
+        if r.get("public") and a is not None:
+            r["public_over_rung"] = r["ms"] / a["ms"]
 
 
 def block_sweep():
@@ -192,7 +212,7 @@ def block_sweep():
                 meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal),
                             rung=spec.number)
                 print(f"sweep rung {spec.number}: d={d} N={N} causal={causal} {dtype}", flush=True)
-                for bs in spec.allowed_blocks:
+                for bs in spec.allowed(d):
                     measure(f"{spec.name}{bs}", rung_call(spec.number, q, k, v, causal, dtype, bs), rows,
                             dict(meta, block_size=list(bs)))
                 del q, k, v
@@ -319,6 +339,9 @@ def markdown_table(result, N=4096):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N in {1024, 4096} only")
+    ap.add_argument("--Ns", help="comma-separated sequence lengths (default 1024,4096,16384)")
+    ap.add_argument("--ds", default="64,128", help="comma-separated head sizes (default 64,128)")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32", help="comma-separated dtypes")
     ap.add_argument("--json", help="where to write the results (default benchmarks/results/gpu-<card>.json)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
@@ -332,7 +355,8 @@ def main(argv=None):
     env = environment()
     print(env, flush=True)
     roof = ceilings_of_this_run()
-    rows = run_grid(args.quick)
+    Ns = tuple(int(n) for n in args.Ns.split(",")) if args.Ns else (1024, 4096) if args.quick else (1024, 4096, 16384)
+    rows = run_grid(Ns, tuple(int(x) for x in args.ds.split(",")), tuple(args.dtypes.split(",")))
     add_ratios(rows)
     sweep = [] if args.no_sweep else block_sweep()
     mem = [] if args.no_memory else memory_rows()

@@ -5,8 +5,9 @@
 fp16 (and bf16 from torch through DLPack), B=4, N=4096, H=32, d=64 (H*d = 2048), not causal. CUDA events
 around 30 calls after a warm-up, mean per call: the rung alone (flashkit.gpu.flash.run on a validated
 Problem), flashkit.attention (what users call), and the pieces of the difference: validate.check, the
-finiteness scan alone, registry.choose; the same for the backward (the rung alone, attention_backward,
-validate.check_backward, the lse spot check). Results: benchmarks/results/gpu-overhead-<card>.json.
+finiteness scan alone (one kernel on a side stream, then its wait), registry.choose; the same for the
+backward (the rung alone, with its in-kernel lse check reported and waited for, attention_backward,
+validate.check_backward). Results: benchmarks/results/gpu-overhead-<card>.json.
 """
 from __future__ import annotations
 
@@ -52,17 +53,26 @@ def main(argv=None):
         o, lse = flashkit.attention(q, k, v, return_lse=True)
         pb = validate.check_backward(do, q, k, v, o, lse)
         names = [validate.dtype_name(x) for x in (q, k, v)]
+
+        def rung2_checked():
+            check = backward.LseCheck(pb.Q.shape[:3])
+            backward.backward("cupy-bwd-mma", pb.Q, pb.K, pb.V, pb.O, pb.dO, pb.lse, scale=p.scale, element=p.element,
+                              check=check)
+            return check.error()
+
         pieces = {
             "forward rung 6 alone": lambda: flash.run(6, p),
             "flashkit.attention": lambda: flashkit.attention(q, k, v),
-            "validate.check": lambda: validate.check(q, k, v),
-            "finiteness scan of q, k, v": lambda: finite.first_nonfinite(cupy, (q, k, v), names),
+            "flashkit.attention(backend=cupy-mma-2tile)": lambda: flashkit.attention(q, k, v, backend="cupy-mma-2tile"),
+            "validate.check (scan waited for)": lambda: validate.check(q, k, v),
+            "validate.check (scan started, not waited for)": lambda: validate.check(q, k, v, finite="async"),
+            "finiteness scan of q, k, v (start + wait)": lambda: finite.first_nonfinite(cupy, (p.Q, p.K, p.V), names),
             "registry.choose": lambda: registry.choose(p, "auto"),
             "backward rung 2 alone": lambda: backward.backward("cupy-bwd-mma", pb.Q, pb.K, pb.V, pb.O, pb.dO, pb.lse,
                                                                scale=p.scale, element=p.element),
+            "backward rung 2 with its lse check reported and waited for": rung2_checked,
             "flashkit.attention_backward": lambda: flashkit.attention_backward(do, q, k, v, o, lse),
             "validate.check_backward": lambda: validate.check_backward(do, q, k, v, o, lse),
-            "lse spot check": lambda: backward.spot_check_lse(pb),
         }
         for name, fn in pieces.items():
             ms = event_ms(fn)

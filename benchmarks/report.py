@@ -52,19 +52,22 @@ def results_section() -> str:
             parts.append(_cpu_backward_headline(path, data))
         elif data.get("benchmark", "benchmarks/cpu_forward.py") == "benchmarks/cpu_forward.py":  # not cpu-mods-*, cpu-small-*
             parts.append(_cpu_headline(path, data))
-    for path, data in _load("gpu-*.json"):
-        if path.name.startswith("gpu-bwd-"):
-            parts.append(_gpu_backward_headline(path, data))
-        elif path.name.startswith("gpu-overhead-"):
+    gpu = [(p, d) for p, d in _load("gpu-*.json") if not p.name.startswith("gpu-session-")]
+    forward = [(p, d) for p, d in gpu if not p.name.startswith(("gpu-bwd-", "gpu-overhead-", "gpu-mods-"))]
+    backward = [(p, d) for p, d in gpu if p.name.startswith("gpu-bwd-")]
+    if forward:
+        parts.append(_gpu_table(forward, "forward"))
+    if backward:
+        parts.append(_gpu_table(backward, "backward"))
+    for path, data in gpu:
+        if path.name.startswith("gpu-overhead-"):
             parts.append(_gpu_overhead_headline(path, data))
         elif path.name.startswith("gpu-mods-"):
             parts.append(_gpu_mods_headline(path, data))
-        else:
-            parts.append(_gpu_headline(path, data))
     for path, data in _load("decode-*.json"):
         parts.append(_decode_headline(path, data))
     if not parts:
-        return "No results recorded yet: run `make bench` (CPU) or `python -m benchmarks.gpu_check` (GPU)."
+        return "No results recorded yet: run `make bench` (CPU) or `python -m benchmarks.gpu_session` (GPU)."
     return "\n\n".join(p for p in parts if p)
 
 
@@ -110,48 +113,66 @@ def _cpu_headline(path, data) -> str:
     return "\n".join(out + ["", _label(path, data)])
 
 
-def _gpu_headline(path, data) -> str:
-    """GPU forward at N = 4096: the best tensor-core and fp32 rungs against the torch backend each aims at."""
-    rows = [r for r in data["results"] if r["N"] == 4096 and r.get("status") == "ok"]
-    best = {}
-    for r in rows:
-        if r.get("rung") in (None, 1) or "ratio" not in r:
-            continue
-        key = (r["dtype"], r["d"], r["causal"])
-        if key not in best or r["tflops"] > best[key]["tflops"]:
-            best[key] = r
-    out = ["**GPU forward** on " + data["card"] + ", B·N=16384, H·d=2048, N=4096", "",
-           "| dtype | d | causal | best rung | ms | TFLOP/s | peer | ratio (peer time / rung time) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (dtype, d, causal), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        if dtype == "bfloat16":
-            continue
-        out.append(f"| {dtype} | {d} | {'yes' if causal else 'no'} | {r['impl']} | {r['ms']:.2f} | "
-                   f"{r['tflops']:.0f} | {r['peer']} | {r['ratio']:.2f} |")
-    return "\n".join(out + ["", _label(path, data)])
-
-
-def _gpu_backward_headline(path, data) -> str:
-    """GPU backward at N = 4096: each backward rung beside torch's flash backward and the fastest torch one."""
-    rows = [r for r in data["results"] if r["N"] == 4096 and r.get("status") == "ok"]
-    torch = {}
+def _best_calls(data, N=4096):
+    """{(dtype, d, causal): (row, public?, fastest torch row, torch flash row)} of one results file: the
+    fastest public call of a rung where the file has public rows (what users get), else the fastest rung
+    alone; ratios are worked out here from the file's torch rows of the same shape and dtype."""
+    rows = [r for r in data["results"] if r.get("N") == N and r.get("status") == "ok"]
+    torch, best = {}, {}
     for r in rows:
         if r["impl"].startswith("torch-"):
             torch.setdefault((r["dtype"], r["d"], r["causal"]), {})[r["impl"]] = r
-    out = ["**GPU backward** on " + data["card"] + ", B·N=16384, H·d=2048, N=4096, TFLOP/s counting 2.5x the "
-           "forward's FLOPs (backward alone)", "",
-           "| dtype | d | causal | rung | ms | TFLOP/s | peer | ratio (peer time / rung time) | fastest torch | ratio |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted((r for r in rows if not r["impl"].startswith("torch-")),
-                    key=lambda r: (r["dtype"], r["d"], r["causal"], -r["tflops"])):
-        peers = torch.get((r["dtype"], r["d"], r["causal"]), {})
-        if not peers or "ratio" not in r:
+    has_public = any(r.get("public") and r.get("rung") for r in rows)
+    for r in rows:
+        key = (r["dtype"], r["d"], r["causal"])
+        if r["impl"].startswith("torch-") or not r.get("rung") or r.get("rung") == 1:
             continue
-        fastest = min(peers.values(), key=lambda p: p["ms"])
-        out.append(f"| {r['dtype']} | {r['d']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.2f} | "
-                   f"{r['tflops']:.0f} | {r['peer']} | {r['ratio']:.2f} | {fastest['impl']} | "
-                   f"{fastest['ms'] / r['ms']:.2f} |")
-    return "\n".join(out + ["", _label(path, data)])
+        if has_public != bool(r.get("public")):
+            continue
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    out = {}
+    for key, r in best.items():
+        peers = torch.get(key, {})
+        fastest = min(peers.values(), key=lambda p: p["ms"]) if peers else None
+        out[key] = (r, has_public, fastest, peers.get("torch-flash"))
+    return out
+
+
+def _gpu_table(files, direction) -> str:
+    """The GPU forward (or backward) at N = 4096, one column group per card (each results file): the best
+    rung through the public call where the file timed it (else the rung alone, marked), its time against
+    the fastest torch backend of the same run and against torch flash."""
+    per_card = [(path, data, _best_calls(data)) for path, data in files]
+    keys = sorted({k for *_, best in per_card for k in best})
+    cards = [data["card"].replace("NVIDIA ", "") for _, data, _ in per_card]
+    what = "forward" if direction == "forward" else "backward (TFLOP/s counting 2.5x the forward's FLOPs)"
+    call = "flashkit.attention" + ("_backward" if direction == "backward" else "")
+    head = "| dtype | d | causal | " + " | ".join(f"{c}: rung | ms | TFLOP/s | fastest torch / ours | flash / ours"
+                                                 for c in cards) + " |"
+    out = [f"**GPU {what}**, B·N=16384, H·d=2048, N=4096: the fastest rung as users call it (`{call}(..., "
+           "backend=<rung>)`, validation and NaN/Inf check included), each card beside the other; ratios are "
+           "torch's time over ours in the same run (> 1: flashkit faster)", "",
+           head, "| --- | --- | --- |" + " --- | --- | --- | --- | --- |" * len(cards)]
+    for key in keys:
+        cells = []
+        for _, _, best in per_card:
+            if key not in best:
+                cells.append(" | | | | ")
+                continue
+            r, public, fastest, flash = best[key]
+            name = r.get("backend") or r["impl"]
+            label = name if public else f"{name} (rung alone)"
+            fr = f"{fastest['ms'] / r['ms']:.2f} ({fastest['impl'][len('torch-'):]})" if fastest else ""
+            fl = f"{flash['ms'] / r['ms']:.2f}" if flash else ""
+            cells.append(f"{label} | {r['ms']:.2f} | {r['tflops']:.0f} | {fr} | {fl}")
+        dtype, d, causal = key
+        out.append(f"| {dtype} | {d} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |")
+    notes = []
+    for path, data, best in per_card:
+        public = any(v[1] for v in best.values())
+        notes.append(_label(path, data) + ("" if public else " (this file timed the rungs alone, not the public call)"))
+    return "\n".join(out + [""] + ["", "".join(n + "  \n" for n in notes).rstrip()])
 
 
 def _gpu_overhead_headline(path, data) -> str:

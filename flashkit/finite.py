@@ -1,24 +1,39 @@
-"""Is an array finite? One read of it, no temporaries, and on the GPU one host wait for many arrays.
+"""Is an array finite? One read of it, no temporaries, and on the GPU no host wait in front of the kernel.
 
 `xp.isfinite(x).all()` writes a boolean array the size of x and reads it again, and `bool(...)` waits for
 the GPU once per array: on an H200 that was 0.74 ms of every flashkit.attention call at B=4, N=4096,
 H*d=2048 (FACTS), a third of the kernel's time. Here a float is non-finite exactly when all its exponent
-bits are set, so the GPU test reads each array once as raw 16-byte words and sets a flag; the flags of
-all the arrays come back with one copy (the one host sync).
+bits are set, so the GPU test reads each array once as raw 16-byte words.
+
+On the GPU the public calls do not wait for the answer before launching the attention kernel:
+`start(arrays, names)` enqueues ONE kernel over all the arrays (blockIdx.y picks the array) on a
+high-priority side stream that first waits for the caller's stream (so it reads the inputs as the caller's
+earlier work left them), and returns a `Pending`. The attention kernel is launched on the caller's stream
+at once; `Pending.wait()` then waits for the check alone (its event), so the host wait overlaps the
+attention kernel, and the caller raises (discarding the output) if an array was flagged. A kernel that
+finds a bad word writes this call's serial number into page-locked host memory (`HostFlags`): no flag to
+zero, no copy back, nothing written when all is well. flashkit.gpu.backward's in-kernel lse check reports
+through the same words.
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
 # Exponent bits by element size: float16 and bfloat16 differ, so 2-byte types are told apart by name.
 EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
+NEG_INF_BITS = {"float32": 0xFF800000, "float64": 0xFFF0000000000000}
+MAX_ARRAYS = 6  # what one check launch takes (the backward's q, k, v, do, o and lse)
 
 _SOURCE = r"""
-// flag[0] = 1 if any element of the n words at x has every exponent bit set (NaN or +-Inf).
-// Words of W bytes are read 16 bytes at a time (uint4) when x is 16-byte aligned and n*W % 16 == 0,
-// else one word at a time. A grid-stride loop: any n, any grid.
+// Every word of array y = blockIdx.y is tested: bad when all exponent bits are set (NaN or +-Inf), except
+// -inf where allowed (a logsumexp of a row that saw no key). Words of W bytes are read 16 bytes at a time
+// (uint4) when the array is 16-byte aligned and a whole number of uint4, else one word at a time. A bad
+// array gets `serial` stored into flags[y], a word of page-locked host memory (unified addressing: the
+// host pointer is valid on the device). Grid-stride: any n, any grid.x.
 template <typename W>
-__device__ void scan(const W* x, long long n, W mask, int* flag) {
+__device__ bool scan(const W* x, long long n, W mask, W neg_inf) {
     long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     long long stride = (long long)gridDim.x * blockDim.x;
     bool bad = false;
@@ -28,47 +43,186 @@ __device__ void scan(const W* x, long long n, W mask, int* flag) {
         for (long long i = tid; i < n / per; i += stride) {
             uint4 u = v[i];
             const W* w = reinterpret_cast<const W*>(&u);
-            #pragma unroll
-            for (int k = 0; k < per; ++k) bad |= (w[k] & mask) == mask;
+#pragma unroll
+            for (int k = 0; k < per; ++k) bad |= ((w[k] & mask) == mask) && (neg_inf == 0 || w[k] != neg_inf);
         }
     } else {
-        for (long long i = tid; i < n; i += stride) bad |= (x[i] & mask) == mask;
+        for (long long i = tid; i < n; i += stride) bad |= ((x[i] & mask) == mask) && (neg_inf == 0 || x[i] != neg_inf);
     }
-    if (__any_sync(0xffffffff, bad) && (threadIdx.x % 32) == 0) atomicOr(flag, 1);
+    return bad;
 }
-extern "C" {
-__global__ void nonfinite_u16(const unsigned short* x, long long n, unsigned short mask, int* flag) { scan(x, n, mask, flag); }
-__global__ void nonfinite_u32(const unsigned int* x, long long n, unsigned int mask, int* flag) { scan(x, n, mask, flag); }
-__global__ void nonfinite_u64(const unsigned long long* x, long long n, unsigned long long mask, int* flag) { scan(x, n, mask, flag); }
+extern "C" __global__ void nonfinite(
+    unsigned long long p0, unsigned long long p1, unsigned long long p2,
+    unsigned long long p3, unsigned long long p4, unsigned long long p5,
+    long long n0, long long n1, long long n2, long long n3, long long n4, long long n5,
+    unsigned long long m0, unsigned long long m1, unsigned long long m2,
+    unsigned long long m3, unsigned long long m4, unsigned long long m5,
+    unsigned long long i0, unsigned long long i1, unsigned long long i2,
+    unsigned long long i3, unsigned long long i4, unsigned long long i5,
+    int s0, int s1, int s2, int s3, int s4, int s5,
+    unsigned long long flags, long long serial) {
+    const int y = blockIdx.y;  // which array: picked by selects, not a local array (which would live in memory)
+#define PICK(a) (y == 0 ? a##0 : y == 1 ? a##1 : y == 2 ? a##2 : y == 3 ? a##3 : y == 4 ? a##4 : a##5)
+    const unsigned long long ptr = PICK(p), mask = PICK(m), neg_inf = PICK(i);
+    const long long n = PICK(n);
+    const int size = PICK(s);
+#undef PICK
+    bool bad;
+    if (size == 2) bad = scan((const unsigned short*)ptr, n, (unsigned short)mask, (unsigned short)neg_inf);
+    else if (size == 4) bad = scan((const unsigned int*)ptr, n, (unsigned int)mask, (unsigned int)neg_inf);
+    else bad = scan((const unsigned long long*)ptr, n, mask, neg_inf);
+    if (__any_sync(0xffffffff, bad) && (threadIdx.x % 32) == 0)
+        reinterpret_cast<volatile long long*>(flags)[y] = serial;
 }
 """
-_KERNELS: dict = {}
-_WORD = {2: ("nonfinite_u16", "uint16"), 4: ("nonfinite_u32", "uint32"), 8: ("nonfinite_u64", "uint64")}
+_STATE = threading.local()  # per host thread: its flags, serial numbers, side stream and events
+FLAG_WORDS = 16  # [0, MAX_ARRAYS): the finiteness check's arrays; from LSE_WORD: flashkit.gpu.backward's lse check
+LSE_WORD = 8
 
 
-def _kernel(itemsize):
+def _module():
     import cupy
 
-    if "module" not in _KERNELS:
-        _KERNELS["module"] = cupy.RawModule(code=_SOURCE, options=("--std=c++17",))
-    return _KERNELS["module"].get_function(_WORD[itemsize][0])
+    if getattr(_STATE, "module", None) is None:
+        _STATE.module = cupy.RawModule(code=_SOURCE, options=("--std=c++17",)).get_function("nonfinite")
+    return _STATE.module
 
 
-def first_nonfinite(xp, arrays, dtype_names):
-    """The index of the first of `arrays` holding NaN or Inf, or None. `dtype_names` names each array's
-    element type (bfloat16 included, which CuPy may hold as 2-byte void)."""
+class HostFlags:
+    """FLAG_WORDS int64 words of page-locked host memory that kernels write and the host reads after an event.
+
+    A kernel stores the call's serial number (never 0 or a value used before) into a word to say "flagged",
+    so no word is ever reset; one per host thread and device (`host_flags()`), so concurrent callers in other
+    threads cannot read each other's answers."""
+
+    def __init__(self):
+        import cupy
+
+        self._mem = cupy.cuda.alloc_pinned_memory(8 * FLAG_WORDS)
+        self.words = np.frombuffer(self._mem, np.int64, FLAG_WORDS)
+        self.words[:] = 0
+        self.device_ptr = np.uint64(self._mem.ptr)  # valid on the device too (unified virtual addressing)
+        self.serial = 0
+        self.stream = None
+        self.events = {}
+
+    def next_serial(self) -> int:
+        self.serial += 1
+        return self.serial
+
+    def side_stream(self):
+        """A non-blocking stream of the device's highest priority: the check's blocks are scheduled ahead of
+        the attention kernel's as SMs free up, so its answer comes early instead of after the kernel."""
+        import cupy
+
+        if self.stream is None:
+            # CUDA clamps a priority beyond the device's range to its greatest (H100/H200: -5; lower = higher)
+            try:
+                self.stream = cupy.cuda.Stream(non_blocking=True, priority=-1000)
+            except TypeError:  # a CuPy without stream priorities: still beside, only not ahead
+                self.stream = cupy.cuda.Stream(non_blocking=True)
+        return self.stream
+
+    def event(self, name):
+        import cupy
+
+        if name not in self.events:
+            self.events[name] = cupy.cuda.Event(disable_timing=True)
+        return self.events[name]
+
+
+def host_flags() -> HostFlags:
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    table = getattr(_STATE, "flags", None)
+    if table is None:
+        table = _STATE.flags = {}
+    if dev not in table:
+        table[dev] = HostFlags()
+    return table[dev]
+
+
+class Pending:
+    """A finiteness check in flight (or, on the CPU, done). `wait()` gives the index of the first flagged
+    array, or None; `error()` the sentence to raise for it (naming the argument), or None."""
+
+    def __init__(self, bad=None, flags=None, serial=0, event=None, n=0, names=None, allow_neg_inf=()):
+        self._bad, self._flags, self._serial, self._event, self._n = bad, flags, serial, event, n
+        self.names, self.allow_neg_inf = names, allow_neg_inf
+        self._keep = ()
+
+    def wait(self):
+        if self._flags is not None:
+            self._event.synchronize()  # the check's event: the attention kernel behind it keeps running
+            words = self._flags.words
+            self._bad = next((i for i in range(self._n) if words[i] == self._serial), None)
+            self._flags, self._keep = None, ()
+        return self._bad
+
+    def error(self):
+        i = self.wait()
+        if i is None:
+            return None
+        name = self.names[i] if self.names else f"array {i}"
+        if i in self.allow_neg_inf:
+            return f"{name} contains NaN or +inf; a logsumexp is finite, or -inf for a row that saw no key"
+        return f"{name} contains NaN or Inf; attention of non-finite input is undefined"
+
+
+def start(xp, arrays, dtype_names, allow_neg_inf=(), names=None):
+    """Begin checking `arrays` for NaN/Inf (one kernel launch on the GPU); returns a `Pending`.
+
+    `dtype_names` names each array's element type (bfloat16 included, which CuPy may hold as 2-byte void);
+    arrays whose index is in `allow_neg_inf` may hold -inf (float32/float64 only: the backward's lse).
+    `names` (the arguments as the caller calls them) go into `Pending.error()`'s sentence. The arrays must
+    stay alive and unmodified until `wait()` (the public calls wait before returning)."""
     if xp is np:
-        return next((i for i, x in enumerate(arrays) if not np.isfinite(x).all()), None)
+        for i, x in enumerate(arrays):
+            ok = np.isfinite(x) if i not in allow_neg_inf else ~(np.isnan(x) | np.isposinf(x))
+            if not ok.all():
+                return Pending(bad=i, names=names, allow_neg_inf=allow_neg_inf)
+        return Pending(names=names, allow_neg_inf=allow_neg_inf)
     import cupy
 
-    flags = cupy.zeros(len(arrays), cupy.int32)
+    if len(arrays) > MAX_ARRAYS:
+        raise ValueError(f"one check takes at most {MAX_ARRAYS} arrays; got {len(arrays)}")
+    flags = host_flags()
+    serial = flags.next_serial()
+    ptrs, ns, masks, infs, sizes = [], [], [], [], []
+    keep = []
     for i, (x, name) in enumerate(zip(arrays, dtype_names)):
         x = cupy.ascontiguousarray(x)  # a view with strides is copied: the scan reads memory in order
-        fn, word = _WORD[x.dtype.itemsize]
-        n = x.size
-        threads = 256
-        blocks = max(1, min(-(-n // (threads * 8)), 132 * 16))  # enough to fill the card, grid-stride beyond
-        _kernel(x.dtype.itemsize)((blocks,), (threads,), (x.view(word), cupy.int64(n),
-                                  getattr(cupy, word)(EXPONENT_MASK[name]), flags[i:i + 1]))
-    bad = flags.get()  # the one host sync
-    return next((i for i, b in enumerate(bad) if b), None)
+        keep.append(x)
+        ptrs.append(x.data.ptr)
+        ns.append(x.size)
+        masks.append(EXPONENT_MASK[name])
+        infs.append(NEG_INF_BITS[name] if i in allow_neg_inf else 0)
+        sizes.append(x.dtype.itemsize)
+    n_arrays = len(arrays)
+    pad = MAX_ARRAYS - n_arrays
+    ptrs, ns, masks, infs, sizes = (v + [v[0] if v else 0] * pad for v in (ptrs, ns, masks, infs, sizes))
+    ns = ns[:n_arrays] + [0] * pad  # the padding arrays are empty
+    threads = 128  # small blocks fit beside the attention kernel's on an SM (registers, threads)
+    biggest = max(ns[:n_arrays]) if n_arrays else 0
+    blocks = max(1, min(-(-biggest // (threads * 8)), 132 * 4))
+    u64, i64, i32 = np.uint64, np.int64, np.int32
+    caller = cupy.cuda.get_current_stream()
+    side = flags.side_stream()
+    ready = flags.event("inputs")
+    ready.record(caller)
+    side.wait_event(ready)  # the inputs as the caller's stream leaves them
+    with side:
+        _module()((blocks, n_arrays), (threads,),
+                  tuple(u64(p) for p in ptrs) + tuple(i64(n) for n in ns) + tuple(u64(m) for m in masks)
+                  + tuple(u64(v) for v in infs) + tuple(i32(z) for z in sizes) + (flags.device_ptr, i64(serial)))
+    done = flags.event("finite")
+    done.record(side)
+    pending = Pending(flags=flags, serial=serial, event=done, n=n_arrays, names=names, allow_neg_inf=allow_neg_inf)
+    pending._keep = keep  # copies made for the scan live until the check is done
+    return pending
+
+
+def first_nonfinite(xp, arrays, dtype_names, allow_neg_inf=()):
+    """The index of the first of `arrays` holding NaN or Inf, or None (start + wait: one host wait)."""
+    return start(xp, arrays, dtype_names, allow_neg_inf).wait()

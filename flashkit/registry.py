@@ -87,7 +87,7 @@ class Backend:
             raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
         return {"forward": self.has_forward, "backward": self.has_backward, "decode": self.has_decode}[direction]
 
-    def cannot_serve(self, problem, direction: str = "forward") -> Optional[str]:
+    def cannot_serve(self, problem, direction: str = "forward", ask_supports: bool = True) -> Optional[str]:
         """None if this backend supports `problem` in `direction` ("forward", "backward" or "decode"),
         else a sentence saying what it lacks. A backend with a forward runner but no decode runner
         serves a decoding step unsplit (flashkit.decode runs it on the filled rows of the cache)."""
@@ -113,7 +113,7 @@ class Backend:
             takers = ", ".join(b.name for b in all_backends() if b.mods and b.device == self.device)
             return (f"backend {self.name!r} does not take a score_mod or mask_mod (flashkit.backends(): column "
                     f"'mods'); " + (f"these do: {takers}" if takers else f"no {self.device.upper()} backend does yet"))
-        if self.supports is not None:
+        if self.supports is not None and ask_supports:
             return self._function("supports")(problem)
         return None
 
@@ -186,6 +186,58 @@ def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
         if why_not is not None:
             raise ValueError(why_not)
         return backend
+    # The same kind of request (direction, array library, dtype, d, mask or not, mods or not, and which
+    # auto_max_flops limits it is under) always ranks the same backends: rank them once. Only a backend's
+    # `supports` function looks further (alignment, head size per dtype), so it is asked on every call.
+    key = _request_key(problem, direction)
+    ranked = _RANKED.get(key)
+    if ranked is not None:
+        for b in ranked:
+            if b.supports is None or b.cannot_serve(problem, direction) is None:
+                return b
+    chosen = _choose_auto(problem, direction)
+    if key not in _RANKED:
+        _RANKED[key] = _rank(problem, direction)
+    return chosen
+
+
+# (direction, array library, dtype, d, mask?, mods?, small?) -> the backends that serve such a request, best
+# first, `supports` not yet asked (registry.choose).
+_RANKED: dict = {}
+
+
+@functools.cache
+def _flops_limits() -> Tuple[float, ...]:
+    return tuple(sorted({b.auto_max_flops for b in all_backends() if b.auto_max_flops is not None}))
+
+
+def _request_key(problem, direction):
+    limits = _flops_limits()
+    small = tuple(problem.flops() <= t for t in limits) if limits else ()
+    return (direction, problem.xp.__name__, problem.dtype_name, problem.d, problem.mask is not None,
+            bool(getattr(problem, "has_mods", False)), small)
+
+
+def _preference(problem):
+    """The sort key of choose: a backend computing the input dtype natively, then one made for a problem
+    this small, then the highest priority."""
+    flops = problem.flops()
+
+    def key(b):
+        small = b.auto_max_flops is not None and flops <= b.auto_max_flops
+        return (problem.dtype_name in b.dtypes, small, b.priority)
+
+    return key
+
+
+def _rank(problem, direction):
+    """The backends that could serve requests like `problem`, best first (their `supports` not asked)."""
+    serving = [b for b in all_backends() if b.computes(direction)
+               and b.cannot_serve(problem, direction, ask_supports=False) is None and b.available]
+    return tuple(sorted(serving, key=_preference(problem), reverse=True))
+
+
+def _choose_auto(problem, direction):
     # The request is checked before the machine: probing a GPU backend imports CuPy, which a NumPy
     # request never needs.
     computing = [b for b in all_backends() if b.computes(direction)]
@@ -204,11 +256,4 @@ def choose(problem, name: str = "auto", direction: str = "forward") -> Backend:
         if refusals:
             raise ValueError(f"no available backend supports this {direction} request: " + "; ".join(refusals))
         raise RuntimeError(f"no available backend supports this {direction} request; see flashkit.backends()")
-    # Prefer a backend that computes the input dtype natively, then one made for a problem this small,
-    # then the highest priority.
-    flops = problem.flops()
-
-    def small(b):
-        return b.auto_max_flops is not None and flops <= b.auto_max_flops
-
-    return max(candidates, key=lambda b: (problem.dtype_name in b.dtypes, small(b), b.priority))
+    return max(candidates, key=_preference(problem))

@@ -37,9 +37,18 @@ def array_module(x):
 def dtype_name(x) -> str:
     """The name of x's element type. CuPy has no bfloat16: a torch bfloat16 tensor seen through DLPack
     arrives as an array of 2-byte void ('|V2'), which flashkit reads as bfloat16 bits."""
-    if x.dtype.kind == "V" and x.dtype.itemsize == 2 and array_module(x) is not np:
-        return "bfloat16"
-    return x.dtype.name
+    key = (type(x), x.dtype)
+    name = _DTYPE_NAMES.get(key)
+    if name is None:  # numpy's dtype.name is computed in Python on each access: a hot path keeps it
+        if x.dtype.kind == "V" and x.dtype.itemsize == 2 and array_module(x) is not np:
+            name = "bfloat16"
+        else:
+            name = x.dtype.name
+        _DTYPE_NAMES[key] = name
+    return name
+
+
+_DTYPE_NAMES: dict = {}  # (array type, dtype) -> dtype_name
 
 
 def bf16_bits(x):
@@ -91,6 +100,8 @@ def check_scale(scale, d: int) -> float:
 
 
 def _as4d(x):
+    if x.ndim == 4:  # already (B, H, N, d): no new view (a hot path on the GPU)
+        return x
     return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))  # (B, H, N, d), a view
 
 
@@ -180,15 +191,24 @@ def _check_qkv(names, q, k, v, **array_checks):
     return xp, Q, K, V
 
 
+QKV = ("q", "k", "v")
+BACKWARD_ARGS = ("q", "k", "v", "do", "o", "lse")
+
+
 def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_size=None, score_mod=None,
           mask_mod=None, block_mask=None, finite=True) -> Problem:
     """The Problem of attention(q, k, v, ...), or TypeError/ValueError naming the argument at fault.
 
     finite=False leaves the NaN/Inf scan of q, k, v to the caller (check_backward scans them together
-    with dO, O and lse, behind one host sync on the GPU)."""
+    with dO, O and lse). finite="async": on the GPU the scan is started (one kernel on a side stream,
+    flashkit.finite.start) and the Problem carries it as `pending`; the caller launches its kernel and
+    then calls `finish(problem)`, which waits for the scan alone and raises if it flagged. NumPy input
+    is scanned at once either way."""
+    if finite not in (True, False, "async"):
+        raise ValueError(f"finite must be True, False or 'async'; got {finite!r}")
     xp, Q, K, V = _check_qkv(("q", "k", "v"), q, k, v, finite=False)
-    if finite:
-        check_finite(xp, ("q", "k", "v"), (q, k, v))  # one host sync for the three on the GPU
+    if finite is True or (finite and xp is np):
+        check_finite(xp, ("q", "k", "v"), (q, k, v))  # one host wait for the three on the GPU
     (B, Hq, Nq, d), Nk = Q.shape, K.shape[2]
 
     if not isinstance(causal, (bool, np.bool_)):
@@ -230,13 +250,34 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
 
     # bfloat16 on the GPU travels as uint16 bits with element="bf16"; the kernels read them as __nv_bfloat16
     element = "bf16" if dtype_name(q) == "bfloat16" and xp is not np else None
-    Q, K, V = (bf16_bits(x) for x in (Q, K, V))
+    Q, K, V = (_contiguous(xp, bf16_bits(x)) for x in (Q, K, V))
+    pending = None
+    if finite == "async" and xp is not np:  # the scan reads the arrays the kernel will read
+        from flashkit import finite as finite_scan
+
+        pending = [finite_scan.start(xp, (Q, K, V), (dtype_name(q),) * 3, names=QKV)]
     return Problem(
-        Q=xp.ascontiguousarray(Q), K=xp.ascontiguousarray(K), V=xp.ascontiguousarray(V),
+        Q=Q, K=K, V=V,
         scale=float(scale), causal=bool(causal), window=win, mask=mask4,
         block_size=block_size, xp=xp, element=element,
-        score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+        score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, pending=pending,
     )
+
+
+def _contiguous(xp, x):
+    """x itself when C-contiguous (no new array object: a hot path), else a contiguous copy."""
+    return x if x.flags.c_contiguous else xp.ascontiguousarray(x)
+
+
+def finish(problem) -> None:
+    """Wait for the checks a Problem carries in flight (`problem.pending`: the finiteness scan of
+    validate.check(..., finite="async"), and what a backend added, such as the GPU backward's lse check)
+    and raise ValueError with the first one's sentence; nothing to do when none is in flight. The waits
+    are for each check's own event, so a kernel launched behind a check keeps running meanwhile."""
+    for check in problem.pending or ():
+        message = check.error()
+        if message is not None:
+            raise ValueError(message)
 
 
 def check_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=None) -> DecodeProblem:
@@ -283,13 +324,14 @@ def check_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=None) 
 
 
 def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None, mask=None,
-                   block_size=None) -> Problem:
+                   block_size=None, finite=True) -> Problem:
     """The Problem of attention_backward(): check(q, k, v, ...) plus dO, O and lse checked against q.
 
     dO and O must have q's shape, dtype and array library; lse q's shape without the last axis, in
     float32 or float64, with -inf allowed (a row that saw no key) but never NaN or +inf. Whether lse
     belongs to these q, k (and is in natural-log units) is tested by the backends as they recompute P:
-    see `check_lse_rowsums`.
+    see `check_lse_rowsums`. finite="async": as in `check`, on the GPU the scan of the six arrays runs
+    while the backward does, and `finish(problem)` raises if it flagged.
     """
     problem = check(q, k, v, causal=causal, scale=scale, window=window, mask=mask, block_size=block_size,
                     finite=False)
@@ -308,17 +350,25 @@ def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None
                          f"got {tuple(lse.shape)}")
     if lse.dtype.name not in ("float32", "float64"):
         raise TypeError(f"lse must be float32 or float64 (as attention(..., return_lse=True) returns it); got {lse.dtype}")
-    # lse may hold -inf (rows that saw no key), so its check is "not NaN and not +inf": max(lse, 0) is
-    # finite exactly then (maximum propagates NaN). All six arrays are scanned behind one host sync.
-    i = first_nonfinite(xp, (q, k, v, do, o, xp.maximum(lse, 0)))
-    if i == 5:
-        raise ValueError("lse contains NaN or +inf; a logsumexp is finite, or -inf for a row that saw no key")
-    if i is not None:
-        raise ValueError(f"{('q', 'k', 'v', 'do', 'o')[i]} contains NaN or Inf; attention of non-finite input is undefined")
     lse_dtype = "float64" if problem.dtype_name == "float64" else "float32"
-    lse3 = lse.reshape(problem.Q.shape[:3]).astype(lse_dtype, copy=False)
-    return replace(problem, dO=xp.ascontiguousarray(bf16_bits(_as4d(do))), O=xp.ascontiguousarray(bf16_bits(_as4d(o))),
-                   lse=xp.ascontiguousarray(lse3))
+    lse3 = _contiguous(xp, lse.reshape(problem.Q.shape[:3]).astype(lse_dtype, copy=False))
+    dO, O = (_contiguous(xp, bf16_bits(_as4d(x))) for x in (do, o))
+    pending = None
+    if finite:
+        # lse may hold -inf (rows that saw no key), so its check is "not NaN and not +inf". The six arrays
+        # in one scan (one kernel launch on the GPU).
+        from flashkit import finite as finite_scan
+
+        kinds = [dtype_name(q)] * 5 + [lse3.dtype.name]
+        scan = finite_scan.start(xp, (problem.Q, problem.K, problem.V, dO, O, lse3), kinds, allow_neg_inf=(5,),
+                                 names=BACKWARD_ARGS)
+        if finite is True or xp is np:
+            message = scan.error()
+            if message is not None:
+                raise ValueError(message)
+        else:
+            pending = [scan]
+    return replace(problem, dO=dO, O=O, lse=lse3, pending=pending)
 
 
 def lse_tolerance(dtype) -> float:

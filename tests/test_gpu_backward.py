@@ -162,7 +162,17 @@ def _block_params():
     from flashkit.gpu.backward import RUNGS
 
     return [(name, bs, case) for name, spec in RUNGS.items() for case in (cb.CASES[2], cb.CASES[5])
-            for bs in spec.allowed_blocks[case[5]]]
+            for bs in spec.allowed(case[5])]
+
+
+@needs_gpu
+@pytest.mark.parametrize("rung,element", [(n, e) for n, es in cb.RUNG_ELEMENTS.items() for e in es])
+@pytest.mark.parametrize("case", [cb.CASES[2], cb.CASES[4], cb.CASES[6]], ids=["gqa-causal", "empty-rows", "left-window"])
+def test_in_kernel_lse_check(rung, element, case):
+    """The kernels' own lse check: silent on the right lse, a report for log2 units and for -inf on rows
+    that see keys (kernels/bwd_check.cuh)."""
+    row = cb.check_lse_detection(rung, case, element, seed=cb.seed_of("lse", rung, element, case))
+    assert row["ok"], row
 
 
 @needs_gpu

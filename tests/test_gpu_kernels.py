@@ -1,6 +1,6 @@
 """GPU rungs against a float64 oracle on the device (skipped without CuPy and a CUDA device).
 
-The checks themselves live in flashkit/gpu/check.py (also run by `python -m benchmarks.gpu_check`);
+The checks themselves live in flashkit/gpu/check.py (also run by `python -m benchmarks.gpu_session`);
 these tests call them one case at a time so that a failure names the rung, dtype and shape.
 """
 import pytest

@@ -69,3 +69,28 @@ def test_nan_named_per_argument_with_one_sync():
     for name, args in (("k", (x, bad, x)), ("v", (x, x, bad))):
         with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
             flashkit.attention(*args)
+
+
+def _rungs(direction):
+    from flashkit.gpu.rungs import kernels
+
+    return [r.name for r in kernels(direction)]
+
+
+@pytest.mark.parametrize("name", _rungs("forward"))
+def test_public_call_is_the_rung_and_names_bad_input(name):
+    from flashkit.gpu import check
+    from flashkit.gpu.rungs import rung
+
+    spec = rung(name)
+    row = check.check_public(spec.number, check.CASES[2], next(e for e in spec.elements if e != "bf16"), seed=11)
+    assert row["ok"], row
+
+
+@pytest.mark.parametrize("name", _rungs("backward"))
+def test_public_backward_is_the_rung_and_refuses_bad_input(name):
+    from flashkit.gpu import check_backward as cb
+
+    row = cb.check_public(name, cb.CASES[2], next(e for e in cb.RUNG_ELEMENTS[name] if e != "bf16"),
+                          seed=cb.seed_of("public", name))
+    assert row["ok"], row

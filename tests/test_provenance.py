@@ -6,7 +6,8 @@ import pytest
 from flashkit.measure import provenance
 
 
-def test_commit_in_this_checkout():
+def test_commit_in_this_checkout(monkeypatch):
+    monkeypatch.delenv("FLASHKIT_COMMIT", raising=False)
     c = provenance.commit()
     assert re.fullmatch(r"[0-9a-f]{40}", c["commit"]) and c["dirty"] in (True, False)
     assert provenance.commit_label().split("-")[0] == c["commit"]
@@ -22,6 +23,12 @@ def test_commit_outside_a_checkout_reads_the_environment(tmp_path, monkeypatch, 
         monkeypatch.setenv("FLASHKIT_COMMIT", env)
     assert provenance.commit() == {"commit": expected, "dirty": None}
     assert provenance.commit_label() == (None if env is None else env)
+
+
+def test_the_environment_wins_inside_another_checkout(monkeypatch):
+    """A tree copied into another checkout (the device tool's .gpu_sync/<name>) names its own commit."""
+    monkeypatch.setenv("FLASHKIT_COMMIT", "feedbeef")
+    assert provenance.commit() == {"commit": "feedbeef", "dirty": None}
 
 
 def test_machine_versions_load_and_blas():

@@ -128,3 +128,17 @@ def test_backends_table_lists_every_backend_with_reason():
     assert len(names) == len(set(names))
     for r in rows:
         assert r["available"] or r["reason"], f"{r['name']} unavailable without a reason"
+
+
+def test_check_finite_is_on_by_default_and_can_be_switched_off():
+    import flashkit
+
+    rng = np.random.default_rng(13)
+    q, k, v = (rng.standard_normal((1, 2, 9, 8)) for _ in range(3))
+    k[0, 1, 4, 2] = np.nan
+    with pytest.raises(ValueError, match="k contains NaN or Inf"):
+        flashkit.attention(q, k, v)
+    o = flashkit.attention(q, k, v, check_finite=False, backend="numpy-standard")  # undefined output, no error
+    assert o.shape == q.shape and np.isfinite(o[0, 0]).all()
+    with pytest.raises(TypeError, match="check_finite"):
+        flashkit.attention(q, k, v, check_finite="yes")

@@ -12,7 +12,7 @@ each opens with what changed, why, and what it measured). Each rung is one row o
                             also score_mod / mask_mod / block masks / bool masks (flash_mods.py, modlang.py)
   rung 7  cupy-wgmma        Hopper only: wgmma from shared memory, TMA loads on mbarriers, producer/consumer warpgroups
 
-and the backward (FlashAttention-2's Algorithm 2), its own ladder in backward.py:
+and the backward (FlashAttention-2's Algorithm 2), rows of the same table launched by backward.py:
 
   backward rung 1  cupy-bwd-fp32         fp32, dQ by fp32 atomics
   backward rung 2  cupy-bwd-mma          fp16/bf16 mma.sync, dQ by fp32 vector atomics, then converted
@@ -24,12 +24,11 @@ CuPy arrays in, CuPy arrays out. Nothing here imports CuPy until a kernel runs. 
 """
 from __future__ import annotations
 
-from flashkit.gpu import backward as _backward
 from flashkit.gpu.rungs import RUNGS
 
-# Every row of the forward ladder's table is a backend, and every backward rung (flashkit/gpu/backward.py's
-# table) a backward-only one (flashkit.attention_backward).
-BACKENDS = tuple(r.backend() for r in RUNGS) + tuple(r.backend() for r in _backward.RUNGS.values())
+# Every row of the ladder's table is a backend: a forward row a forward backend, a backward row a
+# backward-only one (flashkit.attention_backward).
+BACKENDS = tuple(r.backend() for r in RUNGS)
 
 
 def _probe():

@@ -14,113 +14,48 @@ with lse = -inf (it saw no key) has P = 0 and gets dQ = 0. The rungs (one file e
   backward rung 2  cupy-bwd-mma           b2_mma.cu          fp16/bf16 mma.sync; dQ by fp32 atomics + convert
   backward rung 3  cupy-bwd-mma-2kernel   b3_mma_2kernel.cu  fp16/bf16 mma.sync; dK/dV and dQ kernels, no atomics
 
-Block sizes (Br, Bc) are constants of each compiled variant, listed in `RUNGS` (defaults per d and what
-block_size may force); a block size a rung cannot honour raises ValueError. Br is the query tile, Bc the key
+Every fact about a rung (its source, element types, block sizes, the kernels one call launches and their
+shared memory) is its row in the one table of GPU rungs, flashkit/gpu/rungs.py; a block size a rung cannot
+honour raises ValueError. Br is the query tile, Bc the key
 tile, as in the paper: the dK/dV kernels hold Bc keys per block and step over Br queries. The two-kernel
 rung's dQ kernel holds Bc queries per block and steps over Br keys (each kernel's block holds Bc rows of its
 own side), so one (Br, Bc) sets both.
 
+The lse check is computed inside the kernels (kernels/bwd_check.cuh): every kernel recomputes P from the
+forward's lse, and P must sum to 1 over each row's keys. The two-kernel rung's dQ kernel visits a row's whole
+key range and tests its sum in registers; the atomics rungs add each block's partial row sums into one fp32
+word per row, on about LSE_TILES query tiles of each head, and a last small kernel tests those rows. A bad row is written to page-locked host memory
+(flashkit.finite.HostFlags); the public call (`run_problem`) records an event right after the testing kernel
+and validate.finish waits for that event alone (for the two-kernel rung the dK/dV kernel runs behind it).
+
 Compilation and caching as in flash.py: the first launch of a (rung, d, element, Br, Bc) compiles (NVRTC,
-then CuPy's on-disk cache), `functools.lru_cache` keeps the module for the process.
+then CuPy's on-disk cache), `functools.cache` keeps the module for the process.
 """
 from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-from flashkit.gpu.flash import KERNEL_DIR, _arch
-from flashkit.gpu.rungs import ELEMENTS, HEAD_DIMS
+import numpy as np
 
-_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+from flashkit.gpu.flash import KERNEL_DIR, build_options
+from flashkit.gpu.rungs import ELEMENTS, Rung, kernels as table_rows
 
-
-@dataclass(frozen=True)
-class BackwardRung:
-    name: str  # the backend name the public API uses
-    number: int  # backward rung number (ladder order)
-    source: str  # file under kernels/
-    elements: Tuple[str, ...]  # "f32", or "f16"/"bf16"
-    default_blocks: Dict[int, Tuple[int, int]]  # d -> (Br, Bc)
-    allowed_blocks: Dict[int, Tuple[Tuple[int, int], ...]]  # d -> what block_size may force
-    kernels: Tuple[str, ...]  # the kernels of the source, in launch order
-    threads: Callable[[int, int], int]  # (Br, Bc) -> threads per block of the main kernel(s)
-    smem: Callable[[int, int, int], int]  # (d, Br, Bc) -> dynamic shared bytes of the main kernel; must match the .cu
-    dq_smem: Optional[Callable[[int, int, int], int]] = None  # the two-kernel rung's dQ kernel
-    direction: str = "backward"
-    summary: str = ""  # one line for the backends table
-    priority: int = 0  # "auto" picks the highest available that serves the request
-    peer: str = "flash"  # the torch SDPA backend it is measured against
-
-    @property
-    def dtypes(self) -> Tuple[str, ...]:
-        return tuple(_NAMES[e] for e in self.elements)
-
-    def backend(self):
-        """This rung's entry in the registry: a backward-only backend (flashkit.attention_backward)."""
-        from flashkit.registry import Backend
-
-        probe = "flashkit.gpu:_probe" if self.elements == ("f32",) else "flashkit.gpu:_probe_tensor_cores"
-        return Backend(name=self.name, device="gpu", summary=self.summary, runner=None,
-                       backward=f"flashkit.gpu.backward:{self.name}", dtypes=self.dtypes, head_dims=HEAD_DIMS,
-                       mask=False, priority=self.priority, probe=probe, rung=self.number)
-
-
-def _blocks(*pairs):
-    return tuple(pairs)
-
-
-RUNGS: Dict[str, BackwardRung] = {
-    # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32.
-    # Default 64 x 64: the best of the sweep on the H200 at d = 64 and 128 (fp32, N = 4096).
-    "cupy-bwd-fp32": BackwardRung(
-        "cupy-bwd-fp32", 1, "b1_fp32.cu", ("f32",),
-        {32: (64, 64), 64: (64, 64), 128: (64, 64)},
-        {d: _blocks((32, 32), (32, 64), (64, 32), (64, 64)) for d in HEAD_DIMS},
-        ("bwd_preprocess", "flash_bwd"),
-        threads=lambda Br, Bc: 256,
-        smem=lambda d, Br, Bc: 4 * (2 * (Bc + Br) * (d + 4) + 2 * Bc * (Br + 4) + 2 * Br),
-        summary="CUDA fp32 backward, FA2 Algorithm 2, dQ by fp32 atomics (kernels/b1_fp32.cu)",
-        priority=80, peer="efficient"),
-    # K_s, V_s [Bc][d+8], Q_s, dO_s [2][Br][d+8], dS^T_s [Bc][Br+8] (16-bit), lse_s, D_s [2][Br] (fp32).
-    # Bc / 16 warps; the dQ step splits Br x d over them, which needs d / (warps / (Br/16)) % 16 == 0.
-    # Default 64 x 128: the best of the sweep on the H200 at d = 64 and 128 (fp16, N = 4096; 64 x 64 loses
-    # 25-30%: twice the dQ atomics). d = 32 not swept. 128 x 128 (8 warps of 16 keys, Br = 128 queries per step)
-    # only at d <= 64: at d = 128 ptxas spills 152 bytes.
-    "cupy-bwd-mma": BackwardRung(
-        "cupy-bwd-mma", 2, "b2_mma.cu", ("f16", "bf16"),
-        {32: (64, 128), 64: (64, 128), 128: (64, 128)},
-        {32: _blocks((32, 64), (64, 64), (64, 128), (128, 128)),
-         64: _blocks((32, 64), (64, 64), (32, 128), (64, 128), (128, 128)),
-         128: _blocks((32, 64), (64, 64), (32, 128), (64, 128))},
-        ("bwd_preprocess", "flash_bwd", "bwd_dq_convert"),
-        threads=lambda Br, Bc: 2 * Bc,
-        smem=lambda d, Br, Bc: 2 * ((2 * Bc + 4 * Br) * (d + 8) + Bc * (Br + 8)) + 16 * Br,
-        summary="CUDA fp16/bf16 backward, mma.sync, dQ by fp32 vector atomics (kernels/b2_mma.cu)",
-        priority=110),
-    # dK/dV kernel: rung 2's layout without dS^T_s; dQ kernel: Q_s, dO_s [Bc][d+8], K_s, V_s [2][Br][d+8].
-    # Defaults from the block sweep on the H200 (fp16, N = 4096, non-causal; benchmarks/results/gpu-bwd-h200-history1.json,
-    # confirmed in gpu-bwd-h200-history3.json): d = 64 64 x 64 (201.7 / 196.8 TFLOP/s vs 179.1 / 178.6 at 64 x 128); d = 128
-    # 64 x 128 (204.9 / 206.3, 64 x 64 204.5 / 200.0); d = 32 not swept, set like d = 64.
-    "cupy-bwd-mma-2kernel": BackwardRung(
-        "cupy-bwd-mma-2kernel", 3, "b3_mma_2kernel.cu", ("f16", "bf16"),
-        {32: (64, 64), 64: (64, 64), 128: (64, 128)},
-        {d: _blocks((32, 64), (64, 64), (32, 128), (64, 128)) for d in HEAD_DIMS},
-        ("bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_dq"),
-        threads=lambda Br, Bc: 2 * Bc,
-        smem=lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8) + 16 * Br,
-        dq_smem=lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8),
-        summary="CUDA fp16/bf16 backward, a dK/dV kernel and a dQ kernel, no atomics (kernels/b3_mma_2kernel.cu)",
-        priority=100),
-}
+RUNGS: Dict[str, Rung] = {r.name: r for r in table_rows("backward")}  # the backward CUDA rows, by name
 NUMBERS = {r.number: name for name, r in RUNGS.items()}
 COMPILE_SECONDS: Dict[tuple, float] = {}  # (rung name, d, element, Br, Bc) -> seconds of the first build here
+LSE_TOLERANCE = 1e-3  # validate.lse_tolerance(float32): how far a row sum of P may stray from 1
+# The atomics rungs sum P for the lse check on about this many query tiles per head (1 tile in lse_every),
+# all tiles up to that many: summing every tile cost backward rung 2 9% at d = 64 (H200, N = 4096,
+# benchmarks/results/gpu-overhead-h200.json), and a wrong lse is off on every row. The two-kernel rung
+# checks every row (its dQ kernel's sums are free).
+LSE_TILES = 8
 
 
-def rung_of(rung) -> BackwardRung:
-    """The table entry for a rung name ("cupy-bwd-mma") or backward rung number (2)."""
-    if isinstance(rung, BackwardRung):
+def rung_of(rung) -> Rung:
+    """The table row of a backward rung name ("cupy-bwd-mma") or backward rung number (2)."""
+    if isinstance(rung, Rung):
         return rung
     name = NUMBERS.get(rung, rung)
     if name not in RUNGS:
@@ -130,13 +65,14 @@ def rung_of(rung) -> BackwardRung:
 
 def blocks_for(rung, d: int, block_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
     spec = rung_of(rung)
-    if d not in HEAD_DIMS:
-        raise ValueError(f"{spec.name} supports head size d in {{32, 64, 128}}; got d={d}")
+    if d not in spec.head_dims:
+        dims = ", ".join(map(str, spec.head_dims))
+        raise ValueError(f"{spec.name} supports head size d in {{{dims}}}; got d={d}")
     if block_size is None:
         return spec.default_blocks[d]
     block_size = tuple(int(x) for x in block_size)
-    if block_size not in spec.allowed_blocks[d]:
-        allowed = ", ".join(f"({a}, {b})" for a, b in spec.allowed_blocks[d])
+    if block_size not in spec.allowed(d):
+        allowed = ", ".join(f"({a}, {b})" for a, b in spec.allowed(d))
         raise ValueError(f"{spec.name} ({spec.source}) at d={d} supports block_size (Br, Bc) in {{{allowed}}}; "
                          f"got {block_size}")
     return block_size
@@ -144,24 +80,20 @@ def blocks_for(rung, d: int, block_size: Optional[Tuple[int, int]]) -> Tuple[int
 
 @functools.cache
 def kernels(rung: str, d: int, element: str, Br: int, Bc: int):
-    """The compiled kernels of one rung for one (d, element, Br, Bc), by name, shared-memory limits raised."""
+    """The compiled kernels of one rung for one (d, element, Br, Bc), by role ("preprocess", "main", ...: the
+    table's Kernel rows), shared-memory limits raised."""
     import cupy
 
     spec = RUNGS[rung]
-    options = ["--std=c++17", f"--gpu-architecture={_arch()}", f"-DHEAD_DIM={d}", f"-DBR={Br}", f"-DBC={Bc}"]
-    if element == "bf16":
-        options.append("-DUSE_BF16")
     source = (KERNEL_DIR / spec.source).read_text()
     t0 = time.perf_counter()  # NVRTC compile, or a hit in CuPy's on-disk cache
-    module = cupy.RawModule(code=source, options=tuple(options))
-    fns = {name: module.get_function(name) for name in spec.kernels}
+    module = cupy.RawModule(code=source, options=build_options(d, element, Br, Bc))
+    fns = {k.role: module.get_function(k.name) for k in spec.kernels}
     COMPILE_SECONDS[(rung, d, element, Br, Bc)] = time.perf_counter() - t0
-    limits = [(spec.kernels[1], spec.smem(d, Br, Bc))]  # the main kernel (the dK/dV one for the 2-kernel rung)
-    if spec.dq_smem is not None:
-        limits.append(("flash_bwd_dq", spec.dq_smem(d, Br, Bc)))
-    for name, nbytes in limits:
+    for k in spec.kernels:
+        nbytes = 0 if k.smem is None else k.smem(d, Br, Bc)
         if nbytes > 48 * 1024:  # above 48 KB a kernel must opt in to more dynamic shared memory
-            fns[name].max_dynamic_shared_size_bytes = nbytes
+            fns[k.role].max_dynamic_shared_size_bytes = nbytes
     return fns
 
 
@@ -181,8 +113,46 @@ def _out(given, shape, dtype, what):
     return given
 
 
+class LseCheck:
+    """The in-kernel lse check of one backward call: where its kernels report a bad row (two words of
+    page-locked host memory, flashkit.finite.HostFlags), the call's serial number, and the event recorded
+    right after the kernel that tests the rows. `error()` waits for that event and returns the sentence
+    to raise, or None. It goes into the Problem's `pending` list, which validate.finish reads."""
+
+    def __init__(self, shape):
+        from flashkit import finite
+
+        self.flags = finite.host_flags()
+        self.serial = self.flags.next_serial()
+        self.address = np.uint64(int(self.flags.device_ptr) + 8 * finite.LSE_WORD)
+        self.word = finite.LSE_WORD
+        self.event = self.flags.event("lse")
+        self.shape = tuple(shape)  # (B, Hq, Nq): to name a flat row as (b, h, i)
+
+    def record(self):
+        """Called by backward() right after the kernel that tests the rows, on the launching stream."""
+        self.event.record()
+
+    def error(self) -> Optional[str]:
+        self.event.synchronize()
+        words = self.flags.words
+        if int(words[self.word]) != self.serial:
+            return None
+        packed = int(words[self.word + 1]) & 0xFFFFFFFFFFFFFFFF
+        row = packed >> 32
+        shown = float(np.array([packed & 0xFFFFFFFF], np.uint32).view(np.float32)[0])
+        where = tuple(int(x) for x in np.unravel_index(min(row, int(np.prod(self.shape)) - 1), self.shape))
+        fix = ("Pass the lse that attention(q, k, v, ..., return_lse=True) returned for the same q, k, causal, "
+               "window, mask and scale (natural-log units, not log2)")
+        if shown < 0:
+            return (f"lse does not belong to these q and k: at row (b, h, i) = {where} lse is -inf (a row that saw "
+                    f"no key) but the row sees {int(-shown)} keys. {fix}")
+        return (f"lse does not belong to these q and k: at row (b, h, i) = {where} the recomputed softmax sums to "
+                f"{shown:.6g} instead of 1. {fix}")
+
+
 def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), element: Optional[str] = None,
-             block_size=None, dq_out=None, dk_out=None, dv_out=None):
+             block_size=None, dq_out=None, dk_out=None, dv_out=None, check: Optional[LseCheck] = None):
     """Run one backward rung on CuPy arrays; returns (dQ, dK, dV) with the shapes and dtypes of Q, K, V.
 
     Q, O, dO: (B, Hq, Nq, d); K, V: (B, Hkv, Nk, d), Hq % Hkv == 0; lse: float32 (B, Hq, Nq), natural log,
@@ -190,6 +160,8 @@ def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), elemen
     (left, right) around the bottom-right diagonal, -1 unbounded; causal is (-1, 0). `element` names the
     kernel's element type when the dtype cannot say it (bf16 data held as uint16 bits). dq_out, dk_out,
     dv_out, if given, are written in place (tests poison them with NaN first). Inputs are never modified.
+    `check`: an LseCheck to report a lse that does not fit these Q, K into (the kernels test every row's
+    sum of P either way; without one nothing is reported).
     """
     import cupy
 
@@ -197,7 +169,7 @@ def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), elemen
     if element is None:
         element = ELEMENTS.get(Q.dtype.name)
     if element not in spec.elements:
-        raise TypeError(f"{spec.name} computes {', '.join(_NAMES[e] for e in spec.elements)}; got {Q.dtype.name}"
+        raise TypeError(f"{spec.name} computes {', '.join(spec.dtypes)}; got {Q.dtype.name}"
                         + (f" (element {element!r})" if element else ""))
     if not (Q.dtype == K.dtype == V.dtype == O.dtype == dO.dtype):
         raise TypeError(f"Q, K, V, O and dO must have one dtype; got {Q.dtype}, {K.dtype}, {V.dtype}, {O.dtype}, {dO.dtype}")
@@ -220,34 +192,42 @@ def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), elemen
     dV = _out(dv_out, V.shape, V.dtype, "dv_out")
     fns = kernels(spec.name, d, element, Br, Bc)
     left, right = (int(w) for w in window)
-    i32, f32, i64 = cupy.int32, cupy.float32, cupy.int64
+    i32, f32, i64, u64 = cupy.int32, cupy.float32, cupy.int64, np.uint64
     rows = B * Hq * Nq
     Dvec = cupy.empty((B, Hq, Nq), cupy.float32)  # D = rowsum(dO * O)
     dims = (i32(Hq), i32(Hkv), i32(Nq), i32(Nk), f32(scale), i32(left), i32(right))
-    Tc = -(-Nk // Bc)
+    report = (u64(0), i64(0)) if check is None else (check.address, i64(check.serial))
     threads = spec.threads(Br, Bc)
+    tpr = d // (4 if element == "f32" else 8)  # preprocessing: threads per row (16 bytes each)
+    pre_grid = (-(-rows * tpr // 256),)
 
-    if spec.name == "cupy-bwd-fp32":
-        tpr = d // 4  # preprocess: threads per row (one float4 each)
-        fns["bwd_preprocess"]((-(-rows * tpr // 256),), (256,), (O, dO, Dvec, dQ, i64(rows)))  # also zeroes dQ
-        fns["flash_bwd"]((Tc, Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, dQ, dK, dV) + dims,
-                         shared_mem=spec.smem(d, Br, Bc))
-    elif spec.name == "cupy-bwd-mma":
-        tpr = d // 8  # preprocess: threads per row (16 bytes each)
-        dQacc = cupy.empty(Q.shape, cupy.float32)  # the atomics' target, zeroed by the preprocessing kernel
-        fns["bwd_preprocess"]((-(-rows * tpr // 256),), (256,), (O, dO, Dvec, dQacc, i64(rows)))
-        fns["flash_bwd"]((Tc, Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV) + dims,
-                         shared_mem=spec.smem(d, Br, Bc))
-        n = Q.size
-        fns["bwd_dq_convert"]((-(-n // (8 * 256)),), (256,), (dQacc, dQ, i64(n), f32(scale)))
-    else:  # cupy-bwd-mma-2kernel
-        tpr = d // 8
-        fns["bwd_preprocess"]((-(-rows * tpr // 256),), (256,), (O, dO, Dvec, i64(rows)))
-        fns["flash_bwd_dkdv"]((Tc, Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, dK, dV) + dims,
-                              shared_mem=spec.smem(d, Br, Bc))
-        Tr = -(-Nq // Bc)  # the dQ kernel's blocks hold Bc queries
-        fns["flash_bwd_dq"]((Tr, Hq, B), (threads,), (Q, K, V, dO, lse, Dvec, dQ) + dims,
-                            shared_mem=spec.dq_smem(d, Br, Bc))
+    def smem(role):
+        k = spec.kernel(role)
+        return 0 if k.smem is None else k.smem(d, Br, Bc)
+
+    if "main" in fns:  # one kernel over key blocks: dK, dV, and dQ by atomics (FA2's way)
+        acc = cupy.empty(Q.shape, cupy.float32) if "convert" in fns else dQ  # the atomics' target, zeroed first
+        Psum = cupy.empty((B, Hq, Nq), cupy.float32)  # rowsum(P), added up by the key blocks; zeroed first
+        fns["preprocess"](pre_grid, (256,), (O, dO, Dvec, acc, Psum, i64(rows)))
+        q_tiles = -(-Nq // Br)
+        every = max(1, -(-q_tiles // LSE_TILES))  # sum P on 1 query tile in `every`
+        fns["main"]((-(-Nk // Bc), Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, acc, dK, dV, Psum) + dims
+                    + (i32(every),), shared_mem=smem("main"))
+        if "convert" in fns:
+            n = Q.size
+            fns["convert"]((-(-n // (8 * 256)),), (256,), (acc, dQ, i64(n), f32(scale)))
+        if check is not None:
+            fns["check"]((-(-rows // 256),), (256,), (Psum, lse, i64(rows), i32(Nq), i32(Nk), i32(left), i32(right),
+                                                      f32(LSE_TOLERANCE), i32(Br), i32(every)) + report)
+            check.record()
+    else:  # a dQ kernel over query blocks (it tests lse), then a dK/dV kernel over key blocks: no atomics
+        fns["preprocess"](pre_grid, (256,), (O, dO, Dvec, i64(rows)))
+        fns["dq"]((-(-Nq // Bc), Hq, B), (threads,), (Q, K, V, dO, lse, Dvec, dQ) + dims
+                  + (f32(LSE_TOLERANCE),) + report, shared_mem=smem("dq"))  # its blocks hold Bc queries
+        if check is not None:
+            check.record()  # the host waits for this, while the dK/dV kernel runs
+        fns["dkdv"]((-(-Nk // Bc), Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, dK, dV) + dims,
+                    shared_mem=smem("dkdv"))
     return dQ, dK, dV
 
 
@@ -259,50 +239,25 @@ def run(rung, problem, O, dO, lse, element: Optional[str] = None):
                     element=element, block_size=problem.block_size)
 
 
-def spot_check_lse(problem, heads: int = 8, rows_per_head: int = 2) -> None:
-    """Raise unless the forward's lse fits these Q, K on a sample of rows (the CPU backends check every row
-    while they recompute P; the CUDA kernels do not, so a sample is recomputed here).
-
-    Rows 0 and Nq - 1 of up to `heads` (b, h) pairs spread over the batch and heads: their S = Q_i K^T *
-    scale under the window, P = exp(S - lse_i) in float32, must sum to 1 (a row with lse = -inf must see no
-    key). A lse in log2 units, from another call or with q and k swapped is off on every row, so a sample
-    finds it; only the sampled heads' K are converted to float32 (all of K cost 1.4 ms at B=4, H=32, N=4096,
-    d=64 on an H200: benchmarks/results/gpu-overhead-*.json). A custom mask is refused before this."""
-    import cupy
-    import numpy as np
-
-    from flashkit import validate
-    from flashkit.gpu.standard import bf16_bits_to_float32
-    from flashkit.masks import row_bounds
-
-    B, Hq, Nq, Nk, g = problem.B, problem.Hq, problem.Nq, problem.Nk, problem.group
-    flat = np.unique(np.linspace(0, B * Hq - 1, min(heads, B * Hq)).astype(np.int64))
-    bs, hs = flat // Hq, flat % Hq  # the sampled (b, h)
-    rows = np.unique(np.linspace(0, Nq - 1, rows_per_head).astype(np.int64))
-    as32 = bf16_bits_to_float32 if problem.element == "bf16" else (lambda x: x.astype(cupy.float32))
-    b_, h_ = cupy.asarray(bs), cupy.asarray(hs)
-    Q_r = as32(problem.Q[b_, h_][:, cupy.asarray(rows)])  # (n, r, d)
-    K_n = as32(problem.K[b_, h_ // g])  # (n, Nk, d): the K/V head each sampled query head reads
-    S = cupy.matmul(Q_r, K_n.transpose(0, 2, 1)) * cupy.float32(problem.scale)  # (n, r, Nk)
-    lo, hi = row_bounds(Nq, Nk, problem.window)
-    j = cupy.arange(Nk)
-    vis = (j[None, :] >= cupy.asarray(lo[rows])[:, None]) & (j[None, :] < cupy.asarray(hi[rows])[:, None])  # (r, Nk)
-    lse = problem.lse[b_, h_][:, cupy.asarray(rows)].astype(cupy.float32)  # (n, r)
-    empty = cupy.isneginf(lse)
-    P = cupy.where(vis & ~empty[..., None], cupy.exp(S - cupy.where(empty, 0, lse)[..., None]), 0)
-    psum = cupy.where(empty, vis.sum(axis=-1).astype(cupy.float32), P.sum(axis=-1))
-    labels = [[(int(b), int(h), int(i)) for i in rows] for b, h in zip(bs, hs)]
-    validate.check_lse_rowsums(cupy.asnumpy(psum), cupy.asnumpy(lse), np.float32, labels=labels)
-
-
 def run_problem(name: str, problem):
-    """The registry's backward runner: (dQ, dK, dV) of a Problem from validate.check_backward."""
+    """The registry's backward runner: (dQ, dK, dV) of a Problem from validate.check_backward.
+
+    The kernels test the lse (LseCheck). The check joins the Problem's `pending` list, which the public call
+    reads after this returns (validate.finish), so the host waits for the testing kernel's event only then;
+    a Problem without that list is checked here before returning."""
     if problem.mask is not None:
         raise ValueError(f"{name} does not support a custom mask (causal and sliding windows are supported)")
-    spot_check_lse(problem)
-    return backward(name, problem.Q, problem.K, problem.V, problem.O, problem.dO, problem.lse,
-                    scale=problem.scale, window=problem.window, element=problem.element,
-                    block_size=problem.block_size)
+    check = LseCheck(problem.Q.shape[:3])
+    grads = backward(name, problem.Q, problem.K, problem.V, problem.O, problem.dO, problem.lse,
+                     scale=problem.scale, window=problem.window, element=problem.element,
+                     block_size=problem.block_size, check=check)
+    if problem.pending is not None:
+        problem.pending.append(check)
+    else:
+        message = check.error()
+        if message is not None:
+            raise ValueError(message)
+    return grads
 
 
 def __getattr__(name: str):
@@ -313,14 +268,14 @@ def __getattr__(name: str):
 
 
 def flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
-    """Backward FLOPs as FlashAttention counts them: 2.5x the forward's 4 B H Nq Nk d x the visible fraction.
+    """Backward FLOPs as FlashAttention counts them (flashkit.problem.backward_flops: 2.5x the forward's).
 
     (Five Nq x Nk x d products against the forward's two: S, dP, dV, dK, dQ; recomputing S is counted, the
     two-kernel rung's second S and dP are not.)
     """
-    from flashkit.masks import visible_fraction
+    from flashkit.problem import backward_flops
 
-    return 2.5 * 4.0 * B * Hq * Nq * Nk * d * visible_fraction(Nq, Nk, tuple(window))
+    return backward_flops(B, Hq, Nq, Nk, d, tuple(window))
 
 
-__all__ = ["RUNGS", "BackwardRung", "backward", "kernels", "blocks_for", "rung_of", "run", "flops"]
+__all__ = ["RUNGS", "backward", "kernels", "blocks_for", "rung_of", "run", "run_problem", "flops", "LseCheck"]

@@ -235,17 +235,59 @@ def run_all(verbose=True, seed=0) -> List[dict]:
                 rows.append(check_rung(rung, case, element, seed + ci))
     # every block size a user (or the benchmark's sweep) may force, on two awkward cases
     for spec in kernels("forward"):
-        for bs in spec.allowed_blocks:
-            for case in (CASES[2], CASES[5]) if runs(spec.number, CASES[2]) else ():
+        for case in (c for c in (CASES[2], CASES[5]) if runs(spec.number, c)):
+            for bs in spec.allowed(case[5]):
                 rows.append(check_rung(spec.number, case, spec.elements[0], seed + 100, block_size=bs))
     # large scores (|S| up to ~30): the running max must keep every exp() finite
     big = (1, 2, 1, 200, 180, 64, True, None)
     for rung, elements in ELEMENT_OF.items():
         for element in elements if runs(rung, big) else ():
             rows.append(_check_scaled(rung, big, element, 4.0, seed + 7))
+    # the public call on each rung: the same output as the rung, and NaN/Inf in any input caught by default
+    for spec in (s for s in kernels("forward") if runs(s.number, CASES[2])):
+        element = next(e for e in spec.elements if e != "bf16")  # bf16 reaches the public call from torch only
+        try:
+            rows.append(check_public(spec.number, CASES[2], element, seed + 11))
+        except Exception as exc:  # a failure of one rung's public path is a FAIL row, not the end of the check
+            rows.append(dict(rung=spec.number, element=element, case=CASES[2] + ("public",), block_size=None, ok=False,
+                             err=float("nan"), tol=0.0, lse_err=float("nan"), lse_tol=0.0, nan=False,
+                             inf_pattern_ok=False, empty_rows_zero=False, first_mismatches=f"{type(exc).__name__}: {exc}"))
     if verbose:
         print_table(rows)
     return rows
+
+
+def check_public(rung, case, element, seed=0) -> dict:
+    """flashkit.attention(..., backend=<rung>) against the rung called directly (the same bits), then with a
+    NaN in each of q, k and v in turn: each must raise ValueError naming that argument."""
+    import cupy
+
+    import flashkit
+    from flashkit.gpu.flash import forward
+    from flashkit.gpu.rungs import rung as rung_row
+    from flashkit.masks import effective_window
+
+    name = rung_row(rung).name
+    (Q, K, V), exact = make_inputs(case, element, seed)
+    *_, d, causal, window = case
+    O, lse = flashkit.attention(Q, K, V, causal=causal, window=window, backend=name, return_lse=True)
+    O_r, lse_r = forward(rung, Q, K, V, scale=1.0 / d ** 0.5, window=effective_window(causal, window), element=element)
+    row = compare(O, lse, exact, case, element)
+    same = bool((O == O_r).all()) and bool((lse == lse_r).all())
+    caught = {}
+    for i, arg in enumerate("qkv"):
+        args = [Q, K, V]
+        bad = args[i].copy()
+        bad.reshape(-1)[bad.size // 2] = cupy.nan
+        args[i] = bad
+        try:
+            flashkit.attention(*args, causal=causal, window=window, backend=name)
+            caught[arg] = False
+        except ValueError as exc:
+            caught[arg] = f"{arg} contains NaN" in str(exc)
+    row.update(rung=rung, element=element, case=case + ("public",), block_size=None, same_as_rung=same,
+               nan_caught=caught, ok=row["ok"] and same and all(caught.values()))
+    return row
 
 
 def _check_scaled(rung, case, element, factor, seed):

@@ -29,6 +29,7 @@ import zlib
 from typing import List, Optional
 
 from flashkit.atomic import write_json
+from flashkit.gpu.rungs import kernels
 
 # (B, Hq, Hkv, Nq, Nk, d, causal, window): none a multiple of every block size, on purpose
 CASES = (
@@ -48,7 +49,8 @@ SANITIZE_CASES = (
     (1, 2, 2, 40, 40, 32, False, None),
     (1, 1, 1, 33, 47, 128, False, (8, 4)),
 )
-RUNG_ELEMENTS = {"cupy-bwd-fp32": ("f32",), "cupy-bwd-mma": ("f16", "bf16"), "cupy-bwd-mma-2kernel": ("f16", "bf16")}
+# The backward CUDA rungs and the element types each computes, in ladder order (from flashkit/gpu/rungs.py).
+RUNG_ELEMENTS = {r.name: r.elements for r in kernels("backward")}
 GRADS = ("dq", "dk", "dv")
 
 
@@ -254,9 +256,38 @@ def check_rung(rung, case, element, seed=0, block_size=None, xp=None, backward=N
 
 
 def rungs():
-    from flashkit.gpu.backward import RUNGS
+    return [(name, e) for name in RUNG_ELEMENTS for e in RUNG_ELEMENTS[name]]
 
-    return [(name, e) for name in RUNGS for e in RUNG_ELEMENTS[name]]
+
+def check_lse_detection(rung, case, element, seed=0, xp=None) -> dict:
+    """The in-kernel lse check (kernels/bwd_check.cuh) on one case: silent for the right lse, and a report
+    for lse in log2 units, for another call's lse (rows shuffled) and for -inf on rows that see keys."""
+    if xp is None:
+        import cupy as xp
+    from flashkit.gpu.backward import LseCheck, backward
+
+    inputs, _ = make_inputs(case, element, seed, xp)
+    Q, K, V, O, dO, lse = inputs
+    *_, d, causal, window = case
+    finite = xp.isfinite(lse)
+    wrong = {
+        "right": lse,
+        "log2 units": xp.where(finite, lse * xp.float32(1.4426950408889634), lse),
+        "other rows": xp.ascontiguousarray(lse[..., ::-1]) if lse.shape[-1] > 1 else lse + 1,
+        "-inf": xp.where(finite, -xp.inf, lse).astype(xp.float32),
+    }
+    seen = {}
+    for what, given in wrong.items():
+        check = LseCheck(Q.shape[:3])
+        backward(rung, Q, K, V, O, dO, xp.ascontiguousarray(given, dtype=xp.float32), scale=1.0 / d ** 0.5,
+                 window=window_of(case), element=element, check=check)
+        seen[what] = check.error()
+    # a lse shifted by a constant is off on every row that sees a key; rows with lse = -inf stay right
+    any_finite = bool(finite.any())
+    ok = seen["right"] is None and (not any_finite or all(seen[w] is not None for w in ("log2 units", "-inf")))
+    row = dict(rung=rung, element=element, case=list(case), seed=seed, lse_check=True, ok=ok,
+               errors={k: v for k, v in seen.items()})
+    return row
 
 
 def run_all(verbose=True, seed=0, only=None) -> List[dict]:
@@ -276,15 +307,72 @@ def run_all(verbose=True, seed=0, only=None) -> List[dict]:
             continue
         element = RUNG_ELEMENTS[name][0]
         for case in (CASES[2], CASES[5]):
-            for bs in spec.allowed_blocks[case[5]]:
+            for bs in spec.allowed(case[5]):
                 if tuple(bs) == spec.default_blocks[case[5]]:
                     continue
                 rows.append(check_rung(name, case, element, seed_of(seed, name, bs, case), block_size=bs))
                 if verbose:
                     print_row(rows[-1])
+    # the in-kernel lse check: silent on the right lse, loud on wrong ones (every rung, dtype, three cases)
+    for case in (CASES[2], CASES[4], CASES[6]):
+        for name, element in rungs():
+            if only and name not in only:
+                continue
+            rows.append(check_lse_detection(name, case, element, seed_of(seed, "lse", name, element, case)))
+            if verbose:
+                print_row(rows[-1])
+    # the public call on each rung: the rung's bits, bad input named, a wrong lse refused
+    for name, elements in RUNG_ELEMENTS.items():
+        if only and name not in only:
+            continue
+        element = next(e for e in elements if e != "bf16")  # bf16 reaches the public call from torch only
+        try:
+            rows.append(check_public(name, CASES[2], element, seed_of(seed, "public", name)))
+        except Exception as exc:  # a failure of one rung's public path is a FAIL row, not the end of the check
+            rows.append(dict(rung=name, element=element, case=list(CASES[2]) + ["public"], seed=0, lse_check=True,
+                             ok=False, errors={"exception": f"{type(exc).__name__}: {exc}"}))
+        if verbose:
+            print_row(rows[-1])
     if verbose:
         summary(rows)
     return rows
+
+
+def check_public(rung, case, element, seed=0) -> dict:
+    """flashkit.attention_backward(..., backend=<rung>) against the rung called directly (the same bits); then
+    NaN in each of q, k, v, do, o (and +inf in lse) must raise naming it, and lse in log2 units must raise."""
+    import cupy
+
+    import flashkit
+    from flashkit.gpu.backward import backward
+
+    (Q, K, V, O, dO, lse), _ = make_inputs(case, element, seed, cupy)
+    *_, d, causal, window = case
+    kw = dict(causal=causal, window=window, backend=rung)
+    got = flashkit.attention_backward(dO, Q, K, V, O, lse, **kw)
+    want = backward(rung, Q, K, V, O, dO, lse, scale=1.0 / d ** 0.5, window=window_of(case), element=element)
+    same = all(bool((a == b).all()) for a, b in zip(got, want))
+    said = {}
+    args = dict(do=dO, q=Q, k=K, v=V, o=O, lse=lse)
+    for arg in args:
+        bad = dict(args)
+        x = args[arg].copy()
+        x.reshape(-1)[x.size // 2] = cupy.inf if arg == "lse" else cupy.nan
+        bad[arg] = x
+        try:
+            flashkit.attention_backward(bad["do"], bad["q"], bad["k"], bad["v"], bad["o"], bad["lse"], **kw)
+            said[arg] = "silent"
+        except ValueError as exc:
+            said[arg] = "raised" if str(exc).startswith(f"{arg} contains NaN") else f"raised: {exc}"[:120]
+    try:
+        flashkit.attention_backward(dO, Q, K, V, O, cupy.where(cupy.isfinite(lse), lse * 1.4426950408889634, lse)
+                                    .astype(cupy.float32), **kw)
+        said["lse in log2 units"] = "silent"
+    except ValueError as exc:
+        said["lse in log2 units"] = "raised" if "lse does not belong" in str(exc) else f"raised: {exc}"[:120]
+    ok = same and all(v == "raised" for v in said.values())
+    return dict(rung=rung, element=element, case=list(case) + ["public"], seed=seed, lse_check=True, ok=ok,
+                same_as_rung=same, errors={k: (None if v == "silent" else v) for k, v in said.items()})
 
 
 def print_header():
@@ -293,6 +381,13 @@ def print_header():
 
 
 def print_row(r):
+    if r.get("lse_check"):
+        said = "; ".join(f"{k}: {'raised' if v else 'silent'}" for k, v in r["errors"].items())
+        print(f"{r['rung']:<21} {r['element']:>5} {'lse check':>10} {str(tuple(r['case'])):<42} {said}  "
+              f"{'PASS' if r['ok'] else 'FAIL'}", flush=True)
+        if not r["ok"] and r["errors"].get("right"):
+            print(f"       the right lse raised: {r['errors']['right']}", flush=True)
+        return
     bs = "default" if r["block_size"] is None else str(tuple(r["block_size"]))
     errs = " ".join(f"{r[g]['err']:9.2e}/{r[g]['tol']:9.2e}" for g in GRADS)
     print(f"{r['rung']:<21} {r['element']:>5} {bs:>10} {str(tuple(r['case'])):<42} {errs}  "
@@ -329,6 +424,9 @@ def sanitize_run(only=None):
                 continue
             rows.append(check_rung(name, case, element, seed_of("sanitize", name, element, case)))
             print_row(rows[-1])
+            if case is SANITIZE_CASES[0]:  # the lse check's report path too (bwd_lse_check, the dQ kernel's test)
+                rows.append(check_lse_detection(name, case, element, seed_of("sanitize-lse", name, element, case)))
+                print_row(rows[-1])
     cupy.cuda.Device().synchronize()
     summary(rows)
     return rows

@@ -33,16 +33,35 @@ def _arch() -> str:
 
 
 def options(rung: int, d: int, element: str, Br: int, Bc: int) -> tuple:
-    """NVRTC's options for one rung and one (d, element, Br, Bc)."""
+    """NVRTC's options for one forward rung and one (d, element, Br, Bc)."""
     spec = RUNGS[rung]
-    opts = ["--std=c++17", f"--gpu-architecture={spec.arch or _arch()}", f"-DHEAD_DIM={d}"]
-    if spec.defines_br:
-        opts.append(f"-DBR={Br}")
-    if spec.defines_bc:
-        opts.append(f"-DBC={Bc}")
+    return build_options(d, element, Br if spec.defines_br else None, Bc if spec.defines_bc else None, arch=spec.arch)
+
+
+@functools.cache
+def include_options() -> Tuple[str, ...]:
+    """NVRTC options that let a kernel `#include "mma.cuh"` (the shared helpers beside the .cu files).
+
+    CuPy's on-disk cache keys a module by its source and options, not by the headers it includes: the
+    headers' hash goes into the options, so editing a header recompiles every kernel that could use it."""
+    import hashlib
+
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.cuh")))).hexdigest()[:16]
+    return (f"-I{KERNEL_DIR}", f"-DFLASHKIT_HEADERS=0x{digest}")
+
+
+def build_options(d: int, element: str, Br: Optional[int] = None, Bc: Optional[int] = None,
+                  arch: Optional[str] = None) -> Tuple[str, ...]:
+    """The NVRTC options of one compiled variant: target (`arch`, default the device's own), head size,
+    block sizes, element type, includes."""
+    options = ["--std=c++17", f"--gpu-architecture={arch or _arch()}", f"-DHEAD_DIM={d}"]
+    if Br is not None:
+        options.append(f"-DBR={Br}")
+    if Bc is not None:
+        options.append(f"-DBC={Bc}")
     if element == "bf16":
-        opts.append("-DUSE_BF16")
-    return tuple(opts)
+        options.append("-DUSE_BF16")
+    return tuple(options) + include_options()
 
 
 @functools.cache
@@ -69,8 +88,8 @@ def blocks_for(rung: int, d: int, block_size: Optional[Tuple[int, int]]) -> Tupl
     if block_size is None:
         return spec.default_blocks[d]
     block_size = tuple(int(x) for x in block_size)
-    if block_size not in spec.allowed_blocks:
-        allowed = ", ".join(f"({a}, {b})" for a, b in spec.allowed_blocks)
+    if block_size not in spec.allowed(d):
+        allowed = ", ".join(f"({a}, {b})" for a, b in spec.allowed(d))
         raise ValueError(f"rung {rung} ({spec.source}) supports block_size (Br, Bc) in {{{allowed}}}; got {block_size}")
     return block_size
 
@@ -107,17 +126,23 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
         raise ValueError("out must be a C-contiguous array of Q's shape and dtype")
     if lse.shape != (B, Hq, Nq) or lse.dtype != cupy.float32 or not lse.flags.c_contiguous:
         raise ValueError("lse_out must be a C-contiguous float32 array (B, Hq, Nq)")
-    fn = kernel(rung, d, element, Br, Bc)
-    Tr = -(-Nq // Br)
-    left, right = (int(w) for w in window)
+    fn, threads, smem = launch_config(rung, d, element, Br, Bc)
+    left, right = window
     i32, f32 = cupy.int32, cupy.float32
     args = (Q, K, V, O, lse, i32(Hq), i32(Hkv), i32(Nq), i32(Nk), f32(scale * LOG2E), i32(left), i32(right))
     if spec.tensor_maps:  # rung 7 reads Q, K and V through TMA tensor maps
         from flashkit.gpu.tma import tensor_maps
 
         args += (tensor_maps(Q, K, V, Br, Bc),)
-    fn((Tr, Hq, B), (spec.threads(Br, Bc),), args, shared_mem=spec.smem(d, Br, Bc))
+    fn((-(-Nq // Br), Hq, B), threads, args, shared_mem=smem)
     return O, lse
+
+
+@functools.cache
+def launch_config(rung: int, d: int, element: str, Br: int, Bc: int):
+    """(compiled kernel, block shape, dynamic shared bytes) of one variant, worked out once per process."""
+    spec = RUNGS[rung]
+    return kernel(rung, d, element, Br, Bc), (spec.threads(Br, Bc),), spec.smem(d, Br, Bc)
 
 
 def run(rung: int, problem):

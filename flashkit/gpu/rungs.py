@@ -1,15 +1,18 @@
 """The GPU ladder in one table: every fact about a rung is written once, here.
 
-Each row of `RUNGS` is one rung. The registry's backends (flashkit.gpu.BACKENDS), the kernel build and
-launch (flashkit.gpu.flash), the correctness checks (flashkit.gpu.check), the benchmark
-(benchmarks/gpu_forward.py) and the tests all read this table; adding a rung is adding a row (and its
-kernels/N_name.cu file).
+Each row of `RUNGS` is one rung, forward or backward. The registry's backends (flashkit.gpu.BACKENDS),
+the kernel build and launch (flashkit.gpu.flash, flashkit.gpu.backward), the correctness checks
+(flashkit.gpu.check, flashkit.gpu.check_backward), the benchmarks (benchmarks/gpu_forward.py,
+gpu_backward.py, gpu_session.py) and the tests all read this table; adding a rung is adding a row (and its
+kernels/N_name.cu file, bN_name.cu for a backward one).
 
 A row's `direction` says what its runner computes from a Problem:
   "forward"   (O, lse): O (B, Hq, Nq, d) in the input dtype, lse (B, Hq, Nq) float32, natural log;
   "backward"  (dQ, dK, dV): the gradients of the forward's loss, shaped as Q, K and V.
-Forward CUDA rows use the one generic launcher (flashkit.gpu.flash.forward); a backward row names its
-own `runner`.
+CUDA rows use the generic launcher of their direction (flashkit.gpu.flash.forward,
+flashkit.gpu.backward.backward) unless they name a `runner`. A row's `kernels` lists what one call
+launches, in order (a backward: D preprocessing, the dK/dV kernel, the dQ kernel or conversion), each
+with its own shared-memory size: see `Kernel`.
 
 Plain Python: importing this module imports neither CuPy nor NumPy.
 """
@@ -27,6 +30,21 @@ DIRECTIONS = ("forward", "backward")
 PROBE = "flashkit.gpu:_probe"
 PROBE_TENSOR_CORES = "flashkit.gpu:_probe_tensor_cores"
 PROBE_HOPPER = "flashkit.gpu:_probe_hopper"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One `extern "C" __global__` function of a rung's source, launched once per call.
+
+    name   the function's name in the .cu file
+    role   what it does in the call ("attention" for a forward; "preprocess" (D = rowsum(dO * O), zeroing),
+           "main" (dK, dV and dQ by atomics), "dkdv", "dq", "convert" (fp32 dQ to the input dtype), "check")
+    smem   (d, Br, Bc) -> dynamic shared-memory bytes (None: none); must match the layout in the .cu file
+    """
+
+    name: str
+    role: str
+    smem: Optional[Callable[[int, int, int], int]] = None
 
 
 @dataclass(frozen=True)
@@ -48,9 +66,10 @@ class Rung:
     probe           "module:function" giving None when the rung can run here, else why not
     runner          "module:function" taking a Problem; None for a forward CUDA rung (the generic launcher)
     default_blocks  d -> (Br, Bc) used when the user forces none
-    allowed_blocks  the (Br, Bc) a user may force with block_size=
-    threads         (Br, Bc) -> threads per block
-    smem            (d, Br, Bc) -> dynamic shared-memory bytes; must match the layout in the .cu file
+    allowed_blocks  the (Br, Bc) a user may force with block_size=: one tuple for every d, or d -> tuple
+    threads         (Br, Bc) -> threads per block (of the main kernels)
+    smem            (d, Br, Bc) -> dynamic shared-memory bytes of a forward kernel; must match the .cu file
+    kernels         what one call launches, in order (Kernel rows); a forward rung launches one, `flash_fwd`
     defines_br      whether Br is a -DBR of the source (else fixed in it); defines_bc likewise
     arch            the exact compile target when the kernel needs one (e.g. "sm_90a"); None: the device's own
     tensor_maps     whether the kernel takes TMA tensor maps of Q, K, V as a last argument (flashkit.gpu.tma)
@@ -70,9 +89,10 @@ class Rung:
     probe: str = PROBE
     runner: Optional[str] = None
     default_blocks: Dict[int, Tuple[int, int]] = field(default_factory=dict)
-    allowed_blocks: Tuple[Tuple[int, int], ...] = ()
+    allowed_blocks: Tuple[Tuple[int, int], ...] | Dict[int, Tuple[Tuple[int, int], ...]] = ()
     threads: Optional[Callable[[int, int], int]] = None
     smem: Optional[Callable[[int, int, int], int]] = None
+    kernels: Tuple[Kernel, ...] = ()
     defines_br: bool = True
     defines_bc: bool = True
     arch: Optional[str] = None
@@ -81,9 +101,26 @@ class Rung:
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
             raise ValueError(f"rung {self.number}: direction must be one of {DIRECTIONS}; got {self.direction!r}")
-        if self.runner is None and (self.source is None or self.direction != "forward"):
-            raise ValueError(f"rung {self.number}: only a forward CUDA rung may leave `runner` to the generic launcher")
+        if self.runner is None and self.source is None:
+            raise ValueError(f"rung {self.number}: a rung without a CUDA source must name its `runner`")
+        if self.source is not None and self.direction == "forward" and not self.kernels:
+            object.__setattr__(self, "kernels", (Kernel("flash_fwd", "attention", self.smem),))
 
+    def allowed(self, d: int) -> Tuple[Tuple[int, int], ...]:
+        """The (Br, Bc) a user may force at head size d."""
+        return self.allowed_blocks.get(d, ()) if isinstance(self.allowed_blocks, dict) else self.allowed_blocks
+
+    def kernel(self, role: str) -> Kernel:
+        """The kernel of this rung that plays `role`."""
+        for k in self.kernels:
+            if k.role == role:
+                return k
+        raise KeyError(f"{self.name} has no {role!r} kernel; it launches {', '.join(k.role for k in self.kernels)}")
+
+    @property
+    def file_prefix(self) -> str:
+        """How the rung's source file name starts: "6_" for forward rung 6, "b2_" for backward rung 2."""
+        return f"{self.number}_" if self.direction == "forward" else f"b{self.number}_"
     @property
     def is_kernel(self) -> bool:
         """True for a CUDA kernel file compiled by flashkit.gpu.flash."""
@@ -95,12 +132,18 @@ class Rung:
         return tuple(ELEMENTS[d] for d in self.dtypes)
 
     def backend(self) -> Backend:
-        """This rung's entry in the registry."""
+        """This rung's entry in the registry: a forward backend, or a backward-only one
+        (flashkit.attention_backward) for a backward row."""
+        if self.direction == "forward":
+            runner, backward = self.runner or f"flashkit.gpu.flash:{self.name}", None
+        else:
+            runner, backward = None, self.runner or f"flashkit.gpu.backward:{self.name}"
         return Backend(
             name=self.name,
             device="gpu",
             summary=self.summary,
-            runner=self.runner or f"flashkit.gpu.flash:{self.name}",
+            runner=runner,
+            backward=backward,
             dtypes=self.dtypes,
             head_dims=self.head_dims,
             mask=self.mask,
@@ -192,15 +235,70 @@ RUNGS = (
         smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 9 + 1024,
         arch="sm_90a", tensor_maps=True,
     ),
+    # ---- the backward ladder (FlashAttention-2's Algorithm 2; flashkit/gpu/backward.py launches it) ----------
+    # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32.
+    # Default 64 x 64: the best of the sweep on the H200 at d = 64 and 128 (fp32, N = 4096).
+    Rung(
+        1, "cupy-bwd-fp32",
+        "CUDA fp32 backward, FA2 Algorithm 2, dQ by fp32 atomics (kernels/b1_fp32.cu)",
+        dtypes=("float32",), peer="efficient", priority=80, direction="backward", source="b1_fp32.cu",
+        default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 64)},
+        allowed_blocks={d: ((32, 32), (32, 64), (64, 32), (64, 64)) for d in HEAD_DIMS},
+        threads=lambda Br, Bc: 256,
+        kernels=(Kernel("bwd_preprocess", "preprocess"),
+                 Kernel("flash_bwd", "main",
+                        lambda d, Br, Bc: 4 * (2 * (Bc + Br) * (d + 4) + 2 * Bc * (Br + 4) + 2 * Br)),
+                 Kernel("bwd_lse_check", "check")),
+    ),
+    # K_s, V_s [Bc][d+8], Q_s, dO_s [2][Br][d+8], dS^T_s [Bc][Br+8] (16-bit), lse_s, D_s [2][Br], psum_s [Bc/16][Br]
+    # (fp32).
+    # Bc / 16 warps; the dQ step splits Br x d over them, which needs d / (warps / (Br/16)) % 16 == 0.
+    # Default 64 x 128: the best of the sweep on the H200 at d = 64 and 128 (fp16, N = 4096; 64 x 64 loses
+    # 25-30%: twice the dQ atomics). d = 32 not swept. 128 x 128 (8 warps of 16 keys, Br = 128 queries per step)
+    # only at d <= 64: at d = 128 ptxas spills 152 bytes.
+    Rung(
+        2, "cupy-bwd-mma",
+        "CUDA fp16/bf16 backward, mma.sync, dQ by fp32 vector atomics (kernels/b2_mma.cu)",
+        dtypes=("float16", "bfloat16"), peer="flash", priority=110, direction="backward", source="b2_mma.cu",
+        probe=PROBE_TENSOR_CORES,
+        default_blocks={32: (64, 128), 64: (64, 128), 128: (64, 128)},
+        allowed_blocks={32: ((32, 64), (64, 64), (64, 128), (128, 128)),
+                        64: ((32, 64), (64, 64), (32, 128), (64, 128), (128, 128)),
+                        128: ((32, 64), (64, 64), (32, 128), (64, 128))},
+        threads=lambda Br, Bc: 2 * Bc,
+        kernels=(Kernel("bwd_preprocess", "preprocess"),
+                 Kernel("flash_bwd", "main",
+                        lambda d, Br, Bc: 2 * ((2 * Bc + 4 * Br) * (d + 8) + Bc * (Br + 8)) + 16 * Br + Bc * Br // 4),
+                 Kernel("bwd_dq_convert", "convert"),
+                 Kernel("bwd_lse_check", "check")),
+    ),
+    # dK/dV kernel: rung 2's layout without dS^T_s; dQ kernel: Q_s, dO_s [Bc][d+8], K_s, V_s [2][Br][d+8].
+    # Defaults from the block sweep on the H200 (fp16, N = 4096, non-causal; benchmarks/results/gpu-bwd-h200-history1.json,
+    # confirmed in gpu-bwd-h200-history3.json): d = 64 64 x 64 (201.7 / 196.8 TFLOP/s vs 179.1 / 178.6 at 64 x 128); d = 128
+    # 64 x 128 (204.9 / 206.3, 64 x 64 204.5 / 200.0); d = 32 not swept, set like d = 64. The dQ kernel's blocks hold
+    # Bc queries and step over Br keys, so one (Br, Bc) sets both kernels.
+    Rung(
+        3, "cupy-bwd-mma-2kernel",
+        "CUDA fp16/bf16 backward, a dK/dV kernel and a dQ kernel, no atomics (kernels/b3_mma_2kernel.cu)",
+        dtypes=("float16", "bfloat16"), peer="flash", priority=100, direction="backward",
+        source="b3_mma_2kernel.cu", probe=PROBE_TENSOR_CORES,
+        default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 128)},
+        allowed_blocks={d: ((32, 64), (64, 64), (32, 128), (64, 128)) for d in HEAD_DIMS},
+        threads=lambda Br, Bc: 2 * Bc,
+        kernels=(Kernel("bwd_preprocess", "preprocess"),
+                 Kernel("flash_bwd_dkdv", "dkdv", lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8) + 16 * Br),
+                 Kernel("flash_bwd_dq", "dq", lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8))),
+    ),
 )
 
 
-def rung(number: int) -> Rung:
-    """The row of rung `number`."""
+def rung(number, direction: str = "forward") -> Rung:
+    """The row of rung `number` of one direction's ladder, or of the rung named `number` ("cupy-bwd-mma")."""
     for r in RUNGS:
-        if r.number == number:
+        if r.name == number or (r.number == number and r.direction == direction):
             return r
-    raise ValueError(f"no GPU rung {number}; the ladder has {', '.join(str(r.number) for r in RUNGS)}")
+    known = ", ".join(str(r.number) for r in RUNGS if r.direction == direction)
+    raise ValueError(f"no GPU {direction} rung {number!r}; the {direction} ladder has {known}")
 
 
 def kernels(direction: str = "forward") -> Tuple[Rung, ...]:

@@ -37,7 +37,12 @@ def commit() -> dict:
 
     Outside a git checkout (a copy of the working tree on a GPU machine, an installed package) git cannot
     say: then $FLASHKIT_COMMIT, if whoever copied the tree set it, else "unknown"; `dirty` is None then.
+    $FLASHKIT_COMMIT also wins when set inside a checkout: a copied tree may sit inside another checkout
+    (the device tool's .gpu_sync/<name> folder inside the main one), whose HEAD git would report instead.
     """
+    if os.environ.get("FLASHKIT_COMMIT"):
+        return {"commit": os.environ["FLASHKIT_COMMIT"], "dirty": None}
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=PACKAGE, capture_output=True, text=True, timeout=20)
 

@@ -9,15 +9,17 @@
 //   11.2 at d = 128 (0.63 / 0.25 of torch's efficient kernel): far above the prediction at d = 64, not yet
 //   explained (no profile taken); at d = 128 ptxas spills 96 bytes (o[128] in registers) and 74 KB of
 //   shared memory allow 3 blocks (6 warps) per SM. Details: benchmarks/NOTES-gpu.md.
+// Measured on an H100 80GB HBM3 (B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=False): 21.9 TFLOP/s, 0.63x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=True): 20.0 TFLOP/s, 0.61x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=False): 11.2 TFLOP/s, 0.24x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=True): 10.2 TFLOP/s, 0.23x torch-efficient
 //
 // Paper names: Br query rows per block (= threads), Bc keys per tile, Q_i the block's query rows,
 // K_j / V_j the current key/value tile, S = Q_i K_j^T * scale, P = exp(S - m_i), m_i running row max,
 // l_i running row sum, O_i running (un-normalised) output. Scores are kept in log2 units
 // (scale_log2 = scale * log2(e)) so that exp() is one ex2 instruction.
-
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d, set by the loader (-DHEAD_DIM=...); 32, 64 or 128
@@ -31,18 +33,7 @@
 #define D HEAD_DIM
 #define LDQ (D + 1)  // Q_s row pitch in floats: +1 so that thread t reading Q_s[t][k] hits bank (t + k) % 32
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; ex2.approx(-inf) = 0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// Keys visible to query row i: [row_lo, row_hi). Causal and sliding windows are aligned bottom-right
-// (offset = Nk - Nq); left/right = -1 means unbounded. row_hi <= row_lo means the row sees nothing.
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
+#include "common.cuh"
 
 // Grid: (Tr = ceil(Nq / Br), Hq, B). Block: Br threads. Dynamic shared memory (floats):
 //   Q_s [Br][D+1], K_s [Bc][D], V_s [Bc][D], S_s [Bc][Br] (each thread's row of S, as in flash-attention-minimal;

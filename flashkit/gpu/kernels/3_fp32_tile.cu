@@ -10,12 +10,14 @@
 // Measured (H100 80GB HBM3, fp32, N = 4096, non-causal): 35.8 TFLOP/s at d = 64 (1.04x torch efficient,
 //   69% of the fp32 GEMM ceiling), 33.2 at d = 128 with Bc = 32 (0.73x; 30.5 with Bc = 64). Only 1.6x / 3x
 //   rung 2, far under the 5-10x expected, because rung 2 ran far above its own prediction.
+// Measured on an H100 80GB HBM3 (B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=False): 36.3 TFLOP/s, 1.05x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=True): 34.2 TFLOP/s, 1.04x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=False): 33.6 TFLOP/s, 0.72x torch-efficient
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=True): 31.3 TFLOP/s, 0.70x torch-efficient
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
-
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
@@ -33,15 +35,7 @@
                      // 8 different 16-byte bank groups, so a warp's float4 loads are conflict-free
 #define LDP (BC + 8) // P_s row pitch: rows ty..ty+3 of one warp land 8 banks apart (no store conflicts)
 
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
+#include "common.cuh"
 
 // rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDQ] shared tile; rows >= N are 0.
 __device__ __forceinline__ void load_tile(float (*dst)[LDQ], const float* __restrict__ src, int row0, int nrows, int N) {

@@ -14,15 +14,14 @@
 // Measured (H100 80GB HBM3, fp16, N = 4096): 246.4 TFLOP/s at d = 64 (Br x Bc = 128 x 64), 274.1 at d = 128
 //   (128 x 128): 1.6x / 2.5x rung 4, 0.85 / 0.83 of torch's flash backend; causal 211.8 / 240.9 (0.83 / 0.86).
 //   The goal (>= torch flash) is not met. Details and the block sweep: benchmarks/NOTES-gpu.md.
+// Measured on an H100 80GB HBM3 (B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float16 causal=False): 248.5 TFLOP/s, 0.87x torch-flash
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float16 causal=True): 229.1 TFLOP/s, 0.84x torch-flash
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float16 causal=False): 283.7 TFLOP/s, 0.89x torch-flash
+// Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float16 causal=True): 254.4 TFLOP/s, 0.85x torch-flash
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
-
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
@@ -38,69 +37,7 @@
 #define NT (32 * NW)
 #define LDS (D + 8)  // shared row pitch in 16-bit elements (+16 bytes: ldmatrix rows hit distinct banks)
 
-#ifdef USE_BF16
-typedef __nv_bfloat16 T;
-#define MMA_TYPE "bf16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-#else
-typedef __half T;
-#define MMA_TYPE "f16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-#endif
-
-// C (16x8, fp32) += A (16x16) * B (16x8); fragment layouts as in rung 4 (PTX ISA, lane = 4 g + t).
-__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// Four 8x8 16-bit matrices; lanes 8m..8m+7 give the row addresses of matrix m, register m receives it
-// in fragment layout (lane 4g + t holds row g, columns 2t, 2t+1; with .trans: rows 2t, 2t+1 of column g).
-__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const T* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const T* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-// 16 bytes global -> shared without passing through registers; src_bytes = 0 writes zeros (rows past N).
-__device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
-
-// rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDS] shared tile by cp.async (rows >= N: 0).
-// A row past N still gets a valid source address (row N - 1) although no byte is read from it.
-__device__ __forceinline__ void async_tile(T (*dst)[LDS], const T* __restrict__ src, int row0, int nrows, int N) {
-    for (int f = threadIdx.x; f < nrows * (D / 8); f += NT) {
-        const int r = f / (D / 8), c = (f % (D / 8)) * 8;
-        const bool valid = row0 + r < N;
-        cp_async16(&dst[r][c], src + (long long)(valid ? row0 + r : N - 1) * D + c, valid);
-    }
-}
+#include "mma.cuh"
 
 // Grid: (Tr, Hq, B), block: 32 * Br / 16 threads.
 // Dynamic shared memory: Q_s [BR][LDS], K_s [2][BC][LDS] (two stages), V_s [BC][LDS] (one).

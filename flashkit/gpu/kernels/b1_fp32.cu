@@ -16,14 +16,19 @@
 //   the goal (>= 1.0x torch efficient) is not met. The block sweep: 64 x 64 beats 32 x 32, 32 x 64 and 64 x 32
 //   (19-25 TFLOP/s) at both d. ptxas (sm_90): 127 registers at d = 64, 199 at d = 128, no spills; 105 / 170 KB of
 //   shared memory (2 / 1 blocks per SM). Not profiled: where the other ~40% of the fp32 ceiling (51) goes.
+// Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float32 causal=False): 30.2 TFLOP/s, 0.86x torch-efficient
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float32 causal=True): 29.4 TFLOP/s, 0.88x torch-efficient
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float32 causal=False): 28.2 TFLOP/s, 0.77x torch-efficient
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float32 causal=True): 28.0 TFLOP/s, 0.79x torch-efficient
+// The lse check (bwd_check.cuh, 2026-12-02): BR threads sum their query's column of P^T_s and add it with one
+//   atomic per query and step (1 query tile in 8 at large N); bwd_lse_check tests the sums. Measured (H200, d = 64,
+//   every tile): 45.35 ms vs 45.53 before (gpu-bwd-h200.json, -history3.json): no cost measurable.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
 //   dQ_i += dS K_j * scale.
-
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
@@ -50,15 +55,8 @@
 static_assert(BR % 16 == 0 && BC % 16 == 0, "Br and Bc must be multiples of 16");
 static_assert(BC % TY == 0 && BR % TY == 0, "the dK/dV and dQ thread grids must tile Bc and Br");
 
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
+#include "common.cuh"
+#include "bwd_check.cuh"
 
 // rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDK] shared tile; rows >= N are 0.
 __device__ __forceinline__ void load_tile(float (*dst)[LDK], const float* __restrict__ src, int row0, int nrows, int N) {
@@ -70,11 +68,12 @@ __device__ __forceinline__ void load_tile(float (*dst)[LDK], const float* __rest
     }
 }
 
-// D = rowsum(dO * O) for every query row (B * Hq * Nq rows of d), and dQ (the atomics' target) zeroed.
+// D = rowsum(dO * O) for every query row (B * Hq * Nq rows of d), and dQ (the atomics' target) and Psum
+// (the row sums of P, the lse check's) zeroed.
 // D / 4 threads per row, each one float4 of both; the row's threads are adjacent lanes of one warp.
 extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
     const float* __restrict__ O, const float* __restrict__ dO, float* __restrict__ Dvec, float* __restrict__ dQ,
-    long long rows) {
+    float* __restrict__ Psum, long long rows) {
     constexpr int TPR = D / 4;  // threads per row: 8, 16 or 32
     const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / TPR;
     const int c = (threadIdx.x % TPR) * 4;
@@ -87,17 +86,18 @@ extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
     }
 #pragma unroll
     for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s;
+    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s, Psum[row] = 0.f;
 }
 
 // Grid: (Tc, Hkv, B), block: 256 threads. Dynamic shared memory (floats): K_s, V_s [BC][LDK], Q_s, dO_s
 // [BR][LDK], PT_s, dST_s [BC][LDT] (P^T and dS^T, key-major), lse_s, D_s [BR].
 // dQ must be zero on entry (bwd_preprocess); it receives dS K_j * scale from every key block.
+// Psum must be zero on entry too; it receives rowsum(P) over this block's keys (bwd_lse_check, bwd_check.cuh).
 extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
     const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
     const float* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Dvec,
-    float* __restrict__ dQ, float* __restrict__ dK, float* __restrict__ dV,
-    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right) {
+    float* __restrict__ dQ, float* __restrict__ dK, float* __restrict__ dV, float* __restrict__ Psum,
+    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right, int lse_every) {
     extern __shared__ __align__(16) float smem[];
     float(*K_s)[LDK] = reinterpret_cast<float(*)[LDK]>(smem);
     float(*V_s)[LDK] = reinterpret_cast<float(*)[LDK]>(smem + BC * LDK);
@@ -206,6 +206,13 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
                 }
             }
             __syncthreads();  // P^T and dS^T complete
+            // rowsum(P) over this block's keys for the lse check, one atomic a row, on every lse_every-th query tile
+            // (as b2_mma.cu does; the loader sets it so that about 8 tiles of each head are checked)
+            if ((i0 / BR) % lse_every == 0 && tid < BR && i0 + tid < Nq) {
+                float p = 0.f;
+                for (int c = 0; c < BC; ++c) p += PT_s[c][tid];
+                if (p != 0.f) atomicAdd(Psum + ((long long)b * Hq + h) * Nq + i0 + tid, p);
+            }
 
             // dV_j += P^T dO_i and dK_j += dS^T Q_i (scale applied at the end): query rows 4 at a time
 #pragma unroll 1

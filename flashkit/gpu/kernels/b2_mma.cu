@@ -23,17 +23,20 @@
 //   (+7% over 64 x 128, fp16 non-causal, block sweep only): allowed, not yet the default. ptxas (sm_90): 217
 //   registers at d = 64, 255 at d = 128, no spills (128 x 128 at d = 64: 255 and 12 bytes); 93 / 155 KB of shared
 //   memory: one 8-warp block per SM.
+// Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=False): 212.0 TFLOP/s, 0.82x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=True): 197.0 TFLOP/s, 0.90x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=False): 233.9 TFLOP/s, 0.82x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=True): 209.4 TFLOP/s, 0.90x torch-flash
+// The lse check (bwd_check.cuh, 2026-12-02): each step's rowsum(P) per query goes through a warp reduce-scatter
+//   and shared memory into one fp32 atomic per query; bwd_lse_check tests the sums. Done on every query tile it cost
+//   9% (fp16, d = 64, non-causal, H200, back to back: 6.988 vs 6.409 ms in gpu-overhead-h200.json and -history2.json,
+//   before/after in two runs); it now runs on 1 tile in 8 (all tiles up to 8 a head): cost expected ~1%, not yet measured.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
 //   dQ_i += dS K_j * scale.
-
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
@@ -59,109 +62,33 @@
 
 static_assert(NW % WM == 0 && DQN % 16 == 0, "the dQ step needs Br/16 to divide the warps and d/WN % 16 == 0");
 
-#ifdef USE_BF16
-typedef __nv_bfloat16 T;
-#define MMA_TYPE "bf16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-__device__ __forceinline__ float2 unpack2(unsigned u) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
-}
-#else
-typedef __half T;
-#define MMA_TYPE "f16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-__device__ __forceinline__ float2 unpack2(unsigned u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
-#endif
-
-// C (16x8, fp32) += A (16x16) * B (16x8). Lane = 4 g + t. A: a[0] = (row g, k 2t..2t+1), a[1] = (g + 8, 2t),
-// a[2] = (g, 8 + 2t), a[3] = (g + 8, 8 + 2t); B: b0 = (k 2t..2t+1, col g), b1 = (k 8 + 2t, col g);
-// C: c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (row g + 8, cols 2t, 2t+1).
-__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// Four 8x8 16-bit matrices; lanes 8m..8m+7 give the row addresses of matrix m, register m receives it
-// in fragment layout (lane 4g + t holds row g, columns 2t, 2t+1; with .trans: rows 2t, 2t+1 of column g).
-__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const T* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const T* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-// The four operand loads of this file, for a 16 x 16 slice of a row-major [rows][cols] shared tile X:
-//   A_rows:  A fragment of X[r0 .. r0+15][c0 .. c0+15]            (A = X: m = row, k = column)
-//   A_cols:  A fragment of X[r0 .. r0+15][c0 .. c0+15]^T          (A = X^T: m = column, k = row)
-//   B_rows:  two B fragments, n = rows r0 .. r0+7 and r0+8 .. r0+15, k = columns c0 .. c0+15  (B = X^T)
-//   B_cols:  two B fragments, k = rows r0 .. r0+15, n = columns c0 .. c0+7 and c0+8 .. c0+15  (B = X)
-// (for B, r[0], r[1] feed the first n-tile and r[2], r[3] the second).
-template <int LD>
-__device__ __forceinline__ void A_rows(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4(r, &X[r0 + (lane & 15)][c0 + 8 * (lane >> 4)]);
-}
-template <int LD>
-__device__ __forceinline__ void A_cols(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4_trans(r, &X[r0 + (lane & 7) + 8 * (lane >> 4)][c0 + 8 * ((lane >> 3) & 1)]);
-}
-template <int LD>
-__device__ __forceinline__ void B_rows(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4(r, &X[r0 + (lane & 7) + 8 * (lane >> 4)][c0 + 8 * ((lane >> 3) & 1)]);
-}
-template <int LD>
-__device__ __forceinline__ void B_cols(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4_trans(r, &X[r0 + (lane & 7) + 8 * ((lane >> 3) & 1)][c0 + 8 * (lane >> 4)]);
-}
-
-// 16 bytes global -> shared without passing through registers; src_bytes = 0 writes zeros (rows past N).
-__device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+#include "mma.cuh"
+#include "bwd_check.cuh"
 
 // dst[0..3] += v as one vector reduction in L2 (sm_90: red.global.add.v4.f32; dst 16-byte aligned).
 __device__ __forceinline__ void red_add4(float* dst, float4 v) {
     asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
                  ::"l"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 }
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
 
-// rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDS] shared tile by cp.async (rows >= N: 0).
-// A row past N still gets a valid source address (row N - 1) although no byte is read from it.
-__device__ __forceinline__ void async_tile(T (*dst)[LDS], const T* __restrict__ src, int row0, int nrows, int N) {
-    for (int f = threadIdx.x; f < nrows * (D / 8); f += NT) {
-        const int r = f / (D / 8), c = (f % (D / 8)) * 8;
-        const bool valid = row0 + r < N;
-        cp_async16(&dst[r][c], src + (long long)(valid ? row0 + r : N - 1) * D + c, valid);
+// One level of a warp reduce-scatter: v[0 .. 2 HALF) summed with the partner lane (lane ^ mask) into
+// v[0 .. HALF); the lane whose `mask` bit is set keeps (and gets the sums of) the upper half.
+template <int HALF>
+__device__ __forceinline__ void reduce_half(float* v, int lane, int mask) {
+    const bool upper = lane & mask;
+#pragma unroll
+    for (int k = 0; k < HALF; ++k) {
+        const float send = upper ? v[k] : v[k + HALF], keep = upper ? v[k + HALF] : v[k];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
     }
 }
 
-// D = rowsum(dO * O) in fp32 for every query row (B * Hq * Nq rows of d), and the fp32 dQ accumulator
-// zeroed. D / 8 threads per row, each 8 elements (16 bytes) of both; the row's threads are adjacent lanes.
+// D = rowsum(dO * O) in fp32 for every query row (B * Hq * Nq rows of d), and the fp32 dQ accumulator and
+// the row sums of P (Psum, the lse check's) zeroed. D / 8 threads per row, each 8 elements (16 bytes) of
+// both; the row's threads are adjacent lanes.
 extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
     const T* __restrict__ O, const T* __restrict__ dO, float* __restrict__ Dvec, float* __restrict__ dQacc,
-    long long rows) {
+    float* __restrict__ Psum, long long rows) {
     constexpr int TPR = D / 8;  // threads per row: 4, 8 or 16
     const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / TPR;
     const int c = (threadIdx.x % TPR) * 8;
@@ -183,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
     }
 #pragma unroll
     for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s;
+    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s, Psum[row] = 0.f;
 }
 
 // dQ = scale * dQacc in the input dtype, 8 elements a thread (n, the element count, is a multiple of 8).
@@ -202,13 +129,15 @@ extern "C" __global__ void __launch_bounds__(256) bwd_dq_convert(
 }
 
 // Grid: (Tc, Hkv, B), block: Bc / 16 warps. Dynamic shared memory: K_s, V_s [BC][LDS]; Q_s, dO_s [2][BR][LDS]
-// (two stages); dST_s [BC][LDT] (dS^T, key-major); lse_s, D_s [2][BR] floats.
+// (two stages); dST_s [BC][LDT] (dS^T, key-major); lse_s, D_s [2][BR], psum_s [NW][BR] floats.
 // dQacc (fp32, B x Hq x Nq x d) must be zero on entry (bwd_preprocess); it receives dS K_j (unscaled).
+// Psum (fp32, B x Hq x Nq) must be zero on entry too; it receives rowsum(P) over this block's keys, for
+// bwd_lse_check (bwd_check.cuh).
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ lse, const float* __restrict__ Dvec,
-    float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV,
-    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right) {
+    float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, float* __restrict__ Psum,
+    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right, int lse_every) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T(*K_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw);
     T(*V_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw + sizeof(T) * BC * LDS);
@@ -217,6 +146,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
     T(*dST_s)[LDT] = reinterpret_cast<T(*)[LDT]>(smem_raw + sizeof(T) * (2 * BC + 4 * BR) * LDS);
     float(*lse_s)[BR] = reinterpret_cast<float(*)[BR]>(smem_raw + sizeof(T) * ((2 * BC + 4 * BR) * LDS + BC * LDT));
     float(*D_s)[BR] = lse_s + 2;
+    float(*psum_s)[BR] = lse_s + 4;  // [NW][BR]: each warp's part of rowsum(P) for the step's queries
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -315,6 +245,28 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[n][e] = fast_exp2(fmaf(s[n][e], scale_log2, -lse_s[buf][8 * n + 2 * t + (e & 1)]));
 
+        // rowsum(P) over this warp's 16 keys for the lse check: per query the 8 lanes g (2 keys each) hold parts.
+        // A reduce-scatter over lane bits 2-4 (3 x BR/16 .. BR/64 shuffles, not 3 x BR/4) leaves each lane
+        // the sums of BR/32 queries, which go to psum_s (read after the next barrier). Only every lse_every-th
+        // query tile is summed (all of them up to 8 tiles; the loader sets it): done on every tile, this cost 9%
+        // of the kernel at d = 64 (H200, N = 4096); a wrong lse is off on every row, so 1 tile in 8 finds it.
+        const bool lse_tile = (i0 / BR) % lse_every == 0;  // the same for the whole block: no divergence
+        if (lse_tile) {
+            float v[BR / 4];  // v[2n + c]: query 8n + 2t + c
+#pragma unroll
+            for (int n = 0; n < BR / 8; ++n) v[2 * n] = s[n][0] + s[n][2], v[2 * n + 1] = s[n][1] + s[n][3];
+            reduce_half<BR / 8>(v, lane, 4);   // lanes with g bit 0 set keep the upper half ...
+            reduce_half<BR / 16>(v, lane, 8);  // ... bit 1 ...
+            reduce_half<BR / 32>(v, lane, 16); // ... bit 2
+            // v[k] holds original index k + (g & 1) BR/8 + ((g >> 1) & 1) BR/16 + (g >> 2) BR/32
+            const int base = (g & 1) * (BR / 8) + ((g >> 1) & 1) * (BR / 16) + (g >> 2) * (BR / 32);
+#pragma unroll
+            for (int k = 0; k < BR / 32; ++k) {
+                const int K2 = base + k;
+                psum_s[warp][8 * (K2 >> 1) + 2 * t + (K2 & 1)] = v[k];
+            }
+        }
+
         // dV_j += P^T dO_i: P^T from the S^T registers (packed to 16 bits), dO_i's fragments by ldmatrix.trans
 #pragma unroll
         for (int kk = 0; kk < BR / 16; ++kk) {
@@ -378,6 +330,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
         // The other buffer's lse_i, D_i were last read in the previous step, before this step's first barrier.
         if (step + 1 < n_steps && tid < BR) lse_s[buf ^ 1][tid] = l2_next, D_s[buf ^ 1][tid] = d_next;
         __syncthreads();  // dS^T complete in shared memory
+        if (lse_tile && tid < BR && i0 + tid < Nq) {  // the step's rowsum(P) over this block's keys, one atomic a query
+            float p = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) p += psum_s[w][tid];
+            if (p != 0.f) atomicAdd(Psum + ((long long)b * Hq + h) * Nq + i0 + tid, p);
+        }
 
         // dQ_i += dS K_j: warp (wm, wn) owns queries 16 wm .. 16 wm + 15 and columns wn DQN .. of dQ_i; added with atomics
         {

@@ -11,25 +11,29 @@
 //   the Triton tutorial's layout) trades them for recomputation.
 // Expected: 7 products per tile pair instead of 5 (S and dP computed twice): about 5/7 of rung 2's speed
 //   if both are bound by the tensor cores, closer to rung 2 if rung 2 is held back by its atomics.
-// Measured (NVIDIA H200, fp16, B*N = 16384, H*d = 2048, N = 4096, 2026-12-01; benchmarks/results/gpu-bwd-h200-history3.json):
-//   d = 64 (Br x Bc = 64 x 64) 198.1 TFLOP/s, 0.93x rung 2 and 0.77 of torch's flash backward, causal 189.3 (0.87);
+// Measured (NVIDIA H200, fp16, B*N = 16384, H*d = 2048, N = 4096, 2026-12-01;
+//   benchmarks/results/gpu-bwd-h200-history3.json): d = 64 (Br x Bc = 64 x 64) 198.1 TFLOP/s, 0.93x rung 2
+//   and 0.77 of torch's flash backward, causal 189.3 (0.87);
 //   d = 128 (64 x 128) 206.9, 0.88x rung 2 (0.73), causal 186.1 (0.80); bf16 alike. Much better than the 5/7
 //   expected: the dK/dV kernel takes 3.92 ms and the dQ kernel 2.93 (d = 64; 3.77 / 2.89 at d = 128) against
 //   rung 2's 6.33 ms main kernel, so rung 2 is not bound by its mma count (not profiled further). Gradients are
 //   bit-identical from run to run (tests/test_gpu_backward.py); extra memory is D alone (4 MiB at B = 1, H = 16,
 //   N = 65536, d = 128, against rung 2's 516 MiB fp32 dQ buffer). ptxas (sm_90): dK/dV 168 / 255 registers, dQ
 //   128 / 208 (d = 64 / 128), no spills.
+// Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
+//   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=False): 198.1 TFLOP/s, 0.77x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=True): 189.3 TFLOP/s, 0.87x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=False): 206.9 TFLOP/s, 0.73x torch-flash
+// Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=True): 186.1 TFLOP/s, 0.80x torch-flash
+// The lse check (bwd_check.cuh, 2026-12-02): the dQ kernel visits each row's whole key range, so it sums P in
+//   registers and tests every row at the end; it runs before the dK/dV kernel, so the public call waits for it while
+//   the dK/dV kernel runs. On the H200 (fp16, d = 64; results gpu-bwd-h200.json against gpu-bwd-h200-history3.json):
+//   6.997 vs 6.938 ms non-causal, 3.751 vs 3.632 causal (+1-3%); the public call 1.01-1.02x the rung alone.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
 //   dQ_i += dS K_j * scale.
-
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
@@ -50,100 +54,8 @@
 #define LDS (D + 8)      // every tile's row pitch in 16-bit elements (+16 bytes: no ldmatrix conflicts)
 #define LOG2E 1.4426950408889634f
 
-#ifdef USE_BF16
-typedef __nv_bfloat16 T;
-#define MMA_TYPE "bf16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-__device__ __forceinline__ float2 unpack2(unsigned u) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
-}
-#else
-typedef __half T;
-#define MMA_TYPE "f16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-__device__ __forceinline__ float2 unpack2(unsigned u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
-#endif
-
-// C (16x8, fp32) += A (16x16) * B (16x8). Lane = 4 g + t. A: a[0] = (row g, k 2t..2t+1), a[1] = (g + 8, 2t),
-// a[2] = (g, 8 + 2t), a[3] = (g + 8, 8 + 2t); B: b0 = (k 2t..2t+1, col g), b1 = (k 8 + 2t, col g);
-// C: c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (row g + 8, cols 2t, 2t+1).
-__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// Four 8x8 16-bit matrices; lanes 8m..8m+7 give the row addresses of matrix m, register m receives it
-// in fragment layout (lane 4g + t holds row g, columns 2t, 2t+1; with .trans: rows 2t, 2t+1 of column g).
-__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const T* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const T* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-// The four operand loads of this file, for a 16 x 16 slice of a row-major [rows][cols] shared tile X:
-//   A_rows:  A fragment of X[r0 .. r0+15][c0 .. c0+15]            (A = X: m = row, k = column)
-//   A_cols:  A fragment of X[r0 .. r0+15][c0 .. c0+15]^T          (A = X^T: m = column, k = row)
-//   B_rows:  two B fragments, n = rows r0 .. r0+7 and r0+8 .. r0+15, k = columns c0 .. c0+15  (B = X^T)
-//   B_cols:  two B fragments, k = rows r0 .. r0+15, n = columns c0 .. c0+7 and c0+8 .. c0+15  (B = X)
-// (for B, r[0], r[1] feed the first n-tile and r[2], r[3] the second).
-template <int LD>
-__device__ __forceinline__ void A_rows(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4(r, &X[r0 + (lane & 15)][c0 + 8 * (lane >> 4)]);
-}
-template <int LD>
-__device__ __forceinline__ void A_cols(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4_trans(r, &X[r0 + (lane & 7) + 8 * (lane >> 4)][c0 + 8 * ((lane >> 3) & 1)]);
-}
-template <int LD>
-__device__ __forceinline__ void B_rows(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4(r, &X[r0 + (lane & 7) + 8 * (lane >> 4)][c0 + 8 * ((lane >> 3) & 1)]);
-}
-template <int LD>
-__device__ __forceinline__ void B_cols(unsigned r[4], const T (*X)[LD], int r0, int c0, int lane) {
-    ldmatrix_x4_trans(r, &X[r0 + (lane & 7) + 8 * ((lane >> 3) & 1)][c0 + 8 * (lane >> 4)]);
-}
-
-// 16 bytes global -> shared without passing through registers; src_bytes = 0 writes zeros (rows past N).
-__device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
-
-// rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDS] shared tile by cp.async (rows >= N: 0).
-// A row past N still gets a valid source address (row N - 1) although no byte is read from it.
-// NT: the calling kernel's threads per block.
-template <int NT>
-__device__ __forceinline__ void async_tile(T (*dst)[LDS], const T* __restrict__ src, int row0, int nrows, int N) {
-    for (int f = threadIdx.x; f < nrows * (D / 8); f += NT) {
-        const int r = f / (D / 8), c = (f % (D / 8)) * 8;
-        const bool valid = row0 + r < N;
-        cp_async16(&dst[r][c], src + (long long)(valid ? row0 + r : N - 1) * D + c, valid);
-    }
-}
+#include "mma.cuh"
+#include "bwd_check.cuh"
 
 // D = rowsum(dO * O) in fp32 for every query row (B * Hq * Nq rows of d). D / 8 threads per row, each
 // 8 elements (16 bytes) of both; the row's threads are adjacent lanes of one warp.
@@ -363,7 +275,8 @@ extern "C" __global__ void __launch_bounds__(NT1) flash_bwd_dkdv(
 extern "C" __global__ void __launch_bounds__(NT2) flash_bwd_dq(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ lse, const float* __restrict__ Dvec, T* __restrict__ dQ,
-    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right) {
+    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right,
+    float tol, unsigned long long report, long long serial) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T(*Q_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw);
     T(*dO_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw + sizeof(T) * BR_DQ * LDS);
@@ -406,6 +319,7 @@ extern "C" __global__ void __launch_bounds__(NT2) flash_bwd_dq(
         Di[r] = i < Nq ? Dvec[row] : 0.f;
     }
 
+    float psum[2] = {0.f, 0.f};  // this thread's part of rowsum(P) of its two rows: the lse check (bwd_check.cuh)
     float dq[D / 8][4];  // dQ_i: rows wr + g (+8), columns 8n + 2t (+1)
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
@@ -457,6 +371,8 @@ extern "C" __global__ void __launch_bounds__(NT2) flash_bwd_dq(
         for (int n = 0; n < BC_DQ / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[n][e] = fast_exp2(fmaf(s[n][e], scale_log2, -l2[e >> 1]));
+#pragma unroll
+        for (int n = 0; n < BC_DQ / 8; ++n) psum[0] += s[n][0] + s[n][1], psum[1] += s[n][2] + s[n][3];
 
         // dP = dO_i V_j^T: this warp's 16 queries x Bc keys
         float dp[BC_DQ / 8][4];
@@ -499,6 +415,20 @@ extern "C" __global__ void __launch_bounds__(NT2) flash_bwd_dq(
         }
     }
     cp_async_wait<0>();  // nothing may be left in flight when the block exits (n_tiles = 0: Q_i's group)
+
+    // The lse check: this block visited every key of its rows, so psum summed over the row's 4 threads is the
+    // whole rowsum(P), which must be 1 (bwd_check.cuh). Lane t = 0 of each row tests it; one lane reports.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 1);
+        psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 2);
+        const int i = i0 + wr + g + 8 * r;
+        const long long row = ((long long)b * Hq + h) * Nq + i;
+        float shown = 0.f;
+        const bool bad = t == 0 && i < Nq && lse_row_bad(psum[r], lse[row], i, Nq, Nk, left, right, tol, shown);
+        const unsigned ballot = __ballot_sync(0xffffffffu, bad);
+        if (ballot != 0 && lane == __ffs(ballot) - 1) report_lse(report, serial, row, shown);
+    }
 
     // Write dQ_i = scale * dQ_i in the input dtype (rows < Nq; a row that saw no key gets 0)
     T* dQh = dQ + ((long long)b * Hq + h) * Nq * D;
