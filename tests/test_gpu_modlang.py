@@ -12,6 +12,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from flashkit.gpu.flash import KERNEL_DIR  # the shared headers (mma.cuh ...) the kernels include
+
 from flashkit import blockmask, mods
 from flashkit.gpu import flash_mods, modlang
 from flashkit.gpu.modlang import UnsupportedMod
@@ -241,7 +243,7 @@ def test_generated_code_compiles_with_nvcc(tmp_path):
     full = tmp_path / "rung6.cu"
     full.write_text(flash_mods.source(SCORES["softcap"], MASKS["document_mask"], bits=True))
     # to PTX only: the C++ is checked, ptxas (half a minute for rung 6 on 2 cores) is left to the GPU run
-    run = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", "-DHEAD_DIM=64", "-DBR=128", "-DBC=64",
+    run = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", "-DHEAD_DIM=64", "-DBR=128", "-DBC=64", f"-I{KERNEL_DIR}",
                           "-o", str(tmp_path / "r6.ptx"), str(full)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
 
