@@ -57,7 +57,7 @@ def stage_sass(out):
     for d, defs in ((128, ""), (64, ""), (128, "-DWARP_SPECIALIZE=0")):
         cubin = Path(tempfile.gettempdir()) / f"r7_{d}.cubin"
         cmd = (f"nvcc -cubin -o {cubin} -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -DHEAD_DIM={d} {defs} "
-               f"{flash.KERNEL_DIR / '7_wgmma.cu'}")
+               f"-I{flash.KERNEL_DIR} {flash.KERNEL_DIR / '7_wgmma.cu'}")
         build = subprocess.run(cmd, shell=True, capture_output=True, text=True)
         sass = subprocess.run(f"cuobjdump --dump-sass {cubin}", shell=True, capture_output=True, text=True).stdout
         ops = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "UTMALDG", "USETMAXREG", "WARPGROUP", "HMMA",

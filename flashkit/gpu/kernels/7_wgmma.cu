@@ -43,12 +43,8 @@
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T (unscaled), P = exp2(S * scale_log2 - m_i), m_i, l_i, O_i.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
+#include "common.cuh"    // INFINITY, fast_exp2, row_lo / row_hi (the window rule)
+#include "elements.cuh"  // T, MMA_TYPE, pack2
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128  // d: 64 or 128 (set by the loader)
@@ -94,21 +90,6 @@
 #define REG_CONSUMER 160
 #endif
 
-#ifdef USE_BF16
-typedef __nv_bfloat16 T;
-#define MMA_TYPE "bf16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-#else
-typedef __half T;
-#define MMA_TYPE "f16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-#endif
 
 // ---- wgmma: D (64 x N, fp32, registers) (+)= A (64 x 16) * B (16 x N) ---------------------------------------
 // D fragment (hopper_layout.accumulator_owner): warp w of the warpgroup holds rows 16 w .. 16 w + 15; lane 4 g + t
@@ -203,15 +184,6 @@ __device__ __forceinline__ void tma_load(unsigned dst, const void* map, int col,
         ::"r"(dst), "l"(map), "r"(col), "r"(row), "r"(head), "r"(bar) : "memory");
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
-__device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
-    return right < 0 ? Nk : min(Nk, i + offset + right + 1);
-}
 
 // ---- one tile's steps (the consumer warpgroup's 64 rows) ----------------------------------------------------
 // S = Q_i K_j^T: d / 16 wgmma, each a 64 x Bc x 16 product. Both operands K-major (d contiguous); the 16-column

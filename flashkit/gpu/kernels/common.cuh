@@ -1,4 +1,4 @@
-// Helpers every CUDA rung shares (forward kernels 2-6, backward kernels b1-b3): written once here.
+// Helpers every CUDA rung shares (forward kernels 2-7, backward kernels b1-b3): written once here.
 // The loader passes this folder to NVRTC as an include path (-I); flashkit/gpu/flash.py.
 
 #pragma once

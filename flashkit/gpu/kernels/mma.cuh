@@ -1,34 +1,13 @@
 // Inline-PTX helpers of the tensor-core rungs (forward 4-6, backward b2-b3): the 16-bit element type T,
 // mma.sync m16n8k16, ldmatrix, cp.async. Written once here; the including file defines D (the head size)
 // and LDS (the shared row pitch in elements) first, and NT (threads per block) when it has a single one.
-// -DUSE_BF16 selects bfloat16, else float16.
+// The element type T comes from elements.cuh (-DUSE_BF16 selects bfloat16, else float16).
 
 #pragma once
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
 #include "common.cuh"
+#include "elements.cuh"
 
-#ifdef USE_BF16
-typedef __nv_bfloat16 T;
-#define MMA_TYPE "bf16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-__device__ __forceinline__ float2 unpack2(unsigned u) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
-}
-#else
-typedef __half T;
-#define MMA_TYPE "f16"
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-__device__ __forceinline__ float2 unpack2(unsigned u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
-#endif
 
 // C (16x8, fp32) += A (16x16) * B (16x8). Lane = 4 g + t. A: a[0] = (row g, k 2t..2t+1), a[1] = (g + 8, 2t),
 // a[2] = (g, 8 + 2t), a[3] = (g + 8, 8 + 2t); B: b0 = (k 2t..2t+1, col g), b1 = (k 8 + 2t, col g);
