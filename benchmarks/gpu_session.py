@@ -97,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--pytest", action="store_true", help="also run pytest tests/test_gpu*.py in step 1")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness steps (benchmarks only)")
     ap.add_argument("--no-sanitizer", action="store_true")
+    ap.add_argument("--no-extra", action="store_true",
+                    help="skip the benchmarks/gpu_*_check.py scripts (to run one alone, e.g. when it also times)")
     ap.add_argument("--sanitize", default="forward:memcheck,forward:racecheck,backward:memcheck,backward:racecheck",
                     help="which sanitizer runs (direction:tool, comma-separated)")
     ap.add_argument("--bench-args", default="", help="extra arguments for both benchmarks (e.g. '--ds 64')")
@@ -129,7 +131,7 @@ def main(argv=None):
             short, tool = which.split(":")
             jobs.append(Job(f"sanitizer_{tool}_{short}", [san, "--tool", tool, py, "-m", modules[short], "--sanitize"],
                             logs, env))
-    for module in extra_checks():
+    for module in [] if args.no_extra else extra_checks():
         name = module.split(".")[-1]
         (extra_out / name).mkdir()
         code = "import importlib, sys; sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2]) or 0)"
@@ -185,7 +187,7 @@ def main(argv=None):
                    steps=steps, correctness={k: {f: v for f, v in c.items() if f != "rows"} for k, c in corr.items()},
                    failed_checks=[r for c in corr.values() for r in c["rows"] if not r.get("ok")][:40],
                    extra_checks={m: sorted(p.name for p in (extra_out / m.split(".")[-1]).glob("*.json"))
-                                 for m in extra_checks()})
+                                 for m in ([] if args.no_extra else extra_checks())})
     dest = ROOT / "benchmarks" / "results" / f"gpu-session-{slug}.json"
     write_json(dest, session)
     written.append(dest)
