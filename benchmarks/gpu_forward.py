@@ -144,7 +144,7 @@ def run_grid(Ns=(1024, 4096, 16384), ds=(64, 128), dtypes=("float16", "bfloat16"
                     print(f"d={d} N={N} B={B} H={H} causal={causal} {dtype}", flush=True)
                     peers = {"float16": TORCH_BACKENDS, "bfloat16": ("flash", "cudnn"), "float32": ("efficient", "math")}[dtype]
                     for spec in FORWARD:
-                        if not spec.backend().available():  # rung 7 on a GPU that is not a Hopper
+                        if not spec.backend().available:  # rung 7 on a GPU that is not a Hopper
                             continue
                         call = rung_call(spec.number, q, k, v, causal, dtype) if dtype in spec.dtypes else None
                         if call is None:  # the rung does not compute this dtype here

@@ -20,7 +20,7 @@ from flashkit.gpu.rungs import kernels  # noqa: E402
 
 KERNEL_PARAMS = [(rung, element, case) for rung, elements in check.ELEMENT_OF.items()
                  for element in elements for case in check.CASES if check.runs(rung, case)]
-KERNELS = [r.number for r in kernels("forward") if r.backend().available()]
+KERNELS = [r.number for r in kernels("forward") if r.backend().available]
 
 
 def _explain(row, seed):
@@ -45,7 +45,7 @@ def test_standard_matches_float64(case, element):
 
 
 @pytest.mark.parametrize("rung,block", [(r.number, b) for r in kernels("forward") for b in r.allowed_blocks
-                                        if r.backend().available()])
+                                        if r.backend().available])
 def test_every_allowed_block_size(rung, block):
     row = check.check_rung(rung, check.CASES[2], check.ELEMENT_OF[rung][0], seed=11, block_size=block)
     assert row["ok"], _explain(row, 11)

@@ -40,7 +40,7 @@ def runs(rung, case) -> bool:
     """Whether `rung` is checked on `case`: it is available on this GPU (rung 7 needs a Hopper) and takes its d."""
     from flashkit.gpu.rungs import rung as row
 
-    return case[5] in HEAD_DIMS_OF[rung] and row(rung).backend().available()
+    return case[5] in HEAD_DIMS_OF[rung] and row(rung).backend().available
 
 
 # ---- bfloat16 as uint16 bits (CuPy may not hold a bfloat16 dtype) -------------------------------------
