@@ -52,7 +52,7 @@ def results_section() -> str:
             parts.append(_cpu_backward_headline(path, data))
         elif data.get("benchmark", "benchmarks/cpu_forward.py") == "benchmarks/cpu_forward.py":  # not cpu-mods-*, cpu-small-*
             parts.append(_cpu_headline(path, data))
-    gpu = [(p, d) for p, d in _load("gpu-*.json") if not p.name.startswith("gpu-session-")]
+    gpu = [(p, d) for p, d in _load("gpu-*.json") if not p.name.startswith(("gpu-session-", "gpu-ring-"))]
     forward = [(p, d) for p, d in gpu if not p.name.startswith(("gpu-bwd-", "gpu-overhead-", "gpu-mods-"))]
     backward = [(p, d) for p, d in gpu if p.name.startswith("gpu-bwd-")]
     if forward:

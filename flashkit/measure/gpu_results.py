@@ -90,12 +90,12 @@ def committed_files() -> List[Path]:
 
 
 def card_and_ceilings(path) -> dict:
-    """{"file", "card", "date", "kind" ("forward", "backward", "overhead", "mods" or "ring"), "ceilings"} of one results
+    """{"file", "card", "date", "kind" ("forward", "backward", "overhead", "mods", "ring" or "session"), "ceilings"} of one results
     file, the ceilings as `ceilings()` gives them ({} of each when the file records none)."""
     path = Path(path)
     with open(path) as f:
         data = json.load(f)
-    kinds = {"gpu-bwd": "backward", "gpu-overhead": "overhead", "gpu-mods": "mods", "gpu-ring": "ring"}
+    kinds = {"gpu-bwd": "backward", "gpu-overhead": "overhead", "gpu-mods": "mods", "gpu-ring": "ring", "gpu-session": "session"}
     kind = next((k for prefix, k in kinds.items() if path.stem.startswith(prefix)), "forward")
     recorded = data.get("ceilings") or {}
     return {"file": path.name, "card": str(data.get("card", "card not recorded")), "date": str(data.get("date", ""))[:10],
