@@ -87,6 +87,8 @@ RUNGS = (
          priority=30),
     Rung(3, "numba-gemm", "rung3_gemm", "Numba rung 3: block GEMMs (BLAS np.dot) and a vectorised exp",
          priority=40, probe="flashkit.cpu:_probe_gemm", backward_module="rung3_gemm_backward"),
+    Rung(4, "numba-fused", "rung4_fused", "Numba rung 4: no BLAS; packed panels, a register-tiled micro-kernel "
+         "with the softmax fused on it", priority=42),
 )
 
 _LADDER = tuple(r.backend() for r in RUNGS)
