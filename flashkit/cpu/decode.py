@@ -40,7 +40,7 @@ from numba import njit, prange
 from flashkit.cpu import threads as cpu_threads
 
 from flashkit.cpu.simd import FASTMATH, fast_exp, fast_exp2
-from flashkit.cpu.vec import VECTOR_BYTES, exp2, fma, hmax, hsum, lanes, load, splat, store, vmax
+from flashkit.cpu.vec import VECTOR_BYTES, bcast, exp2, fma, hmax, hsum, lanes, load, splat, store, vmax
 
 Bc = 64  # keys per block: K_j and V_j of 64 x 128 float32 are 32 KiB each, an L1/L2-sized pair
 MIN_CHUNK = 256  # "auto" never cuts the cache finer than this many keys per split (per-task overhead)
@@ -169,19 +169,42 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
     Kh, Vh = K[b, h], V[b, h]
     for jb in range(jlo, jhi, Bc):
         n = min(Bc, jhi - jb)
-        # S = Q K_j^T: each key row once from memory, then from L1 for each row of the group
-        for jj in range(n):
-            k = Kh[jb + jj]
+        # S = Q K_j^T, four keys at a time: 8 independent chains of FMAs (a single dot product is one
+        # chain, bound by the FMA latency, measured 3x slower), then the four lane sums
+        for jj in range(0, n, 4):
             for r in range(R):
-                if row_lo[r] <= jb + jj < row_hi[r]:
-                    a0 = splat(dt(0))
-                    a1 = splat(dt(0))
+                qr = r * d
+                if jj + 4 <= n and row_lo[r] <= jb + jj and jb + jj + 4 <= row_hi[r]:
+                    k0 = (jb + jj) * d  # flat indices into Kh: no array views in the loop (each costs
+                    z = splat(dt(0))    # two atomic reference-count updates, measured 4x slower)
+                    a0, b0, a1, b1, a2, b2, a3, b3 = z, z, z, z, z, z, z, z
                     for c in range(0, d, 2 * W):
-                        a0 = fma(load(q, r * d + c), load(k, c), a0)
-                        a1 = fma(load(q, r * d + c + W), load(k, c + W), a1)
-                    P[r * Bc + jj] = hsum(a0 + a1)
-                else:
-                    P[r * Bc + jj] = neg
+                        x = load(q, qr + c)
+                        y = load(q, qr + c + W)
+                        a0 = fma(x, load(Kh, k0 + c), a0)
+                        b0 = fma(y, load(Kh, k0 + c + W), b0)
+                        a1 = fma(x, load(Kh, k0 + d + c), a1)
+                        b1 = fma(y, load(Kh, k0 + d + c + W), b1)
+                        a2 = fma(x, load(Kh, k0 + 2 * d + c), a2)
+                        b2 = fma(y, load(Kh, k0 + 2 * d + c + W), b2)
+                        a3 = fma(x, load(Kh, k0 + 3 * d + c), a3)
+                        b3 = fma(y, load(Kh, k0 + 3 * d + c + W), b3)
+                    P[r * Bc + jj] = hsum(a0 + b0)
+                    P[r * Bc + jj + 1] = hsum(a1 + b1)
+                    P[r * Bc + jj + 2] = hsum(a2 + b2)
+                    P[r * Bc + jj + 3] = hsum(a3 + b3)
+                else:  # the block's last keys, or a row whose window cuts these four
+                    for u in range(jj, min(jj + 4, n)):
+                        if row_lo[r] <= jb + u < row_hi[r]:
+                            k = (jb + u) * d
+                            a0 = splat(dt(0))
+                            b0 = splat(dt(0))
+                            for c in range(0, d, 2 * W):
+                                a0 = fma(load(q, qr + c), load(Kh, k + c), a0)
+                                b0 = fma(load(q, qr + c + W), load(Kh, k + c + W), b0)
+                            P[r * Bc + u] = hsum(a0 + b0)
+                        else:
+                            P[r * Bc + u] = neg
         for jj in range(n, Bc):
             for r in range(R):
                 P[r * Bc + jj] = neg  # the block's tail: exp2 gives 0
@@ -200,7 +223,8 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                 sums = sums + p
             l[r] = alpha * l[r] + hsum(sums)
             m[r] = m_new
-            # O_r = alpha O_r + P V_j, 4 registers of O_r at a time
+            # O_r = alpha O_r + P V_j, 4 registers of O_r at a time, even and odd keys in separate
+            # accumulators: 8 chains of FMAs
             av = splat(alpha)
             for c in range(0, d, 4 * W):
                 ob = r * d + c
@@ -208,17 +232,31 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                 o1 = load(acc, ob + W) * av
                 o2 = load(acc, ob + 2 * W) * av
                 o3 = load(acc, ob + 3 * W) * av
-                for jj in range(n):
-                    v = Vh[jb + jj]
-                    p = splat(P[r * Bc + jj])
-                    o0 = fma(p, load(v, c), o0)
-                    o1 = fma(p, load(v, c + W), o1)
-                    o2 = fma(p, load(v, c + 2 * W), o2)
-                    o3 = fma(p, load(v, c + 3 * W), o3)
-                store(acc, ob, o0)
-                store(acc, ob + W, o1)
-                store(acc, ob + 2 * W, o2)
-                store(acc, ob + 3 * W, o3)
+                z = splat(dt(0))
+                e0, e1, e2, e3 = z, z, z, z
+                for jj in range(0, n - 1, 2):
+                    v = (jb + jj) * d + c
+                    p = bcast(P, r * Bc + jj)
+                    o0 = fma(p, load(Vh, v), o0)
+                    o1 = fma(p, load(Vh, v + W), o1)
+                    o2 = fma(p, load(Vh, v + 2 * W), o2)
+                    o3 = fma(p, load(Vh, v + 3 * W), o3)
+                    p = bcast(P, r * Bc + jj + 1)
+                    e0 = fma(p, load(Vh, v + d), e0)
+                    e1 = fma(p, load(Vh, v + d + W), e1)
+                    e2 = fma(p, load(Vh, v + d + 2 * W), e2)
+                    e3 = fma(p, load(Vh, v + d + 3 * W), e3)
+                if n % 2:
+                    v = (jb + n - 1) * d + c
+                    p = bcast(P, r * Bc + n - 1)
+                    o0 = fma(p, load(Vh, v), o0)
+                    o1 = fma(p, load(Vh, v + W), o1)
+                    o2 = fma(p, load(Vh, v + 2 * W), o2)
+                    o3 = fma(p, load(Vh, v + 3 * W), o3)
+                store(acc, ob, o0 + e0)
+                store(acc, ob + W, o1 + e1)
+                store(acc, ob + 2 * W, o2 + e2)
+                store(acc, ob + 3 * W, o3 + e3)
     for gi in range(g):
         for i in range(Nq):
             r = gi * Nq + i
@@ -273,18 +311,21 @@ def new_partials(splits, B, Hq, Nq, d, dtype):
             np.empty((splits, B, Hq, Nq, d), dtype))
 
 
-def partials(Q, K, V, lo, hi, scale, splits, n_keys):
+def partials(Q, K, V, lo, hi, scale, splits, n_keys, vector=None):
     """(M, L, O) of every split, computed in parallel. Q (B, Hq, Nq, d) and K, V (B, Hkv, Nmax, d)
-    C-contiguous of one dtype (float32 or float64); lo, hi (B, Nq) int64; keys beyond n_keys unused."""
+    C-contiguous of one dtype (float32 or float64); lo, hi (B, Nq) int64; keys beyond n_keys unused.
+    vector: split_task_vec (True), split_task (False) or whichever serves d (None; the benchmark
+    compares the two)."""
     B, Hq, Nq, d = Q.shape
     Q = np.ascontiguousarray(Q)
-    if vector_path(d, Q.dtype) and not (K.flags.c_contiguous and V.flags.c_contiguous):
+    vector = vector_path(d, Q.dtype) if vector is None else bool(vector) and vector_path(d, Q.dtype)
+    if vector and not (K.flags.c_contiguous and V.flags.c_contiguous):
         K, V = np.ascontiguousarray(K), np.ascontiguousarray(V)  # the vector loads need rows in place
     chunk = max(1, math.ceil(n_keys / splits))
     M, L, O = new_partials(splits, B, Hq, Nq, d, Q.dtype)
     work = 4.0 * Hq * d * float(np.clip(hi - lo, 0, n_keys).sum())  # FLOPs, the forward's formula per row
     with cpu_threads.for_work(work):  # a small step runs on one thread (flashkit/cpu/threads.py)
-        splitk_kernel(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, vector_path(d, Q.dtype), M, L, O)
+        splitk_kernel(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, vector, M, L, O)
     return M, L, O
 
 
@@ -322,9 +363,9 @@ def traced_partials(Q, K, V, lo, hi, scale, splits, n_keys, n_threads):
     return (M, L, O), sorted(events, key=lambda e: e["task"])
 
 
-def decode(problem, splits="auto"):
+def decode(problem, splits="auto", vector=None):
     """The "numba-splitk" decode runner: (O, lse) of a flashkit.problem.DecodeProblem, its splits'
-    states merged exactly. "auto": auto_splits for this machine's threads."""
+    states merged exactly. "auto": auto_splits for this machine's threads. vector: see `partials`."""
     from flashkit import online_softmax
 
     P = problem
@@ -334,7 +375,7 @@ def decode(problem, splits="auto"):
     K, V = P.K, P.V
     if K.dtype != dt:  # convert only the filled rows (a copy), not the whole preallocated buffer
         K, V = K[:, :, :P.n_keys].astype(dt), V[:, :, :P.n_keys].astype(dt)
-    M, L, O = partials(P.Q.astype(dt, copy=False), K, V, P.lo, P.hi, P.scale, splits, P.n_keys)
+    M, L, O = partials(P.Q.astype(dt, copy=False), K, V, P.lo, P.hi, P.scale, splits, P.n_keys, vector)
     # merge the splits' states exactly; a split that saw nothing has m = -inf and counts for nothing
     return online_softmax.finalize(online_softmax.merge([online_softmax.State(M[s], L[s], O[s]) for s in range(splits)]))
 

@@ -8,7 +8,8 @@ micro-kernels with explicit vectors, as C code with intrinsics does:
 
     Vec(dtype)          one register: 16 float32 or 8 float64 lanes with AVX-512, 8 or 4 with AVX2
     lanes(a)            the lane count for the dtype of array a (a compile-time constant)
-    load(a, i)          a[i : i + W] of a 1-D C-contiguous array;  store(a, i, v) the reverse
+    load(a, i)          elements i .. i + W - 1 of a C-contiguous array, in memory order (any rank: i
+                        is the flat index);  store(a, i, v) the reverse
     splat(x)            x in every lane (vbroadcastss);  bcast(a, i) the same for a[i], from memory
     fma(a, b, c)        a * b + c, one rounding (vfmadd231ps)
     vmax, v + w, v - w, v * w, vround(v)                           lane by lane
@@ -71,6 +72,11 @@ def _is_float(t):
     return t in (types.float32, types.float64)
 
 
+def _flat(a):
+    """A C-contiguous float array of any rank: load, store and bcast index its elements in memory order."""
+    return isinstance(a, types.Array) and a.layout == "C" and _is_float(a.dtype)
+
+
 def _suffix(vt: ir.VectorType) -> str:
     return f"v{vt.count}{'f32' if vt.element == ir.FloatType() else 'f64'}"
 
@@ -99,8 +105,8 @@ def lanes(typingctx, a):
 
 @intrinsic
 def load(typingctx, a, i):
-    """a[i : i + W] as one register (a 1-D C-contiguous float array; no bounds check)."""
-    if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and _is_float(a.dtype)):
+    """Elements i .. i + W - 1 of C-contiguous a (flat index, any rank) as one register; no bounds check."""
+    if not _flat(a):
         return None
     V = vec_type(a.dtype)
 
@@ -113,8 +119,8 @@ def load(typingctx, a, i):
 
 @intrinsic
 def store(typingctx, a, i, v):
-    """a[i : i + W] = v."""
-    if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and isinstance(v, Vec) and v.dtype == a.dtype):
+    """Elements i .. i + W - 1 of C-contiguous a (flat index) = v."""
+    if not (_flat(a) and isinstance(v, Vec) and v.dtype == a.dtype):
         return None
 
     def codegen(context, builder, sig, args):
@@ -143,9 +149,9 @@ def splat(typingctx, x):
 
 @intrinsic
 def bcast(typingctx, a, i):
-    """a[i] in every lane, loaded straight into the register (one vbroadcastss from memory): unlike
+    """Element i (flat index) of C-contiguous a in every lane, loaded straight into the register (one vbroadcastss from memory): unlike
     splat(a[i]), no check for a negative index, so the address is one base register plus a constant."""
-    if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and _is_float(a.dtype)):
+    if not _flat(a):
         return None
     V = vec_type(a.dtype)
 
