@@ -25,6 +25,14 @@ Tried and dropped: the rows four at a time through both products (register block
 with a group of 4 rows, but 4x slower with 8 (LLVM's code for the blocked O update collapsed);
 measured on one thread, d = 128, in cache.
 
+split_task_vec (d a multiple of 4 registers: 64 and 128 in float32) writes the same task with explicit
+vector registers (flashkit/cpu/vec.py): four keys at a time against each query row (8 independent FMA
+chains), base-2 exponentials on whole registers, O in 8 chains of FMAs, and no array views inside the
+loops (a row view such as K[b, h][j] costs two atomic reference-count updates: removing them made the
+task 4x faster). On one thread, in L2, d = 128, a group of 4 rows: 57 ns a key against 79 for
+split_task (Intel Xeon Emerald Rapids, loaded machine, min of 40); benchmarks/results/
+decode-intel-xeon-emeraldrapids-2c.json has both over a 32k cache, measured under a load average of 14.
+
 This module imports Numba at the top: the registry loads it when the "numba-splitk" backend first runs
 (flashkit.decode.BACKENDS), never on `import flashkit`.
 """

@@ -23,9 +23,27 @@ registers), with the softmax moved into the micro-kernel:
     exp2 is simd.fast_exp2's polynomial on a whole register; the row sums stay vectors until the end.
   * O += P V: an MR x 2-register tile of O per pass over the tile's keys, P broadcast from L1.
 
+  * In causal and window tiles, a panel no row sees is skipped (P = 0, no S computed), and only panels a
+    window boundary crosses are masked; the others run the unmasked path.
+
 Blocks: Br x Bc from common.default_block_size (the L2 budget the notebooks teach), rounded to the
 micro-tile (Br to MR rows, Bc to NR keys); any block_size works (ragged panels are masked).
-Measured: see the end of this header (benchmarks/cpu_forward.py, benchmarks/results/cpu-*.json).
+
+Measured on a shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average
+of 9-16 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
+  * one thread, CPU time, min of 5 interleaved rounds, H=2, N=2048 (sgemm 2048^2 on one thread 98 GF/s
+    in the same run): this rung 86 GFLOP/s = 88% of sgemm, 1.04x torch SDPA's time (torch 90, 92%);
+    causal 75 GFLOP/s, 0.92x torch's time (torch 69); rung 3 55 (57%) and 61 causal.
+  * benchmarks/cpu_forward.py, H=8, both cores (benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json):
+    N=4096, FLOPs per CPU-second (the column that the load disturbs least) 79.7 against sgemm's 97.6
+    (82%) and torch's 83.4; wall clock 1.26x torch's time, causal 0.96x; rung 3 1.99x and 1.19x.
+  * steps that paid, each measured on one thread as above: the vector registers themselves (the same
+    tile as loops over a small array: scalar code, 4.6 GFLOP/s; as 16 Vec values 131 GFLOP/s alone);
+    moving the rare rescale out of line (a call inside the hot path made LLVM spill all 16
+    accumulators around it: 74 -> 86 GFLOP/s together with the next step); broadcasting Q and P
+    straight from memory (bcast: no negative-index test, 3-4 fewer integer instructions per FMA
+    group); skipping and not masking causal panels (causal 49 -> 69 GFLOP/s).
+  * not yet measured: an AVX2 machine (with 16 ymm registers the 8 x 2 tile spills), the backward.
 """
 from __future__ import annotations
 
