@@ -310,6 +310,10 @@ def main(argv=None):
         import numba
         from threadpoolctl import threadpool_limits
 
+        from flashkit.cpu import threads as cpu_threads
+
+        cpu_threads.choose_layer()  # before the bandwidth kernels start Numba's pool: the layer flashkit uses
+
         # NumPy's BLAS (numpy-standard) gets one thread: its pool and Numba's fight over the same cores
         # otherwise (a 2-thread BLAS matrix-vector product measured 10-30x slower on a busy 2-core machine).
         with threadpool_limits(1, user_api="blas"):
