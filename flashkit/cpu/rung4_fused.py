@@ -34,9 +34,13 @@ of 9-16 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios 
   * one thread, CPU time, min of 5 interleaved rounds, H=2, N=2048 (sgemm 2048^2 on one thread 98 GF/s
     in the same run): this rung 86 GFLOP/s = 88% of sgemm, 1.04x torch SDPA's time (torch 90, 92%);
     causal 75 GFLOP/s, 0.92x torch's time (torch 69); rung 3 55 (57%) and 61 causal.
-  * benchmarks/cpu_forward.py, H=8, both cores (benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json):
-    N=4096, FLOPs per CPU-second (the column that the load disturbs least) 79.7 against sgemm's 97.6
-    (82%) and torch's 83.4; wall clock 1.26x torch's time, causal 0.96x; rung 3 1.99x and 1.19x.
+  * benchmarks/cpu_forward.py --ns 2048,4096, H=8, both cores, load average 5-7
+    (benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json): time / torch SDPA's time 1.08 at N=2048
+    (rung 3 1.25), 1.27 at N=4096 (rung 3 1.28); causal 1.19 (rung 3 1.21) and 1.02 (rung 3 2.03).
+    FLOPs per CPU-second, which the load disturbs least: 85 / 71 GFLOP/s against torch's 92 / 91 and
+    sgemm's 111 (76% / 64%), causal 52 / 92 against torch's 61 / 88. An earlier run of the same
+    script under a load average of 14: 1.26x torch's time, 0.96x causal, at N=4096.
+    The goal (<= 0.85x torch's time, >= 85% of sgemm) is not reached on this machine.
   * steps that paid, each measured on one thread as above: the vector registers themselves (the same
     tile as loops over a small array: scalar code, 4.6 GFLOP/s; as 16 Vec values 131 GFLOP/s alone);
     moving the rare rescale out of line (a call inside the hot path made LLVM spill all 16
