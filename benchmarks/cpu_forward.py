@@ -214,13 +214,23 @@ def memory_child(impl, N, threads):
 
 
 def numba_buffer_bytes(N, threads):
-    """Analytic: the per-task buffers of rung 3 alive at once (one task a thread) plus the tile map."""
-    from flashkit.cpu import rung3_gemm
-    from flashkit.cpu.common import default_block_size
+    """Analytic: what "numba" (rung 4) allocates beyond inputs and outputs: the packed K and V panels
+    (one copy of K and V, padded to whole panels), the per-task buffers alive at once (one task a
+    thread) and the tile map."""
+    from flashkit import validate
+    from flashkit.cpu import rung4_fused
+    from flashkit.cpu.vec import VECTOR_BYTES
 
-    Br, Bc = default_block_size(D, 4, *rung3_gemm.BLOCKS)
-    per_task = (Br * Bc + 2 * Br * D + 4 * Br) * 4  # S (Br x Bc), PV and O_i (Br x d), m, l, alpha
-    return threads * per_task + (-(-N // Br)) * (-(-N // Bc))
+    import numpy as np
+
+    W = VECTOR_BYTES // 4
+    q = np.zeros((B, H, 1, D), np.float32)  # only its shape matters below, and N through Nq, Nk
+    q = np.broadcast_to(q, (B, H, N, D))
+    Br, Bc, BcP, Dp = rung4_fused.blocks(validate.check(q, q, q), 4, W)
+    BrP = -(-Br // rung4_fused.MR) * rung4_fused.MR
+    packed = B * H * (-(-N // Bc)) * BcP * (D + Dp) * 4
+    per_task = (BrP * D + BrP * Dp + BrP + BrP * W + rung4_fused.MR * BcP + 2 * W * rung4_fused.MR) * 4
+    return packed + threads * per_task + (-(-N // Br)) * (-(-N // Bc))
 
 
 def memory_rows(Ns, threads):

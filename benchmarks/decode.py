@@ -9,10 +9,15 @@ what any CPU or GPU needs to be compute-bound, so the yardstick is memory bandwi
 the machine's bandwidth with a large copy (bytes read + bytes written) in the same process and
 reports every method's K+V bytes per second beside it.
 
-Methods, one attention layer, batch B, GQA Hq/H_kv (default 32/8, d = 128, like Llama-3-8B):
+Methods, one attention layer, batch B (default 1 and 8), GQA Hq/H_kv (default 32/8, d = 128, like
+Llama-3-8B):
   CPU  numba-splitk (splits="auto"), numba-splitk with splits=1 (unsplit: only the B * H_kv heads run
-       in parallel), numpy-standard (materialises S, P: flashkit.attention on the filled cache);
-       and an MQA case (H_kv = 1) where unsplit leaves all but one core idle.
+       in parallel), numba-splitk-loops (the same splits through the kernel without explicit vector
+       registers, flashkit/cpu/decode.py:split_task), numpy-standard (batch 1: materialises S, P:
+       flashkit.attention on the filled cache); an MQA case (H_kv = 1) where unsplit leaves all but
+       one core idle; and TinyDecoder generation (32/8 heads of 128, d_model 1024, 2 layers, a cache
+       of --model-length random tokens a layer): tokens/s beside the bandwidth limit, the bytes of
+       every weight and every layer's K and V read once a step at the copy bandwidth.
   GPU  cupy-splitk (auto splits and a sweep), splits=1, and torch's SDPA backends (flash, cuDNN,
        efficient, math) when torch sees the GPU. Timed with CUDA events over back-to-back calls.
 Results go to benchmarks/results/decode-<machine>.json (written atomically).
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +78,7 @@ def cpu_bandwidth(nbytes=512 * 2**20, repeats=5):
     return out
 
 
-def run_cpu(lengths, repeats, Hq=32, Hkv=8, d=128):
+def run_cpu(lengths, repeats, batches=(1,), Hq=32, Hkv=8, d=128):
     import numba
 
     from flashkit.decode import attention_decode
@@ -80,16 +86,20 @@ def run_cpu(lengths, repeats, Hq=32, Hkv=8, d=128):
 
     rng = np.random.default_rng(0)
     rows = []
-    cases = [("GQA", Hq, Hkv, L) for L in lengths] + [("MQA", Hq // 4, 1, max(lengths))]
-    for kind, hq, hkv, L in tqdm_(cases, "cpu"):
-        q = rng.standard_normal((1, hq, 1, d), dtype=np.float32)
-        k = rng.standard_normal((1, hkv, L, d), dtype=np.float32)
-        v = rng.standard_normal((1, hkv, L, d), dtype=np.float32)
-        nbytes = kv_bytes(1, hkv, L, d, 4)
+    cases = [("GQA", B, Hq, Hkv, L) for B in batches for L in lengths] + [("MQA", 1, Hq // 4, 1, max(lengths))]
+    for kind, B, hq, hkv, L in tqdm_(cases, "cpu"):
+        q = rng.standard_normal((B, hq, 1, d), dtype=np.float32)
+        k = rng.standard_normal((B, hkv, L, d), dtype=np.float32)
+        v = rng.standard_normal((B, hkv, L, d), dtype=np.float32)
+        nbytes = kv_bytes(B, hkv, L, d, 4)
         methods = [("numba-splitk", dict(backend="numba-splitk", splits="auto")),
-                   ("numba-unsplit", dict(backend="numba-splitk", splits=1)),
-                   ("numpy-standard", dict(backend="numpy-standard"))]
-        if L == max(lengths):  # the kernel on one core: no wait for a second thread (a busy machine's worst case)
+                   ("numba-unsplit", dict(backend="numba-splitk", splits=1))]
+        if L == max(lengths) and kind == "GQA":
+            # the kernel before registers (one dot product per row and key through LLVM's loops), same splits
+            methods.append(("numba-splitk-loops", dict(vector=False)))
+        if B == 1:  # numpy-standard repeats K and V over the group: 4x the cache in memory at batch 8
+            methods.append(("numpy-standard", dict(backend="numpy-standard")))
+        if L == max(lengths) and B == 1:  # the kernel on one core: no wait for a second thread (a busy machine's worst case)
             methods.append(("numba-1-thread", dict(backend="numba-splitk", splits="auto", threads=1)))
         for name, kw in methods:
             kw = dict(kw)
@@ -97,16 +107,66 @@ def run_cpu(lengths, repeats, Hq=32, Hkv=8, d=128):
             previous = numba.get_num_threads()
             if n_threads:
                 numba.set_num_threads(n_threads)
+            if "vector" in kw:
+                P = check_decode(q, k, v)  # the same problem the public call builds
+                fn = lambda P=P, vec=kw["vector"]: cpu_decode.decode(P, "auto", vector=vec)  # noqa: E731
+            else:
+                fn = lambda kw=kw, q=q, k=k, v=v: attention_decode(q, k, v, **kw)  # noqa: E731
             try:
-                t = median_time(lambda: attention_decode(q, k, v, **kw), repeats=repeats, warmup=2)
+                t = median_time(fn, repeats=repeats, warmup=2)
             finally:
                 numba.set_num_threads(previous)
-            rows.append(dict(kind=kind, method=name, B=1, Hq=hq, Hkv=hkv, d=d, L=L, dtype="float32",
+            splits = kw.get("splits", "auto")
+            rows.append(dict(kind=kind, method=name, B=B, Hq=hq, Hkv=hkv, d=d, L=L, dtype="float32",
                              threads=n_threads or previous,
-                             splits=(cpu_decode.auto_splits(1, hkv, L, n_threads or previous) if kw.get("splits") == "auto"
-                                     else kw.get("splits")),
-                             ms=t["median_s"] * 1e3, ms_min=t["min_s"] * 1e3, tokens_per_s=1 / t["median_s"],
+                             splits=(cpu_decode.auto_splits(B, hkv, L, n_threads or previous) if splits == "auto"
+                                     else splits),
+                             ms=t["median_s"] * 1e3, ms_min=t["min_s"] * 1e3, tokens_per_s=B / t["median_s"],
                              kv_GBps=nbytes / t["median_s"] / 1e9, kv_bytes=nbytes))
+        del q, k, v
+    return rows
+
+
+def check_decode(q, k, v):
+    from flashkit.decode import check
+
+    return check(q, k, v)
+
+
+def run_model(L, steps, batches=(1,), Hq=32, Hkv=8, d=128, d_model=1024, n_layers=2):
+    """TinyDecoder generation: `steps` decoding steps after a cache of L random tokens per layer, the
+    time of each step beside the bytes it must read (every weight once, every layer's K and V): tokens
+    per second against the bandwidth limit. backend "auto" (the layer's decoding step: split-K on the
+    cache in place) and "numba" (unsplit: the prefill kernel on a copy of the filled cache)."""
+    from flashkit.layers import TinyDecoder
+
+    rows = []
+    for B in batches:
+        model = TinyDecoder(vocab=256, d_model=d_model, n_heads=Hq, n_kv_heads=Hkv, n_layers=n_layers, seed=0,
+                            head_dim=d)
+        weight_bytes = sum(w.nbytes for w in model.parameters().values()) - model.embed.nbytes  # one embedding row read
+        rng = np.random.default_rng(1)
+        for backend in ("auto", "numba"):
+            caches = model.new_caches(L + steps + 2, batch=B)
+            for c in caches:
+                c.append(rng.standard_normal((B, Hkv, L, d), dtype=np.float32),
+                         rng.standard_normal((B, Hkv, L, d), dtype=np.float32))
+            tok = np.zeros((B, 1), np.int64)
+            model.forward(tok, caches, backend=backend)  # warm-up: compile or load
+            times = []
+            for _ in range(steps):
+                step_bytes = weight_bytes + model.cache_bytes(caches)
+                t0 = time.perf_counter()
+                logits = model.forward(tok, caches, backend=backend)
+                times.append(time.perf_counter() - t0)
+                tok = logits[:, -1].argmax(-1)[:, None]
+            best = min(times)
+            rows.append(dict(method=f"TinyDecoder backend={backend}", B=B, Hq=Hq, Hkv=Hkv, d=d, d_model=d_model,
+                             n_layers=n_layers, L=L, steps=steps, ms=float(np.median(times)) * 1e3, ms_min=best * 1e3,
+                             tokens_per_s=B / float(np.median(times)), step_bytes=int(step_bytes),
+                             weight_bytes=int(weight_bytes), GBps=step_bytes / float(np.median(times)) / 1e9,
+                             GBps_best=step_bytes / best / 1e9))
+            del caches
     return rows
 
 
@@ -226,7 +286,9 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "gpu", "all"), default="all",
                     help="what to measure (all: the CPU, and the GPU when CuPy sees one)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="cache lengths L, comma-separated")
-    ap.add_argument("--batches", default="1,8", help="GPU batch sizes, comma-separated")
+    ap.add_argument("--batches", default="1,8", help="batch sizes (CPU and GPU), comma-separated")
+    ap.add_argument("--model-length", type=int, default=16384, help="cached tokens of the TinyDecoder run (0: none)")
+    ap.add_argument("--model-steps", type=int, default=5, help="timed decoding steps of the TinyDecoder run")
     ap.add_argument("--repeats", type=int, default=7, help="timed CPU calls per point (median reported)")
     ap.add_argument("--out", default=str(RESULTS), help="folder for decode-<machine>.json")
     ap.add_argument("--note", default="", help="a note stored with the results (e.g. what else ran)")
@@ -248,17 +310,28 @@ def main(argv=None):
         import numba
         from threadpoolctl import threadpool_limits
 
+        from flashkit.cpu import threads as cpu_threads
+
+        cpu_threads.choose_layer()  # before the bandwidth kernels start Numba's pool: the layer flashkit uses
+
         # NumPy's BLAS (numpy-standard) gets one thread: its pool and Numba's fight over the same cores
         # otherwise (a 2-thread BLAS matrix-vector product measured 10-30x slower on a busy 2-core machine).
         with threadpool_limits(1, user_api="blas"):
+            batches = [int(x) for x in args.batches.split(",")]
             result["cpu"] = {"threads": numba.get_num_threads(), "blas_threads": 1, "bandwidth": cpu_bandwidth(),
-                             "rows": run_cpu(lengths, args.repeats)}
+                             "rows": run_cpu(lengths, args.repeats, batches)}
+        if args.model_length:  # the model's matrix products are large enough for BLAS threads
+            result["cpu"]["model"] = run_model(args.model_length, args.model_steps, batches)
         result["cpu"]["numba_threading_layer"] = numba.threading_layer()  # omp, tbb or workqueue
         bw = result["cpu"]["bandwidth"]["copy_GBps"]
         for r in result["cpu"]["rows"]:
             r["fraction_of_copy_bandwidth"] = r["kv_GBps"] / bw  # median time
             r["fraction_of_copy_bandwidth_best"] = (r["kv_bytes"] / (r["ms_min"] * 1e-3) / 1e9
                                                     / result["cpu"]["bandwidth"]["copy_best_GBps"])  # fastest runs
+        for r in result["cpu"].get("model", []):
+            r["fraction_of_copy_bandwidth"] = r["GBps"] / bw
+            r["fraction_of_copy_bandwidth_best"] = r["GBps_best"] / result["cpu"]["bandwidth"]["copy_best_GBps"]
+            r["bandwidth_limit_tokens_per_s"] = r["B"] * bw * 1e9 / r["step_bytes"]
     if do_gpu:
         name = gpu_name()
         slug = "-".join(filter(None, [slug if do_cpu else None, name.lower()]))
@@ -282,10 +355,14 @@ def print_tables(result):
         bw = c["bandwidth"]
         print(f"CPU ({c['threads']} threads, Numba threading layer {c['numba_threading_layer']}): copy {bw['copy_GBps']:.1f} GB/s, fastest {bw['copy_best_GBps']:.1f} (numpy {bw['numpy_copy_GBps']:.1f}, "
               f"parallel {bw['parallel_copy_GBps']:.1f}), parallel read {bw['parallel_read_GBps']:.1f} GB/s")
-        print(f"{'case':5} {'method':15} {'Hq/Hkv':>7} {'L':>6} {'splits':>6} {'ms':>8} {'tok/s':>8} {'K+V GB/s':>9} {'of copy':>8} {'best':>6}")
+        print(f"{'case':5} {'method':18} {'B':>2} {'Hq/Hkv':>7} {'L':>6} {'splits':>6} {'ms':>8} {'tok/s':>8} {'K+V GB/s':>9} {'of copy':>8} {'best':>6}")
         for r in c["rows"]:
-            print(f"{r['kind']:5} {r['method']:15} {r['Hq']:>3}/{r['Hkv']:<3} {r['L']:>6} {str(r['splits']):>6} {r['ms']:8.2f} "
+            print(f"{r['kind']:5} {r['method']:18} {r.get('B', 1):>2} {r['Hq']:>3}/{r['Hkv']:<3} {r['L']:>6} {str(r['splits']):>6} {r['ms']:8.2f} "
                   f"{r['tokens_per_s']:8.1f} {r['kv_GBps']:9.2f} {r['fraction_of_copy_bandwidth']:8.0%} {r['fraction_of_copy_bandwidth_best']:6.0%}")
+        for r in c.get("model", []):
+            print(f"{r['method']:28} B={r['B']} L={r['L']} {r['n_layers']} layers: {r['ms']:8.1f} ms/step, {r['tokens_per_s']:7.1f} tok/s "
+                  f"(limit {r['bandwidth_limit_tokens_per_s']:.1f} at copy bandwidth), {r['step_bytes'] / 2**20:.0f} MiB a step, "
+                  f"{r['GBps']:.1f} GB/s = {r['fraction_of_copy_bandwidth']:.0%} of copy (best {r['fraction_of_copy_bandwidth_best']:.0%})")
     if "gpu" in result:
         g = result["gpu"]
         print(f"GPU {g['name']}: copy {g['bandwidth']['copy_GBps']:.0f} GB/s (read + write)")

@@ -7,7 +7,10 @@ new tokens to q, k, v, rotates q and k by their positions (RoPE), appends k and 
 calls `flashkit.attention(q, K_cache, V_cache, causal=True)`. Causal attention in flashkit is aligned
 bottom-right, so n new queries against L cached keys see keys j <= i + L - n: a prompt of N tokens
 (n = L = N) is ordinary causal attention, and one new token (n = 1) sees the whole cache. Prefill and
-decode are the same call.
+decode are the same mathematics; a decoding step (at most DECODE_MAX_TOKENS new tokens) goes through
+`flashkit.decode.attention_decode` instead, which reads the cache buffers in place with split-K (one
+read of K and V serves the query heads of a group, every core streams a part of the cache): a step is
+bound by memory bandwidth, and benchmarks/decode.py measures the model's tokens per second against it.
 
     model = TinyDecoder(vocab=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, seed=0)
     tokens = model.generate([1, 2, 3], n_new=5)            # greedy, with a KV cache per layer
@@ -26,9 +29,16 @@ import numbers
 import numpy as np
 
 import flashkit
+from flashkit.decode import attention_decode
 from flashkit.kvcache import KVCache
 from flashkit.rope import apply_rope, check_rotary_dim
 from flashkit.validate import positive_int
+
+
+# A call with a KV cache and at most this many new tokens is a decoding step: flashkit.decode's split-K
+# kernel reads the cache in place (one pass over K and V serves every query head of a group). More new
+# tokens (a prompt) are a prefill: flashkit.attention, whose kernels parallelise over query blocks.
+DECODE_MAX_TOKENS = 16
 
 
 def _init(rng, fan_in, fan_out, dtype):
@@ -173,8 +183,15 @@ class MultiHeadAttention:
         if self.rotary_dim:
             q = apply_rope(q, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
             k = apply_rope(k, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
-        K, V = (k, v) if cache is None else cache.append(k, v)  # (B, H_kv, L, d), L = start + n
-        o = flashkit.attention(q, K, V, causal=self.causal, backend=backend or self.backend)  # (B, H, n, d)
+        backend = backend or self.backend
+        if cache is not None and n <= DECODE_MAX_TOKENS:
+            # a decoding step: split-K against the cache buffers in place (flashkit.decode), bandwidth-bound;
+            # a named prefill backend runs unsplit there, on the filled rows
+            cache.append(k, v)
+            o = attention_decode(q, cache.K, cache.V, length=cache.length, causal=self.causal, backend=backend)
+        else:
+            K, V = (k, v) if cache is None else cache.append(k, v)  # (B, H_kv, L, d), L = start + n
+            o = flashkit.attention(q, K, V, causal=self.causal, backend=backend)  # (B, H, n, d)
         o = o.transpose(0, 2, 1, 3).reshape(B, n, self.n_heads * self.head_dim)  # (B, n, H d)
         out = o @ self.weights["Wo"]  # (B, n, d_model)
         return out[0] if squeeze else out

@@ -92,6 +92,41 @@ def test_gemm_kernel_exp_is_vectorised():
     assert any(k.startswith("vround") for k in counts), counts
 
 
+def test_fused_kernel_keeps_its_tiles_in_vector_registers():
+    """Rung 4's micro-kernels are packed FMAs on zmm (AVX-512) or ymm (AVX2) registers, and its exp
+    rounds on vectors: the asm of the compiled kernel shows both."""
+    if "rung4_fused" not in RUNGS or not ({"avx2", "avx512f"} & _host_features()):
+        pytest.skip("rung 4 or AVX unavailable")
+    from flashkit.cpu import rung4_fused, vec
+
+    W = vec.VECTOR_BYTES // 4
+    q = np.zeros((1, 1, 4, 4), np.float32)
+    KP = np.zeros((1, 1, 2 * W * 4), np.float32)
+    VP = np.zeros((1, 1, 2 * W * 2 * W), np.float32)
+    args = (q, KP, VP, 4, 1.0, -1, -1, common._NO_MASK, False, np.zeros((1, 1, 1, 1), np.int8), 4, 4, 2 * W,
+            2 * W, np.zeros_like(q), np.zeros((1, 1, 4), np.float32), np.zeros(1, np.int64))
+    counts = simd_lab.vector_instructions(simd_lab.asm(rung4_fused.forward_kernel, *args))
+    reg = "zmm" if vec.VECTOR_BYTES == 64 else "ymm"
+    # 16 accumulators of S = Q K^T and 16 of O += P V, each one FMA per step of its loop
+    assert counts.get(f"vfmadd231ps {reg}", 0) >= 32, counts
+    assert counts.get(f"vrndscaleps {reg}", 0) + counts.get(f"vroundps {reg}", 0) > 0, counts
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 3e-7), (np.float64, 1e-15)])
+def test_vector_exp2_is_accurate_and_exact_zero_below(dtype, rtol):
+    from flashkit.cpu import vec
+
+    W = vec.VECTOR_BYTES // np.dtype(dtype).itemsize
+    x = np.concatenate([np.linspace(-125, 8, 40000 * W // W), [0.0, -1e30, -1e4, -200.0]]).astype(dtype)
+    x = np.concatenate([x, np.zeros(-len(x) % W, dtype)])
+    out = np.full_like(x, np.nan)
+    vec._exp2_array(x, out)
+    ref = np.exp2(x.astype(np.float64))
+    normal = ref > np.finfo(dtype).tiny * 4
+    assert (np.abs(out[normal] - ref[normal]) <= rtol * ref[normal]).all()
+    assert (out[(x == -1e30) | (x == -1e4)] == 0).all() and np.isfinite(out).all()
+
+
 # ------------------------------------------------------------------------------- tiles and blocks
 @pytest.mark.parametrize("rung", RUNGS)
 def test_masked_tiles_are_skipped(rung):

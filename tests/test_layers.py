@@ -166,3 +166,26 @@ def test_layer_errors():
         MultiHeadAttention(32, 4, weights=dict(Wqkv=np.zeros((32, 96)), Wo=np.zeros((3, 3))))
     with pytest.raises(ValueError, match="tokens must lie in \\[0, 10\\)"):
         TinyDecoder(vocab=10, d_model=16, n_heads=2, n_kv_heads=1, n_layers=1).generate([3, 12], 1)
+
+
+def test_a_decoding_step_reads_the_cache_in_place_through_split_k(monkeypatch):
+    """With a cache and a few new tokens the layer calls flashkit.decode.attention_decode on the whole
+    cache buffers (no copy of the filled rows); a long prompt goes to flashkit.attention."""
+    import flashkit.layers as layers
+
+    calls = []
+    real = layers.attention_decode
+
+    def spy(q, k_cache, v_cache, **kw):
+        calls.append((k_cache, kw["length"]))
+        return real(q, k_cache, v_cache, **kw)
+
+    monkeypatch.setattr(layers, "attention_decode", spy)
+    layer = MultiHeadAttention(32, 4, 2, seed=1)
+    x = np.random.default_rng(3).standard_normal((1, 40, 32)).astype(np.float32)
+    cache = layer.new_cache(64)
+    layer(x[:, :layers.DECODE_MAX_TOKENS + 1], cache)  # a prefill: not split-K
+    assert calls == []
+    out = layer(x[:, layers.DECODE_MAX_TOKENS + 1:layers.DECODE_MAX_TOKENS + 2], cache)
+    assert len(calls) == 1 and calls[0][0] is cache.K and calls[0][1] == layers.DECODE_MAX_TOKENS + 2
+    assert rel_err(out, layer(x[:, :layers.DECODE_MAX_TOKENS + 2])[:, -1:]) <= 1e-5

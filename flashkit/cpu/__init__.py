@@ -4,8 +4,10 @@
     rung 2  numba-regblock  loops over 4 query rows at once (register blocking) flashkit/cpu/rung2_regblock.py
     rung 3  numba-gemm      block GEMMs through np.dot (BLAS) + polynomial exp  flashkit/cpu/rung3_gemm.py
             its backward    FA2's Algorithm 2, the same GEMMs, dQ in per-thread partials  rung3_gemm_backward.py
-    numba                   the highest rung that can run here (rung 3; rung 2 without SciPy); with a
-                            score_mod / mask_mod / block_mask, numba-mods
+    rung 4  numba-fused     no BLAS: packed K/V panels, an 8 x 2-register micro-kernel with the softmax
+                            fused on it (lazy max), written with explicit vectors (vec.py)  rung4_fused.py
+    numba                   the highest rung that can run here (rung 4); the backward: the highest rung
+                            with one (rung 3); with a score_mod / mask_mod / block_mask, numba-mods
     numba-mods              rung 3 with FlexAttention's hooks: the user's score_mod and mask_mod compiled
                             by Numba into the tile loop, empty tiles of the BlockMask skipped  rung3_mods.py
                             (mods_jit.py compiles the user's functions)
@@ -15,7 +17,8 @@ derive. Every rung module has `run(problem, stats=False) -> (O, lse)` (and the t
 stats=True) and `BLOCKS`, its preferred (Br, Bc) before the L2 rule of common.default_block_size.
 
 Nothing here imports Numba: the kernels load when a backend first runs (import flashkit stays fast).
-simd.py holds the primitives the kernels share (FASTMATH, the polynomial exp and exp2, order keys); simd_lab.py
+simd.py holds the primitives the kernels share (FASTMATH, the polynomial exp and exp2, order keys); vec.py
+SIMD registers as Numba values (rung 4 and split-K decoding are written with them); simd_lab.py
 the teaching lab of notebook 06 (micro-kernels with their scalar twins, the asm, a micro-benchmark).
 """
 from __future__ import annotations
@@ -87,6 +90,8 @@ RUNGS = (
          priority=30),
     Rung(3, "numba-gemm", "rung3_gemm", "Numba rung 3: block GEMMs (BLAS np.dot) and a vectorised exp",
          priority=40, probe="flashkit.cpu:_probe_gemm", backward_module="rung3_gemm_backward"),
+    Rung(4, "numba-fused", "rung4_fused", "Numba rung 4: no BLAS; packed panels, a register-tiled micro-kernel "
+         "with the softmax fused on it", priority=42),
 )
 
 _LADDER = tuple(r.backend() for r in RUNGS)
@@ -106,8 +111,8 @@ def run_fastest_backward(problem):
 
 
 def run_fastest(problem):
-    """The "numba" backend: the highest rung that can run here (rung 3 where SciPy and threadpoolctl are
-    installed, else rung 2); numba-mods when the problem has a score_mod or mask_mod."""
+    """The "numba" backend: the highest rung that can run here (rung 4, which needs only Numba);
+    numba-mods when the problem has a score_mod or mask_mod."""
     if problem.has_mods:
         reason = _probe_gemm()
         if reason is not None:

@@ -1,0 +1,395 @@
+"""Rung 4, "numba-fused": no BLAS; packed K/V panels, a register-tiled micro-kernel, the softmax fused on it.
+
+What a BLAS does inside (rung 3 borrows it through np.dot): it copies ("packs") its operands into
+panels laid out in the order the inner loop reads them, then runs a micro-kernel that keeps an
+MR x NR tile of C in vector registers while it streams the panels: per step k, NR/W vector loads of
+B, MR broadcasts of A and MR * NR/W FMAs, no load or store of C at all. The cache blocking around it
+keeps the panels in L1/L2. What rung 3 still pays for is everything around the two GEMMs: S_ij goes
+to memory, is read back for the row max, read and written again for exp and the row sum, then read by
+the second GEMM; each np.dot call re-packs K_j or V_j; Q_i is re-packed for every tile.
+
+What changed since rung 3: the same three steps written here (flashkit/cpu/vec.py gives Numba vector
+registers), with the softmax moved into the micro-kernel:
+
+  * K and V are packed once per call (`pack_kv`, parallel over heads): K_j transposed into panels of
+    NR keys (d x NR, contiguous, zero-padded), V with d rounded up to 2 registers; Q_i once per task,
+    scaled by scale * log2(e), in panels of MR rows (d x MR).
+  * S = Q K^T: an MR x NR tile (8 rows x 2 registers = 16 accumulators) per micro-kernel call, d steps
+    of 2 loads + 8 broadcasts + 16 FMAs (`vfmadd231ps zmm`, tests/test_cpu_kernels.py reads the asm).
+  * While the tile is in registers: the mask (PARTIAL tiles only), then per row the online softmax with
+    a lazy maximum (FlashAttention-4's trick): P = 2^(S - m_ref) with the row's reference m_ref,
+    changed (and O, l and this tile's P rescaled) only when a score exceeds m_ref + TAU. P <= 2^TAU,
+    so nothing overflows, and the rescale, rare, costs nothing in the common case: no row max pass.
+    exp2 is simd.fast_exp2's polynomial on a whole register; the row sums stay vectors until the end.
+  * O += P V: an MR x 2-register tile of O per pass over the tile's keys, P broadcast from L1.
+
+  * In causal and window tiles, a panel no row sees is skipped (P = 0, no S computed), and only panels a
+    window boundary crosses are masked; the others run the unmasked path.
+
+Blocks: Br x Bc from common.default_block_size (the L2 budget the notebooks teach), rounded to the
+micro-tile (Br to MR rows, Bc to NR keys); any block_size works (ragged panels are masked).
+
+Measured on a shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average
+of 9-16 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
+  * one thread, CPU time, min of 5 interleaved rounds, H=2, N=2048 (sgemm 2048^2 on one thread 98 GF/s
+    in the same run): this rung 86 GFLOP/s = 88% of sgemm, 1.04x torch SDPA's time (torch 90, 92%);
+    causal 75 GFLOP/s, 0.92x torch's time (torch 69); rung 3 55 (57%) and 61 causal.
+  * benchmarks/cpu_forward.py --ns 2048,4096, H=8, both cores, load average 5-7
+    (benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json): time / torch SDPA's time 1.08 at N=2048
+    (rung 3 1.25), 1.27 at N=4096 (rung 3 1.28); causal 1.19 (rung 3 1.21) and 1.02 (rung 3 2.03).
+    FLOPs per CPU-second, which the load disturbs least: 85 / 71 GFLOP/s against torch's 92 / 91 and
+    sgemm's 111 (76% / 64%), causal 52 / 92 against torch's 61 / 88. An earlier run of the same
+    script under a load average of 14: 1.26x torch's time, 0.96x causal, at N=4096.
+    The goal (<= 0.85x torch's time, >= 85% of sgemm) is not reached on this machine.
+  * steps that paid, each measured on one thread as above: the vector registers themselves (the same
+    tile as loops over a small array: scalar code, 4.6 GFLOP/s; as 16 Vec values 131 GFLOP/s alone);
+    moving the rare rescale out of line (a call inside the hot path made LLVM spill all 16
+    accumulators around it: 74 -> 86 GFLOP/s together with the next step); broadcasting Q and P
+    straight from memory (bcast: no negative-index test, 3-4 fewer integer instructions per FMA
+    group); skipping and not masking causal panels (causal 49 -> 69 GFLOP/s).
+  * not yet measured: an AVX2 machine (with 16 ymm registers the 8 x 2 tile spills), the backward.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from flashkit.cpu import threads
+from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size, row_window, task_index, tile_map
+from flashkit.cpu.simd import fast_exp2
+from flashkit.cpu.vec import any_gt, bcast, exp2, fma, hsum, lanes, load, splat, store, vmax
+
+BLOCKS = (128, 256)  # preferred (Br, Bc) before the L2 rule
+MR = 8  # query rows per micro-tile: 8 rows x 2 registers = 16 of the 32 zmm registers
+TAU = 8.0  # base-2 units: P = 2^(S - m_ref) <= 2^8 before m_ref must move
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def pack_kv(K, V, Bc, BcP, Dp, KP, VP):
+    """KP[b, hk] <- K_j^T in panels of NR = 2W keys: index ((j * BcP/NR + p) * d + k) * NR + c holds
+    K[b, hk, j * Bc + p * NR + c, k]; VP[b, hk] <- V as rows of Dp floats: index (j * BcP + c) * Dp + k
+    holds V[b, hk, j * Bc + c, k]. Keys past the tile or the sequence, and features past d: zeros."""
+    B, Hkv, Nk, d = K.shape
+    NR = 2 * lanes(KP[0, 0])
+    Tc = (Nk + Bc - 1) // Bc
+    n_panels = BcP // NR
+    for t in prange(B * Hkv * Tc):
+        b, hk, j = t // (Hkv * Tc), (t // Tc) % Hkv, t % Tc
+        Kp, Vp = KP[b, hk], VP[b, hk]
+        for cc in range(BcP):
+            key = j * Bc + cc
+            ok = cc < Bc and key < Nk
+            p, c = cc // NR, cc % NR
+            base = (j * n_panels + p) * d * NR + c
+            row = (j * BcP + cc) * Dp
+            for k in range(d):
+                Kp[base + k * NR] = K[b, hk, key, k] if ok else 0
+                Vp[row + k] = V[b, hk, key, k] if ok else 0
+            for k in range(d, Dp):
+                Vp[row + k] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The online softmax of one row of a micro-tile, in registers
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True)
+def fix_tile(Sb, W, must_mask, q0, key0, nr_left, nc_left, Nq, Nk, left, right, mask, has_mask, mb, mh,
+             row0, m, lv, O_acc, Pb, n_done, BcP, Dp, tau):
+    """The cold path of a micro-tile, through the scratch Sb (MR rows of NR = 2W scores): set masked
+    scores to NEG (window, custom mask, keys past the tile), then move m_ref of each row whose largest
+    score exceeds it by more than tau: its row sums, O and this tile's P so far times 2^(m_ref - m_new).
+    Not inlined: the hot path keeps its accumulators in registers, only this branch spills them."""
+    NR = 2 * W
+    neg = Sb.dtype.type(NEG)
+    for r in range(MR):
+        if must_mask:
+            q = q0 + r
+            lo, hi = row_window(q, Nq, Nk, left, right)
+            for c in range(NR):
+                key = key0 + c
+                if c >= nc_left or r >= nr_left or key < lo or key >= hi or (has_mask and not mask[mb, mh, q, key]):
+                    Sb[r * NR + c] = neg
+        top = neg
+        for c in range(NR):
+            top = max(top, Sb[r * NR + c])
+        row = row0 + r
+        if top > m[row] + tau:
+            alpha = fast_exp2(m[row] - top)  # 0 when m_ref was NEG: what a row summed before seeing a key goes
+            for k in range(W):
+                lv[row * W + k] *= alpha
+            for k in range(Dp):
+                O_acc[row * Dp + k] *= alpha
+            for c in range(n_done):
+                Pb[r * BcP + c] *= alpha
+            m[row] = top
+
+
+@njit(inline="always")
+def over(a0, a1, m_row, tau):
+    """Whether a score of the row (registers a0, a1) exceeds its m_ref by more than tau."""
+    return any_gt(vmax(a0, a1), m_row + tau)
+
+
+@njit(inline="always")
+def softmax_row(a0, a1, row, r, col, m, lv, Pb, BcP, W):
+    """P = 2^(S - m_ref) for the 2 registers of one row (S = a0, a1 for keys col .. col + 2W), added to
+    the row's W partial sums and stored in P_b for the P V product."""
+    mr = splat(m[row])
+    p0 = exp2(a0 - mr)
+    p1 = exp2(a1 - mr)
+    store(lv, row * W, load(lv, row * W) + (p0 + p1))
+    store(Pb, r * BcP + col, p0)
+    store(Pb, r * BcP + col + W, p1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp, O, lse, tiles):
+    B, Hq, Nq, d = Q.shape
+    Hkv = KP.shape[1]
+    group = Hq // Hkv
+    dt = Q.dtype.type
+    W = lanes(KP[0, 0])
+    NR = 2 * W
+    Tr, Tc = (Nq + Br - 1) // Br, (Nk + Bc - 1) // Bc
+    n_rp = (Br + MR - 1) // MR  # row panels of a task
+    BrP = n_rp * MR
+    n_panels = BcP // NR
+    neg = dt(NEG)
+    tau = dt(TAU)
+    sc = dt(scale * 1.4426950408889634)  # scores in base-2 units
+    ln2 = dt(0.6931471805599453)
+    for t in prange(B * Hq * Tr):
+        b, h, i = task_index(t, Hq, Tr)
+        hk = h // group
+        mb = b if bmap.shape[0] > 1 else 0
+        mh = h if bmap.shape[1] > 1 else 0
+        Kp, Vp = KP[b, hk], VP[b, hk]
+        i0 = i * Br
+        nr = min(Br, Nq - i0)
+        # Q_i * scale * log2(e) in panels of MR rows: QP[(rp * d + k) * MR + r]; padding rows 0
+        QP = np.zeros(BrP * d, Q.dtype)
+        for r in range(nr):
+            rp, rr = r // MR, r % MR
+            for k in range(d):
+                QP[(rp * d + k) * MR + rr] = Q[b, h, i0 + r, k] * sc
+        O_acc = np.zeros(BrP * Dp, Q.dtype)  # O_i, not yet divided by l
+        m = np.full(BrP, neg)  # m_ref of every row
+        lv = np.zeros(BrP * W, Q.dtype)  # row sums, W partial sums a row
+        Pb = np.empty(MR * BcP, Q.dtype)  # P of one row panel, MR rows of BcP keys
+        Sb = np.empty(MR * NR, Q.dtype)  # a micro-tile to mask
+        for j in range(Tc):
+            state = bmap[mb, mh, i, j]
+            if state == SKIP:
+                continue
+            tiles[t] += 1
+            j0 = j * Bc
+            nc = min(Bc, Nk - j0)
+            np_j = (nc + NR - 1) // NR  # key panels of this tile
+            for rp in range((nr + MR - 1) // MR):  # row panels holding rows of this task
+                row0 = rp * MR
+                qb = rp * d * MR
+                # rows of this panel that are written out: a window's bounds are monotone in the row
+                q_first, q_last = i0 + row0, i0 + min(row0 + MR, nr) - 1
+                lo_first, hi_first = row_window(q_first, Nq, Nk, left, right)
+                lo_last, hi_last = row_window(q_last, Nq, Nk, left, right)
+                for p in range(np_j):
+                    col = p * NR
+                    key0, key1 = j0 + col, j0 + min(col + NR, nc)  # the panel's keys [key0, key1)
+                    must_mask = col + NR > nc  # a ragged last panel: keys past the tile
+                    if state == PARTIAL:
+                        if key1 <= lo_first or key0 >= hi_last:
+                            # no row of the panel sees any of its keys: P = 0, no S computed
+                            for r in range(MR):
+                                for c in range(0, NR, W):
+                                    store(Pb, r * BcP + col + c, splat(dt(0)))
+                            continue
+                        must_mask = must_mask or has_mask or key0 < lo_last or key1 > hi_first
+                    # ---- S = Q K^T on an MR x NR tile: 16 accumulators in registers
+                    kb = (j * n_panels + p) * d * NR
+                    z = splat(dt(0))
+                    a00 = z
+                    a01 = z
+                    a10 = z
+                    a11 = z
+                    a20 = z
+                    a21 = z
+                    a30 = z
+                    a31 = z
+                    a40 = z
+                    a41 = z
+                    a50 = z
+                    a51 = z
+                    a60 = z
+                    a61 = z
+                    a70 = z
+                    a71 = z
+                    for k in range(d):
+                        k0 = load(Kp, kb + k * NR)
+                        k1 = load(Kp, kb + k * NR + W)
+                        qk = qb + k * MR
+                        q = bcast(QP, qk)
+                        a00 = fma(q, k0, a00)
+                        a01 = fma(q, k1, a01)
+                        q = bcast(QP, qk + 1)
+                        a10 = fma(q, k0, a10)
+                        a11 = fma(q, k1, a11)
+                        q = bcast(QP, qk + 2)
+                        a20 = fma(q, k0, a20)
+                        a21 = fma(q, k1, a21)
+                        q = bcast(QP, qk + 3)
+                        a30 = fma(q, k0, a30)
+                        a31 = fma(q, k1, a31)
+                        q = bcast(QP, qk + 4)
+                        a40 = fma(q, k0, a40)
+                        a41 = fma(q, k1, a41)
+                        q = bcast(QP, qk + 5)
+                        a50 = fma(q, k0, a50)
+                        a51 = fma(q, k1, a51)
+                        q = bcast(QP, qk + 6)
+                        a60 = fma(q, k0, a60)
+                        a61 = fma(q, k1, a61)
+                        q = bcast(QP, qk + 7)
+                        a70 = fma(q, k0, a70)
+                        a71 = fma(q, k1, a71)
+                    # ---- the cold path: a mask, or a row whose m_ref must move (through a scratch tile)
+                    if (must_mask or over(a00, a01, m[row0], tau) or over(a10, a11, m[row0 + 1], tau)
+                            or over(a20, a21, m[row0 + 2], tau) or over(a30, a31, m[row0 + 3], tau)
+                            or over(a40, a41, m[row0 + 4], tau) or over(a50, a51, m[row0 + 5], tau)
+                            or over(a60, a61, m[row0 + 6], tau) or over(a70, a71, m[row0 + 7], tau)):
+                        for x, a in enumerate((a00, a01, a10, a11, a20, a21, a30, a31,
+                                               a40, a41, a50, a51, a60, a61, a70, a71)):
+                            store(Sb, x * W, a)
+                        fix_tile(Sb, W, must_mask, i0 + row0, j0 + col, nr - row0, nc - col, Nq, Nk, left,
+                                 right, mask, has_mask, mb, mh, row0, m, lv, O_acc, Pb, col, BcP, Dp, tau)
+                        a00, a01, a10, a11 = load(Sb, 0), load(Sb, W), load(Sb, 2 * W), load(Sb, 3 * W)
+                        a20, a21, a30, a31 = load(Sb, 4 * W), load(Sb, 5 * W), load(Sb, 6 * W), load(Sb, 7 * W)
+                        a40, a41, a50, a51 = load(Sb, 8 * W), load(Sb, 9 * W), load(Sb, 10 * W), load(Sb, 11 * W)
+                        a60, a61, a70, a71 = load(Sb, 12 * W), load(Sb, 13 * W), load(Sb, 14 * W), load(Sb, 15 * W)
+                    # ---- P = 2^(S - m_ref), row sums, P to L1: from the registers
+                    softmax_row(a00, a01, row0, 0, col, m, lv, Pb, BcP, W)
+                    softmax_row(a10, a11, row0 + 1, 1, col, m, lv, Pb, BcP, W)
+                    softmax_row(a20, a21, row0 + 2, 2, col, m, lv, Pb, BcP, W)
+                    softmax_row(a30, a31, row0 + 3, 3, col, m, lv, Pb, BcP, W)
+                    softmax_row(a40, a41, row0 + 4, 4, col, m, lv, Pb, BcP, W)
+                    softmax_row(a50, a51, row0 + 5, 5, col, m, lv, Pb, BcP, W)
+                    softmax_row(a60, a61, row0 + 6, 6, col, m, lv, Pb, BcP, W)
+                    softmax_row(a70, a71, row0 + 7, 7, col, m, lv, Pb, BcP, W)
+                # ---- O += P V_j: an MR x 2-register tile of O per pass over the keys
+                n_keys = np_j * NR  # P of the padding keys is 0, their V rows 0
+                for dc in range(0, Dp, NR):
+                    ob = row0 * Dp + dc
+                    o00 = load(O_acc, ob)
+                    o01 = load(O_acc, ob + W)
+                    o10 = load(O_acc, ob + Dp)
+                    o11 = load(O_acc, ob + Dp + W)
+                    o20 = load(O_acc, ob + 2 * Dp)
+                    o21 = load(O_acc, ob + 2 * Dp + W)
+                    o30 = load(O_acc, ob + 3 * Dp)
+                    o31 = load(O_acc, ob + 3 * Dp + W)
+                    o40 = load(O_acc, ob + 4 * Dp)
+                    o41 = load(O_acc, ob + 4 * Dp + W)
+                    o50 = load(O_acc, ob + 5 * Dp)
+                    o51 = load(O_acc, ob + 5 * Dp + W)
+                    o60 = load(O_acc, ob + 6 * Dp)
+                    o61 = load(O_acc, ob + 6 * Dp + W)
+                    o70 = load(O_acc, ob + 7 * Dp)
+                    o71 = load(O_acc, ob + 7 * Dp + W)
+                    for c in range(n_keys):
+                        vb = (j * BcP + c) * Dp + dc
+                        v0 = load(Vp, vb)
+                        v1 = load(Vp, vb + W)
+                        p = bcast(Pb, c)
+                        o00 = fma(p, v0, o00)
+                        o01 = fma(p, v1, o01)
+                        p = bcast(Pb, BcP + c)
+                        o10 = fma(p, v0, o10)
+                        o11 = fma(p, v1, o11)
+                        p = bcast(Pb, 2 * BcP + c)
+                        o20 = fma(p, v0, o20)
+                        o21 = fma(p, v1, o21)
+                        p = bcast(Pb, 3 * BcP + c)
+                        o30 = fma(p, v0, o30)
+                        o31 = fma(p, v1, o31)
+                        p = bcast(Pb, 4 * BcP + c)
+                        o40 = fma(p, v0, o40)
+                        o41 = fma(p, v1, o41)
+                        p = bcast(Pb, 5 * BcP + c)
+                        o50 = fma(p, v0, o50)
+                        o51 = fma(p, v1, o51)
+                        p = bcast(Pb, 6 * BcP + c)
+                        o60 = fma(p, v0, o60)
+                        o61 = fma(p, v1, o61)
+                        p = bcast(Pb, 7 * BcP + c)
+                        o70 = fma(p, v0, o70)
+                        o71 = fma(p, v1, o71)
+                    store(O_acc, ob, o00)
+                    store(O_acc, ob + W, o01)
+                    store(O_acc, ob + Dp, o10)
+                    store(O_acc, ob + Dp + W, o11)
+                    store(O_acc, ob + 2 * Dp, o20)
+                    store(O_acc, ob + 2 * Dp + W, o21)
+                    store(O_acc, ob + 3 * Dp, o30)
+                    store(O_acc, ob + 3 * Dp + W, o31)
+                    store(O_acc, ob + 4 * Dp, o40)
+                    store(O_acc, ob + 4 * Dp + W, o41)
+                    store(O_acc, ob + 5 * Dp, o50)
+                    store(O_acc, ob + 5 * Dp + W, o51)
+                    store(O_acc, ob + 6 * Dp, o60)
+                    store(O_acc, ob + 6 * Dp + W, o61)
+                    store(O_acc, ob + 7 * Dp, o70)
+                    store(O_acc, ob + 7 * Dp + W, o71)
+        # O_i = diag(l)^-1 O_i,  lse = m_ref ln2 + log(l);  a row that saw no key: 0 and -inf
+        for r in range(nr):
+            if m[r] == neg:
+                O[b, h, i0 + r, :] = 0
+                lse[b, h, i0 + r] = -np.inf
+            else:
+                l_r = hsum(load(lv, r * W))
+                inv = dt(1) / l_r
+                for k in range(d):
+                    O[b, h, i0 + r, k] = O_acc[r * Dp + k] * inv
+                lse[b, h, i0 + r] = m[r] * ln2 + np.log(l_r)
+
+
+def blocks(problem, itemsize, W):
+    """(Br, Bc, BcP, Dp): the tile from problem.block_size or the L2 rule (common.default_block_size),
+    Bc padded to whole panels of NR = 2W keys (BcP) and d to whole pairs of registers (Dp)."""
+    NR = 2 * W
+    d = problem.d
+    if problem.block_size is not None:
+        Br, Bc = (int(x) for x in problem.block_size)
+    else:
+        Br, Bc = default_block_size(d, itemsize, *BLOCKS)
+        Br, Bc = max(MR, Br // MR * MR), max(NR, Bc // NR * NR)
+    Br, Bc = max(1, min(Br, problem.Nq)), max(1, min(Bc, problem.Nk))
+    return Br, Bc, -(-Bc // NR) * NR, -(-d // NR) * NR
+
+
+def run(problem, stats=False):
+    """(O, lse) of a Problem; with stats=True also the per-task count of computed tiles."""
+    from flashkit.cpu.vec import VECTOR_BYTES
+
+    Q, K, V = (np.ascontiguousarray(x) for x in (problem.Q, problem.K, problem.V))
+    B, Hkv, Nk, d = K.shape
+    W = VECTOR_BYTES // Q.dtype.itemsize
+    Br, Bc, BcP, Dp = blocks(problem, Q.dtype.itemsize, W)
+    Tc = -(-Nk // Bc)
+    KP = np.empty((B, Hkv, Tc * BcP * d), Q.dtype)
+    VP = np.empty((B, Hkv, Tc * BcP * Dp), Q.dtype)
+    bmap = tile_map(problem, Br, Bc)
+    has_mask = problem.mask is not None
+    mask = np.ascontiguousarray(problem.mask, dtype=np.bool_) if has_mask else _NO_MASK
+    left, right = (int(w) for w in problem.window)
+    O, lse = problem.new_outputs()
+    tiles = np.zeros(problem.B * problem.Hq * bmap.shape[2], np.int64)
+    with threads.for_work(problem.flops()):
+        pack_kv(K, V, Bc, BcP, Dp, KP, VP)
+        forward_kernel(Q, KP, VP, Nk, float(problem.scale), left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp,
+                       O, lse, tiles)
+    return (O, lse, tiles) if stats else (O, lse)

@@ -1,0 +1,360 @@
+"""SIMD vectors as Numba values: what a BLAS micro-kernel is written with, in Python syntax.
+
+Numba has no vector type, and its loop vectoriser will not keep a tile of accumulators in registers
+across a loop (measured: an 8 x 32 tile written as loops over a small array compiled to scalar
+`vfmadd213ss` with a load and a store around each, 4.6 GFLOP/s on one core; the same tile as 16
+vector values below, 131 GFLOP/s, 16 `vfmadd231ps zmm` in the loop). So rung 4 writes its
+micro-kernels with explicit vectors, as C code with intrinsics does:
+
+    Vec(dtype)          one register: 16 float32 or 8 float64 lanes with AVX-512, 8 or 4 with AVX2
+    lanes(a)            the lane count for the dtype of array a (a compile-time constant)
+    load(a, i)          elements i .. i + W - 1 of a C-contiguous array, in memory order (any rank: i
+                        is the flat index);  store(a, i, v) the reverse
+    splat(x)            x in every lane (vbroadcastss);  bcast(a, i) the same for a[i], from memory
+    fma(a, b, c)        a * b + c, one rounding (vfmadd231ps)
+    vmax, v + w, v - w, v * w, vround(v)                           lane by lane
+    hmax(v), hsum(v)    the largest lane, the sum of the lanes (a few shuffles)
+    any_gt(v, x)        whether some lane exceeds x (one compare into a mask register and a test)
+    exp2(v)             2**v lane by lane: simd.fast_exp2's polynomial on a whole register
+
+A Vec lives in an SSA value, so LLVM allocates it a register (zmm0-31 or ymm0-15) and spills only when
+a kernel keeps more live than the register file holds. Nothing checks bounds: load and store trust
+their index as C does; the kernels pad their packed buffers so every access is inside.
+"""
+from __future__ import annotations
+
+import operator
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic, models, overload, register_model
+
+from flashkit.cpu.simd import _POW2_32, _POW2_64
+
+
+def _vector_bytes() -> int:
+    """64 on a CPU with AVX-512, else 32 (AVX2; LLVM splits a wider vector in two where there is less)."""
+    features = {k for k, v in llvm.get_host_cpu_features().items() if v}
+    return 64 if "avx512f" in features else 32
+
+
+VECTOR_BYTES = _vector_bytes()
+
+
+class Vec(types.Type):
+    """One SIMD register of `dtype` (float32 or float64) lanes."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+        super().__init__(name=f"Vec({dtype} x {self.lanes})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.lanes))
+
+
+_TYPES = {}
+
+
+def vec_type(dtype) -> Vec:
+    if dtype not in _TYPES:
+        _TYPES[dtype] = Vec(dtype)
+    return _TYPES[dtype]
+
+
+def _is_float(t):
+    return t in (types.float32, types.float64)
+
+
+def _flat(a):
+    """A C-contiguous float array of any rank: load, store and bcast index its elements in memory order."""
+    return isinstance(a, types.Array) and a.layout == "C" and _is_float(a.dtype)
+
+
+def _suffix(vt: ir.VectorType) -> str:
+    return f"v{vt.count}{'f32' if vt.element == ir.FloatType() else 'f64'}"
+
+
+def _llvm_call(builder, name, ret, args, fastmath=()):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args, fastmath=fastmath)
+
+
+def _pointer(context, builder, aryty, ary, index):
+    data = cgutils.create_struct_proxy(aryty)(context, builder, value=ary).data
+    return builder.gep(data, [index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def lanes(typingctx, a):
+    """W, the lanes of one register for a's dtype."""
+    if not (isinstance(a, types.Array) and _is_float(a.dtype)):
+        return None
+    n = vec_type(a.dtype).lanes
+    return types.intp(a), lambda context, builder, sig, args: ir.Constant(ir.IntType(64), n)
+
+
+@intrinsic
+def load(typingctx, a, i):
+    """Elements i .. i + W - 1 of C-contiguous a (flat index, any rank) as one register; no bounds check."""
+    if not _flat(a):
+        return None
+    V = vec_type(a.dtype)
+
+    def codegen(context, builder, sig, args):
+        p = _pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(p, context.get_value_type(V).as_pointer()), align=a.dtype.bitwidth // 8)
+
+    return V(a, i), codegen
+
+
+@intrinsic
+def store(typingctx, a, i, v):
+    """Elements i .. i + W - 1 of C-contiguous a (flat index) = v."""
+    if not (_flat(a) and isinstance(v, Vec) and v.dtype == a.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(p, args[2].type.as_pointer()), align=a.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(a, i, v), codegen
+
+
+@intrinsic
+def splat(typingctx, x):
+    """x in every lane."""
+    if not _is_float(x):
+        return None
+    V = vec_type(x)
+
+    def codegen(context, builder, sig, args):
+        vt = context.get_value_type(V)
+        one = builder.insert_element(ir.Constant(vt, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), V.lanes), [0] * V.lanes)
+        return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined), zeros)
+
+    return V(x), codegen
+
+
+@intrinsic
+def bcast(typingctx, a, i):
+    """Element i (flat index) of C-contiguous a in every lane, loaded straight into the register (one vbroadcastss from memory): unlike
+    splat(a[i]), no check for a negative index, so the address is one base register plus a constant."""
+    if not _flat(a):
+        return None
+    V = vec_type(a.dtype)
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1]))
+        vt = context.get_value_type(V)
+        one = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), V.lanes), [0] * V.lanes))
+
+    return V(a, i), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic, lane by lane
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c in one instruction, one rounding."""
+    if not (isinstance(a, Vec) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _llvm_call(builder, f"llvm.fma.{_suffix(args[0].type)}", args[0].type, args)
+
+    return a(a, b, c), codegen
+
+
+def _binary(op_name):
+    @intrinsic
+    def impl(typingctx, a, b):
+        if not (isinstance(a, Vec) and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op_name)(args[0], args[1])
+
+        return a(a, b), codegen
+
+    return impl
+
+
+_add, _sub, _mul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+
+
+for _op, _impl in ((operator.add, _add), (operator.sub, _sub), (operator.mul, _mul)):
+    def _register(op=_op, impl=_impl):
+        @overload(op)
+        def _ov(a, b):
+            if isinstance(a, Vec) and a == b:
+                return lambda a, b: impl(a, b)
+            return None
+
+    _register()
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """The larger of a and b, lane by lane (vmaxps)."""
+    if not (isinstance(a, Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vround(typingctx, a):
+    """a rounded to the nearest integer (ties to even), lane by lane (one vrndscaleps)."""
+    if not isinstance(a, Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _llvm_call(builder, f"llvm.roundeven.{_suffix(args[0].type)}", args[0].type, args)
+
+    return a(a), codegen
+
+
+@intrinsic
+def pow2(typingctx, n):
+    """2.0**n for lanes holding integers, from the exponent bits (simd.pow2 on a whole register)."""
+    if not isinstance(n, Vec):
+        return None
+    bits, bias, shift = (32, 127, 23) if n.dtype == types.float32 else (64, 1023, 52)
+
+    def codegen(context, builder, sig, args):
+        it = ir.VectorType(ir.IntType(bits), n.lanes)
+        i = builder.fptosi(args[0], it)
+        i = builder.add(i, ir.Constant(it, [bias] * n.lanes))
+        i = builder.shl(i, ir.Constant(it, [shift] * n.lanes))
+        return builder.bitcast(i, args[0].type)
+
+    return n(n), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Across the lanes
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def hmax(typingctx, v):
+    """The largest lane."""
+    if not isinstance(v, Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vt = args[0].type
+        return _llvm_call(builder, f"llvm.vector.reduce.fmax.{_suffix(vt)}", vt.element, args, fastmath=("nnan",))
+
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def hsum(typingctx, v):
+    """The sum of the lanes (in a tree order, not left to right)."""
+    if not isinstance(v, Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vt = args[0].type
+        return _llvm_call(builder, f"llvm.vector.reduce.fadd.{_suffix(vt)}", vt.element,
+                          [ir.Constant(vt.element, 0.0), args[0]], fastmath=("reassoc",))
+
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def any_gt(typingctx, v, x):
+    """Whether some lane of v exceeds the scalar x."""
+    if not (isinstance(v, Vec) and x == v.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vt = args[0].type
+        one = builder.insert_element(ir.Constant(vt, ir.Undefined), args[1], ir.Constant(ir.IntType(32), 0))
+        xs = builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
+                                    ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
+        bits = builder.bitcast(builder.fcmp_ordered(">", args[0], xs), ir.IntType(vt.count))
+        return builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(vt.count), 0))
+
+    return types.boolean(v, x), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# 2**x on a register
+# ---------------------------------------------------------------------------------------------
+def exp2(v):
+    """2**v lane by lane, for lanes <= 2**7 or so (rung 4 feeds it s - m_ref <= TAU); 0 below the
+    dtype's smallest normal result. The Python meaning; Numba compiles the overload below."""
+    return np.exp2(v)
+
+
+# The lowest argument: 2^n for n = -127 (float32) or -1023 (float64) has exponent bits 0, i.e. is 0.0,
+# so a masked score (s - m = -1e30, clamped here) comes out exactly 0 with no compare and blend.
+@overload(exp2)
+def _exp2_impl(v):
+    if not isinstance(v, Vec):
+        return None
+    if v.dtype == types.float32:
+        # degree 6 (simd.fast_exp2 has 7): the first omitted term (ln2/2)^7/7! = 1.2e-7, about 2 ulp
+        c0, c1, c2, c3, c4, c5, c6 = _POW2_32[:7]
+        lowest = np.float32(-127.0)
+
+        def exp2_32(v):
+            x = vmax(v, splat(lowest))
+            n = vround(x)
+            f = x - n  # |f| <= 1/2
+            p = fma(splat(c6), f, splat(c5))
+            p = fma(p, f, splat(c4))
+            p = fma(p, f, splat(c3))
+            p = fma(p, f, splat(c2))
+            p = fma(p, f, splat(c1))
+            p = fma(p, f, splat(c0))  # 2^f by Horner
+            return p * pow2(n)
+
+        return exp2_32
+    c = _POW2_64
+
+    def exp2_64(v):
+        x = vmax(v, splat(-1023.0))
+        n = vround(x)
+        f = x - n
+        p = fma(splat(c[12]), f, splat(c[11]))
+        p = fma(p, f, splat(c[10]))
+        p = fma(p, f, splat(c[9]))
+        p = fma(p, f, splat(c[8]))
+        p = fma(p, f, splat(c[7]))
+        p = fma(p, f, splat(c[6]))
+        p = fma(p, f, splat(c[5]))
+        p = fma(p, f, splat(c[4]))
+        p = fma(p, f, splat(c[3]))
+        p = fma(p, f, splat(c[2]))
+        p = fma(p, f, splat(c[1]))
+        p = fma(p, f, splat(c[0]))
+        return p * pow2(n)
+
+    return exp2_64
+
+
+@njit(cache=True)
+def _exp2_array(x, out):
+    """out = exp2(x) a register at a time (len(x) a multiple of the lanes): for the tests."""
+    W = lanes(x)
+    for i in range(0, x.shape[0], W):
+        store(out, i, exp2(load(x, i)))
