@@ -36,6 +36,7 @@ def child():
     from numba.core import dispatcher
 
     t_import = time.perf_counter() - t0
+    where = os.path.dirname(os.path.dirname(flashkit.__file__))
     compiles = []
     original = dispatcher.Dispatcher.compile
 
@@ -58,14 +59,16 @@ def child():
     for name, s in compiles:
         if "<locals>" not in name:  # Numba's own overloads: inside the kernels' times
             by_function[name] = by_function.get(name, 0.0) + s
-    print(json.dumps(dict(import_s=t_import, first_call_s=first, second_call_s=second,
+    print(json.dumps(dict(flashkit_from=where, import_s=t_import, first_call_s=first, second_call_s=second,
                           compiles_s={k: v for k, v in sorted(by_function.items(), key=lambda x: -x[1]) if v > 0.05})))
 
 
 def run_child(checkout: Path, cache: str) -> dict:
+    # This file run as a script from a neutral directory: sys.path then holds benchmarks/ and the checkout
+    # (PYTHONPATH), so `import flashkit` is the checkout's, not this one's
     env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=str(checkout))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_compile", "--child"], env=env, capture_output=True,
-                          text=True, timeout=1800, cwd=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"], env=env, capture_output=True,
+                          text=True, timeout=1800, cwd=cache)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]}

@@ -231,7 +231,7 @@ def mod_cost(N=MOD_COST_N, rounds=MOD_COST_ROUNDS):
 def time_calls(N, calls, info, checked=None):
     """One row per (case, impl): median and fastest of up to `repeats` runs; torch's output checked
     against `checked[case]` (flashkit's, itself checked against float64 at N = 512) when given."""
-    from benchmarks._common import median_time
+    from flashkit.measure.timing import median_time
     from flashkit.measure.provenance import load_average
 
     rows = []

@@ -147,11 +147,10 @@ def kernel_signature(dtype):
     )
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def forward_task(t, Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles, softmax_tile, errors):
-    """Task t of the kernel: query block i of head h of batch b, over every key block it sees. A plain
-    (serial) function called from the parallel loop: compiled once, where the body of a prange loop is
-    compiled twice (typed for the parfor, then again as its gufunc), which made the first call slow."""
+def forward(Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles, softmax_tile, errors):
+    """Every task (b, h, query block i) on all cores. The body is inside the prange loop, not a function
+    called from it: that function was compiled on its own and again inside the parfor's gufunc (measured
+    once, on the loaded 2-core machine: a first call of 103 s cold against 67 s this way)."""
     B, Hq, Nq, d = Q.shape
     Hkv, Nk = K.shape[1], K.shape[2]
     group = Hq // Hkv
@@ -160,92 +159,84 @@ def forward_task(t, Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc,
     neg = Q.dtype.type(NEG)
     sc = Q.dtype.type(q_scale)  # scale * log2(e): scores in base-2 units (scale alone for a score_mod)
     ln2 = Q.dtype.type(0.6931471805599453)
-    b, h, i = task_index(t, Hq, Tr)
-    b, h, i = np.int64(b), np.int64(h), np.int64(i)  # the function pointer's argument types, exactly
-    hk = h // group  # GQA: query head h reads K/V head h // group
-    mb = b if bmap.shape[0] > 1 else 0  # the tile map and the mask= array broadcast apart
-    mh = h if bmap.shape[1] > 1 else 0
-    xb = b if mask.shape[0] > 1 else 0
-    xh = h if mask.shape[1] > 1 else 0
-    # Kb = K[b, hk] then Kb[j0:j1] stays C-contiguous; K[b, hk, j0:j1] would be layout 'A' and
-    # np.dot would copy it on every call.
-    Qb, Kb, Vb = Q[b, h], K[b, hk], V[b, hk]  # (Nq, d), (Nk, d), (Nk, d)
-    i0 = i * Br
-    i1 = min(i0 + Br, Nq)
-    nr = i1 - i0
-    # Q_i * scale * log2(e), once per task: S_ij comes out of the GEMM scaled, in base-2 units, so
-    # e^(S - m) = 2^(S' - m') and no pass over S multiplies by the scale.
-    Q_i = np.empty((nr, d), Q.dtype)  # (nr, d)
-    for r in range(nr):
-        for k in range(d):
-            Q_i[r, k] = Qb[i0 + r, k] * sc
-    S_buf = np.empty(nr * Bc, Q.dtype)  # S_ij, then P_ij, in place
-    PV = np.empty((nr, d), Q.dtype)
-    # O_i = 0, m_i = -inf (NEG), l_i = 0: np.empty and a loop, since each NumPy constructor (zeros, full)
-    # is one more function for Numba to compile on the first call
-    O_i = np.empty((nr, d), Q.dtype)
-    m_i = np.empty(nr, Q.dtype)
-    l_i = np.empty(nr, Q.dtype)
-    alpha = np.empty(nr, Q.dtype)
-    for r in range(nr):
-        m_i[r] = neg
-        l_i[r] = zero
-        for k in range(d):
-            O_i[r, k] = zero
-    for j in range(Tc):
-        state = bmap[mb, mh, i, j]
-        if state == SKIP:
-            continue  # every score of this tile is masked: no work at all
-        tiles[t] += 1
-        j0 = j * Bc
-        j1 = min(j0 + Bc, Nk)
-        nc = j1 - j0
-        K_j, V_j = Kb[j0:j1], Vb[j0:j1]  # (nc, d) each
-        S = S_buf[: nr * nc].reshape((nr, nc))  # a C-contiguous view: np.dot writes into it
-        # S_ij = Q_i K_j^T            (BLAS sgemm/dgemm, K_j^T passed as a transposed operand)
-        np.dot(Q_i, K_j.T, S)
-        if state == PARTIAL:  # masked scores = NEG
-            for r in range(nr):
-                q = i0 + r
-                lo, hi = row_window(q, Nq, Nk, left, right)
-                for c in range(nc):
-                    key = j0 + c
-                    if key < lo or key >= hi or (has_mask and not mask[xb, xh, q, key]):
-                        S[r, c] = neg
-        # the mods, then P_ij = exp(S_ij - m_new), m_i, l_i and alpha   (the tile step)
-        code = softmax_tile(S, b, h, np.int64(i0), np.int64(j0), state == PARTIAL, m_i, l_i, alpha)
-        if code != -1:
-            errors[t, 0] = code  # RAISED: Python explains it after the kernel
-            errors[t, 1] = j
-            break
-        # O_i = diag(alpha) O_i + P_ij V_j     (the product in BLAS, the rescale here)
-        np.dot(S, V_j, PV)
-        for r in range(nr):
-            a = alpha[r]
-            for k in range(d):
-                O_i[r, k] = a * O_i[r, k] + PV[r, k]
-    # O_i = diag(l_i)^-1 O_i,  lse_i = m_i + log(l_i) = m_i' ln2 + log(l_i);  no key seen: 0 and -inf
-    for r in range(nr):
-        if m_i[r] == neg:
-            O[b, h, i0 + r, :] = zero
-            lse[b, h, i0 + r] = -np.inf
-        elif not (m_i[r] < np.inf):  # a score_mod gave NaN or +inf in this row: marked, run() raises
-            O[b, h, i0 + r, :] = np.nan
-            lse[b, h, i0 + r] = np.nan
-        else:
-            inv = Q.dtype.type(1) / l_i[r]
-            for k in range(d):
-                O[b, h, i0 + r, k] = O_i[r, k] * inv
-            lse[b, h, i0 + r] = m_i[r] * ln2 + np.log(l_i[r])
-
-
-def forward(Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles, softmax_tile, errors):
-    """Every task (b, h, query block i) on all cores."""
-    B, Hq, Nq = Q.shape[0], Q.shape[1], Q.shape[2]
-    Tr = (Nq + Br - 1) // Br
     for t in prange(B * Hq * Tr):
-        forward_task(t, Q, K, V, q_scale, left, right, mask, has_mask, bmap, Br, Bc, O, lse, tiles, softmax_tile,
-                     errors)
+        b, h, i = task_index(t, Hq, Tr)
+        b, h, i = np.int64(b), np.int64(h), np.int64(i)  # the function pointer's argument types, exactly
+        hk = h // group  # GQA: query head h reads K/V head h // group
+        mb = b if bmap.shape[0] > 1 else 0  # the tile map and the mask= array broadcast apart
+        mh = h if bmap.shape[1] > 1 else 0
+        xb = b if mask.shape[0] > 1 else 0
+        xh = h if mask.shape[1] > 1 else 0
+        # Kb = K[b, hk] then Kb[j0:j1] stays C-contiguous; K[b, hk, j0:j1] would be layout 'A' and
+        # np.dot would copy it on every call.
+        Qb, Kb, Vb = Q[b, h], K[b, hk], V[b, hk]  # (Nq, d), (Nk, d), (Nk, d)
+        i0 = i * Br
+        i1 = min(i0 + Br, Nq)
+        nr = i1 - i0
+        # Q_i * scale * log2(e), once per task: S_ij comes out of the GEMM scaled, in base-2 units, so
+        # e^(S - m) = 2^(S' - m') and no pass over S multiplies by the scale.
+        Q_i = np.empty((nr, d), Q.dtype)  # (nr, d)
+        for r in range(nr):
+            for k in range(d):
+                Q_i[r, k] = Qb[i0 + r, k] * sc
+        S_buf = np.empty(nr * Bc, Q.dtype)  # S_ij, then P_ij, in place
+        PV = np.empty((nr, d), Q.dtype)
+        # O_i = 0, m_i = -inf (NEG), l_i = 0: np.empty and a loop, since each NumPy constructor (zeros, full)
+        # is one more function for Numba to compile on the first call
+        O_i = np.empty((nr, d), Q.dtype)
+        m_i = np.empty(nr, Q.dtype)
+        l_i = np.empty(nr, Q.dtype)
+        alpha = np.empty(nr, Q.dtype)
+        for r in range(nr):
+            m_i[r] = neg
+            l_i[r] = zero
+            for k in range(d):
+                O_i[r, k] = zero
+        for j in range(Tc):
+            state = bmap[mb, mh, i, j]
+            if state == SKIP:
+                continue  # every score of this tile is masked: no work at all
+            tiles[t] += 1
+            j0 = j * Bc
+            j1 = min(j0 + Bc, Nk)
+            nc = j1 - j0
+            K_j, V_j = Kb[j0:j1], Vb[j0:j1]  # (nc, d) each
+            S = S_buf[: nr * nc].reshape((nr, nc))  # a C-contiguous view: np.dot writes into it
+            # S_ij = Q_i K_j^T            (BLAS sgemm/dgemm, K_j^T passed as a transposed operand)
+            np.dot(Q_i, K_j.T, S)
+            if state == PARTIAL:  # masked scores = NEG
+                for r in range(nr):
+                    q = i0 + r
+                    lo, hi = row_window(q, Nq, Nk, left, right)
+                    for c in range(nc):
+                        key = j0 + c
+                        if key < lo or key >= hi or (has_mask and not mask[xb, xh, q, key]):
+                            S[r, c] = neg
+            # the mods, then P_ij = exp(S_ij - m_new), m_i, l_i and alpha   (the tile step)
+            code = softmax_tile(S, b, h, np.int64(i0), np.int64(j0), state == PARTIAL, m_i, l_i, alpha)
+            if code != -1:
+                errors[t, 0] = code  # RAISED: Python explains it after the kernel
+                errors[t, 1] = j
+                break
+            # O_i = diag(alpha) O_i + P_ij V_j     (the product in BLAS, the rescale here)
+            np.dot(S, V_j, PV)
+            for r in range(nr):
+                a = alpha[r]
+                for k in range(d):
+                    O_i[r, k] = a * O_i[r, k] + PV[r, k]
+        # O_i = diag(l_i)^-1 O_i,  lse_i = m_i + log(l_i) = m_i' ln2 + log(l_i);  no key seen: 0 and -inf
+        for r in range(nr):
+            if m_i[r] == neg:
+                O[b, h, i0 + r, :] = zero
+                lse[b, h, i0 + r] = -np.inf
+            elif not (m_i[r] < np.inf):  # a score_mod gave NaN or +inf in this row: marked, run() raises
+                O[b, h, i0 + r, :] = np.nan
+                lse[b, h, i0 + r] = np.nan
+            else:
+                inv = Q.dtype.type(1) / l_i[r]
+                for k in range(d):
+                    O[b, h, i0 + r, k] = O_i[r, k] * inv
+                lse[b, h, i0 + r] = m_i[r] * ln2 + np.log(l_i[r])
 
 
 @functools.cache
