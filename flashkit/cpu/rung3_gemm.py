@@ -24,8 +24,8 @@ hide entirely is skipped. Measured with the mods (benchmarks/cpu_mods.py, Intel 
 interleaved at N=4096, identity 0.96-0.98x and softcap 1.21-1.48x the time without one (before, 1.14x
 and 1.42x: the bounds checks of the tile function covered S itself and stopped LLVM from vectorising
 the loop; they now cover the user's functions only). N=16384, 8 documents: the BlockMask 1.36 s, 11.4x
-faster than the same mask_mod on every tile and 2.7x faster than the mask as an (N, N) array, whose call
-also holds 256 MiB more (the block mask's tiles are 16 KiB).
+faster than the same mask_mod on every tile and 2.7x faster than the mask as an (N, N) array; a call's
+peak memory rises 256 MiB with the array, 32 MiB (the output) with the block mask (its tiles: 16 KiB).
 """
 from __future__ import annotations
 
