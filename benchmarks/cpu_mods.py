@@ -1,6 +1,6 @@
 """CPU attention variants: what a score_mod costs and what block sparsity saves, beside torch FlexAttention.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.cpu_mods     # N = 8192
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.cpu_mods     # N = 16384
     python -m benchmarks.cpu_mods --quick                                          # N = 2048
     python -m benchmarks.cpu_mods --ns 4096,16384 --no-torch
     python -m benchmarks.cpu_mods --table benchmarks/results/cpu-mods-<machine>.json
@@ -11,12 +11,14 @@ with the same mods) at N = 512. The cases, each at every N:
 
   dense                  backend numba, no mod: every tile computed (rung 3)
   identity / softcap     a score_mod: mods.identity (the hook alone) and mods.softcap(50.0) (Gemma 2)
-  documents              mods.document_mask of 4 equal documents (a block-diagonal mask, 1/4 visible):
+  documents              mods.document_mask of 8 equal documents (a block-diagonal mask, 1/8 visible):
                            block mask    flashkit.block_mask(...) made once and passed: empty tiles skipped
                            every tile    the same mask_mod with a BlockMask marking every tile PARTIAL:
                                          what a kernel without block sparsity does (mask_mod everywhere)
                            mask= array   the (N, N) bool array through rung 3's mask= (its block map skips
                                          tiles too, but the array is O(N^2) memory and scanned every call)
+                         with the extra peak memory of one call (VmHWM, reset before it) beside each: the
+                         block mask's is O(N) (its tiles, (N/128)^2 bytes, and per-task buffers)
   window                 mods.sliding_window(N, N, 256, 0): the same three, the array replaced by rung 3's
                          built-in window=(256, 0)
   torch-flex             torch.compile(flex_attention) on the CPU with the same mods (create_block_mask
@@ -42,9 +44,9 @@ import sys
 from benchmarks.cpu_forward import _reexec_without_openblas_overrides, environment
 
 B, H, D = 1, 8, 64
-NS = (8192,)
+NS = (16384,)
 NS_QUICK = (2048,)
-DOCUMENTS = 4
+DOCUMENTS = 8
 WINDOW = 256
 CHECK_N = 512
 
@@ -80,7 +82,8 @@ def flashkit_calls(N, q, k, v):
         t0 = time.perf_counter()
         bm = flashkit.block_mask(mask_mod, None, None, N, N, block_size=128, engine="numba")
         info[case] = dict(block_mask_ms=(time.perf_counter() - t0) * 1e3, sparsity=bm.sparsity, **bm.counts(),
-                          visible_fraction=visible_fraction(bm))
+                          visible_fraction=visible_fraction(bm), block_mask_bytes=int(bm.tiles.nbytes),
+                          dense_mask_bytes=N * N)
         calls[case, "numba block mask"] = lambda b=bm: flashkit.attention(q, k, v, block_mask=b, backend="numba")
         every = bm.without_sparsity()
         calls[case, "numba every tile"] = lambda b=every: flashkit.attention(q, k, v, block_mask=b, backend="numba")
@@ -228,23 +231,43 @@ def mod_cost(N=MOD_COST_N, rounds=MOD_COST_ROUNDS):
 def time_calls(N, calls, info, checked=None):
     """One row per (case, impl): median and fastest of up to `repeats` runs; torch's output checked
     against `checked[case]` (flashkit's, itself checked against float64 at N = 512) when given."""
-    from benchmarks._common import median_time
+    from flashkit.measure.timing import median_time
     from flashkit.measure.provenance import load_average
 
     rows = []
     for (case, impl), fn in calls.items():
         t = median_time(fn, repeats=REPEATS[0], budget_s=60.0)
+        extra = peak_extra_bytes(fn) if case in ("documents", "window") and not impl.startswith("torch") else None
         frac = info.get(case, {}).get("visible_fraction", 1.0)
         row = dict(N=N, case=case, impl=impl, ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
                    cpu_ms=t["cpu_median_s"] * 1e3, runs=len(t["runs_s"]), visible_fraction=frac,
                    gflops=4.0 * B * H * N * N * D * frac / t["median_s"] / 1e9, load_average=load_average())
+        if extra is not None:
+            row["extra_peak_bytes"] = extra
         rows.append(row)
+        mem = f", +{extra / 2**20:.1f} MiB peak" if extra is not None else ""
         print(f"  N={N:5d} {case:10s} {impl:24s} {row['ms']:10.1f} ms  (min {row['min_ms']:.1f}, "
-              f"{row['gflops']:6.1f} GFLOP/s of visible work, load {row['load_average'][:1]})", flush=True)
+              f"{row['gflops']:6.1f} GFLOP/s of visible work{mem}, load {row['load_average'][:1]})", flush=True)
     return rows
 
 
 REPEATS = [5]
+
+
+def peak_extra_bytes(fn):
+    """Peak resident memory one call adds above what the process held before it (Linux VmHWM, reset
+    first; None where it cannot be reset). The dense mask= array is made before, so it is not counted:
+    its N^2 bytes are listed in the block mask rows ("dense_mask_bytes")."""
+    import gc
+
+    from benchmarks._common import peak_rss_reset, rss_bytes
+
+    gc.collect()
+    if not peak_rss_reset():
+        return None
+    before = rss_bytes("VmRSS")
+    fn()
+    return max(0, rss_bytes("VmHWM") - before)
 
 
 def torch_child(N, threads):
@@ -318,12 +341,13 @@ def show(path):
     print("ratios of the fastest runs: t/dense = time / numba dense, x every = speed-up over every tile computed, "
           "t/flex = time / torch FlexAttention")
     print(f"{'N':>6} {'case':10} {'impl':24} {'median ms':>9} {'min ms':>9} {'GFLOP/s':>8} {'t/dense':>8} {'x every':>8} "
-          f"{'t/flex':>7}")
+          f"{'t/flex':>7} {'+MiB':>7}")
     for r in res["results"]:
         def f(key, fmt):
             return format(r[key], fmt) if key in r else ""
         print(f"{r['N']:>6} {r['case']:10} {r['impl']:24} {r['ms']:9.1f} {r['min_ms']:9.1f} {r['gflops']:8.1f} "
-              f"{f('time_vs_dense_numba', '8.2f'):>8} {f('speedup_vs_every_tile', '8.2f'):>8} {f('time_vs_torch_flex', '7.2f'):>7}")
+              f"{f('time_vs_dense_numba', '8.2f'):>8} {f('speedup_vs_every_tile', '8.2f'):>8} {f('time_vs_torch_flex', '7.2f'):>7}"
+              f" {format(r['extra_peak_bytes'] / 2**20, '7.1f') if r.get('extra_peak_bytes') is not None else '':>7}")
     c = res.get("mod_cost")
     if c:
         print(f"score_mod cost at N={c['N']} ({c['rounds']} interleaved rounds, fastest): no mod {c['min_ms']['none']:.1f} ms, "

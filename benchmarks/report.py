@@ -30,9 +30,14 @@ def backends_table() -> str:
         dims = "any" if b.head_dims is None else ", ".join(map(str, b.head_dims))
         rung = "" if b.rung is None else str(b.rung)
         rows.append(f"| `{b.name}` | {b.device} | {rung} | {', '.join(b.dtypes)} | {dims} | "
-                    f"{'yes' if b.mask else 'no'} | {'yes' if b.mods else 'no'} | {'yes' if b.has_backward else 'no'} | "
+                    f"{'yes' if b.mask else 'no'} | {_mods(b)} | {'yes' if b.has_backward else 'no'} | "
                     f"{'yes' if b.has_decode else 'no'} | {b.summary} |")
     return "\n".join(rows)
+
+
+def _mods(b) -> str:
+    """Whether a backend takes score_mod / mask_mod: in its forward, and in its backward too."""
+    return "forward and backward" if b.mods and b.backward_mods else "forward" if b.mods else "no"
 
 
 # Results files kept beside the main one as evidence (earlier runs, a different threading layer): not headlines.

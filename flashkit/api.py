@@ -66,7 +66,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None, mask=None,
-                       backend="auto", block_size=None, check_finite=True):
+                       backend="auto", block_size=None, score_mod=None, mask_mod=None, block_mask=None,
+                       check_finite=True):
     """Gradients (dq, dk, dv) of attention's output, given the gradient do of a loss with respect to it.
 
     The other half of FlashAttention: P is recomputed tile by tile from the forward's logsumexp
@@ -80,6 +81,11 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=
         the same causal, window, mask and scale. A lse that does not belong to q and k (another call's,
         or in log2 units) is detected while P is recomputed and raises ValueError.
     causal, scale, window, mask, block_size : as in `attention`.
+    score_mod, mask_mod, block_mask : as in `attention`, the same the forward had. The gradient flows
+        through score_mod by its exact derivative with respect to the score, which flashkit writes from
+        the function's source (flashkit.mods_grad: arithmetic, exp, log, tanh, where, if/else ...;
+        anything else raises TypeError naming the construct). Backends: flashkit.backends(), column
+        'backward_mods'.
     backend : "auto" (the fastest backend with a backward that serves the request) or a name; see the
         'backward' column of flashkit.backends(). A named backend without a backward raises.
     check_finite : True (the default) raises ValueError naming do, q, k, v, o or lse when one holds NaN
@@ -100,7 +106,8 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=
     # On the GPU the NaN/Inf scan of the six arrays runs beside the backward kernels, and the CUDA rungs check
     # lse inside them (the row sums of the recomputed P); validate.finish waits for both and raises.
     problem = validate.check_backward(do, q, k, v, o, lse, causal=causal, scale=scale, window=window,
-                                      mask=mask, block_size=block_size, finite="async" if check_finite else False)
+                                      mask=mask, block_size=block_size, score_mod=score_mod, mask_mod=mask_mod,
+                                      block_mask=block_mask, finite="async" if check_finite else False)
     chosen = registry.choose(problem, backend, direction="backward")
     dQ, dK, dV = chosen.run_backward(problem)
     validate.finish(problem)
@@ -117,15 +124,15 @@ def _as_input(X, x):
 
 def backends():
     """Every backend as a list of dicts: name, device, available, reason (why not), what it supports
-    (dtypes, head_dims, mask, mods, forward, backward), rung and summary. `mods`: whether it takes a
-    score_mod / mask_mod / block_mask (forward only)."""
+    (dtypes, head_dims, mask, mods, backward_mods, forward, backward), rung and summary. `mods`: whether
+    its forward takes a score_mod / mask_mod / block_mask; `backward_mods`: whether its backward does."""
     rows = []
     for b in registry.all_backends():
         reason = b.unavailable_reason()
         rows.append({
             "name": b.name, "device": b.device, "available": reason is None, "reason": reason or "",
             "dtypes": ", ".join(b.dtypes), "head_dims": "any" if b.head_dims is None else ", ".join(map(str, b.head_dims)),
-            "mask": b.mask, "mods": b.mods, "forward": b.has_forward, "backward": b.has_backward, "rung": b.rung,
+            "mask": b.mask, "mods": b.mods, "backward_mods": b.backward_mods, "forward": b.has_forward, "backward": b.has_backward, "rung": b.rung,
             "summary": b.summary,
         })
     return rows

@@ -178,6 +178,8 @@ def _each(kind, fn, args, shape, names, where=None):
             r = fn(*scalars)
         except Exception as exc:
             _reraise(kind, fn, exc, _position(args, shape, flat, names))
+        if isinstance(r, np.ndarray) and r.ndim == 0:
+            r = r[()]  # np.where (mods.where) of scalars gives a 0-d array
         _check_scalar(kind, fn, r, lambda f=flat: _position(args, shape, f, names))
         out[idx] = r
     return out

@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from flashkit import validate
+from flashkit import blockmask, validate
 from flashkit.blockmask import apply_mods, index_grid
 from flashkit.cpu.threads import blas_for_work
 from flashkit.masks import dense_mask
@@ -27,6 +27,7 @@ BACKENDS = (
         runner="flashkit.reference:standard_attention",
         backward="flashkit.reference:standard_backward",
         mods=True,
+        backward_mods=True,
         priority=10,
         # Below 2^24 FLOPs (N = 256 with one head, d = 64) one BLAS call per product beats a kernel's
         # fixed cost: measured on 2 cores, benchmarks/cpu_small.py (results/cpu-small-*.json).
@@ -129,6 +130,10 @@ def standard_backward(problem):
     vis = visibility(problem)
     if vis is not None:
         np.copyto(S, -np.inf, where=~vis)
+    S_raw = S
+    if problem.has_mods:  # the scores the softmax saw: mask_mod and score_mod applied, as in the forward
+        S = modified_scores(S, problem)
+        vis = S > -np.inf
     # P = exp(S - lse): a row with lse = -inf saw no key, its P is 0
     empty = np.isneginf(lse)
     with np.errstate(invalid="ignore"):
@@ -143,6 +148,8 @@ def standard_backward(problem):
     dP = dO5 @ V4.transpose(0, 1, 2, 4, 3)  # (B, Hkv, group, Nq, Nk)
     D = (dO5 * O5).sum(axis=-1)  # (B, Hkv, group, Nq)
     dS = P * (dP - D[..., None])
+    if problem.score_mod is not None:
+        dS = _through_score_mod(dS, P, S_raw, visible, problem)
     # dQ = dS K * scale;  dK = dS^T Q * scale (summed over the group)
     dQ = (dS @ K4) * problem.scale  # (B, Hkv, group, Nq, d)
     dK = (dS.transpose(0, 1, 2, 4, 3) @ Q5).sum(axis=2) * problem.scale  # (B, Hkv, Nk, d)
@@ -151,6 +158,26 @@ def standard_backward(problem):
     dK_out[...] = dK
     dV_out[...] = dV
     return dQ_out, dK_out, dV_out
+
+
+def _through_score_mod(dS, P, S_raw, visible, problem):
+    """dS with respect to the raw scores q . k * scale: the chain rule through score_mod f multiplies by
+    f'(s), written from f's source by flashkit.mods_grad and evaluated on the visible scores."""
+    from flashkit import mods_grad
+
+    B, Hq, Nq, Nk = problem.B, problem.Hq, problem.Nq, problem.Nk
+    visible4 = visible.reshape(B, Hq, Nq, Nk)
+    scores = np.where(visible4, S_raw.reshape(B, Hq, Nq, Nk), 0.0).astype(S_raw.dtype)  # no -inf where hidden
+    slope = blockmask.evaluate("score_mod", mods_grad.derivative(problem.score_mod),
+                               (scores,) + index_grid(np.arange(B), np.arange(Hq), 0, Nq, 0, Nk), where=visible4)
+    slope = np.broadcast_to(slope, (B, Hq, Nq, Nk)).reshape(dS.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.where(P > 0, dS * slope, 0.0).astype(dS.dtype, copy=False)  # nothing flows where P = 0
+    if not np.isfinite(out).all():
+        raise ValueError(f"the derivative of score_mod {blockmask.describe(problem.score_mod)} with respect to the "
+                         "score is not finite at some visible score (a sqrt or log at 0, a division by zero?); "
+                         "make it finite where the score is visible")
+    return out
 
 
 def reference_backward(problem):

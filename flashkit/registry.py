@@ -29,8 +29,8 @@ class Backend:
     head_dims  supported head sizes d, or None for any
     mask       whether a custom boolean mask is supported (causal and sliding windows every backend
                supports: each kernel takes the (left, right) window of the Problem)
-    mods       whether it takes FlexAttention's score_mod / mask_mod / block_mask (flashkit.mods); the
-               forward only: no backward takes them yet
+    mods       whether its forward takes FlexAttention's score_mod / mask_mod / block_mask (flashkit.mods)
+    backward_mods  whether its backward takes them too (the derivative of score_mod: flashkit.mods_grad)
     priority   "auto" picks the available backend with the highest priority that supports the request
     auto_max_flops  "auto" prefers this backend, whatever its priority, for problems of at most this many
                forward FLOPs (numpy-standard for tiny calls, where a kernel's fixed cost is the whole time)
@@ -55,6 +55,7 @@ class Backend:
     head_dims: Optional[Tuple[int, ...]] = None
     mask: bool = True
     mods: bool = False
+    backward_mods: bool = False
     priority: int = 0
     auto_max_flops: Optional[float] = None
     probe: Optional[str] = None
@@ -109,10 +110,13 @@ class Backend:
             return f"backend {self.name!r} supports head size d in {{{dims}}}; got d={problem.d}"
         if problem.mask is not None and not self.mask:
             return f"backend {self.name!r} does not support a custom mask (causal and window are supported)"
-        if getattr(problem, "has_mods", False) and not self.mods:
-            takers = ", ".join(b.name for b in all_backends() if b.mods and b.device == self.device)
-            return (f"backend {self.name!r} does not take a score_mod or mask_mod (flashkit.backends(): column "
-                    f"'mods'); " + (f"these do: {takers}" if takers else f"no {self.device.upper()} backend does yet"))
+        if getattr(problem, "has_mods", False) and not (self.backward_mods if direction == "backward" else self.mods):
+            takers = ", ".join(b.name for b in all_backends() if b.device == self.device
+                               and (b.backward_mods if direction == "backward" else b.mods))
+            column = "backward_mods" if direction == "backward" else "mods"
+            return (f"backend {self.name!r} does not take a score_mod or mask_mod {'in its backward ' * (direction == 'backward')}"
+                    f"(flashkit.backends(): column '{column}'); "
+                    + (f"these do: {takers}" if takers else f"no {self.device.upper()} backend does yet"))
         if self.supports is not None and ask_supports:
             return self._function("supports")(problem)
         return None
@@ -245,7 +249,8 @@ def _choose_auto(problem, direction):
     if not candidates:
         if getattr(problem, "has_mods", False):
             device = "cpu" if problem.xp.__name__ == "numpy" else "gpu"
-            takers = [b.name for b in all_backends() if b.mods and b.device == device and b.available]
+            takers = [b.name for b in all_backends() if b.device == device and b.available
+                      and (b.backward_mods if direction == "backward" else b.mods)]
             raise RuntimeError(f"no available backend takes a score_mod or mask_mod for this {direction} request "
                                f"({problem.xp.__name__} arrays); backends that take them here: "
                                f"{', '.join(takers) or 'none'} (see flashkit.backends(): column 'mods')")

@@ -35,12 +35,15 @@ import functools
 import flashkit
 
 
-def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, backend="auto"):
+def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, backend="auto", score_mod=None,
+              mask_mod=None, block_mask=None):
     """softmax(q k^T * scale) v for torch tensors, differentiable in q, k and v.
 
     q (B, H, Nq, d), k and v (B, H_kv, Nk, d) (or (H, N, d), (N, d)), all on one device (CPU or
-    CUDA) in one float dtype. causal, scale, window, mask and backend are flashkit.attention's; mask
-    may be a bool tensor or array, True where a query may attend to a key. Returns o with q's shape,
+    CUDA) in one float dtype. causal, scale, window, mask, backend, score_mod, mask_mod and block_mask
+    are flashkit.attention's (the gradient flows through score_mod by its exact derivative, see
+    flashkit.attention_backward); mask may be a bool tensor or array, True where a query may attend to
+    a key. Returns o with q's shape,
     dtype and device. The backward runs flashkit.attention_backward with the same options and the
     same backend name ("auto": the fastest backend with a backward that serves the request).
     """
@@ -49,7 +52,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (for NumPy or CuPy arrays call flashkit.attention); "
                             f"got {type(t).__name__}")
-    return _function().apply(q, k, v, causal, scale, window, mask, backend)
+    return _function().apply(q, k, v, causal, scale, window, mask, backend, score_mod, mask_mod, block_mask)
 
 
 @functools.cache
@@ -111,9 +114,10 @@ def _function():
 
     class FlashAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, causal, scale, window, mask, backend):
+        def forward(ctx, q, k, v, causal, scale, window, mask, backend, score_mod, mask_mod, block_mask):
             m = None if mask is None else _mask_array(mask, q)
-            options = dict(causal=causal, scale=scale, window=window, mask=m, backend=backend)
+            options = dict(causal=causal, scale=scale, window=window, mask=m, backend=backend, score_mod=score_mod,
+                           mask_mod=mask_mod, block_mask=block_mask)
             o, lse = flashkit.attention(_to_array(q), _to_array(k), _to_array(v), return_lse=True, **options)
             o, lse = _to_tensor(o, q.device, q.dtype), _to_tensor(lse, q.device)  # lse: float32 (float64 for float64)
             # What the backward needs: the inputs, O and lse (B, H, Nq). Not P: that is recomputed.
@@ -126,8 +130,8 @@ def _function():
         def backward(ctx, do):
             q, k, v, o, lse = ctx.saved_tensors
             dq, dk, dv = flashkit.attention_backward(*(_to_array(t) for t in (do, q, k, v, o, lse)), **ctx.options)
-            # One gradient per argument of forward: q, k, v, then None for causal, scale, window, mask, backend.
+            # One gradient per argument of forward: q, k, v, then None for the eight options.
             return (_to_tensor(dq, q.device, q.dtype), _to_tensor(dk, k.device, k.dtype),
-                    _to_tensor(dv, v.device, v.dtype), None, None, None, None, None)
+                    _to_tensor(dv, v.device, v.dtype)) + (None,) * 8
 
     return FlashAttention

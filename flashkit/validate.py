@@ -324,7 +324,7 @@ def check_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=None) 
 
 
 def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None, mask=None,
-                   block_size=None, finite=True) -> Problem:
+                   block_size=None, score_mod=None, mask_mod=None, block_mask=None, finite=True) -> Problem:
     """The Problem of attention_backward(): check(q, k, v, ...) plus dO, O and lse checked against q.
 
     dO and O must have q's shape, dtype and array library; lse q's shape without the last axis, in
@@ -334,7 +334,7 @@ def check_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None
     while the backward does, and `finish(problem)` raises if it flagged.
     """
     problem = check(q, k, v, causal=causal, scale=scale, window=window, mask=mask, block_size=block_size,
-                    finite=False)
+                    score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, finite=False)
     xp = problem.xp
     for name, x in (("do", do), ("o", o)):
         if check_array(name, x, finite=False) is not xp:

@@ -313,14 +313,14 @@ def test_changed_captured_array_is_noticed():
 
 @needs_numba
 def test_numba_skips_the_empty_tiles():
-    from flashkit.cpu import rung3_mods
+    from flashkit.cpu import rung3_gemm
 
     rng, seed = seeded_rng("skips")
     q, k, v = random_qkv(rng, 1, 2, 2, 100, 100, 8)
     docs = mods.document_mask([30, 30, 40])
     bm = flashkit.block_mask(docs, None, None, 100, 100, block_size=10)
     problem = validate.check(q, k, v, block_mask=bm, causal=True)
-    O, lse, tiles = rung3_mods.run(problem, stats=True)
+    O, lse, tiles = rung3_gemm.run(problem, stats=True)
     want = np.minimum(bm.plane(), masks.block_map(100, 100, 10, 10, (-1, 0)))
     assert tiles.sum() == 2 * (want != masks.SKIP).sum(), f"seed={seed}"  # two heads
     assert_matches(O, lse, *dense_oracle(q, k, v, None, docs, causal=True), what=f"seed={seed}")

@@ -9,8 +9,8 @@
     numba                   the highest rung that can run here (rung 4); the backward: the highest rung
                             with one (rung 3); with a score_mod / mask_mod / block_mask, numba-mods
     numba-mods              rung 3 with FlexAttention's hooks: the user's score_mod and mask_mod compiled
-                            by Numba into the tile loop, empty tiles of the BlockMask skipped  rung3_mods.py
-                            (mods_jit.py compiles the user's functions)
+                            by Numba into rung 3's tile step (rung3_gemm.online_softmax_tile; mods_jit.py
+                            compiles them), empty tiles of the BlockMask skipped; forward and backward
 
 Each rung is one row of `RUNGS` below, from which the registry's backends, the tests and the CPU benchmark
 derive. Every rung module has `run(problem, stats=False) -> (O, lse)` (and the tiles computed per task with
@@ -103,7 +103,7 @@ def available_rungs():
 
 
 def run_fastest_backward(problem):
-    """The "numba" backend's backward: the highest rung here that has one."""
+    """The "numba" backend's backward: the highest rung here that has one (rung 3, which takes the mods)."""
     with_backward = [r for r in available_rungs() if r.backward_module is not None]
     if not with_backward:
         raise RuntimeError("no Numba rung with a backward can run here (rung 3 needs SciPy and threadpoolctl)")
@@ -118,17 +118,18 @@ def run_fastest(problem):
         if reason is not None:
             raise RuntimeError(f"score_mod / mask_mod on the CPU need backend 'numba-mods', which cannot run here: "
                                f"{reason}; backend='numpy-tiled' takes them without Numba")
-        return importlib.import_module("flashkit.cpu.rung3_mods").run(problem)
+        return importlib.import_module("flashkit.cpu.rung3_gemm").run(problem)
     return available_rungs()[-1].load().run(problem)
 
 
 BACKENDS = (
     Backend(name="numba", summary="Numba, FlashAttention-2 on all cores: the fastest rung below",
             runner="flashkit.cpu:run_fastest", backward="flashkit.cpu:run_fastest_backward",
-            probe="flashkit.cpu:_probe", priority=50, mods=True, **_COMMON),
+            probe="flashkit.cpu:_probe", priority=50, mods=True, backward_mods=True, **_COMMON),
     *_LADDER,
-    # Beside the ladder, not in RUNGS: "numba" runs it only when a mod is given.
+    # Beside the ladder, not in RUNGS: rung 3's module with the mods; "numba" runs it when a mod is given.
     Backend(name="numba-mods", summary="Numba rung 3 + score_mod/mask_mod compiled into the tile loop, "
-            "BlockMask tiles skipped", runner="flashkit.cpu.rung3_mods:run", probe="flashkit.cpu:_probe_gemm",
-            priority=45, mods=True, **_COMMON),
+            "BlockMask tiles skipped", runner="flashkit.cpu.rung3_gemm:run",
+            backward="flashkit.cpu.rung3_gemm_backward:run", probe="flashkit.cpu:_probe_gemm",
+            priority=45, mods=True, backward_mods=True, **_COMMON),
 )

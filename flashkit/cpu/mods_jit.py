@@ -5,12 +5,14 @@ pieces, so that a new mod costs a fraction of a second to compile instead of a w
 
     the user's functions    numba.njit(inline="always") on a copy of each (see `numba_copy`), so they
                             are inlined, as Numba IR, into
-    a tile function         `apply_mods(S, b, h, i0, j0, check_mask) -> code`, compiled once per
-                            (score_mod, mask_mod, dtype): loops over one Br x Bc tile of scores, calls
-                            mask_mod and score_mod on each and converts to base-2 units; and
-    the kernel              rung3_mods.forward_kernel, compiled once per dtype and cached on disk,
-                            which takes the tile function as a first-class function argument (a
-                            function pointer, numba.types.FunctionType) and calls it once per tile.
+    a tile function         rung 3's softmax step of one tile, `rung3_gemm.online_softmax_tile`, copied
+                            with the user's functions as its hooks and compiled once per (score_mod,
+                            mask_mod, dtype): mask_mod and score_mod on each score, then the row max,
+                            the exp and the row sum; and
+    the kernel              rung3_gemm's, compiled once per dtype and cached on disk, which takes the
+                            tile function as a first-class function argument (a function pointer,
+                            numba.types.FunctionType) and calls it once per tile. Rung 3 without mods
+                            is the same kernel with the tile step compiled with identity hooks.
 
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
@@ -41,20 +43,11 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from flashkit import blockmask, mods
-from flashkit.cpu.common import FASTMATH, NEG
+from flashkit.cpu import rung3_gemm
+from flashkit.cpu.common import FASTMATH
+from flashkit.cpu.rung3_gemm import LOG2E, NUMBA_TYPES, OK, RAISED, tile_signature  # noqa: F401
 from flashkit.cpu.simd import fast_exp2
 from flashkit.masks import FULL, PARTIAL, SKIP
-
-OK, RAISED = -1, -2  # what the tile function returns: done, or an exception was caught
-LOG2E = 1.4426950408889634
-
-NUMBA_TYPES = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}
-
-
-def tile_signature(dtype):
-    """int64 apply_mods(S (nr, nc) C-contiguous, b, h, i0, j0, check_mask)."""
-    return types.int64(types.Array(NUMBA_TYPES[np.dtype(dtype)], 2, "C"), types.int64, types.int64, types.int64,
-                       types.int64, types.boolean)
 
 
 CLASSIFY_SIGNATURE = types.int64(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64)
@@ -199,7 +192,7 @@ def compiled_mod(kind: str, fn, dtype=np.float32):
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key][0]
-    jitted = njit(inline="always")(numba_copy(fn))
+    jitted = njit(boundscheck=True)(numba_copy(fn))  # see compile_hooked: bounds checked here only
     args = (types.int64,) * 4 if kind == "mask_mod" else (NUMBA_TYPES[np.dtype(dtype)],) + (types.int64,) * 4
     try:
         with _quiet_compile():
@@ -210,7 +203,7 @@ def compiled_mod(kind: str, fn, dtype=np.float32):
     returns = jitted.nopython_signatures[-1].return_type
     if isinstance(returns, types.Array) and returns.ndim == 0:
         # np.where(cond, x, y) of scalars gives a 0-d array in Numba (a scalar in NumPy): take its element
-        jitted = njit(inline="always")(_element_of(jitted, kind))
+        jitted = njit(boundscheck=True)(_element_of(jitted, kind))
         with _quiet_compile():
             jitted.compile(args)
         returns = returns.dtype
@@ -238,116 +231,101 @@ def _element_of(jitted, kind):
     return element
 
 
-@njit(inline="always")
-def _keep_score(score, b, h, q_idx, kv_idx):
-    return score
-
-
-@njit(inline="always")
-def _all_visible(b, h, q_idx, kv_idx):
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
-# The tile function: one Br x Bc tile of scores through both mods
+# The tile function: rung 3's softmax step of a tile with the user's functions as its hooks
 # ---------------------------------------------------------------------------------------------
-def _make_tile_function(score_fn, mask_fn, has_score: bool, has_mask: bool):
-    """The per-tile loop with the user's functions inlined; has_score / has_mask are closure constants,
-    so Numba drops the branches a missing mod would need."""
+def hooked(function, **hooks):
+    """A copy of the module-level Python function `function` whose globals named in `hooks` are replaced
+    (Numba reads globals as constants): the same code, other hooks. No disk cache for the copy: its name
+    is the original's, and its hooks are the user's."""
+    copy = pytypes.FunctionType(function.__code__, dict(function.__globals__, **hooks), function.__name__,
+                                function.__defaults__, function.__closure__)
+    copy.__qualname__ = function.__qualname__
+    return copy
 
-    def apply_mods(S, b, h, i0, j0, check_mask):
-        # S (nr, nc): scores of rows i0.., keys j0..; NEG where causal/window/mask= hid them. In natural
-        # units, q . k * scale, when there is a score_mod (it must see those); else already in base 2.
-        # check_mask: the tile is PARTIAL (something may be hidden); else FULL: every score is visible.
-        # A NaN or +inf from score_mod is stored as +inf: the row max becomes +inf, the kernel marks that
-        # output row NaN and run() finds it after the kernel (a test and an early exit per score here
-        # would halve the loop's speed: measured). NaN itself could slip through the max and the exp2.
-        nr, nc = S.shape
-        neg = S.dtype.type(NEG)
-        to_base2 = S.dtype.type(LOG2E)  # the kernel's softmax runs in base 2 (exp2), like rung 3
-        inf = S.dtype.type(np.inf)
-        if not check_mask:
-            if not has_score:
-                return OK  # a FULL tile and no score_mod: nothing to do, not even a pass over S
-            # FULL tile: no test per score, so LLVM vectorises the loop (score_mod inlined in it)
-            for r in range(nr):
-                q_idx = i0 + r
-                row = S[r]  # (nc,) a view: one index per score below
-                for c in range(nc):
-                    t = score_fn(row[c], b, h, q_idx, j0 + c) * to_base2
-                    u = neg if t < neg else t  # -inf from score_mod becomes NEG: hidden
-                    row[c] = u if u == u else inf  # NaN becomes +inf: see above
-            return OK
-        if not has_score:
-            # PARTIAL tile, mask_mod only: no branch per score (mask_mod is defined everywhere: the block
-            # mask evaluated it on every position), so this loop vectorises too
-            if has_mask:
-                for r in range(nr):
-                    q_idx = i0 + r
-                    row = S[r]
-                    for c in range(nc):
-                        s = row[c]
-                        keep = (s != neg) & mask_fn(b, h, q_idx, j0 + c)
-                        row[c] = s if keep else neg
-            return OK
-        # PARTIAL tile with a score_mod: asked only about visible scores, one at a time
-        for r in range(nr):
-            q_idx = i0 + r
-            row = S[r]
-            for c in range(nc):
-                s = row[c]
-                if s == neg:
-                    continue  # hidden already: neither mod is asked about it
-                kv_idx = j0 + c
-                if has_mask and not mask_fn(b, h, q_idx, kv_idx):
-                    row[c] = neg  # mask_mod: False hides the score
-                    continue
-                t = score_fn(s, b, h, q_idx, kv_idx) * to_base2
-                u = neg if t < neg else t
-                row[c] = u if u == u else inf
-        return OK
 
-    # boundscheck on the function the mods are inlined into: a captured array read out of its bounds
-    # raises IndexError (as in Python) instead of returning whatever memory holds
-    inner = njit(boundscheck=True, fastmath=FASTMATH)(apply_mods)
+def _make_guard(inner, n_args):
+    """njit(guarded) for a function of n_args arguments (Numba takes no *args through a pointer)."""
+    names = ", ".join(f"a{i}" for i in range(n_args))
+    namespace = {"inner": inner, "RAISED": RAISED}
+    exec(f"def guarded({names}):\n    try:\n        return inner({names})\n    except Exception:\n"
+         f"        return RAISED\n", namespace)  # noqa: S102  (a fixed template)
+    return njit(namespace["guarded"])
 
-    def guarded(S, b, h, i0, j0, check_mask):
-        # an exception cannot travel back through a function pointer: turn it into a code here
-        try:
-            return inner(S, b, h, i0, j0, check_mask)
-        except Exception:
-            return RAISED
 
-    return inner, njit(guarded)
+def compile_hooked(function, signature, score_mod, mask_mod, dtype, **extra):
+    """(guarded, inner): `function` (a tile step of rung 3, forward or backward) compiled with the user's
+    score_mod and mask_mod as SCORE_MOD / MASK_MOD (and `extra` globals), for `signature`. inner has
+    boundscheck on, so a captured array read out of its bounds raises IndexError as in Python; guarded
+    turns any exception into RAISED, which the kernel records."""
+    hooks = dict(SCORE_MOD=rung3_gemm.no_score_mod if score_mod is None else compiled_mod("score_mod", score_mod, dtype),
+                 MASK_MOD=rung3_gemm.every_key if mask_mod is None else compiled_mod("mask_mod", mask_mod, dtype),
+                 HAS_SCORE_MOD=score_mod is not None, HAS_MASK_MOD=mask_mod is not None, **extra)
+    inner = njit(fastmath=FASTMATH)(hooked(function, **hooks))
+    guarded = _make_guard(inner, len(signature.args))
+    try:
+        with _quiet_compile():
+            inner.compile(signature)
+            guarded.compile(signature)
+    except numba.core.errors.NumbaError as err:
+        which = " and ".join(f"{k} {blockmask.describe(f)}" for k, f in (("score_mod", score_mod),
+                                                                          ("mask_mod", mask_mod)) if f)
+        raise TypeError(f"{which} could not be compiled into the tile loop by Numba: {_short(err)}. "
+                        f"{SUPPORTED}") from None
+    return guarded, inner
 
 
 _TILES: OrderedDict[tuple, tuple] = OrderedDict()
 
 
+def mods_key(score_mod, mask_mod, dtype):
+    return (score_mod, None if score_mod is None else blockmask.fingerprint(score_mod),
+            mask_mod, None if mask_mod is None else blockmask.fingerprint(mask_mod), np.dtype(dtype))
+
+
 def tile_function(score_mod, mask_mod, dtype, with_inner=False):
-    """The compiled tile function (a dispatcher the kernel calls through a function pointer) of this
+    """The compiled tile step (a dispatcher the kernel calls through a function pointer) of this
     (score_mod, mask_mod) pair for `dtype`; with_inner=True also the function the mods are inlined in."""
     dtype = np.dtype(dtype)
-    key = (score_mod, None if score_mod is None else blockmask.fingerprint(score_mod),
-           mask_mod, None if mask_mod is None else blockmask.fingerprint(mask_mod), dtype)
+    key = mods_key(score_mod, mask_mod, dtype)
     if key not in _TILES:
-        score_fn = _keep_score if score_mod is None else compiled_mod("score_mod", score_mod, dtype)
-        mask_fn = _all_visible if mask_mod is None else compiled_mod("mask_mod", mask_mod, dtype)
-        inner, guarded = _make_tile_function(score_fn, mask_fn, score_mod is not None, mask_mod is not None)
-        sig = tile_signature(dtype)
-        try:
-            with _quiet_compile():
-                inner.compile(sig)
-                guarded.compile(sig)
-        except numba.core.errors.NumbaError as err:
-            which = " and ".join(f"{k} {blockmask.describe(f)}" for k, f in (("score_mod", score_mod),
-                                                                              ("mask_mod", mask_mod)) if f)
-            raise TypeError(f"{which} could not be compiled into the tile loop by Numba: {_short(err)}. "
-                            f"{SUPPORTED}") from None
-        _remember(_TILES, key, (inner, guarded))
+        _remember(_TILES, key, compile_hooked(rung3_gemm.online_softmax_tile, tile_signature(dtype),
+                                              score_mod, mask_mod, dtype))
     _TILES.move_to_end(key)
-    inner, guarded = _TILES[key]
+    guarded, inner = _TILES[key]
     return (guarded, inner) if with_inner else guarded
+
+
+_BACKWARD_TILES: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def backward_tile_function(score_mod, mask_mod, dtype):
+    """The compiled backward tile step (rung3_gemm_backward.tile_dS) with these mods and score_mod's
+    derivative (flashkit.mods_grad: NotDifferentiable, a TypeError, if it cannot be written)."""
+    from flashkit import mods_grad
+    from flashkit.cpu import rung3_gemm_backward as backward
+
+    dtype = np.dtype(dtype)
+    key = mods_key(score_mod, mask_mod, dtype)
+    if key not in _BACKWARD_TILES:
+        extra = {}
+        if score_mod is not None:
+            extra["D_SCORE_MOD"] = compiled_mod("score_mod", mods_grad.derivative(score_mod), dtype)
+        _remember(_BACKWARD_TILES, key, compile_hooked(backward.tile_dS, backward.tile_signature(dtype), score_mod,
+                                                       mask_mod, dtype, **extra))
+    _BACKWARD_TILES.move_to_end(key)
+    return _BACKWARD_TILES[key][0]
+
+
+def check_gradients(problem, dQ, dK, dV):
+    """After a backward with a score_mod: ValueError if a gradient is NaN or infinite, which only the
+    derivative of score_mod can cause there (the forward checked the scores themselves)."""
+    for name, g in (("dq", dQ), ("dk", dK), ("dv", dV)):
+        if not np.isfinite(g).all():
+            raise ValueError(f"{name} has NaN or infinite entries: the derivative of score_mod "
+                             f"{blockmask.describe(problem.score_mod)} with respect to the score is not finite at "
+                             "some visible score (a sqrt or log at 0, a division by zero?); make it finite where "
+                             "the score is visible")
 
 
 def tile_asm(score_mod=None, mask_mod=None, dtype=np.float32) -> str:
@@ -376,13 +354,37 @@ def _tile_scores(problem, b, h, i0, i1, j0, j1):
     return S
 
 
-def explain_raised(problem, b, h, i0, i1, j0, j1):
+def explain_errors(problem, errors, Br, Bc, Tr, lse=None):
+    """After a forward kernel: raise the error of the first task that recorded one (errors[t] = code, key
+    block j; flashkit.cpu.common.task_index numbers the tasks), and, with a score_mod, the NaN or +inf it
+    gave (its output rows are NaN, `lse` too). Nothing if all went well."""
+    from flashkit.cpu.common import task_index
+
+    failed = np.flatnonzero(errors[:, 0] != OK)
+    if failed.size:  # an exception inside a mod: raised again from Python, with its position
+        t = int(failed[0])
+        b, h, i = (int(x) for x in task_index.py_func(t, problem.Hq, Tr))
+        j = int(errors[t, 1])
+        i0, j0 = i * Br, j * Bc
+        explain_raised(problem, b, h, i0, min(i0 + Br, problem.Nq), j0, min(j0 + Bc, problem.Nk))
+    if problem.score_mod is not None and lse is not None:
+        bad = np.isnan(lse)
+        if bad.any():
+            explain_nonfinite(problem, *(int(x) for x in np.argwhere(bad)[0]))
+
+
+def explain_raised(problem, b, h, i0, i1, j0, j1, backward=False):
     """Raise the exception the compiled tile of rows [i0, i1), keys [j0, j1) of (b, h) caught: the tile
     is evaluated again in Python (flashkit.blockmask), which raises the user's own exception with the
-    function and the position named."""
+    function and the position named (in the backward, score_mod's derivative is evaluated too)."""
     S = _tile_scores(problem, b, h, i0, i1, j0, j1)
-    blockmask.apply_mods(S, problem.score_mod, problem.mask_mod, b, h, np.arange(i0, i1)[:, None],
-                         np.arange(j0, j1)[None, :])  # raises, normally
+    q_idx, kv_idx = np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :]
+    S_mod = blockmask.apply_mods(S, problem.score_mod, problem.mask_mod, b, h, q_idx, kv_idx)  # raises, normally
+    if backward and problem.score_mod is not None:
+        from flashkit import mods_grad
+
+        blockmask.evaluate("score_mod", mods_grad.derivative(problem.score_mod), (S, b, h, q_idx, kv_idx),
+                           where=S_mod > -np.inf)
     _raise_unexplained(problem.score_mod, problem.mask_mod, b, h, i0, i1, j0, j1)
 
 
@@ -497,19 +499,23 @@ def classify(mask_mod, B: int, H: int, Nq: int, Nk: int, Br: int, Bc: int) -> np
 
 def tile_ns_per_score(score_mod=None, mask_mod=None, dtype=np.float32, Br: int = 128, Bc: int = 128,
                       repeats: int = 200, partial: bool = False) -> float:
-    """Nanoseconds per score of the compiled tile function alone, on one Br x Bc tile of random scores
-    (a FULL tile unless partial=True): what a mod adds to each score the kernel computes. Fastest of
-    `repeats` calls, the tile refilled before each (the refill is timed apart and subtracted)."""
+    """Nanoseconds per score of the compiled tile step alone (the mods, then the row max, the exp and
+    the row sum), on one Br x Bc tile of random scores (a FULL tile unless partial=True): compare with
+    `tile_ns_per_score()` (no mod) to see what a mod adds to each score. Fastest of `repeats` calls,
+    the tile refilled before each (the refill is timed apart and subtracted)."""
     import time
 
-    fn = tile_function(score_mod, mask_mod, dtype)
+    fn = rung3_gemm.plain_tile(dtype) if score_mod is None and mask_mod is None else \
+        tile_function(score_mod, mask_mod, dtype)
     S0 = np.random.default_rng(0).standard_normal((Br, Bc)).astype(dtype)
     S = S0.copy()
-    fn(S, 0, 0, 0, 0, partial)  # first call outside the timing
+    m, l, alpha = np.full(Br, -1e30, dtype), np.zeros(Br, dtype), np.empty(Br, dtype)
+    fn(S, 0, 0, 0, 0, partial, m, l, alpha)  # first call outside the timing
     best = np.inf
     for _ in range(repeats):
         S[...] = S0
+        m[:] = -1e30
         t0 = time.perf_counter()
-        fn(S, 0, 0, 0, 0, partial)
+        fn(S, 0, 0, 0, 0, partial, m, l, alpha)
         best = min(best, time.perf_counter() - t0)
     return best / (Br * Bc) * 1e9
