@@ -1,6 +1,8 @@
 """tools/make_student.py and the student edition it builds: stubs in place of solutions, check cells
 kept, and every stub failing its check with a helpful message while nothing else breaks."""
 import importlib.util
+import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -132,3 +134,22 @@ def test_time_notebooks_records_times_errors_and_the_missing_series(tmp_path):
     assert tool.main(["--workshop", str(workshop), "--from-results", str(out)]) == 0  # no re-run
     assert workshop.read_text() == text
     assert nbformat.read(folder / "00_ok.ipynb", as_version=4).cells[0].outputs == []  # files not modified
+
+
+def test_the_editions_links_resolve_inside_it(tmp_path):
+    """`make lab-student` serves only the edition's folder: every relative link of its notebooks names a
+    file there (the glossary is copied beside them; links to the series become their repository paths)."""
+    out = tmp_path / "student"
+    make_student.build(ROOT / "notebooks" / "exercises", out)
+    assert (out / "glossary.md").is_file()
+    bad = []
+    for path in sorted(out.glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] != "markdown":
+                continue
+            for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", "".join(cell["source"])):
+                if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                    continue
+                if not (out / target.partition("#")[0]).is_file():
+                    bad.append(f"{path.name}: {target}")
+    assert not bad, bad

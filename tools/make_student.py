@@ -31,6 +31,8 @@ from flashkit.atomic import write_text
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 _DEF = re.compile(r"^(\s*)(?:async\s+)?def\s+(\w+)\s*\(")
+_LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
+GLOSSARY = "glossary.md"  # copied into the edition: its links keep working there
 
 
 def _enclosing_function(lines, index, indent):
@@ -85,6 +87,27 @@ def student_notebook(nb, name: str = "notebook"):
     return nb
 
 
+def relink(source: str, src: Path) -> str:
+    """Markdown `source` of a notebook in `src` with its relative links made to work in the edition, whose
+    lab (`make lab-student`) serves only the edition's folder: a link into the glossary points at the
+    copy beside the notebooks; a link to another file of the repository becomes its text and the file's
+    path in the repository (opened by `make lab`). URLs and links inside the edition stay."""
+    def fix(match):
+        text, target = match.group(1), match.group(2)
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            return match.group(0)
+        file, _, anchor = target.partition("#")
+        resolved = (src / file).resolve()
+        if resolved.parent == src.resolve():
+            return match.group(0)  # another exercise: in the edition too
+        if resolved.name == GLOSSARY:
+            return f"[{text}]({GLOSSARY}{'#' + anchor if anchor else ''})"
+        root = src.resolve().parents[1]
+        where = resolved.relative_to(root) if resolved.is_relative_to(root) else resolved
+        return f"{text} (`{where.as_posix()}`, in `make lab`)"
+    return _LINK.sub(fix, source)
+
+
 def _write_atomic(nb, path: Path):
     write_text(path, nbformat.writes(nb))
 
@@ -100,9 +123,15 @@ def build(src: Path, out: Path) -> list:
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         student = student_notebook(nb, name=path.name)
+        for cell in student.cells:
+            if cell.cell_type == "markdown":
+                cell.source = relink(cell.source, src)
         nbformat.validate(student)
         _write_atomic(student, out / path.name)
         written.append(out / path.name)
+    glossary = src.resolve().parent / GLOSSARY
+    if glossary.is_file():
+        write_text(out / GLOSSARY, glossary.read_text())
     return written
 
 

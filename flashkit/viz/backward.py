@@ -204,21 +204,37 @@ def dataflow_figure(N: int = 4096, d: int = 64, itemsize: int = 4):
 
 def ratio_figure(rows, flop_ratio: float = 2.5):
     """Measured backward time / forward time against N, one line per backend, beside the FLOP count's
-    ratio. rows: dicts with backend, N, fwd_ms, bwd_ms."""
+    ratio. rows: dicts with backend, N, fwd_ms, bwd_ms (the fastest samples) and, when the spread was
+    measured, fwd_p75, bwd_p75 and noisy: the error bar spans the ratios the four times allow, and a noisy
+    point is ringed (flashkit.viz.spread)."""
     import plotly.graph_objects as go
 
+    from flashkit.viz import spread
+
+    def span(r):
+        ratios = [b / f for b in (r["bwd_ms"], r.get("bwd_p75", r["bwd_ms"]))
+                  for f in (r["fwd_ms"], r.get("fwd_p75", r["fwd_ms"]))]
+        return min(ratios), max(ratios)
+
     fig = go.Figure()
+    n_noisy = 0
     for backend in dict.fromkeys(r["backend"] for r in rows):
         rs = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["N"])
-        fig.add_trace(go.Scatter(x=[r["N"] for r in rs], y=[r["bwd_ms"] / r["fwd_ms"] for r in rs],
-                                 mode="lines+markers", name=backend,
+        y = [r["bwd_ms"] / r["fwd_ms"] for r in rs]
+        lo_hi = [span(r) for r in rs]
+        fig.add_trace(go.Scatter(x=[r["N"] for r in rs], y=y, mode="lines+markers", name=backend,
+                                 error_y=dict(type="data", symmetric=False, array=[hi - v for v, (_, hi) in zip(y, lo_hi)],
+                                              arrayminus=[v - lo for v, (lo, _) in zip(y, lo_hi)], thickness=1.5, width=4),
                                  customdata=[[r["fwd_ms"], r["bwd_ms"]] for r in rs],
                                  hovertemplate="N=%{x}: backward %{customdata[1]:.1f} ms / forward "
                                                "%{customdata[0]:.1f} ms = %{y:.2f}<extra></extra>"))
+        noisy = [(r["N"], v) for r, v in zip(rs, y) if r.get("noisy")]
+        n_noisy += spread.ring_noisy(fig, [n for n, _ in noisy], [v for _, v in noisy], showlegend=not n_noisy)
     Ns = [r["N"] for r in rows]
     fig.add_trace(go.Scatter(x=[min(Ns), max(Ns)], y=[flop_ratio] * 2, mode="lines", line=dict(dash="dash"),
                              name=f"FLOP count: 5 matmuls / 2 = {flop_ratio}"))
-    fig.update_layout(title="Backward time / forward time, measured on this machine, against the FLOP ratio 2.5",
+    fig.update_layout(title=spread.title("Backward time / forward time, measured on this machine, against the FLOP "
+                                         "ratio 2.5", n_noisy),
                       height=420, legend=dict(orientation="h", y=-0.25))
     fig.update_xaxes(title_text="sequence length N (tokens, log scale)", type="log", tickvals=sorted(set(Ns)))
     fig.update_yaxes(title_text="backward / forward (time ratio, unitless)", rangemode="tozero")

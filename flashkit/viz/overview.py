@@ -6,14 +6,15 @@ and `cost_figure` draw the measurements; `fit_slope` is the exponent of a power 
 """
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import numpy as np
 
 import flashkit
+from flashkit.measure import timing
 from flashkit.measure.memory import fit_loglog_slope
 from flashkit.measure.threads import threads_limit
+from flashkit.viz import spread
 
 
 def backends_markdown(rows=None) -> str:
@@ -37,9 +38,10 @@ def random_qkv(N: int, d: int = 64, H: int = 1, seed: int = 0, dtype=np.float32)
 
 def measure(backend: str, N: int, d: int = 64, H: int = 1, causal: bool = False, repeats: int = 3,
             seed: int = 0, window=None, block_size=None, threads=None) -> dict:
-    """Wall time (s) of the fastest of `repeats` calls after one warm-up (the one least disturbed by other
-    work on the machine), and the peak bytes allocated during one call beyond the inputs and the output
-    (tracemalloc, measured in a separate, untimed call).
+    """Wall time (s) of the fastest sample after a warm-up timed apart (the one least disturbed by other
+    work on the machine; `timing.time_robust`: at least `repeats` samples, more while 0.2 s lasts), with
+    its 75th percentile (`seconds_p75`) and a `noisy` flag, and the peak bytes allocated during one call
+    beyond the inputs and the output (tracemalloc, measured in a separate, untimed call).
 
     threads: None leaves the thread pools as they are; an int limits both the BLAS pool (threadpoolctl)
     and Numba's threads to it for the measurement, then restores them. One thread gives steady numbers
@@ -57,12 +59,9 @@ def _measure(backend, N, d, H, causal, repeats, seed, window, block_size, thread
     q, k, v = random_qkv(N, d, H, seed)
     run = lambda: flashkit.attention(q, k, v, causal=causal, window=window, block_size=block_size,  # noqa: E731
                                      backend=backend)
-    run()  # warm-up: caches, and Numba's compilation for a Numba backend
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    # warm-up (caches, Numba's compilation) timed apart; calls per sample by autorange; at least `repeats`
+    # samples, more while a 0.2 s budget lasts: the fastest with its p75 and a noisy flag (timing.time_robust)
+    t = timing.time_robust(run, warmup=1, budget_s=0.2, min_repeats=repeats, max_repeats=max(repeats, 50))
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -72,7 +71,8 @@ def _measure(backend, N, d, H, causal, repeats, seed, window, block_size, thread
         tracemalloc.stop()
     return {"backend": backend, "N": N, "d": d, "H": H, "causal": causal, "window": window, "block_size": block_size,
             "threads": threads,
-            "seconds": min(times), "peak_bytes": max(0, peak - o.nbytes)}
+            "seconds": t.min_ms / 1e3, "seconds_p75": t.p75_ms / 1e3, "noisy": t.noisy, "repeats": len(t.times_ms),
+            "peak_bytes": max(0, peak - o.nbytes)}
 
 
 # The exponent p of y ≈ c·x^p, fitted by least squares on log(x), log(y).
@@ -102,17 +102,23 @@ def cost_figure(rows, title: str = "Measured cost of attention on this machine")
     if not rows:
         raise ValueError("rows must hold at least one measurement from measure()")
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
-        "time per call (fastest of repeats)", "peak memory beyond inputs and output"))
+        "time per call (fastest; bar to p75)", "peak memory beyond inputs and output"))
+    n_noisy = 0
     colours = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3"]
     for n, name in enumerate(dict.fromkeys(r["backend"] for r in rows)):
         mine = sorted((r for r in rows if r["backend"] == name), key=lambda r: r["N"])
         N = [r["N"] for r in mine]
         c = colours[n % len(colours)]
-        fig.add_trace(go.Scatter(x=N, y=[r["seconds"] * 1e3 for r in mine], name=name, legendgroup=name,
-                                 mode="lines+markers", line=dict(color=c)), 1, 1)
+        ms = [r["seconds"] * 1e3 for r in mine]
+        fig.add_trace(go.Scatter(x=N, y=ms, name=name, legendgroup=name, mode="lines+markers", line=dict(color=c),
+                                 error_y=spread.bar_up(ms, [r.get("seconds_p75", r["seconds"]) * 1e3 for r in mine])),
+                      1, 1)
+        noisy = [r for r in mine if r.get("noisy")]
+        n_noisy += spread.ring_noisy(fig, [r["N"] for r in noisy], [r["seconds"] * 1e3 for r in noisy],
+                                     showlegend=not n_noisy, row=1, col=1)
         fig.add_trace(go.Scatter(x=N, y=[r["peak_bytes"] / 2**20 for r in mine], name=name, legendgroup=name,
                                  showlegend=False, mode="lines+markers", line=dict(color=c)), 1, 2)
-    fig.update_layout(title=title, height=420)
+    fig.update_layout(title=spread.title(title, n_noisy), height=420)
     for col, y_title in ((1, "time (ms)"), (2, "extra memory (MiB)")):
         fig.update_xaxes(title_text="sequence length N (tokens)", type="log", row=1, col=col,
                          tickvals=sorted({r["N"] for r in rows}))
