@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_backward [--json PATH] [--no-sweep] [--no-memory]
 
-Shapes (issue 10): B*N = 16384 tokens, H*d = 2048, N = 4096, d in {64, 128}, causal and not. float16 and
+Shapes: B*N = 16384 tokens, H*d = 2048, N = 4096, d in {64, 128}, causal and not. float16 and
 bfloat16: cupy-bwd-mma and cupy-bwd-mma-2kernel beside torch's flash, cudnn and efficient backward;
 float32: cupy-bwd-fp32 beside torch's efficient backward (the only torch fused fp32 backward).
 

@@ -361,7 +361,7 @@ def test_membench_small_sweep():
         membench.sweep(min_bytes=0)
 
 
-# ------------------------------------------------------------------ wrong answers a learner wrote (issue 15),
+# ------------------------------------------------------------------ wrong answers a learner wrote,
 # each in its own words, not the checker's: the checker must name the mistake by property.
 def softmax_minus_min(x):  # right algebra on narrow rows: any constant may be subtracted
     c = x.min(axis=-1, keepdims=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import html
 import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -357,12 +359,18 @@ class BenchmarkDashboard:
             self.chart.clear_output(wait=True)
             display(self.figure())
 
-    def _guarded(self, fn, *args):
-        """Run a callback with its output and any error shown in the log area (Output shows the traceback)."""
+    def _guarded(self, fn, *args) -> bool:
+        """Run a callback with its output and any error shown in the log area; True if it succeeded.
+
+        The error is reported here (status line, traceback in the log) and not raised: in a kernel the
+        Output widget would swallow it anyway, and outside one (a test) the result must not depend on
+        whether some IPython shell happens to exist in the process."""
         with self.log:
             self.log.clear_output()
             try:
                 fn(*args)
             except Exception as exc:
                 self.status.value = f"failed: {type(exc).__name__}: {exc}"
-                raise  # inside `with self.log`, IPython prints the traceback there
+                traceback.print_exc(file=sys.stdout)  # into the log area
+                return False
+        return True

@@ -28,7 +28,10 @@ SDPA = ("torch-flash", "torch-efficient", "torch-cudnn", "torch-math")
 # What makes a line "key": an algorithm comment in the paper's names (the line after it implements it), or
 # an instruction that names the rung's idea. The lines themselves are read from the files.
 _ALGORITHM = re.compile(r"^\s*(//|#)\s*(S_ij|P_ij|O_i|m_new|S = |P = |O = |Load |K_\{j\+1\}|V_j starts|Heavy)")
-_INSTRUCTION = re.compile(r"mma\.sync|ldmatrix\.sync|cp\.async\.cg|__shfl_xor_sync|ex2\.approx|reinterpret_cast<const float4")
+# The instructions that carry a rung's idea, written inline or through the shared helpers of kernels/*.cuh
+# (mma16816 = mma.sync m16n8k16; ldmatrix_x4*, A_/B_rows and _cols = ldmatrix; async_tile, cp_async* = cp.async).
+_INSTRUCTION = re.compile(r"mma\.sync|ldmatrix\.sync|cp\.async\.cg|__shfl_xor_sync|ex2\.approx|reinterpret_cast<const float4"
+                          r"|mma16816\(|ldmatrix_x4\w*\(|\b[AB]_(rows|cols)\(|async_tile\(|cp_async\w*\(|wgmma\w*\(")
 
 
 @dataclass(frozen=True)
