@@ -1,6 +1,7 @@
 """Ring attention (flashkit.distributed): exact against single-device attention, in the simulated ring
 and on real MPI ranks; every rank stops with a clear error when one fails or the ranks disagree."""
 import importlib
+import re
 import subprocess
 import sys
 import threading
@@ -204,8 +205,9 @@ def test_bad_input_on_one_rank_stops_every_rank():
 
     out = _every_rank(nan_on_rank_1, 3)
     assert isinstance(out[1], ValueError) and "q contains NaN" in str(out[1])
-    for r in (0, 2):
-        assert isinstance(out[r], RingPeerError) and "rank 1: ValueError: q contains NaN" in str(out[r])
+    for r in (0, 2):  # the error reaches them by the agreement step or, if rank 1 stopped first, by its abort
+        assert isinstance(out[r], RingPeerError) and re.search(r"rank 1(:| failed:) ValueError: q contains NaN",
+                                                               str(out[r])), str(out[r])
 
 
 def test_a_rank_failing_mid_ring_or_never_calling_stops_the_others():
