@@ -261,23 +261,31 @@ def _acc_dtype(xp, dtype):
 
 # --- the forward ring -------------------------------------------------------------------------------
 
+def _pass_on(comm, xp, layout, K, V, src, t, ring):
+    """Step t's exchange, started: send the K/V block we hold (rank `src`'s) to the next rank and receive
+    the previous rank's, rank (src - 1)'s, into fresh buffers, while this step computes on the one held.
+    (request, K_in, V_in, that rank); (None, None, None, None) on the last step, which passes nothing on."""
+    if t == comm.size - 1:
+        return None, None, None, None
+    nxt = (src - 1) % comm.size
+    K_in = xp.empty(K.shape[:2] + (layout["nk"][nxt], K.shape[3]), K.dtype)
+    V_in = xp.empty_like(K_in)
+    req = comm.isendrecv([K, V], comm.next, [K_in, V_in], comm.prev,
+                         what=f"{ring} step {t + 1}: the K/V block of rank {nxt}")
+    return req, K_in, V_in, nxt
+
+
 def _forward(comm, local, layout, opts):
     P = local["problem"]
-    xp, (B, Hq, nq, d), Hkv = P.xp, P.Q.shape, P.Hkv
+    xp, (B, Hq, nq, d) = P.xp, P.Q.shape
     size, rank, split = comm.size, comm.rank, opts["split"]
     acc = _acc_dtype(xp, P.Q.dtype)
     O_acc = xp.zeros((B, Hq, nq, d), acc)  # the running answer of this rank's queries
     lse_acc = xp.full((B, Hq, nq), -np.inf, acc)
     K, V, src = P.K, P.V, rank
     for t in range(size):
-        req, step_t0 = None, time.perf_counter()
-        if t < size - 1:
-            # Send the block we hold on, receive the next one, while we compute on this one.
-            nxt = (src - 1) % size
-            K_in = xp.empty((B, Hkv, layout["nk"][nxt], d), K.dtype)
-            V_in = xp.empty_like(K_in)
-            req = comm.isendrecv([K, V], comm.next, [K_in, V_in], comm.prev,
-                                 what=f"ring step {t + 1}: the K/V block of rank {nxt}")
+        step_t0 = time.perf_counter()
+        req, K_in, V_in, nxt = _pass_on(comm, xp, layout, K, V, src, t, "ring")
         pairs, skipped = _pairs(layout, rank, src, size, split, P.window, comm.progress_pieces if req else 1)
         scores = 0
         for box, qoff, koff in pairs:
@@ -321,13 +329,8 @@ def _backward(comm, local, layout, opts):
     pending_grad = None  # the exchange bringing dK, dV of the block held (from the previous rank)
     grad_in = None  # its receive buffers (dK, dV)
     for t in range(size):
-        req_kv, step_t0 = None, time.perf_counter()
-        if t < size - 1:
-            nxt = (src - 1) % size
-            K_in = xp.empty((B, Hkv, layout["nk"][nxt], d), K.dtype)
-            V_in = xp.empty_like(K_in)
-            req_kv = comm.isendrecv([K, V], comm.next, [K_in, V_in], comm.prev,
-                                    what=f"backward ring step {t + 1}: the K/V block of rank {nxt}")
+        step_t0 = time.perf_counter()
+        req_kv, K_in, V_in, nxt = _pass_on(comm, xp, layout, K, V, src, t, "backward ring")
         # This step's contributions to the held block's dK, dV, summed before the travelling ones arrive.
         dK_t = xp.zeros(K.shape, acc)
         dV_t = xp.zeros(V.shape, acc)
