@@ -36,6 +36,7 @@ SHAPES = (  # B, Hq, Hkv, Nq, Nk, d
     (1, 2, 1, 300, 130, 128),
     (1, 1, 1, 1, 1, 32),
     (2, 2, 2, 129, 129, 64),
+    (2, 4, 2, 200, 256, 64),  # Nk % 16 == 0: the bool mask's 16-byte loads (edge rows still byte by byte)
 )
 
 
@@ -78,6 +79,10 @@ def cases(shape):
         ("bool mask (bits)", dict(mask=_bool_mask(rng, B, Nq, Nk))),
         ("user score_mod (if, math) + document", dict(score_mod=_user_softcap_if, mask_mod=docs)),
         ("user mask_mod (and, not, %)", dict(mask_mod=_user_band)),
+        ("bool document mask (dense) + causal", dict(mask=_bool_documents(rng, Nq, Nk, (1, 1)), causal=True)),
+        ("bool mask per head + sliding_window mod + softcap",
+         dict(mask=_bool_documents(rng, Nq, Nk, (B, Hq)), mask_mod=mods.sliding_window(Nq, Nk, 70, 20),
+              score_mod=mods.softcap(5.0))),
         ("softcap + and_masks(document, causal) block mask 128x128",
          dict(score_mod=mods.softcap(20.0), block_mask=(mods.and_masks(docs, mods.causal(Nq, Nk)), (128, 128)))),
     ]
@@ -88,6 +93,19 @@ def _bool_mask(rng, B, Nq, Nk):
     m = rng.random((B, 1, Nq, Nk)) < 0.7
     m[:, :, rng.random(Nq) < 0.15, :] = False  # some rows see nothing: 0 and -inf
     return m
+
+
+def _bool_documents(rng, Nq, Nk, planes):
+    """A dense bool mask with structure (whole tiles seen or not, as a document mask gives) and a few holes:
+    SKIP, FULL and PARTIAL tiles all occur, in every plane a little differently."""
+    out = np.zeros(planes + (Nq, Nk), bool)
+    for p in np.ndindex(*planes):
+        cuts_q = np.sort(rng.integers(0, Nq + 1, 2))
+        cuts_k = np.sort(rng.integers(0, Nk + 1, 2))
+        dq, dk = np.searchsorted(cuts_q, np.arange(Nq), "right"), np.searchsorted(cuts_k, np.arange(Nk), "right")
+        out[p] = dq[:, None] == dk[None, :]
+        out[p][rng.random((Nq, Nk)) < 0.002] ^= True
+    return out
 
 
 def _compile_one(job):
@@ -278,15 +296,21 @@ def bench_mod_cost(log, N=4096, B=4, H=16):
     return rows
 
 
-def bench_documents(log, N=65536, H=16, d=64, n_docs=8, flex_budget_s=150.0):
+UNEVEN = [5000, 9000, 3000, 12000, 7000, 11000, 8536, 10000]  # 8 documents whose edges cut tiles: PARTIAL ones
+
+
+def bench_documents(log, N=65536, H=16, d=64, lens=None, flex_budget_s=150.0, every_tile=True):
+    """A document mask in one packed sequence: its block mask, the same mask evaluated on every tile (no
+    block sparsity), given as a dense bool mask (classified on the GPU in the call), and FlexAttention."""
     import cupy
-    from flashkit import validate
+    from flashkit import registry, validate
     from flashkit.gpu import flash, flash_mods
 
     pool = cupy.get_default_memory_pool()
-    lens = [N // n_docs] * n_docs
+    lens = list(lens or [N // 8] * 8)
+    n_docs = len(lens)
     doc_mask = mods.document_mask(lens)
-    out = {"N": N, "H": H, "d": d, "B": 1, "documents": n_docs, "dtype": "float16"}
+    out = {"N": N, "H": H, "d": d, "B": 1, "documents": n_docs, "lengths": lens, "dtype": "float16"}
     q, k, v = (cupy.random.standard_normal((1, H, N, d), dtype=cupy.float32).astype(cupy.float16) for _ in range(3))
     Br, Bc = flash.blocks_for(6, d, None)
     t0 = time.perf_counter()
@@ -309,40 +333,83 @@ def bench_documents(log, N=65536, H=16, d=64, n_docs=8, flex_budget_s=150.0):
     out["block_mask_kernel"] = _time(launch)
     out["block_mask_public"] = _time(lambda: flashkit.attention(q, k, v, backend=RUNG, block_mask=bm))
     lists = flash_mods._mod_lists(p_bm, Br, Bc)
-    out["block_mask_extra_bytes"] = int(sum(a.nbytes for a in lists))
+    out["block_mask_extra_bytes"] = int(sum(a.nbytes for a in lists))  # the packed tile lists on the GPU
 
-    p_dense_mod = validate.check(q, k, v, block_mask=bm.without_sparsity())
-    launch2, check2, O_ns, _ = flash_mods.prepare(6, p_dense_mod)
-    launch2()
-    check2()
-    out["every_tile_mask_mod_kernel"] = _time(launch2, repeats=3)
-    out["same_answer_every_tile"] = bool(cupy.array_equal(O_bm, O_ns))
-    del O_ns
+    if every_tile:  # the mask_mod on every score of every tile: what block sparsity saves
+        p_dense_mod = validate.check(q, k, v, block_mask=bm.without_sparsity())
+        launch2, check2, O_ns, _ = flash_mods.prepare(6, p_dense_mod)
+        launch2()
+        check2()
+        out["every_tile_mask_mod_kernel"] = _time(launch2, repeats=3)
+        out["same_answer_every_tile"] = bool(cupy.array_equal(O_bm, O_ns))
+        del O_ns
 
     ids = cupy.asarray(np.repeat(np.arange(n_docs), lens))
     dense = (ids[:, None] == ids[None, :])[None, None]  # (1, 1, N, N) bool: 4 GiB, the user's input
     out["dense_mask_bytes"] = int(dense.nbytes)
-    pool_before = pool.used_bytes()
-    O_dense = flashkit.attention(q, k, v, backend=RUNG, mask=dense)
+    p_dense = validate.check(q, k, v, mask=dense)
+    out["auto_backend_for_bool_mask"] = registry.choose(p_dense).name
+    O_dense = flashkit.attention(q, k, v, mask=dense)  # backend "auto": the tensor-core rung
     out["dense_mask_same_answer"] = float(cupy.abs(O_dense.astype(cupy.float32) - O_bm.astype(cupy.float32)).max())
     del O_dense
-    out["dense_mask_public"] = _time(lambda: flashkit.attention(q, k, v, backend=RUNG, mask=dense), repeats=3)
-    out["dense_mask_extra_bytes_in_pool_after"] = int(pool.used_bytes() - pool_before)
-    partial = int(c["partial"])
-    out["dense_mask_bits_bytes"] = partial * Br * Bc // 8
-    dense = None  # the 4 GiB input freed before FlexAttention runs
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    made = flash_mods._bool_mask_lists(p_dense, Br, Bc)
+    out["dense_mask_lists_bytes"] = int(sum(a.nbytes for a in made[:5]))  # tile lists + bits of PARTIAL tiles
+    out["dense_mask_partial_tiles"] = int(made[5])
+    out["dense_mask_pool_growth_bytes"] = int(pool.total_bytes() - before)
+    del made
+    out["dense_mask_classify"] = _time(lambda: flash_mods._bool_mask_lists(p_dense, Br, Bc), repeats=5)
+    launch3, check3, _, _ = flash_mods.prepare(6, p_dense)
+    launch3()
+    check3()
+    out["dense_mask_kernel"] = _time(launch3)
+    out["dense_mask_public"] = _time(lambda: flashkit.attention(q, k, v, backend=RUNG, mask=dense), repeats=5)
+    dense = p_dense = None  # the 4 GiB input freed before FlexAttention runs
+    launch3 = check3 = None
     pool.free_all_blocks()
 
-    out["speedup_block_mask_vs_every_tile"] = out["every_tile_mask_mod_kernel"]["min_ms"] / out["block_mask_kernel"]["min_ms"]
-    out["speedup_block_mask_vs_dense_mask"] = out["dense_mask_public"]["min_ms"] / out["block_mask_public"]["min_ms"]
+    if every_tile:
+        out["speedup_block_mask_vs_every_tile"] = (out["every_tile_mask_mod_kernel"]["min_ms"]
+                                                   / out["block_mask_kernel"]["min_ms"])
+    out["speedup_block_mask_vs_dense_bool_classified"] = (out["dense_mask_public"]["min_ms"]
+                                                          / out["block_mask_public"]["min_ms"])
+    out["speedup_dense_bool_classified_vs_no_mask"] = out["no_mask_kernel"]["min_ms"] / out["dense_mask_public"]["min_ms"]
     out["time_fraction_vs_no_mask"] = out["block_mask_kernel"]["min_ms"] / out["no_mask_kernel"]["min_ms"]
-    log(f"  documents N={N}: tiles visible {out['visible_fraction_tiles']:.3f}; no mask "
+    log(f"  documents N={N} {lens}: tiles visible {out['visible_fraction_tiles']:.3f} (partial {c['partial']}); no mask "
         f"{out['no_mask_kernel']['min_ms']:.2f} ms, block mask {out['block_mask_kernel']['min_ms']:.2f} ms "
-        f"(public {out['block_mask_public']['min_ms']:.2f}), every tile {out['every_tile_mask_mod_kernel']['min_ms']:.2f}, "
-        f"dense bool mask {out['dense_mask_public']['min_ms']:.2f} ms")
-    out["flex"] = flex_documents(q, k, v, lens, flex_budget_s, log)
-    if "min_ms" in out["flex"]:
-        out["ratio_flashkit_public_vs_flex"] = out["flex"]["min_ms"] / out["block_mask_public"]["min_ms"]
+        f"(time fraction {out['time_fraction_vs_no_mask']:.3f}; public {out['block_mask_public']['min_ms']:.2f}), "
+        + (f"every tile {out['every_tile_mask_mod_kernel']['min_ms']:.2f}, " if every_tile else "")
+        + f"dense bool mask public {out['dense_mask_public']['min_ms']:.2f} ms (classify "
+        f"{out['dense_mask_classify']['min_ms']:.2f}, kernel {out['dense_mask_kernel']['min_ms']:.2f}; auto -> "
+        f"{out['auto_backend_for_bool_mask']}; lists+bits {out['dense_mask_lists_bytes'] / 2**20:.1f} MiB)")
+    if flex_budget_s > 0:
+        out["flex"] = flex_documents(q, k, v, lens, flex_budget_s, log)
+        if "min_ms" in out["flex"]:
+            out["ratio_flashkit_public_vs_flex"] = out["flex"]["min_ms"] / out["block_mask_public"]["min_ms"]
+    return out
+
+
+def tanh_error(log):
+    """The error of the kernels' tanh (modlang's fk_tanh: tanh.approx.f32) against float64, on the GPU."""
+    import cupy
+    from flashkit.gpu import flash, modlang
+
+    src = modlang.RUNTIME + r"""
+extern "C" __global__ void fk_tanh_all(const float* x, float* y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = fk_tanh(x[i]);
+}"""
+    fn = cupy.RawModule(code=src, options=("--std=c++17", f"--gpu-architecture={flash._arch()}")).get_function("fk_tanh_all")
+    x = np.concatenate([np.linspace(-12, 12, 1 << 20), np.geomspace(1e-6, 12, 1 << 16)]).astype(np.float32)
+    xd, yd = cupy.asarray(x), cupy.empty(x.size, cupy.float32)
+    fn((-(-x.size // 256),), (256,), (xd, yd, np.int32(x.size)))
+    y, ref = cupy.asnumpy(yd).astype(np.float64), np.tanh(x.astype(np.float64))
+    abs_err = np.abs(y - ref)
+    rel_err = abs_err[ref != 0] / np.abs(ref[ref != 0])
+    out = {"max_abs_error": float(abs_err.max()), "max_rel_error": float(rel_err.max()),
+           "softcap50_max_score_error_at_|score|<=20": float((50 * abs_err[np.abs(x) <= 0.4]).max())}
+    log(f"  fk_tanh (tanh.approx.f32): max abs error {out['max_abs_error']:.2e}, max rel error {out['max_rel_error']:.2e}")
     return out
 
 
@@ -435,6 +502,9 @@ def sanitize_case():
     flashkit.attention(q, k, v, backend=RUNG, score_mod=mods.softcap(10.0), block_mask=bm, causal=True)
     flashkit.attention(q, k, v, backend=RUNG, mask=cupy.asarray(_bool_mask(rng, B, Nq, Nk)),
                        score_mod=mods.alibi(mods.alibi_slopes(H)))
+    k2, v2 = (cupy.asarray(rng.standard_normal((B, H, 256, d)).astype(np.float16)) for _ in range(2))
+    flashkit.attention(q, k2, v2, backend=RUNG, mask=cupy.asarray(_bool_documents(rng, Nq, 256, (B, H))),
+                       mask_mod=mods.sliding_window(Nq, 256, 90, 10))  # the 16-byte loads, per-head lists
     cupy.cuda.Device().synchronize()
     print("sanitize case done")
 
@@ -486,8 +556,10 @@ def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> dict:
     if bench:
         log("== 3. measured")
         _section(result, "mod_cost", lambda: bench_mod_cost(log), log)
+        _section(result, "tanh_error", lambda: tanh_error(log), log)
         left = deadline_s - (time.perf_counter() - t_start)
-        _section(result, "documents", lambda: bench_documents(log, flex_budget_s=left - 30), log)
+        _section(result, "documents", lambda: bench_documents(log, flex_budget_s=left - 60), log)
+        _section(result, "documents_uneven", lambda: bench_documents(log, lens=UNEVEN, flex_budget_s=0), log)
         if deadline_s - (time.perf_counter() - t_start) > 40:
             _section(result, "flex_softcap", lambda: flex_softcap(log), log)
         else:

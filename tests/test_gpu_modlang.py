@@ -187,10 +187,10 @@ def test_an_error_inside_a_called_function_names_both():
 def test_the_full_source_puts_the_hooks_before_rung_6():
     text = flash_mods.source(SCORES["softcap"], MASKS["document_mask"], bits=True)
     head, rung = text.split("// ==== rung 6 ====")
-    assert "#define FK_PARAMS" in head and "#define FK_SCORES(s, it, j0) fk_scores" in head
+    assert "#define FK_PARAMS" in head and "#define FK_SCORES(s, it, j0, full)" in head and "fk_scores<true>" in head
     assert "#ifndef FK_PARAMS" in rung and "FK_KEEP(i, j, it, j >= lo && j < hi)" in rung
     plain = flash_mods.source(None, None, bits=False)
-    assert "#define FK_SCORES(s, it, j0)\n#define FK_ROW_DONE(i, l)\n" in plain and "#define FK_HAS_MASK_MOD 0" in plain
+    assert "#define FK_SCORES(s, it, j0, full)\n#define FK_ROW_DONE(i, l)\n" in plain and "#define FK_HAS_MASK_MOD 0" in plain
 
 
 def test_regrid_keeps_the_classification_exact():
@@ -209,9 +209,20 @@ def test_regrid_keeps_the_classification_exact():
 def test_tile_lists_order_and_flags():
     window = np.array([[2, 0, 1]], np.int8)  # FULL, SKIP, PARTIAL for one block row
     mod = np.array([[[[1, 2, 2]]]], np.int8)  # mask_mod: PARTIAL, FULL, FULL
-    count, index, bits_at = flash_mods.tile_lists(window, mod)
-    assert count.tolist() == [[[2]]] and index[0, 0, 0, :2].tolist() == [2 * 0 + 1, 2 * 2]
+    start, count, index, bits_at = flash_mods.tile_lists(window, mod)
+    assert count.tolist() == [[[2]]] and start.tolist() == [[[0]]] and index.tolist() == [2 * 0 + 1, 2 * 2]
     assert bits_at is None
+
+
+def test_tile_lists_are_packed_rows_with_bits_offsets():
+    # two block rows, two heads of a bool mask: only visible tiles are stored, row after row
+    window = np.array([[2, 2, 2], [0, 2, 1]], np.int8)
+    bools = np.array([[[[0, 1, 2], [2, 2, 2]], [[2, 0, 0], [1, 1, 0]]]], np.int8)  # (1, 2, 2, 3)
+    offsets = np.where(bools == 1, 100 + np.arange(12).reshape(bools.shape), -1).astype(np.int32)
+    start, count, index, bits_at = flash_mods.tile_lists(window, None, bools, offsets)
+    assert count.tolist() == [[[2, 2], [1, 1]]] and start.tolist() == [[[0, 2], [4, 5]]]
+    assert index.tolist() == [3, 4, 2, 4, 0, 3]  # entry 2 j + (bool mask PARTIAL)
+    assert bits_at.tolist() == [101, -1, -1, -1, -1, 110]
 
 
 # ---------------------------------------------------------------------------------------------

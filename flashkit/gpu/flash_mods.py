@@ -68,17 +68,19 @@ def prelude(score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCo
     mp, ma = (mask.params, mask.args) if mask is not None else ("", "")
     parts.append(f"#define FKS_PARAMS {sp}\n#define FKS_ARGS {sa}\n#define FKM_PARAMS {mp}\n#define FKM_ARGS {ma}")
     parts.append(r"""
-// The tile lists: row = (b, h, query block) of the lists' (Bm, Hm, Tr) planes; entry = 2 j + partial.
-#define FK_PARAMS , int* __restrict__ fk_err, const int* __restrict__ fk_count, const int* __restrict__ fk_index, \
-    const int* __restrict__ fk_bits_at, const unsigned* __restrict__ fk_bits, int fk_Bm, int fk_Hm, int fk_Tc, \
-    float fk_scale FKS_PARAMS FKM_PARAMS
+// The tile lists: row = (b, h, query block) of the lists' (Bm, Hm, Tr) planes; its fk_count[row] entries
+// (entry = 2 j + partial) start at fk_index[fk_start[row]]: packed one after the other (a block mask:
+// memory for the visited tiles only) or at row * Tc (a bool mask's lists, built on the GPU).
+#define FK_PARAMS , int* __restrict__ fk_err, const int* __restrict__ fk_start, const int* __restrict__ fk_count, \
+    const int* __restrict__ fk_index, const int* __restrict__ fk_bits_at, const unsigned* __restrict__ fk_bits, \
+    int fk_Bm, int fk_Hm, float fk_scale FKS_PARAMS FKM_PARAMS
 #define FK_ROW ((((fk_Bm > 1 ? b : 0) * fk_Hm + (fk_Hm > 1 ? hq : 0)) * (int)gridDim.x + (int)(gridDim.x - 1 - blockIdx.x)))
 #define FK_TILES(n) ((void)(n), fk_count[FK_ROW])
-#define FK_ENTRY(it) (fk_index[(long long)FK_ROW * fk_Tc + (it)])
+#define FK_ENTRY(it) (fk_index[fk_start[FK_ROW] + (it)])
 #define FK_J0(it) ((FK_ENTRY(it) >> 1) * BC)
 #define FK_FULL(it, full) ((full) && !(FK_ENTRY(it) & 1))
 #if FK_HAS_BITS
-#define FK_BITS_AT(it) (fk_bits_at[(long long)FK_ROW * fk_Tc + (it)])
+#define FK_BITS_AT(it) (fk_bits_at[fk_start[FK_ROW] + (it)])
 #else
 #define FK_BITS_AT(it) (-1)
 #endif
@@ -106,14 +108,19 @@ __device__ __forceinline__ bool fk_keep(int entry, int bits_at, const unsigned* 
         parts.append(r"""
 // score_mod on every visible score of the tile, in natural units (q . k * scale), in registers: the
 // fragment layout of mma.m16n8k16 puts score (g + 8 (e >> 1), 8 n + 2 t + (e & 1)) of m-tile mt in s[mt][n][e].
-// Without a branch per score: score_mod runs on every score, its result kept where the score is visible
-// (not -inf); only a visible score of a real row may report an error. A NaN or +inf result is not tested
-// here: it makes the row's sum l_i NaN (exp2 of NaN, or of inf - inf), which FK_ROW_DONE finds once per
-// row at the end, and the launcher then finds the key on the host (explain_nonfinite).
-#define FK_SCORES(s, it, j0) fk_scores(s, i0 + wr, j0, b, hq, Nq, fk_scale, fk_err FKS_ARGS)
+// Without a branch per score: score_mod runs on every score. In a FULL tile (a uniform branch: most tiles)
+// every score is visible, so its result is kept as it is: one FMUL (the scale) and the mod itself, nothing
+// else (measured: the select of the masked version cost identity 4-13% at N = 4096). In a masked tile the
+// result is kept where the score is visible (not -inf) and only a visible score may report an error.
+// Padding rows (i >= Nq) report nothing. A NaN or +inf result is not tested here: it makes the row's sum
+// l_i NaN (exp2 of NaN, or of inf - inf), which FK_ROW_DONE finds once per row at the end, and the
+// launcher then finds the key on the host (explain_nonfinite).
+#define FK_SCORES(s, it, j0, full)                                                        \
+    if (full) fk_scores<true>(s, i0 + wr, j0, b, hq, Nq, fk_scale, fk_err FKS_ARGS);     \
+    else fk_scores<false>(s, i0 + wr, j0, b, hq, Nq, fk_scale, fk_err FKS_ARGS)
 #define FK_ROW_DONE(i, l) \
     if (!((l) < INFINITY)) { const fk_pos fk_p{fk_err, b, hq, i, -1}; fk_fail(fk_p, 1, 0); }
-template <int M_, int N_>
+template <bool FULL, int M_, int N_>
 __device__ __forceinline__ void fk_scores(float (&s)[M_][N_][4], int r0, int j0, int b, int h, int Nq, float scale,
                                           int* fk_err FKS_PARAMS) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -127,15 +134,19 @@ __device__ __forceinline__ void fk_scores(float (&s)[M_][N_][4], int r0, int j0,
             for (int n = 0; n < N_; ++n) {
                 const int j = j0 + 8 * n + 2 * t + (e & 1);
                 const float x = s[mt][n][e];
-                const bool keep = x != -INFINITY;
-                const float y = fks_score_mod(x * scale, b, h, i, j, keep ? err_row : nullptr FKS_ARGS);
-                s[mt][n][e] = keep ? y : -INFINITY;
+                if (FULL) {
+                    s[mt][n][e] = fks_score_mod(x * scale, b, h, i, j, err_row FKS_ARGS);
+                } else {
+                    const bool keep = x != -INFINITY;
+                    const float y = fks_score_mod(x * scale, b, h, i, j, keep ? err_row : nullptr FKS_ARGS);
+                    s[mt][n][e] = keep ? y : -INFINITY;
+                }
             }
         }
 }
 """)
     else:
-        parts.append("#define FK_SCORES(s, it, j0)\n#define FK_ROW_DONE(i, l)")
+        parts.append("#define FK_SCORES(s, it, j0, full)\n#define FK_ROW_DONE(i, l)")
     return "\n".join(parts) + "\n// ==== rung 6 ====\n"
 
 
@@ -163,39 +174,120 @@ extern "C" __global__ void fk_classify(signed char* __restrict__ states, int Hm,
 """
 
 BOOL_MASK = r"""
-// A bool mask (planes, Nq, Nk): the state of every tile (one block a tile), then the bits of the PARTIAL
-// ones only (one thread per 32-bit word: 32 keys of one row).
+// A bool mask (planes, Nq, Nk) on the GPU, in three small kernels and no host work per tile:
+//   fk_mask_states  one block a tile: SKIP / PARTIAL / FULL (16 bytes a load where the rows allow it);
+//                   a PARTIAL tile takes the next slot of the bits (an atomic counter)
+//   fk_mask_pack    one block a PARTIAL tile: its Br x Bc bits, one 32-bit word per 32 keys of a row
+//   fk_lists        one warp a row of the tile lists: the tiles both the bool mask and `base` (the window
+//                   and the mask_mod, classified on the host) leave visible, in key order (a ballot)
+#define FK_SKIP 0
+#define FK_PARTIAL 1
+#define FK_FULL_TILE 2
+__device__ __forceinline__ unsigned fk_zero_byte(unsigned x) { return (x - 0x01010101u) & ~x & 0x80808080u; }
+// bit k of the result: byte k of x is not 0 (k = 0..3)
+__device__ __forceinline__ unsigned fk_nonzero_bytes(unsigned x) {
+    const unsigned high = (((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x) & 0x80808080u;  // bit 7 of each nonzero byte
+    return (((high >> 7) * 0x00204081u) >> 21) & 0xfu;  // bits 0, 8, 16, 24 gathered into 0..3 (no carries)
+}
+
 extern "C" __global__ void fk_mask_states(const unsigned char* __restrict__ mask, signed char* __restrict__ states,
-                                          int Nq, int Nk, int Br, int Bc) {
+                                          int* __restrict__ slot_of, int* __restrict__ tile_of, int* __restrict__ n_partial,
+                                          int Nq, int Nk, int Br, int Bc, int vec) {
+    const long long tile = ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
     const unsigned char* M = mask + (long long)blockIdx.z * Nq * Nk;
     const int i0 = blockIdx.y * Br, j0 = blockIdx.x * Bc;
     int any = 0, all = 1;
-    for (int e = threadIdx.x; e < Br * Bc; e += blockDim.x) {
-        const int i = i0 + e / Bc, j = j0 + e % Bc;
-        if (i < Nq && j < Nk) {
-            const bool v = M[(long long)i * Nk + j] != 0;
-            any |= v;
-            all &= v;
+    if (vec && i0 + Br <= Nq && j0 + Bc <= Nk) {  // Nk % 16 == 0 and an aligned mask: rows of uint4
+        const int per_row = Bc / 16;
+#pragma unroll 4
+        for (int e = threadIdx.x; e < Br * per_row; e += blockDim.x) {
+            const uint4 w = *reinterpret_cast<const uint4*>(M + (long long)(i0 + e / per_row) * Nk + j0 + 16 * (e % per_row));
+            any |= (w.x | w.y | w.z | w.w) != 0u;
+            all &= (fk_zero_byte(w.x) | fk_zero_byte(w.y) | fk_zero_byte(w.z) | fk_zero_byte(w.w)) == 0u;
+        }
+    } else {  // edge tiles and unaligned masks: a byte at a time (positions past Nq or Nk count for neither)
+        for (int e = threadIdx.x; e < Br * Bc; e += blockDim.x) {
+            const int i = i0 + e / Bc, j = j0 + e % Bc;
+            if (i < Nq && j < Nk) {
+                const bool v = M[(long long)i * Nk + j] != 0;
+                any |= v;
+                all &= v;
+            }
         }
     }
     any = __syncthreads_or(any);
     all = __syncthreads_and(all);
-    if (threadIdx.x == 0)
-        states[((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = !any ? 0 : (all ? 2 : 1);
+    if (threadIdx.x == 0) {
+        const int state = !any ? FK_SKIP : (all ? FK_FULL_TILE : FK_PARTIAL);
+        int slot = -1;
+        if (state == FK_PARTIAL) {
+            slot = atomicAdd(n_partial, 1);
+            tile_of[slot] = (int)tile;
+        }
+        states[tile] = (signed char)state;
+        slot_of[tile] = slot;
+    }
 }
-extern "C" __global__ void fk_mask_pack(const unsigned char* __restrict__ mask, const int* __restrict__ tiles,
-                                        unsigned* __restrict__ bits, int Nq, int Nk, int Br, int Bc, int Tr, int Tc) {
-    const int tile = tiles[blockIdx.x];
+
+extern "C" __global__ void fk_mask_pack(const unsigned char* __restrict__ mask, const int* __restrict__ tile_of,
+                                        unsigned* __restrict__ bits, int Nq, int Nk, int Br, int Bc, int Tr, int Tc,
+                                        int vec) {
+    const int tile = tile_of[blockIdx.x];
     const int plane = tile / (Tr * Tc), i0 = (tile / Tc) % Tr * Br, j0 = tile % Tc * Bc;
     const unsigned char* M = mask + (long long)plane * Nq * Nk;
     const int words = Bc / 32;
     for (int w = threadIdx.x; w < Br * words; w += blockDim.x) {
         const int i = i0 + w / words, jw = j0 + 32 * (w % words);
         unsigned word = 0;
-        if (i < Nq)
-            for (int c = 0; c < 32; ++c)
-                if (jw + c < Nk && M[(long long)i * Nk + jw + c]) word |= 1u << c;
+        if (i < Nq) {
+            const unsigned char* row = M + (long long)i * Nk + jw;
+            if (vec && jw + 32 <= Nk) {
+                const uint4 a = reinterpret_cast<const uint4*>(row)[0], c = reinterpret_cast<const uint4*>(row)[1];
+                const unsigned u[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+                for (int k = 0; k < 8; ++k) word |= fk_nonzero_bytes(u[k]) << (4 * k);
+            } else {
+                for (int c = 0; c < 32; ++c)
+                    if (jw + c < Nk && row[c]) word |= 1u << c;
+            }
+        }
         bits[(long long)blockIdx.x * Br * words + w] = word;
+    }
+}
+
+// base: (Bb, Hb, Tr, Tc) codes = state of the window and the mask_mod (bits 0-1) | 4 if the mask_mod's is PARTIAL
+extern "C" __global__ void fk_lists(const signed char* __restrict__ base, int Bb, int Hb,
+                                    const signed char* __restrict__ bstates, const int* __restrict__ slot_of, int Bm, int Hm,
+                                    int Bl, int Hl, int Tr, int Tc, int words, int* __restrict__ start,
+                                    int* __restrict__ count, int* __restrict__ index, int* __restrict__ bits_at) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (row >= Bl * Hl * Tr) return;  // the same for the whole warp
+    const int tr = row % Tr, h = (row / Tr) % Hl, b = row / (Tr * Hl);
+    const long long pb = ((long long)((Bb > 1 ? b : 0) * Hb + (Hb > 1 ? h : 0)) * Tr + tr) * Tc;
+    const long long pm = ((long long)((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * Tr + tr) * Tc;
+    const long long out = (long long)row * Tc;
+    int n = 0;
+    for (int j0 = 0; j0 < Tc; j0 += 32) {
+        const int j = j0 + lane;
+        bool visible = false;
+        int entry = 0, at = -1;
+        if (j < Tc) {
+            const int code = base[pb + j], sm = bstates[pm + j];
+            visible = (code & 3) != FK_SKIP && sm != FK_SKIP;
+            entry = 2 * j + (((code >> 2) & 1) | (sm == FK_PARTIAL));
+            at = sm == FK_PARTIAL ? slot_of[pm + j] * words : -1;
+        }
+        const unsigned ballot = __ballot_sync(0xffffffffu, visible);
+        if (visible) {
+            const int k = n + __popc(ballot & ((1u << lane) - 1u));
+            index[out + k] = entry;
+            bits_at[out + k] = at;
+        }
+        n += __popc(ballot);
+    }
+    if (lane == 0) {
+        count[row] = n;
+        start[row] = (int)out;
     }
 }
 """
@@ -384,37 +476,11 @@ def _mask_mod_tiles(problem, Br, Bc) -> Optional[np.ndarray]:
     return _CLASSIFIED[key]
 
 
-def _bool_mask_tiles(mask, Br, Bc):
-    """(states (Bm, Hm, Tr, Tc) on the host, bits offsets (Bm, Hm, Tr, Tc) int32 or -1, bits on the GPU)
-    of a bool mask (Bm, Hm, Nq, Nk) on the GPU: one pass over it, bits for the PARTIAL tiles only."""
-    import cupy
-
-    Bm, Hm, Nq, Nk = mask.shape
-    Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
-    mod = _module(BOOL_MASK, ("--std=c++17", f"--gpu-architecture={flash._arch()}"))
-    m8 = mask.view(cupy.uint8)
-    states = cupy.empty((Bm, Hm, Tr, Tc), cupy.int8)
-    mod.get_function("fk_mask_states")((Tc, Tr, Bm * Hm), (256,), (m8, states, np.int32(Nq), np.int32(Nk),
-                                                                  np.int32(Br), np.int32(Bc)))
-    host = states.get()
-    partial = np.flatnonzero(host.ravel() == PARTIAL).astype(np.int32)
-    words = Br * (Bc // 32)
-    if partial.size * words >= 1 << 31:
-        raise ValueError(f"mask: {partial.size} partially masked tiles need more than 2^31 words of bits")
-    offsets = np.full(host.size, -1, np.int64)
-    offsets[partial] = np.arange(partial.size, dtype=np.int64) * words
-    bits = cupy.empty(max(1, partial.size * words), cupy.uint32)
-    if partial.size:
-        mod.get_function("fk_mask_pack")((int(partial.size),), (min(1024, words),),
-                                         (m8, cupy.asarray(partial), bits, np.int32(Nq), np.int32(Nk), np.int32(Br),
-                                          np.int32(Bc), np.int32(Tr), np.int32(Tc)))
-    return host, offsets.reshape(host.shape).astype(np.int32), bits
-
-
 def tile_lists(window_states, mod_states=None, bool_states=None, bool_offsets=None):
-    """(count (Bm, Hm, Tr), index (Bm, Hm, Tr, Tc), bits_at (same) or None) of the tiles to visit: count
-    per block row, then the key tiles in order, entry = 2 j + 1 where the mask_mod or the bool mask is
-    PARTIAL there (the window's own PARTIAL tiles the kernel finds itself)."""
+    """(start, count (Bm, Hm, Tr), index, bits_at or None) of the tiles to visit, packed: row r's count[r]
+    entries are index[start[r]:start[r] + count[r]], the key tiles in order, entry = 2 j + 1 where the
+    mask_mod or the bool mask is PARTIAL there (the window's own PARTIAL tiles the kernel finds itself).
+    Memory: one int32 per visited tile (and per row), not per tile of the grid."""
     state = window_states[None, None]
     partial = np.zeros(state.shape, bool)
     for s in (mod_states, bool_states):
@@ -422,28 +488,27 @@ def tile_lists(window_states, mod_states=None, bool_states=None, bool_offsets=No
             state = np.minimum(state, s)
             partial = partial | (s == PARTIAL)
     shape = np.broadcast_shapes(state.shape, partial.shape)
-    state, partial = np.broadcast_to(state, shape), np.broadcast_to(partial, shape)
-    visible = state != SKIP
     Tc = shape[3]
-    order = np.argsort(~visible, axis=-1, kind="stable")  # visible tiles first, in key order
-    entry = 2 * np.arange(Tc, dtype=np.int32) + partial.astype(np.int32)
-    index = np.take_along_axis(np.broadcast_to(entry, shape), order, axis=-1).astype(np.int32)
-    count = visible.sum(axis=-1).astype(np.int32)
+    visible = np.broadcast_to(state != SKIP, shape).reshape(-1, Tc)
+    rows, cols = np.nonzero(visible)  # row-major: rows in order, each row's key tiles in order
+    count = visible.sum(axis=-1).astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    if count.sum() >= 1 << 31:
+        raise ValueError(f"{count.sum()} visited tiles are more than the kernel's int32 tile lists hold")
+    flags = np.broadcast_to(partial, shape).reshape(-1, Tc)[rows, cols]
+    index = (2 * cols + flags).astype(np.int32)
     bits_at = None
     if bool_offsets is not None:
-        bits_at = np.take_along_axis(np.broadcast_to(bool_offsets, shape), order, axis=-1).astype(np.int32)
-    return count, index, bits_at
+        bits_at = np.broadcast_to(bool_offsets, shape).reshape(-1, Tc)[rows, cols].astype(np.int32)
+    return start.astype(np.int32).reshape(shape[:3]), count.astype(np.int32).reshape(shape[:3]), index, bits_at
 
 
 _LISTS: OrderedDict = OrderedDict()
 _NO_BITS: dict = {}
 
 
-def _mod_lists(problem, Br, Bc):
-    """The tile lists on the GPU for a call without a bool mask, kept for the next call with the same
-    block mask (or mask_mod and captured values), window, shapes and tiles."""
-    import cupy
-
+def _lists_key(problem, Br, Bc):
+    """(key, object the entry must belong to) of what the tile lists of a call depend on, bool mask aside."""
     bm = problem.block_mask
     if bm is not None:
         ident, keep = ("block_mask", id(bm)), bm
@@ -451,15 +516,90 @@ def _mod_lists(problem, Br, Bc):
         ident, keep = ("mask_mod", problem.mask_mod, blockmask.fingerprint(problem.mask_mod)), None
     else:
         ident, keep = ("none",), None
-    key = (ident, problem.window, problem.B, problem.Hq, problem.Nq, problem.Nk, Br, Bc)
+    return (ident, problem.window, problem.B, problem.Hq, problem.Nq, problem.Nk, Br, Bc), keep
+
+
+def _cached(kind, problem, Br, Bc, make):
+    key, keep = _lists_key(problem, Br, Bc)
+    key = (kind,) + key
     hit = _LISTS.get(key)
     if hit is not None and hit[0] is keep:
         _LISTS.move_to_end(key)
-        return hit[1:]
-    window_states = masks.block_map(problem.Nq, problem.Nk, Br, Bc, problem.window)
-    count, index, _ = tile_lists(window_states, _mask_mod_tiles(problem, Br, Bc))
-    value = (keep, cupy.asarray(count), cupy.asarray(index), cupy.full(1, -1, cupy.int32))
-    return _remember(_LISTS, key, value)[1:]
+        return hit[1]
+    return _remember(_LISTS, key, (keep, make()))[1]
+
+
+def _mod_lists(problem, Br, Bc):
+    """(start, count, index, bits_at) on the GPU for a call without a bool mask, kept for the next call
+    with the same block mask (or mask_mod and captured values), window, shapes and tiles."""
+    import cupy
+
+    def make():
+        window_states = masks.block_map(problem.Nq, problem.Nk, Br, Bc, problem.window)
+        start, count, index, _ = tile_lists(window_states, _mask_mod_tiles(problem, Br, Bc))
+        return (cupy.asarray(start), cupy.asarray(count), cupy.asarray(index if index.size else np.zeros(1, np.int32)),
+                cupy.full(1, -1, cupy.int32))
+
+    return _cached("lists", problem, Br, Bc, make)
+
+
+def _base_codes(problem, Br, Bc):
+    """(Bb, Hb, Tr, Tc) int8 on the GPU: the window's and the mask_mod's tile state (bits 0-1), + 4 where
+    the mask_mod's is PARTIAL: what fk_lists combines with a bool mask's states."""
+    import cupy
+
+    def make():
+        state = masks.block_map(problem.Nq, problem.Nk, Br, Bc, problem.window)[None, None]
+        mod = _mask_mod_tiles(problem, Br, Bc)
+        code = state if mod is None else np.minimum(state, mod) | (4 * (mod == PARTIAL)).astype(np.int8)
+        return cupy.asarray(np.ascontiguousarray(code, dtype=np.int8))
+
+    return _cached("base", problem, Br, Bc, make)
+
+
+def _bool_mask_lists(problem, Br, Bc):
+    """(start, count, index, bits_at, bits, n_partial) on the GPU of a call with a bool mask (Bm, Hm, Nq, Nk):
+    the mask's tiles classified on the GPU in one pass over it, the bits of its PARTIAL tiles only (Br x Bc
+    / 8 bytes each), the tile lists made on the GPU (fk_lists). Nothing of size Nq x Nk is made; the host
+    reads one number (how many tiles are PARTIAL, to size the bits). Made in every call: the mask's
+    contents may change between calls."""
+    import cupy
+
+    mask = problem.mask
+    Bm, Hm, Nq, Nk = mask.shape
+    Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
+    mod = _module(BOOL_MASK, ("--std=c++17", f"--gpu-architecture={flash._arch()}"))
+    m8 = mask.view(cupy.uint8)
+    vec = np.int32(Nk % 16 == 0 and m8.data.ptr % 16 == 0)
+    tiles = Bm * Hm * Tr * Tc
+    states = cupy.empty(tiles, cupy.int8)
+    slot_of = cupy.empty(tiles, cupy.int32)
+    tile_of = cupy.empty(tiles, cupy.int32)
+    n_partial = cupy.zeros(1, cupy.int32)
+    i32 = np.int32
+    mod.get_function("fk_mask_states")((Tc, Tr, Bm * Hm), (128,), (m8, states, slot_of, tile_of, n_partial, i32(Nq),
+                                                                  i32(Nk), i32(Br), i32(Bc), vec))
+    partial = int(n_partial.get()[0])  # the host sync of the bool-mask path: the size of the bits
+    words = Br * (Bc // 32)
+    if partial * words >= 1 << 31:
+        raise ValueError(f"mask: {partial} partially masked tiles need more than 2^31 words of bits")
+    bits = cupy.empty(max(1, partial * words), cupy.uint32)
+    if partial:
+        mod.get_function("fk_mask_pack")((partial,), (min(256, words),), (m8, tile_of, bits, i32(Nq), i32(Nk), i32(Br),
+                                                                       i32(Bc), i32(Tr), i32(Tc), vec))
+    del tile_of
+    base = _base_codes(problem, Br, Bc)
+    Bb, Hb = base.shape[:2]
+    Bl, Hl = max(Bb, Bm), max(Hb, Hm)
+    rows = Bl * Hl * Tr
+    if rows * Tc >= 1 << 31:
+        raise ValueError(f"mask: {rows * Tc} tiles are more than the kernel's int32 tile lists hold")
+    start, count = cupy.empty((Bl, Hl, Tr), cupy.int32), cupy.empty((Bl, Hl, Tr), cupy.int32)
+    index, bits_at = cupy.empty(rows * Tc, cupy.int32), cupy.empty(rows * Tc, cupy.int32)
+    mod.get_function("fk_lists")((-(-rows // 4),), (128,), (base, i32(Bb), i32(Hb), states, slot_of, i32(Bm), i32(Hm),
+                                                           i32(Bl), i32(Hl), i32(Tr), i32(Tc), i32(words), start, count,
+                                                           index, bits_at))
+    return start, count, index, bits_at, bits, partial
 
 
 def blocks(rung: int, problem):
@@ -495,23 +635,20 @@ def prepare(rung: int, problem):
     fn = _kernel(rung, score, mask, has_bits, d, element, Br, Bc)
 
     if has_bits:  # a bool mask: classified and packed in every call (its contents may change)
-        window_states = masks.block_map(Nq, Nk, Br, Bc, problem.window)
-        bool_states, offsets, bits = _bool_mask_tiles(problem.mask, Br, Bc)
-        count, index, bits_at = tile_lists(window_states, _mask_mod_tiles(problem, Br, Bc), bool_states, offsets)
-        count_d, index_d, bits_at_d = (cupy.asarray(a) for a in (count, index, bits_at))
+        start_d, count_d, index_d, bits_at_d, bits, _ = _bool_mask_lists(problem, Br, Bc)
     else:
-        count_d, index_d, bits_at_d = _mod_lists(problem, Br, Bc)
+        start_d, count_d, index_d, bits_at_d = _mod_lists(problem, Br, Bc)
         bits = _NO_BITS.get("bits")
         if bits is None:
             bits = _NO_BITS["bits"] = cupy.zeros(1, cupy.uint32)
-    Bm, Hm, Tr, Tc = index_d.shape
+    Bm, Hm, Tr = count_d.shape
     O, lse = problem.new_outputs(lse_dtype="float32")
     err = cupy.zeros(8, cupy.int32)
     i32, f32 = np.int32, np.float32
     scale_log2 = flash.LOG2E if score is not None else problem.scale * flash.LOG2E  # a score_mod's output is natural
     left, right = (int(w) for w in problem.window)
     args = (problem.Q, problem.K, problem.V, O, lse, i32(Hq), i32(problem.Hkv), i32(Nq), i32(Nk), f32(scale_log2),
-            i32(left), i32(right), err, count_d, index_d, bits_at_d, bits, i32(Bm), i32(Hm), i32(Tc),
+            i32(left), i32(right), err, start_d, count_d, index_d, bits_at_d, bits, i32(Bm), i32(Hm),
             f32(problem.scale)) + _arrays(score) + _arrays(mask)
     grid, threads, smem = (Tr, Hq, B), (spec.threads(Br, Bc),), spec.smem(d, Br, Bc)
 
@@ -528,6 +665,6 @@ def visited_tiles(problem, rung: int = 6) -> dict:
     """How many (b, h) x query-block x key-block tiles a call visits, and of how many (for benchmarks)."""
     Br, Bc = blocks(rung, problem)
     window_states = masks.block_map(problem.Nq, problem.Nk, Br, Bc, problem.window)
-    count, index, _ = tile_lists(window_states, _mask_mod_tiles(problem, Br, Bc))
+    _, count, _, _ = tile_lists(window_states, _mask_mod_tiles(problem, Br, Bc))
     per_plane = int(np.broadcast_to(count, (problem.B, problem.Hq) + count.shape[2:]).sum())
     return {"visited": per_plane, "total": problem.B * problem.Hq * window_states.size, "block": (Br, Bc)}

@@ -46,7 +46,7 @@
 #define FK_J0(it) (j_first + (it) * BC)          // the first key of the it-th
 #define FK_FULL(it, full) (full)                 // whether the it-th tile needs no per-element test
 #define FK_KEEP(i, j, it, in) (in)               // score (i, j) stays: in the window, and mask_mod / bits
-#define FK_SCORES(s, it, j0)                     // score_mod on the tile's scores, in registers
+#define FK_SCORES(s, it, j0, full)               // score_mod on the tile's scores, in registers
 #define FK_ROW_DONE(i, l)                        // a row's final sum l_i (NaN: score_mod gave NaN or +inf)
 #endif
 
@@ -146,7 +146,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
                     }
                 }
         }
-        FK_SCORES(s, it, j0);
+        FK_SCORES(s, it, j0, full);
 
         // m_new = max(m_i, rowmax(S_ij) * scale_log2); P_ij = exp2(S_ij * scale_log2 - m_new) (one FFMA + ex2);
         // l_i = exp2(m_i - m_new) l_i + rowsum(P_ij);  O_i = exp2(m_i - m_new) O_i
