@@ -8,11 +8,15 @@
 2. bad mods: each raises the clear error it should (outside the subset, wrong type, out of bounds, NaN,
    division by zero), never a wrong answer;
 3. measured: identity and softcap score_mods against no mod on rung 6 (N = 4096, d = 64 and 128, fp16:
-   the public call and the kernel alone), and a document mask (8 documents in N = 65536) with its block
-   mask, without block sparsity, given densely as a bool mask, and in torch FlexAttention (compiled) in the
-   same run, with the memory each needs.
+   the public call and the kernel alone), the error of the kernels' tanh, and a document mask (8 documents
+   in N = 65536; tile-aligned and uneven lengths) with its block mask, the same mask_mod evaluated on every
+   tile (no block sparsity), given as a dense bool mask (classified on the GPU in the call: "dense bool
+   classified"), and in torch FlexAttention (compiled) in the same run, with the memory each needs; with
+   uneven documents also the block mask without the block order and without bits for PARTIAL tiles.
 Writes gpu-mods-<card>.json to out_dir (default: $OUT, else benchmarks/results). The NVRTC builds of the
 checks are made first by a pool of processes (they fill CuPy's on-disk cache), so the run fits a few minutes.
+`--sanitize`: one small launch of every path, for compute-sanitizer; `--profile`: one launch of rung 6
+without a mod, with identity and with softcap, for ncu.
 """
 from __future__ import annotations
 
@@ -333,7 +337,26 @@ def bench_documents(log, N=65536, H=16, d=64, lens=None, flex_budget_s=150.0, ev
     out["block_mask_kernel"] = _time(launch)
     out["block_mask_public"] = _time(lambda: flashkit.attention(q, k, v, backend=RUNG, block_mask=bm))
     lists = flash_mods._mod_lists(p_bm, Br, Bc)
-    out["block_mask_extra_bytes"] = int(sum(a.nbytes for a in lists))  # the packed tile lists on the GPU
+    out["block_mask_extra_bytes"] = int(sum(a.nbytes for a in lists if hasattr(a, "nbytes")))  # lists, bits, order
+    out["block_mask_partial_as_bits"] = lists[4] is not None
+    out["block_mask_blocks_reordered"] = bool(lists[6])
+    if lists[4] is not None or lists[6]:  # what each of the two costs or saves: the same call without it
+        for label, order, bits in (("natural_order", False, True), ("mask_mod_in_kernel", True, False),
+                                   ("neither", False, False)):
+            flash_mods.ORDER_BLOCKS, flash_mods.MOD_BITS = order, bits
+            flash_mods.clear_caches()
+            try:
+                lx, cx, O_x, _ = flash_mods.prepare(6, p_bm)
+                lx()
+                cx()
+                out[f"block_mask_kernel_{label}"] = _time(lx)
+                out[f"block_mask_same_answer_{label}"] = float(cupy.abs(O_x.astype(cupy.float32)
+                                                                        - O_bm.astype(cupy.float32)).max())
+            finally:
+                flash_mods.ORDER_BLOCKS, flash_mods.MOD_BITS = True, True
+                flash_mods.clear_caches()
+        log("  block mask kernel: " + ", ".join(f"{k[18:]} {v['min_ms']:.2f} ms" for k, v in out.items()
+                                                 if k.startswith("block_mask_kernel_")))
 
     if every_tile:  # the mask_mod on every score of every tile: what block sparsity saves
         p_dense_mod = validate.check(q, k, v, block_mask=bm.without_sparsity())
@@ -355,8 +378,9 @@ def bench_documents(log, N=65536, H=16, d=64, lens=None, flex_budget_s=150.0, ev
     pool.free_all_blocks()
     before = pool.total_bytes()
     made = flash_mods._bool_mask_lists(p_dense, Br, Bc)
-    out["dense_mask_lists_bytes"] = int(sum(a.nbytes for a in made[:5]))  # tile lists + bits of PARTIAL tiles
+    out["dense_mask_lists_bytes"] = int(sum(a.nbytes for a in made if hasattr(a, "nbytes")))  # lists, bits, order
     out["dense_mask_partial_tiles"] = int(made[5])
+    out["dense_mask_blocks_reordered"] = bool(made[7])
     out["dense_mask_pool_growth_bytes"] = int(pool.total_bytes() - before)
     del made
     out["dense_mask_classify"] = _time(lambda: flash_mods._bool_mask_lists(p_dense, Br, Bc), repeats=5)
@@ -509,6 +533,25 @@ def sanitize_case():
     print("sanitize case done")
 
 
+def profile_case():
+    """One launch each of rung 6 without a mod, with identity and with softcap (d = 64, N = 4096), for ncu
+    (`--profile`): which pipe limits softcap (the XU pipe runs ex2 and tanh)."""
+    import cupy
+    from flashkit import validate
+    from flashkit.gpu import flash, flash_mods
+
+    B, N, d = 4, 4096, 64
+    q, k, v = (cupy.random.standard_normal((B, 2048 // d, N, d), dtype=cupy.float32).astype(cupy.float16)
+               for _ in range(3))
+    flash.run(6, validate.check(q, k, v))
+    for sm in (mods.identity, mods.softcap(50.0)):
+        launch, check, _, _ = flash_mods.prepare(6, validate.check(q, k, v, score_mod=sm))
+        launch()
+        check()
+    cupy.cuda.Device().synchronize()
+    print("profile case done")
+
+
 def _section(result, name, fn, log):
     try:
         result[name] = fn()
@@ -577,5 +620,7 @@ def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> dict:
 if __name__ == "__main__":
     if "--sanitize" in sys.argv:
         sanitize_case()
+    elif "--profile" in sys.argv:
+        profile_case()
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -84,9 +84,19 @@ def test_translation_is_cached_and_follows_captured_values():
 
     a = modlang.translate("mask_mod", m)
     assert modlang.translate("mask_mod", m) is a
-    ids[0] = 5  # new contents: a new fingerprint, a new translation (same code text)
+    ids[0] = 5  # new contents: the same code (the contents are a kernel argument, uploaded again)
+    assert modlang.translate("mask_mod", m) is a
+    ids[0] = 1 << 40  # no longer fits the int32 the code reads it as: a new translation, reading int64
     b = modlang.translate("mask_mod", m)
-    assert b is not a and b.source == a.source
+    assert b is not a and "long long" in b.params and "const int*" in a.params
+
+    def n(b, h, q_idx, kv_idx):
+        return ids[q_idx] == 0
+
+    c = modlang.translate("mask_mod", n)
+    ids = np.array([0, 1, 1])  # the closure now holds another array: a new translation that reads it
+    d = modlang.translate("mask_mod", n)
+    assert d is not c and d.arrays[0].value is ids
 
 
 def _error(kind, fn):
@@ -223,6 +233,15 @@ def test_tile_lists_are_packed_rows_with_bits_offsets():
     assert count.tolist() == [[[2, 2], [1, 1]]] and start.tolist() == [[[0, 2], [4, 5]]]
     assert index.tolist() == [3, 4, 2, 4, 0, 3]  # entry 2 j + (bool mask PARTIAL)
     assert bits_at.tolist() == [101, -1, -1, -1, -1, 110]
+
+
+def test_block_order_puts_the_costliest_rows_first():
+    cost = np.array([[[1, 5, 5, 2]]])  # one plane of lists, Tr = 4, for B = 1, Hq = 2
+    order, ordered = flash_mods.block_order(cost, 1, 2)
+    # rung 6's own order is (b Hq + hq) Tr + tr with tr falling, head after head: 3 2 1 0 7 6 5 4
+    assert ordered and order.tolist() == [2, 1, 6, 5, 3, 7, 0, 4]
+    order, ordered = flash_mods.block_order(np.array([[[3, 3, 4]]]), 1, 1)  # causal-like: already in order
+    assert not ordered and order.tolist() == [2, 1, 0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -660,12 +660,16 @@ def translate(kind: str, fn, prefix: Optional[str] = None) -> DeviceCode:
     if kind not in ("score_mod", "mask_mod"):
         raise ValueError(f"kind must be 'score_mod' or 'mask_mod'; got {kind!r}")
     prefix = prefix or ("fks" if kind == "score_mod" else "fkm")
-    key = (kind, fn, blockmask.fingerprint(fn), prefix)
+    # The code depends on the captured arrays' shapes, dtypes and identities (their contents are kernel
+    # arguments), on the captured numbers (baked in), and on whether a 64-bit int array fits int32.
+    key = (kind, fn, blockmask.fingerprint(fn, contents=False), prefix)
     try:
-        if key in _CACHE:
-            return _CACHE[key]
+        hit = _CACHE.get(key)
     except TypeError:  # an unhashable capture: translate again
-        key = None
+        key = hit = None
+    if hit is not None and all(_fits_int32(a.value) for a in hit.arrays
+                               if a.ctype == "int" and isinstance(a.value, np.ndarray) and a.value.dtype.itemsize == 8):
+        return hit
     tr = Translator(kind, fn, prefix, FIRST_SITE if kind == "score_mod" else MASK_SITES)
     args = (FLOAT, INT, INT, INT, INT) if kind == "score_mod" else (INT, INT, INT, INT)
     inner, rtype = tr.function(fn, args)

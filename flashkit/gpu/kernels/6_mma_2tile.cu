@@ -48,6 +48,9 @@
 #define FK_KEEP(i, j, it, in) (in)               // score (i, j) stays: in the window, and mask_mod / bits
 #define FK_SCORES(s, it, j0, full)               // score_mod on the tile's scores, in registers
 #define FK_ROW_DONE(i, l)                        // a row's final sum l_i (NaN: score_mod gave NaN or +inf)
+// which query block tr, head hq and batch b this block computes (heavy tiles first: with causal masking the
+// last query tiles see the most keys; flash_mods orders the blocks by their tile lists instead)
+#define FK_BLOCK(tr, hq, b) ((tr) = gridDim.x - 1 - blockIdx.x, (hq) = blockIdx.y, (b) = blockIdx.z)
 #endif
 
 // Grid: (Tr, Hq, B), block: Br threads (Br / 32 warps, 32 rows each).
@@ -63,8 +66,9 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    // Heavy tiles first: with causal masking the last query tiles see the most keys.
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * BR, hq = blockIdx.y, b = blockIdx.z;
+    int tr, hq, b;
+    FK_BLOCK(tr, hq, b);
+    const int i0 = tr * BR;
     const int hkv = hq / (Hq / Hkv);
     const int offset = Nk - Nq;
     const T* Qh = Q + ((long long)b * Hq + hq) * Nq * D;
