@@ -628,7 +628,12 @@ def _mod_lists(problem, Br, Bc, fp=None):
         mod = _mask_mod_tiles(problem, Br, Bc, fp)
         words = Br * (Bc // 32)
         partial = np.flatnonzero(mod == PARTIAL) if mod is not None else np.zeros(0, np.int64)
-        use_bits = MOD_BITS and 0 < partial.size and partial.size * words * 4 <= _bits_budget(problem) and partial.size * words < 1 << 31
+        # bits hold the mask_mod of the planes it was classified for: a block mask made for B = 1 (H = 1) of a
+        # mask_mod that reads b (h) leaves it to the kernel, which calls it with each call's b and h
+        reads_b, reads_h = blockmask.reads_batch_head(problem.mask_mod) if mod is not None else (False, False)
+        planes_fit = mod is not None and (not reads_b or mod.shape[0] == problem.B) and (
+            not reads_h or mod.shape[1] == problem.Hq)
+        use_bits = MOD_BITS and planes_fit and 0 < partial.size and partial.size * words * 4 <= _bits_budget(problem) and partial.size * words < 1 << 31
         offsets = None
         if use_bits:
             offsets = np.full(mod.size, -1, np.int64)
