@@ -552,12 +552,16 @@ def profile_case():
     print("profile case done")
 
 
-def _section(result, name, fn, log):
+def _section(result, name, fn, log, path=None):
     try:
         result[name] = fn()
     except Exception as exc:  # one section failing leaves the others' results
         result[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
         log(f"  {name} FAILED: {result[name]['error'][:400]}")
+    if path is not None:  # what is done so far, should the run be stopped before the end
+        from flashkit.atomic import write_json
+
+        write_json(path, dict(result, summary={"partial": f"written after section {name!r}"}))
 
 
 def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> dict:
@@ -581,6 +585,7 @@ def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> dict:
     versions = result["provenance"]["versions"]
     result.update(card=gpu.get("card"), driver=gpu.get("driver"), cupy=gpu.get("cupy"), torch=versions.get("torch"),
                   date=result["provenance"]["date"], commit=result["provenance"]["commit"])  # the README's label
+    path = out_dir / f"gpu-mods-{card}.json"
     jobs = [(si, ci) for si, shape in enumerate(SHAPES) for ci in range(len(cases(shape)))]
     log(f"== compiling {len(jobs)} kernels in a process pool")
     t0 = time.perf_counter()
@@ -593,25 +598,24 @@ def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> dict:
     result["compile_wall_s"] = time.perf_counter() - t0
     log(f"   {result['compile_wall_s']:.1f} s")
     log("== 1. correctness against the float64 reference")
-    _section(result, "checks", lambda: check_cases(log) + [check_cupy_capture(log)], log)
+    _section(result, "checks", lambda: check_cases(log) + [check_cupy_capture(log)], log, path)
     log("== 2. bad mods")
-    _section(result, "bad_mods", lambda: bad_mods(log), log)
+    _section(result, "bad_mods", lambda: bad_mods(log), log, path)
     if bench:
         log("== 3. measured")
-        _section(result, "mod_cost", lambda: bench_mod_cost(log), log)
-        _section(result, "tanh_error", lambda: tanh_error(log), log)
+        _section(result, "mod_cost", lambda: bench_mod_cost(log), log, path)
+        _section(result, "tanh_error", lambda: tanh_error(log), log, path)
         left = deadline_s - (time.perf_counter() - t_start)
-        _section(result, "documents", lambda: bench_documents(log, flex_budget_s=left - 60), log)
-        _section(result, "documents_uneven", lambda: bench_documents(log, lens=UNEVEN, flex_budget_s=0), log)
+        _section(result, "documents", lambda: bench_documents(log, flex_budget_s=left - 60), log, path)
+        _section(result, "documents_uneven", lambda: bench_documents(log, lens=UNEVEN, flex_budget_s=0), log, path)
         if deadline_s - (time.perf_counter() - t_start) > 40:
-            _section(result, "flex_softcap", lambda: flex_softcap(log), log)
+            _section(result, "flex_softcap", lambda: flex_softcap(log), log, path)
         else:
             result["flex_softcap"] = {"skipped": "not enough of the deadline left"}
     rows = [r for key in ("checks", "bad_mods") if isinstance(result[key], list) for r in result[key]]
     n_bad = sum(not r["ok"] for r in rows) + sum(not isinstance(result[key], list) for key in ("checks", "bad_mods"))
     result["summary"] = {"checks": len(rows), "failed": n_bad, "seconds": time.perf_counter() - t_start}
     log(f"== {n_bad} failed of {len(rows)}; {result['summary']['seconds']:.0f} s")
-    path = out_dir / f"gpu-mods-{card}.json"
     write_json(path, result)
     log(f"wrote {path}")
     return result
