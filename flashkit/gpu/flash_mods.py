@@ -6,28 +6,44 @@ then call them, and launches the kernel with the tiles to visit:
 
     tiles       a list per query block row of the key tiles to compute: the window's tiles less those
                 the block mask (or the bool mask) leaves empty, each marked FULL (no per-element test,
-                not even the mask_mod) or PARTIAL (the window test, the mask_mod and/or the bit mask)
+                not even the mask_mod) or PARTIAL (the window test, the mask_mod and/or the bit mask);
+                packed one row after the other (one int32 per visited tile), so a block walks its own
+                list and never tests a tile it skips
+    order       the blocks launched costliest row first (a row's tiles, a PARTIAL one counted several
+                times) where that differs from rung 6's own order: the rows that straddle two
+                documents are all PARTIAL, and started last they kept the GPU waiting on them
     score_mod   applied in registers to every visible score of every visited tile, in natural units
-                (q . k * scale), with q_idx / kv_idx from the mma fragment layout
+                (q . k * scale), with q_idx / kv_idx from the mma fragment layout; in a FULL tile
+                without the visibility select
+    mask_mod    its PARTIAL tiles turned into bits once (fk_mod_pack, kept with the lists) when they fit
+                in the size of Q; else evaluated by the kernel on every score of a PARTIAL tile
     mask=       a bool array (Bm, Hm, Nq, Nk) on the GPU: its tiles classified by one pass over it on
-                the GPU, and only the PARTIAL ones packed into bits (Br x Bc / 8 bytes a tile), so
-                the kernel reads one bit per score only there; nothing of size Nq x Nk is made
+                the GPU (16-byte loads), only the PARTIAL ones packed into bits (Br x Bc / 8 bytes a
+                tile), the lists made on the GPU; nothing of size Nq x Nk is made, the host reads one
+                number (how many PARTIAL tiles) and one flag (whether to reorder)
 
-Compiled once per (score_mod, mask_mod, bit mask or not, d, dtype, tile) and cached; the captured
-arrays are kernel arguments, so new contents of a captured array need no new compile. A mod's run-time
-error (an index out of bounds, a division by zero, a NaN or +inf score) is recorded by the kernel in an
-error word read after the call (one 32-byte copy, a host sync) and raised with its position.
+Compiled once per (score_mod, mask_mod, bit mask or not, block order or not, d, dtype, tile) and cached;
+the captured arrays are kernel arguments, so new contents of a captured array need no new compile. A
+mod's run-time error (an index out of bounds, a division by zero, a NaN or +inf score) is recorded by
+the kernel in an error word read after the call (one 32-byte copy, a host sync) and raised with its
+position.
 
-Measured (benchmarks/results/gpu-mods-h200.json: H200, fp16, commit 6f29f7f): 75 of 75 checks against
-the float64 reference, compute-sanitizer memcheck clean on a small case of each path. A document mask (8
-documents in N = 65536, H = 16, d = 64): 8.75 ms with its block mask (kernel; 10.2 ms the public call),
-0.142 of the 61.8 ms without a mask for 0.125 of the tiles; 673 ms with the mask_mod on every tile;
-31.7 ms given as a dense bool mask (classified and packed in each call); torch FlexAttention 8.32 ms.
-Negative result, since changed: in that run the error checks were a function call and a branch per
-score, and a trivial score_mod cost 2.2x (d = 64) / 1.8x (d = 128) the time without one, softcap
-4.2x / 2.9x (FlexAttention's softcap: 2.1x its own). The hooks now have no call and no branch per score
-(fk_fail inlined, hidden positions report nothing, a NaN is found once per row from l_i); ptxas: 214
-registers, no spills for identity at d = 64 (plain rung 6: 225). Not yet measured on a GPU.
+Measured (benchmarks/results/gpu-mods-h200.json: H200, fp16, commit 9695f03, one run): 102 of 102 checks
+against the float64 reference, compute-sanitizer memcheck clean on a small case of each path.
+  - Time with a score_mod / without (kernel, N = 4096): identity 1.07 / 1.02x at d = 64 (causal or not),
+    1.01 / 0.97x at d = 128; softcap(50) 1.25 / 1.19x at d = 64, 1.07 / 1.05x at d = 128 (FlexAttention's
+    softcap: 2.08x its own). tanh is tanh.approx.f32 (max error 7.7e-6 absolute, 1.1e-5 relative, measured
+    on the GPU); before it, 1 - 2 / (exp2 + 1) gave 1.19-1.45x. At d = 64 softcap stays over the 1.10 goal:
+    ncu (d = 64) sees the special-function (XU) pipe 49% busy with softcap against 32% without, issue slots
+    50%, tensor pipe 35%: no pipe is full, so what is left is most likely the latency of each tile's
+    chain (mma, scale, tanh, max, exp2, mma) with 2 warps per scheduler to hide it (not measured further).
+  - A document mask (8 documents in N = 65536, H = 16, d = 64): block mask 7.88 ms (public call 8.80),
+    0.128 of the 61.6 ms without a mask for 0.125 of the tiles; the mask_mod on every tile 385 ms (49x);
+    the same mask as a dense bool array 9.90 ms (classified on the GPU in the call, 1.66 ms, 4 MiB of
+    lists for a 4 GiB mask; before: 28.7 ms); torch FlexAttention 8.37 ms.
+  - Uneven documents (edges inside tiles: 2712 PARTIAL tiles): 9.68 ms for 0.143 of the tiles (0.155 of
+    the time); without the block order 11.37 ms, without the bits 10.26, without both 12.83; dense bool
+    12.72 ms; the mask_mod on every tile 388 ms (40x).
 """
 from __future__ import annotations
 
