@@ -264,6 +264,11 @@ def test_generated_code_compiles_with_nvcc(tmp_path):
         args = "score, " if kind == "score_mod" else ""
         parts.append(f'extern "C" __global__ void call_{code.prefix}(float* out, float score, int* err{code.params}) '
                      f'{{ out[0] = (float){code.entry}({args}1, 2, 3, 4, err{code.args}); }}')
+    for k, fn in enumerate(SCORES.values()):  # and the derivatives of the score_mods (translate_derivative)
+        code = modlang.translate_derivative(fn, prefix=f"n{k}")
+        parts.append(code.source)
+        parts.append(f'extern "C" __global__ void call_{code.prefix}(float* out, float score, int* err{code.params}) '
+                     f'{{ out[0] = {code.entry}(score, 1, 2, 3, 4, err{code.args}); }}')
     src = tmp_path / "mods.cu"
     src.write_text("\n".join(parts))
     run = subprocess.run(["nvcc", "-cubin", "-gencode=arch=compute_90,code=sm_90", "-o", str(tmp_path / "m.cubin"),
@@ -362,3 +367,44 @@ def test_an_out_of_bounds_read_sets_the_error_word(tmp_path):
                                                                 check=True).stdout.split())
     assert (b, h, q, kv, index) == (0, 1, 2, 2, 5)  # the first bad read: kv_idx = 2 reads ids[5]
     assert code.sites[site].what == "lookup" and code.sites[site].size == 5 and "ids[kv_idx + 3]" in code.sites[site].text
+
+
+def _user_abs(score, b, h, q_idx, kv_idx):
+    return abs(score) * 0.5 + score * (kv_idx % 3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+def test_translated_derivatives_give_mods_grads_answers(tmp_path):
+    # d score_mod / d score (flashkit.mods_grad.derivative) translated to CUDA, run on the CPU, against the
+    # Python derivative evaluated by NumPy, position by position
+    from flashkit import mods_grad
+
+    fns = dict(SCORES, user_abs=_user_abs)
+    parts, main, codes = [modlang.RUNTIME], ["int main() {", "    int err[8] = {0};"], {}
+    for k, (name, fn) in enumerate(fns.items()):
+        code = modlang.translate_derivative(fn, prefix=f"g{k}")
+        codes[name] = code
+        parts.append(code.source)
+        parts += [_c_array(a) for a in code.arrays]
+        main.append(f'    std::printf("# {name}\\n");')
+        main.append(f"    for (int b = 0; b < {B}; ++b) for (int h = 0; h < {H}; ++h) "
+                    f"for (int q = 0; q < {Nq}; ++q) for (int k = 0; k < {Nk}; ++k) {{")
+        main.append("        const float s = (float)(((q * 7 + k * 3) % 11) - 5) * 0.37f;")
+        main.append(f'        std::printf("%.9g\\n", {code.entry}(s, b, h, q, k, err{code.args}));')
+        main.append("    }")
+    main += ['    std::printf("# err %d\\n", err[0]);', "    return 0;", "}"]
+    src = tmp_path / "grad.cpp"
+    src.write_text(HOST_SHIMS + "\n".join(parts) + "\n" + "\n".join(main))
+    exe = tmp_path / "grad"
+    run = subprocess.run(["g++", "-O1", "-std=c++17", "-w", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    blocks = {head: rows for head, *rows in (c.strip().split("\n") for c in out.split("# ")[1:])}
+    assert blocks["err 0"] == []
+    assert "fk_sign" in codes["user_abs"].source and codes["softcap"].entry == "g1_score_grad"
+    grid = blockmask.index_grid(np.arange(B), np.arange(H), 0, Nq, 0, Nk)
+    S = _score_grid()[None, None].astype(np.float64)
+    for name, fn in fns.items():
+        got = np.array([float(x) for x in blocks[name]]).reshape(B, H, Nq, Nk)
+        want = np.broadcast_to(blockmask.evaluate("score_mod", mods_grad.derivative(fn), (S,) + grid), got.shape)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)

@@ -15,7 +15,7 @@ The subset (everything else is an `UnsupportedMod` error naming the function, th
     arithmetic  + - * / // % ** (Python's meaning: / is true division, // and % floor, as on ints)
                 comparisons (chains too), & | ^ ~ on bools (NumPy's meaning), and / or / not
     choices     `x if cond else y`, `where(cond, x, y)` (flashkit.mods.where, np.where), `if ...: return`
-    functions   exp, log, tanh, sqrt, exp2, log2, floor, ceil (math.* or np.*), abs, min, max,
+    functions   exp, log, tanh, sqrt, exp2, log2, floor, ceil (math.* or np.*), abs, np.sign, min, max,
                 np.minimum, np.maximum, int(), float(), mods.soft_cap, and calls to other Python functions
                 in the subset (translated too, e.g. the parts of mods.and_masks)
     statements  `name = expr` (a name keeps one type), `return`, `if` / `else`, docstrings
@@ -24,6 +24,11 @@ Types follow Python: int (64-bit in CUDA, as NumPy's int64), float (the kernel's
 Reading an array out of its bounds, or dividing by zero, does not read garbage: the kernel records the
 first such event (which lookup, and where) in an error word that the launcher reads after the call and
 raises as IndexError / ZeroDivisionError. A negative index counts from the end, as in Python.
+
+`translate_derivative(score_mod)` does the same for d score_mod / d score, written as Python by
+flashkit.mods_grad.derivative (generated functions carry their text in `__flashkit_source__`): what a
+GPU backward with a score_mod needs for dS = P (dP - D) f'(s). No GPU kernel calls it yet; it is checked
+against mods_grad's derivative on the CPU (tests/test_gpu_modlang.py).
 
 Pure Python (ast, inspect, NumPy); no CuPy: notebook 13 shows the generated code on a CPU machine.
 """
@@ -54,6 +59,7 @@ CTYPE = {BOOL: "bool", INT: "long long", FLOAT: "float"}
 NONFINITE = 1
 FIRST_SITE = 16  # the score_mod's sites; the mask_mod's from MASK_SITES
 MASK_SITES = 1 << 20
+GRAD_SITES = 1 << 19  # the derivative of a score_mod (translate_derivative)
 
 
 class UnsupportedMod(TypeError):
@@ -138,6 +144,7 @@ def _known_functions():
                 table[id(getattr(module, name))] = name
     table.update({id(abs): "abs", id(np.abs): "abs", id(np.absolute): "abs", id(min): "min", id(max): "max",
                   id(np.minimum): "min", id(np.maximum): "max", id(np.where): "where", id(mods.where): "where",
+                  id(np.sign): "sign",
                   id(int): "int", id(float): "float", id(bool): "bool", id(np.float32): "float",
                   id(np.float64): "float", id(np.int64): "int", id(np.int32): "int", id(np.bool_): "bool"})
     return table
@@ -189,6 +196,9 @@ class Translator:
             lines, first = inspect.getsourcelines(f)
         except (OSError, TypeError):
             lines = None
+        generated = getattr(f, "__flashkit_source__", None)  # flashkit.mods_grad's derivatives: their own text
+        if lines is None and generated is not None:
+            lines, first = _generated_def(generated, f.__name__), 1
         if lines is None:
             self.fail(None, None, f"the source of {blockmask.describe(fn)} cannot be read (defined in an "
                                   "interactive prompt or generated?); define it in a file or a notebook cell")
@@ -526,6 +536,10 @@ class Translator:
             need(1)
             (x, t), = args
             return f"{_UNARY_FLOAT[name]}({x if t == FLOAT else f'(float)({x})'})", FLOAT
+        if name == "sign":  # (the derivative of abs, flashkit.mods_grad)
+            need(1)
+            (x, t), = args
+            return f"fk_sign((float)({x}))", FLOAT
         if name == "abs":
             need(1)
             (x, t), = args
@@ -595,6 +609,18 @@ class Translator:
         self.arrays.append(c)
         self.key.append(("array", c.param, c.ctype, c.shape))
         return c
+
+
+def _generated_def(text: str, name: str) -> Optional[List[str]]:
+    """The lines of the def of `name` in generated source text (None if it is not there)."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return [ln + "\n" for ln in ast.unparse(node).splitlines()]
+    return None
 
 
 def _has_contents(cell) -> bool:
@@ -679,11 +705,19 @@ def translate(kind: str, fn, prefix: Optional[str] = None) -> DeviceCode:
     if kind == "score_mod" and rtype == BOOL:
         raise UnsupportedMod(f"score_mod {blockmask.describe(fn)} returns a bool: a score_mod returns the modified "
                              "score (a number); to hide scores, pass a mask_mod")
+    code = _device_code(kind, fn, prefix, tr, inner, "score, " if kind == "score_mod" else "")
+    if key is not None:
+        _CACHE[key] = code
+    return code
+
+
+def _device_code(kind, fn, prefix, tr, inner, call) -> DeviceCode:
+    """The DeviceCode of a translated mod: its context struct, its functions, and the entry the kernel calls
+    (inner(ctx, <call>b, h, q_idx, kv_idx))."""
     ctx_fields = "".join(f" const {a.ctype}* {a.param};" for a in tr.arrays)
     ctx = f"struct {prefix}_ctx {{ fk_pos pos;{ctx_fields} }};"
-    head = "float score, " if kind == "score_mod" else ""
-    call = "score, " if kind == "score_mod" else ""
-    ret = "float" if kind == "score_mod" else "bool"
+    head = "float score, " if kind != "mask_mod" else ""
+    ret = "float" if kind != "mask_mod" else "bool"
     entry = f"{prefix}_{kind}"
     params = "".join(f", const {a.ctype}* __restrict__ {a.param}" for a in tr.arrays)
     init = "".join(f", {a.param}" for a in tr.arrays)
@@ -693,8 +727,37 @@ def translate(kind: str, fn, prefix: Optional[str] = None) -> DeviceCode:
            f"    const {prefix}_ctx ctx{{{{fk_err, (int)b, (int)h, (int)q_idx, (int)kv_idx}}{init}}};\n"
            f"    return ({ret})({inner}(ctx, {call}b, h, q_idx, kv_idx));\n}}")
     source = "\n\n".join([ctx] + tr.functions + [top]) + "\n"
-    code = DeviceCode(kind, fn, prefix, entry, source, tr.arrays, tr.sites,
+    return DeviceCode(kind, fn, prefix, entry, source, tr.arrays, tr.sites,
                       key=(kind, source, tuple((a.ctype, a.shape) for a in tr.arrays)))
+
+
+def translate_derivative(score_mod, prefix: str = "fkd") -> DeviceCode:
+    """d score_mod / d score as a CUDA device function `<prefix>_score_grad(score, b, h, q_idx, kv_idx,
+    err, arrays...)`: flashkit.mods_grad.derivative writes the derivative as Python (NotDifferentiable
+    outside its subset), translated here like a score_mod. What a backward kernel with a score_mod needs
+    for dS = P (dP - D) f'(s). Not yet called by a GPU kernel (the GPU backward takes no mods yet)."""
+    from flashkit import mods_grad
+
+    key = ("score_grad", score_mod, blockmask.fingerprint(score_mod, contents=False), prefix)
+    try:
+        hit = _CACHE.get(key)
+    except TypeError:
+        key = hit = None
+    if hit is not None and all(_fits_int32(a.value) for a in hit.arrays
+                               if a.ctype == "int" and isinstance(a.value, np.ndarray) and a.value.dtype.itemsize == 8):
+        return hit
+    wrapped = mods_grad.derivative(score_mod)
+    # the derivative with the score's own tangent as a sixth argument (mods_grad's wrapper passes 1.0)
+    tangent_fn = wrapped.__globals__[wrapped.__name__[: -len("_wrt_score")]]
+    tr = Translator("d score_mod / d score", score_mod, prefix, GRAD_SITES)
+    inner, rtype = tr.function(tangent_fn, (FLOAT, INT, INT, INT, INT, FLOAT))
+    if rtype == BOOL:
+        raise UnsupportedMod(f"the derivative of score_mod {blockmask.describe(score_mod)} is a bool")
+    code = _device_code("score_grad", score_mod, prefix, tr, f"{inner}", "score, ")
+    # the tangent 1.0 as the last argument of the inner call
+    code.source = code.source.replace(f"({inner}(ctx, score, b, h, q_idx, kv_idx))",
+                                      f"({inner}(ctx, score, b, h, q_idx, kv_idx, 1.0f))")
+    code.key = ("score_grad", code.source, code.key[2])
     if key is not None:
         _CACHE[key] = code
     return code
@@ -756,6 +819,7 @@ __device__ __forceinline__ long long fk_min(long long a, long long b) { return a
 __device__ __forceinline__ long long fk_max(long long a, long long b) { return a > b ? a : b; }
 __device__ __forceinline__ float fk_min(float a, float b) { return fminf(a, b); }
 __device__ __forceinline__ float fk_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ float fk_sign(float x) { return (float)((x > 0.f) - (x < 0.f)); }
 // tanh(x) in one instruction (tanh.approx.f32, sm_75 and later: relative error about 2^-11, the size of
 // the fp16 rounding P gets anyway; FlashAttention's softcap uses the same instruction). The formula it
 // replaced, 1 - 2 / (exp2(2x log2 e) + 1), took two of the SM's 16-a-clock special-function operations per
