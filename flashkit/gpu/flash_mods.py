@@ -632,9 +632,9 @@ def _bits_budget(problem) -> int:
 
 
 def _mod_lists(problem, Br, Bc, fp=None):
-    """(start, count, index, bits_at, bits or None, order, ordered) on the GPU for a call without a bool mask, kept
-    for the next call with the same block mask (or mask_mod and captured values), window, shapes and
-    tiles. bits: the mask_mod's PARTIAL tiles as bits (fk_mod_pack), when the mask_mod is on the GPU and
+    """(start, count, index, bits_at, bits or None, order, ordered) on the GPU for a call without a bool
+    mask, kept for the next call with the same block mask (or mask_mod and captured values), window,
+    shapes and tiles. bits: the mask_mod's PARTIAL tiles as bits (fk_mod_pack), when the mask_mod is on the GPU and
     they fit _bits_budget; None: the kernel evaluates the mask_mod there itself. order: block_order's,
     where `ordered` (it differs from rung 6's own order)."""
     import cupy
@@ -649,7 +649,8 @@ def _mod_lists(problem, Br, Bc, fp=None):
         reads_b, reads_h = blockmask.reads_batch_head(problem.mask_mod) if mod is not None else (False, False)
         planes_fit = mod is not None and (not reads_b or mod.shape[0] == problem.B) and (
             not reads_h or mod.shape[1] == problem.Hq)
-        use_bits = MOD_BITS and planes_fit and 0 < partial.size and partial.size * words * 4 <= _bits_budget(problem) and partial.size * words < 1 << 31
+        fits = partial.size * words * 4 <= _bits_budget(problem) and partial.size * words < 1 << 31
+        use_bits = MOD_BITS and planes_fit and 0 < partial.size and fits
         offsets = None
         if use_bits:
             offsets = np.full(mod.size, -1, np.int64)
@@ -695,11 +696,12 @@ def _base_codes(problem, Br, Bc, fp=None):
 
 
 def _bool_mask_lists(problem, Br, Bc, fp=None):
-    """(start, count, index, bits_at, bits, n_partial, order, ordered) on the GPU of a call with a bool mask (Bm, Hm, Nq, Nk):
-    the mask's tiles classified on the GPU in one pass over it, the bits of its PARTIAL tiles only (Br x Bc
-    / 8 bytes each), the tile lists made on the GPU (fk_lists). Nothing of size Nq x Nk is made; the host
-    reads one number (how many tiles are PARTIAL, to size the bits). Made in every call: the mask's
-    contents may change between calls."""
+    """(start, count, index, bits_at, bits, n_partial, order, ordered) on the GPU of a call with a bool mask
+    (Bm, Hm, Nq, Nk): the mask's tiles classified on the GPU in one pass over it, the bits of its PARTIAL
+    tiles only (Br x Bc / 8 bytes each), the tile lists and the block order made on the GPU (fk_lists,
+    block_order). Nothing of size Nq x Nk is made; the host reads one number (how many tiles are PARTIAL,
+    to size the bits) and one flag (whether the order differs from rung 6's own). Made in every call: the
+    mask's contents may change between calls."""
     import cupy
 
     mask = problem.mask
