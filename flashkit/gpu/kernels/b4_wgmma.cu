@@ -229,22 +229,39 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
             }
         }
 
-        wgmma_wait<0>();  // dP^T is complete
-        fence_regs(dP);
-        // P^T and dS^T = P^T * (dP^T - D_i) as 16-bit A fragments: k-block kk = queries 16 kk .. 16 kk + 15
-        // (hopper_layout.p_fragment_from_s); dS^T also to shared memory for dQ_i.
+        // P^T as 16-bit A fragments (k-block kk = queries 16 kk .. 16 kk + 15: hopper_layout.p_fragment_from_s), and
+        // dV_j += P^T dO_i issued at once, while dP^T may still be on the tensor cores. B = dO_i N-major ([query][d]:
+        // the k-step of 16 queries is 16 rows of 128 bytes; the 64-column halves of d are BR * 128 bytes apart).
         unsigned Pa[BR / 16][4], dSa[BR / 16][4];
 #pragma unroll
-        for (int n = 0; n < BR / 8; ++n)
+        for (int kk = 0; kk < BR / 16; ++kk)
 #pragma unroll
-            for (int k = 0; k < 4; ++k) dP[4 * n + k] = S[4 * n + k] * (dP[4 * n + k] - D_s[s][8 * n + 2 * t + (k & 1)]);
+            for (int q = 0; q < 4; ++q) Pa[kk][q] = pack2(S[8 * kk + 2 * q], S[8 * kk + 2 * q + 1]);
+        fence_regs(dv);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk) wgmma_rs<1>(dv, Pa[kk], descriptor(dOst + kk * (16 * 128), BR * 128, 1024), 1);
+        wgmma_commit();
+
+        wgmma_wait<1>();  // dP^T is complete (dV_j's products may still run)
+        fence_regs(dP);
+        // dS^T = P^T * (dP^T - D_i) as A fragments, and to shared memory for dQ_i. P^T is read back from its 16-bit
+        // fragments (as the reference in the input dtype rounds it): the fp32 S^T registers are free by now, which
+        // keeps d = 64 (Br = 128) within the consumers' 240 registers (ptxas spilled 60 bytes holding both).
 #pragma unroll
         for (int kk = 0; kk < BR / 16; ++kk)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                Pa[kk][q] = pack2(S[8 * kk + 2 * q], S[8 * kk + 2 * q + 1]);
-                dSa[kk][q] = pack2(dP[8 * kk + 2 * q], dP[8 * kk + 2 * q + 1]);
+                const int x = 8 * kk + 2 * q;  // elements x, x + 1: query 8 (x / 4) + 2 t + 0 / 1
+                const float2 p = unpack2(Pa[kk][q]);
+                const float Dq0 = D_s[s][8 * (x / 4) + 2 * t], Dq1 = D_s[s][8 * (x / 4) + 2 * t + 1];
+                dP[x] = p.x * (dP[x] - Dq0);
+                dP[x + 1] = p.y * (dP[x + 1] - Dq1);
             }
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) dSa[kk][q] = pack2(dP[8 * kk + 2 * q], dP[8 * kk + 2 * q + 1]);
         // dS^T[key][query] -> dST_s: key row key0 + 8 r, queries 8 n + 2 t, + 1 in one 32-bit word; block
         // query / 64 of [BC][64], swizzled as TMA would have written it.
 #pragma unroll
@@ -257,13 +274,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
             }
         fence_async_shared();  // the stores above are read by the tensor cores (dQ_i) after the barrier
 
-        // dV_j += P^T dO_i and dK_j += dS^T Q_i: A from registers, B = dO_i / Q_i N-major ([query][d]: the k-step
-        // of 16 queries is 16 rows of 128 bytes; the 64-column halves of d are BR * 128 bytes apart)
-        fence_regs(dv);
+        // dK_j += dS^T Q_i: A from registers, B = Q_i N-major as dO_i above
         fence_regs(dk);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BR / 16; ++kk) wgmma_rs<1>(dv, Pa[kk], descriptor(dOst + kk * (16 * 128), BR * 128, 1024), 1);
 #pragma unroll
         for (int kk = 0; kk < BR / 16; ++kk) wgmma_rs<1>(dk, dSa[kk], descriptor(Qst + kk * (16 * 128), BR * 128, 1024), 1);
         wgmma_commit();
@@ -287,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
             wgmma_ss<1, 1>(dq, descriptor(da, BC * 128, 1024), descriptor(kb, BC * 128, 1024), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<1>();  // dV_j, dK_j products done: Q_i, dO_i, lse_i, D_i of stage s are no longer read
+        wgmma_wait<1>();  // dV_j's and dK_j's products done: Q_i, dO_i, lse_i, D_i of stage s are no longer read
         fence_regs(dv);
         fence_regs(dk);
         mbar_arrive(EMPTY(s));
