@@ -215,13 +215,13 @@ def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), elemen
         maps = (tensor_maps(Q, K, V, dO, Br, Bc),) if spec.tensor_maps else ()
         fns["main"]((-(-Nk // Bc), Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, acc, dK, dV, Psum) + dims
                     + (i32(every),) + maps, shared_mem=smem("main"))
-        if "convert" in fns:
-            n = Q.size
-            fns["convert"]((-(-n // (8 * 256)),), (256,), (acc, dQ, i64(n), f32(scale)))
-        if check is not None:
+        if check is not None:  # before the conversion: the host's wait for the check then ends while it runs
             fns["check"]((-(-rows // 256),), (256,), (Psum, lse, i64(rows), i32(Nq), i32(Nk), i32(left), i32(right),
                                                       f32(LSE_TOLERANCE), i32(Br), i32(every)) + report)
             check.record()
+        if "convert" in fns:
+            n = Q.size
+            fns["convert"]((-(-n // (8 * 256)),), (256,), (acc, dQ, i64(n), f32(scale)))
     else:  # a dQ kernel over query blocks (it tests lse), then a dK/dV kernel over key blocks: no atomics
         fns["preprocess"](pre_grid, (256,), (O, dO, Dvec, i64(rows)))
         fns["dq"]((-(-Nq // Bc), Hq, B), (threads,), (Q, K, V, dO, lse, Dvec, dQ) + dims

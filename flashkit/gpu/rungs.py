@@ -271,8 +271,8 @@ RUNGS = (
         kernels=(Kernel("bwd_preprocess", "preprocess"),
                  Kernel("flash_bwd", "main",
                         lambda d, Br, Bc: 2 * ((2 * Bc + 4 * Br) * (d + 8) + Bc * (Br + 8)) + 16 * Br + Bc * Br // 4),
-                 Kernel("bwd_dq_convert", "convert"),
-                 Kernel("bwd_lse_check", "check")),
+                 Kernel("bwd_lse_check", "check"),
+                 Kernel("bwd_dq_convert", "convert")),
     ),
     # dK/dV kernel: rung 2's layout without dS^T_s; dQ kernel: Q_s, dO_s [Bc][d+8], K_s, V_s [2][Br][d+8].
     # Defaults from the block sweep on the H200 (fp16, N = 4096, non-causal; benchmarks/results/gpu-bwd-h200-history1.json,
@@ -307,8 +307,8 @@ RUNGS = (
         kernels=(Kernel("bwd_preprocess", "preprocess"),
                  Kernel("flash_bwd", "main",
                         lambda d, Br, Bc: 1024 + 2 * (2 * Bc * d + 4 * Br * d + 2 * Br * Bc) + 4 * (4 * Br + 16 * Br) + 8 * 5),
-                 Kernel("bwd_dq_convert", "convert"),
-                 Kernel("bwd_lse_check", "check")),
+                 Kernel("bwd_lse_check", "check"),
+                 Kernel("bwd_dq_convert", "convert")),
         arch="sm_90a", tensor_maps=True,
     ),
 )
