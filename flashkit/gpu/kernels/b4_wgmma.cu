@@ -32,16 +32,29 @@
 #ifndef BC
 #define BC 128  // keys per block: 64 per consumer warpgroup
 #endif
+#ifndef DEFER_DQ
+#define DEFER_DQ 0  // 1: a step's dQ_i product is waited for and added at the next step, behind its S^T and dP^T
+#endif
+#ifndef DQ_BULK
+#define DQ_BULK 0  // 1: the consumers put dQ_i's tile in shared memory and a warp of the producer warpgroup adds it to
+                   // dQacc by bulk reductions (cp.reduce.async.bulk), instead of the consumers' vector atomics
+#endif
 #define D HEAD_DIM
 #define NC 2                // consumer warpgroups
 #define NT (128 * (NC + 1)) // + the producer warpgroup
 #define NW (4 * NC)         // consumer warps; consumer warp w owns keys 16 w .. 16 w + 15 of K_j
 #define NHALF (D / 64)      // 64-column (128-byte) halves of a row: one TMA box and one swizzle atom wide
 #define LOG2E 1.4426950408889634f
+#if DQ_BULK  // the dQ warp's loop spills 24 bytes within 24 registers (ptxas); 40 + 2 x 232 fits in the file
+#define REG_PRODUCER 40
+#define REG_CONSUMER 232
+#else
 #define REG_PRODUCER 24
 #define REG_CONSUMER 240
+#endif
 
 static_assert(BC == 64 * NC, "each consumer warpgroup owns 64 keys");
+static_assert(!(DEFER_DQ && DQ_BULK), "one way of adding dQ_i");
 static_assert((BR == 128 && D == 64) || (BR == 64 && D == 128), "dQ_i is split into two 64 x 64 products");
 
 #include "common.cuh"     // INFINITY, fast_exp2, row_lo / row_hi
@@ -83,6 +96,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
     const unsigned bar_kv = bars;                      // K_j and V_j landed
     #define FULL(s) (bars + 8 * (1 + (s)))             // stage s: Q_i, dO_i landed, lse_i and D_i written
     #define EMPTY(s) (bars + 8 * (3 + (s)))            // stage s: every consumer thread is done with it
+    const unsigned dQ_s = bars + 64;  // DQ_BULK: dQ_i's tile, fp32 [BR][D + 4] (rows padded: no bank conflicts)
+    (void)dQ_s;
 
     const int tid = threadIdx.x, wg = tid / 128;
     const int j0 = blockIdx.x * BC, hk = blockIdx.y, b = blockIdx.z;
@@ -110,6 +125,25 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
 
     if (wg == 0) {  // producer warpgroup: its first warp loads everything; the other three have nothing to do
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REG_PRODUCER));
+#if DQ_BULK
+        if (tid >= 32 && tid < 64 && n_steps > 0) {  // the dQ warp: one bulk reduction per row of each step's dQ_i
+            const int lane = tid - 32;
+            for (int step = 0; step < n_steps; ++step) {
+                const int h = hk * group + step / n_i, i0 = i_first + (step % n_i) * BR;
+                named_sync(2, 128 * NC + 32);  // the consumers' dQ_i of this step is in dQ_s
+                for (int r = lane; r < BR; r += 32)
+                    if (i0 + r < Nq)
+                        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                                     ::"l"(dQacc + (((long long)b * Hq + h) * Nq + i0 + r) * D), "r"(dQ_s + r * (D + 4) * 4),
+                                       "n"(D * 4) : "memory");
+                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+                asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // dQ_s has been read
+                if (step + 1 < n_steps) asm volatile("bar.arrive 3, %0;" ::"n"(128 * NC + 32) : "memory");  // dQ_s free
+            }
+            asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+            return;
+        }
+#endif
         const int lane = tid;
         if (tid >= 32 || n_steps == 0) return;
         if (lane == 0) {
@@ -162,6 +196,25 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
 #pragma unroll
     for (int k = 0; k < D / 2; ++k) dk[k] = dv[k] = 0.f;
 
+    // dQacc += dq (of query head h, tile i0). Accumulator rows 16 (cwarp % 4) + g (+8) of the 64, columns 8 n + 2 t (+1)
+    // of the 64. Lanes t and t^1 swap half their pairs (as b2), so each adds 4 adjacent columns of one row at once.
+    float dq[32];
+    int dq_h = 0, dq_i0 = 0;
+    auto add_dq = [&](int h, int i0) {
+        float* dQh = dQacc + ((long long)b * Hq + h) * Nq * D;
+        const bool odd = t & 1;
+        const int i = i0 + 64 * dq_qhalf + 16 * (cwarp % 4) + g + 8 * odd;
+        const int col = 64 * dq_chalf + 2 * (t & ~1);
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            const float s0 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n] : dq[4 * n + 2], 1);
+            const float s1 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n + 1] : dq[4 * n + 3], 1);
+            const float4 v4 = odd ? make_float4(s0, s1, dq[4 * n + 2], dq[4 * n + 3]) : make_float4(dq[4 * n], dq[4 * n + 1], s0, s1);
+            if (i < Nq) red_add4(dQh + (long long)i * D + col + 8 * n, v4);
+        }
+    };
+    (void)dq_h, (void)dq_i0;
+
     if (n_steps > 0) mbar_wait(bar_kv, 0);
     for (int step = 0; step < n_steps; ++step) {
         const int s = step & 1;
@@ -187,6 +240,13 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
             wgmma_ss<0, 0>(dP, descriptor(va, 16, 1024), descriptor(ga, 16, 1024), kk > 0);
         }
         wgmma_commit();
+#if DEFER_DQ
+        if (step > 0) {  // the previous step's dQ_i product (the oldest group in flight) is done: add it now
+            wgmma_wait<2>();
+            fence_regs(dq);
+            add_dq(dq_h, dq_i0);
+        }
+#endif
         wgmma_wait<1>();  // S^T is complete (dP^T may still run)
         fence_regs(S);
 
@@ -291,7 +351,6 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
 
         // dQ_i += dS K_j: 64 queries (block dq_qhalf of dS^T, read M-major) x 64 columns (half dq_chalf of K_j,
         // N-major), k = the block's 128 keys, 16 a step (16 rows of 128 bytes in both)
-        float dq[32];
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
@@ -304,25 +363,37 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_bwd(
         fence_regs(dv);
         fence_regs(dk);
         mbar_arrive(EMPTY(s));
+
+#if DEFER_DQ
+        dq_h = h, dq_i0 = i0;  // added at the next step, once its S^T and dP^T are on the tensor cores
+#elif DQ_BULK
         wgmma_wait<0>();
         fence_regs(dq);
-
-        // dQacc += dq. Accumulator rows 16 (cwarp % 4) + g (+8) of the 64, columns 8 n + 2 t (+1) of the 64.
-        // Lanes t and t^1 swap half their pairs (as b2), so each adds 4 adjacent columns of one row at once.
+        if (step > 0) named_sync(3, 128 * NC + 32);  // the dQ warp is done reading the previous step's tile
         {
-            float* dQh = dQacc + ((long long)b * Hq + h) * Nq * D;
-            const bool odd = t & 1;
-            const int i = i0 + 64 * dq_qhalf + 16 * (cwarp % 4) + g + 8 * odd;
-            const int col = 64 * dq_chalf + 2 * (t & ~1);
+            const int rl = 64 * dq_qhalf + 16 * (cwarp % 4) + g, cl = 64 * dq_chalf + 2 * t;
 #pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const float s0 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n] : dq[4 * n + 2], 1);
-                const float s1 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n + 1] : dq[4 * n + 3], 1);
-                const float4 v4 = odd ? make_float4(s0, s1, dq[4 * n + 2], dq[4 * n + 3]) : make_float4(dq[4 * n], dq[4 * n + 1], s0, s1);
-                if (i < Nq) red_add4(dQh + (long long)i * D + col + 8 * n, v4);
-            }
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(dQ_s + ((rl + 8 * r) * (D + 4) + cl + 8 * n) * 4),
+                                 "f"(dq[4 * n + 2 * r]), "f"(dq[4 * n + 2 * r + 1]) : "memory");
         }
+        fence_async_shared();  // read by the bulk reductions
+        asm volatile("bar.arrive 2, %0;" ::"n"(128 * NC + 32) : "memory");
+#else
+        wgmma_wait<0>();
+        fence_regs(dq);
+        add_dq(h, i0);
+#endif
     }
+#if DEFER_DQ
+    if (n_steps > 0) {
+        wgmma_wait<0>();
+        fence_regs(dq);
+        add_dq(dq_h, dq_i0);
+    }
+#endif
 
     // Write dK_j = scale * dK_j and dV_j in the input dtype (keys < Nk)
     T* dKh = dK + ((long long)b * Hkv + hk) * Nk * D;
