@@ -64,6 +64,7 @@ def stage(argv):
     ap.add_argument("--stage", required=True)
     ap.add_argument("--json")
     ap.add_argument("--rungs", default=",".join(CHECKED))
+    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     register_variants()
     only = args.rungs.split(",") + [v[0] for v in VARIANTS]
@@ -76,7 +77,8 @@ def stage(argv):
     if args.stage == "bench":
         from benchmarks import gpu_backward
 
-        return gpu_backward.main(["--json", args.json, "--no-memory", "--sweep-dtypes", "float16"])
+        quick = ["--no-sweep", "--dtypes", "float16,bfloat16"] if args.quick else ["--sweep-dtypes", "float16"]
+        return gpu_backward.main(["--json", args.json, "--no-memory"] + quick)
     if args.stage == "parts":
         from benchmarks import gpu_backward_parts
 
@@ -91,13 +93,16 @@ def main(argv=None):
     ap.add_argument("--check-timeout", type=float, default=110)
     ap.add_argument("--bench-timeout", type=float, default=110)
     ap.add_argument("--parts-timeout", type=float, default=35)
+    ap.add_argument("--quick", action="store_true",
+                    help="a short call: the bench without fp32 and the block sweep, no parts stage")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
     if args.stage:
-        return stage(["--stage", args.stage, "--rungs", args.rungs] + rest)
+        return stage(["--stage", args.stage, "--rungs", args.rungs] + (["--quick"] if args.quick else []) + rest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    py = [sys.executable, "-m", "benchmarks.gpu_backward_hopper", "--rungs", args.rungs, "--stage"]
+    py = [sys.executable, "-m", "benchmarks.gpu_backward_hopper", "--rungs", args.rungs] + (
+        ["--quick"] if args.quick else []) + ["--stage"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def start(name, cmd):
@@ -129,7 +134,8 @@ def main(argv=None):
         print("the check timed out: no timing", flush=True)
         return 1
     rcs["bench"] = finish(start("bench", py + ["bench", "--json", str(out / "bench.json")]), args.bench_timeout)
-    rcs["parts"] = finish(start("parts", py + ["parts", "--json", str(out / "parts.json")]), args.parts_timeout)
+    if not args.quick:
+        rcs["parts"] = finish(start("parts", py + ["parts", "--json", str(out / "parts.json")]), args.parts_timeout)
     if (out / "bench.json").exists():
         from benchmarks.gpu_backward import print_table
 
