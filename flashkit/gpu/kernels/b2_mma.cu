@@ -20,9 +20,11 @@
 //   shuffle (this version) 212.0 / 233.9: no further gain. Per kernel (benchmarks/gpu_backward_parts.py): the main
 //   kernel 6.33 ms at d = 64, 5.57 with its dQ additions removed, so the atomics cost ~12% there and nothing
 //   measurable at d = 128 (5.76 / 5.79); D and the conversion 0.08 + 0.06 ms. 128 x 128 at d = 64 measured 229.2
-//   (+7% over 64 x 128, fp16 non-causal, block sweep only): allowed, not yet the default. ptxas (sm_90): 217
-//   registers at d = 64, 255 at d = 128, no spills (128 x 128 at d = 64: 255 and 12 bytes); 93 / 155 KB of shared
-//   memory: one 8-warp block per SM.
+//   (+7% over 64 x 128, fp16 non-causal, block sweep only): the default at d = 64 since 2026-12-02, measured
+//   in all four d = 64 cells then (gpu-bwd-h200.json, commit f30a2a8): 215.1 / 199.9 TFLOP/s fp16 (causal), bf16
+//   215.5 / 200.4, against 201.6 / 187.0 for 64 x 128 in the previous run (gpu-bwd-h200-history6.json): +7% in each.
+//   ptxas (sm_90): 217 registers at d = 64 (64 x 128), 255 at d = 128, no spills; 128 x 128 at d = 64: 255 registers
+//   and 12 bytes spilled (faster all the same); 93 / 155 KB of shared memory: one 8-warp block per SM.
 // Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
 //   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
 // Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=False): 212.0 TFLOP/s, 0.82x torch-flash

@@ -17,7 +17,34 @@
 // Expected (written before the first run): 1.2-1.6x b2 (rung 7 is 1.41-1.77x forward rung 6): ~260-350 TFLOP/s;
 //   this version does not overlap the softmax with the tensor cores (FA3's two-stage pipelining), so well short of
 //   cuDNN's.
-// Measured: not yet (written and compiled on a machine without a GPU; ptxas figures below).
+// ptxas (sm_90a, nvcc 13.0): 168 registers at entry (the consumers raise theirs to 240), no spills at d = 64 or 128,
+//   fp16 or bf16; 175 / 170 KB of shared memory at d = 64 / 128 (one block per SM). Two things the first drafts taught: holding the fp32
+//   P^T beside dP^T, dK_j, dV_j and P^T's fragments spilled 60 bytes at d = 64, so dS^T reads P^T back from its
+//   16-bit fragments (the reference in the input dtype rounds P the same way); and waiting for a step's dQ_i product
+//   only at the next step (-DDEFER_DQ=1, to add it while S^T and dP^T run) spills 432 / 768 bytes: not run.
+// Measured on an NVIDIA H200 (N = 4096, B*N = 16384, H*d = 2048, 2026-12-02, commit f30a2a8, benchmarks/gpu_backward_hopper.py
+//   --quick; benchmarks/results/gpu-bwd-h200.json): 1.27-1.33x torch's flash backward and 1.47-1.66x b2 in every cell,
+//   0.72-0.82x cuDNN's (the goal of issue 10, >= 1.0x flash, is met; cuDNN is not reached). Through the public call
+//   (flashkit.attention_backward(..., backend="cupy-bwd-wgmma"), validation, NaN/Inf scan and lse check included)
+//   1.11-1.25x flash (the call costs 4-19% over the kernel alone; probably as for b2: the host waits for the lse check,
+//   the last kernel but the dQ conversion, so the next call's host work shows); with backend "auto", which picks this
+//   rung on a Hopper, 1.08-1.23x.
+//   Variant -DDQ_BULK=1 (dQ_i's tile through shared memory, added by a warp of the producer warpgroup with bulk
+//   reductions, cp.reduce.async.bulk, one a row): d = 64 252.5 / 228.2 TFLOP/s fp16 (0.75x / 0.77x this version;
+//   Br = 128 rows of 256 bytes a step), d = 128 374.5 / 340.6 (1.00x / 1.01x): not the default
+//   (benchmarks/gpu_backward_hopper.py's VARIANTS; the same file, impl cupy-bwd-wgmma-bulkdq). Correctness in the
+//   same run: flashkit.gpu.check_backward 79/79 (this rung, the variant and b2 on the awkward shapes, fp16 and bf16,
+//   the lse check, the public call), compute-sanitizer memcheck 0 errors and racecheck 0 hazards (20/20 launches).
+// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=False): 338.9 TFLOP/s, 1.27x torch-flash
+// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=True): 296.9 TFLOP/s, 1.29x torch-flash
+// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=False): 338.2 TFLOP/s, 1.27x torch-flash
+// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=True): 294.0 TFLOP/s, 1.27x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=False): 376.0 TFLOP/s, 1.30x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=True): 336.6 TFLOP/s, 1.33x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=False): 378.2 TFLOP/s, 1.31x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=True): 334.9 TFLOP/s, 1.32x torch-flash
+// Not tried yet: FA3's overlap of one step's softmax with the next step's products (two S^T / dP^T register sets do
+//   not fit beside dK_j, dV_j at 240 registers), a persistent grid, Bc = 192.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
