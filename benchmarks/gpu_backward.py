@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_backward [--json PATH] [--no-sweep] [--no-memory]
 
 Shapes: B*N = 16384 tokens, H*d = 2048, N = 4096, d in {64, 128}, causal and not. float16 and
-bfloat16: cupy-bwd-mma and cupy-bwd-mma-2kernel beside torch's flash, cudnn and efficient backward;
+bfloat16: cupy-bwd-mma, cupy-bwd-mma-2kernel and (on a Hopper) cupy-bwd-wgmma beside torch's flash, cudnn and efficient backward;
 float32: cupy-bwd-fp32 beside torch's efficient backward (the only torch fused fp32 backward).
 
 What is timed is the backward alone, each rung called directly and, beside it, the same rung through the
@@ -34,6 +34,8 @@ from flashkit.atomic import write_json
 from flashkit.gpu.rungs import ELEMENTS as ELEMENT, kernels as table_rows
 
 BACKWARD = table_rows("backward")  # the backward rungs of flashkit/gpu/rungs.py, ladder order
+SPEC = {r.name: r for r in BACKWARD}  # (a driver may add pseudo-rungs here and to RUNGS: variants of a kernel)
+TABLE = frozenset(SPEC)  # the table's rungs: those with a public backend
 DTYPES = ("float16", "bfloat16", "float32")
 RUNGS = {dt: tuple(r.name for r in BACKWARD if dt in r.dtypes) for dt in DTYPES}
 PEERS = {"float16": ("flash", "cudnn", "efficient"), "bfloat16": ("flash", "cudnn", "efficient"), "float32": ("efficient",)}
@@ -157,6 +159,8 @@ def run_grid(Ns=(4096,), ds=(64, 128), dtypes=DTYPES):
                     free_all()
                 fk = FlashkitBackward(q, k, v, do, causal, dtype)
                 for r in RUNGS[dtype]:
+                    if not SPEC[r].backend().available:  # cupy-bwd-wgmma on a GPU that is not a Hopper
+                        continue
                     row = measure(r, fk.call(r), rows, dict(meta, rung=r))
                     if row["status"] == "ok" and peer_grads:
                         fk.call(r)()
@@ -164,7 +168,8 @@ def run_grid(Ns=(4096,), ds=(64, 128), dtypes=DTYPES):
                         print(f"    rel. error vs torch-{PEER[dtype]}: " +
                               ", ".join(f"{k_} {v_:.1e}" for k_, v_ in row["rel_err_vs_peer"].items()), flush=True)
                     # the same rung through the public call: validation, the NaN/Inf scan, the lse check, the choice
-                    measure(f"{r} (public)", fk.public(causal, r), rows, dict(meta, rung=r, public=True, backend=r))
+                    if r in TABLE:  # a pseudo-rung of one process (benchmarks/gpu_backward_hopper.py) has no backend
+                        measure(f"{r} (public)", fk.public(causal, r), rows, dict(meta, rung=r, public=True, backend=r))
                 # What "auto" gives a user
                 measure("flashkit.attention_backward", fk.public(causal), rows,
                         dict(meta, rung=None, public=True, backend="auto"))
@@ -203,7 +208,7 @@ def add_ratios(rows):
             r["public_over_rung"] = r["ms"] / a["ms"]
 
 
-def block_sweep(N=4096):
+def block_sweep(N=4096, dtypes=("float16", "float32")):
     """Every allowed (Br, Bc) of each rung at N = 4096, fp16 (fp32 for the fp32 rung), non-causal."""
     import torch
 
@@ -213,7 +218,7 @@ def block_sweep(N=4096):
     rows = []
     for d in (64, 128):
         B, H = 16384 // N, 2048 // d
-        for dtype in ("float16", "float32"):
+        for dtype in dtypes:
             for causal in (False,):
                 gen = torch.Generator(device="cuda").manual_seed(1)
                 q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dtype), generator=gen)
@@ -223,6 +228,8 @@ def block_sweep(N=4096):
                             direction="backward")
                 print(f"sweep d={d} N={N} causal={causal} {dtype}", flush=True)
                 for r in RUNGS[dtype]:
+                    if not SPECS[r].backend().available:
+                        continue
                     for bs in SPECS[r].allowed(d):
                         measure(f"{r}{bs}", fk.call(r, bs), rows, dict(meta, rung=r, block_size=list(bs)))
                 del fk, q, k, v, do
@@ -245,6 +252,8 @@ def memory_rows():
         q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=torch.float16, generator=gen) for _ in range(4))
         fk = FlashkitBackward(q, k, v, do, False, "float16")
         for r in RUNGS["float16"]:
+            if not SPEC[r].backend().available:
+                continue
             free_all()
             before = pool.total_bytes()
             row = dict(impl=r, N=N, B=B, H=H, d=d, dtype="float16",
@@ -293,6 +302,7 @@ def main(argv=None):
     ap.add_argument("--json", help="where to write the results (default benchmarks/results/gpu-bwd-<card>.json)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--sweep-dtypes", default="float16,float32", help="dtypes of the block sweep (comma-separated)")
     ap.add_argument("--Ns", default="4096", help="comma-separated sequence lengths (default 4096)")
     ap.add_argument("--ds", default="64,128", help="comma-separated head sizes (default 64,128)")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes")
@@ -313,7 +323,7 @@ def main(argv=None):
                     tuple(args.dtypes.split(",")))
     add_ratios(rows)
     print_table(rows)
-    sweep = [] if args.no_sweep else block_sweep()
+    sweep = [] if args.no_sweep else block_sweep(dtypes=tuple(args.sweep_dtypes.split(",")))
     mem = [] if args.no_memory else memory_rows()
     from flashkit.gpu.backward import COMPILE_SECONDS
 

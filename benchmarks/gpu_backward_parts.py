@@ -4,8 +4,8 @@
 
 fp16, B*N = 16384, H*d = 2048, N = 4096, d in {64, 128}, non-causal, default blocks. Timed alone, by CUDA
 events (flashkit.measure.timing.stream_time): the preprocessing kernel (D = rowsum(dO * O)), rung 2's main
-kernel, its dQ conversion, rung 3's dK/dV kernel and its dQ kernel; and rung 2's main kernel compiled with
-its dQ additions replaced by a store that never happens (so the compiler keeps the dQ products): the
+kernel, its dQ conversion, rung 3's dK/dV kernel and its dQ kernel, rung 4's main kernel (on Hopper); and rung 2's
+and rung 4's main kernels compiled with their dQ additions replaced by a store that never happens (so the compiler keeps the dQ products): the
 difference to the real kernel is what the fp32 atomics cost. The main kernels are timed without their
 preprocessing, so rung 2's dQ buffer keeps accumulating (the time does not depend on its values).
 """
@@ -31,7 +31,7 @@ def main(argv=None):
 
     from benchmarks.gpu_backward import ELEMENT, FlashkitBackward, flops
     from benchmarks.gpu_forward import environment, free_all
-    from flashkit.gpu.backward import LSE_TILES, RUNGS, kernels
+    from flashkit.gpu.backward import LSE_TILES, RUNGS, kernels, tensor_maps
     from flashkit.gpu.flash import KERNEL_DIR, build_options
     from flashkit.measure.timing import stream_time
 
@@ -78,7 +78,7 @@ def main(argv=None):
                                            i32(Br2)) + every2 + (np.uint64(0), i64(0)))
         # rung 2's main kernel without its atomics
         src = (KERNEL_DIR / r2.source).read_text()
-        marker = "__device__ __forceinline__ float fast_exp2"
+        marker = 'extern "C" __global__ void __launch_bounds__(NT,'  # before the main kernel
         src = src.replace(marker, SINK + marker, 1).replace("red_add4(dQh", "diag_sink(dQh")
         noatom = cupy.RawModule(code=src, options=build_options(d, ELEMENT[dtype], Br2, Bc2)).get_function("flash_bwd")
         noatom.max_dynamic_shared_size_bytes = smem2
@@ -91,6 +91,26 @@ def main(argv=None):
         parts["rung 3 dQ kernel (with the lse check)"] = lambda: k3["dq"](
             (-(-N // Bc3), H, B), (2 * Bc3,), (Q, K, V, dO, lse, Dvec, dQ) + dims + (f32(1e-3), np.uint64(0), i64(0)),
             shared_mem=r3.kernel("dq").smem(d, Br3, Bc3))
+        if RUNGS["cupy-bwd-wgmma"].backend().available:  # a Hopper
+            r4 = RUNGS["cupy-bwd-wgmma"]
+            Br4, Bc4 = r4.default_blocks[d]
+            k4 = kernels("cupy-bwd-wgmma", d, ELEMENT[dtype], Br4, Bc4)
+            smem4 = r4.kernel("main").smem(d, Br4, Bc4)
+            tiles4 = -(-N // Br4)
+            every4 = (i32(max(1, -(-tiles4 // LSE_TILES))),)
+            maps4 = (tensor_maps(Q, K, V, dO, Br4, Bc4),)
+            parts["rung 4 main kernel"] = lambda: k4["main"](
+                (-(-N // Bc4), H, B), (384,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims + every4 + maps4,
+                shared_mem=smem4)
+            src4 = (KERNEL_DIR / r4.source).read_text()
+            src4 = src4.replace(marker, SINK + marker, 1).replace("red_add4(dQh", "diag_sink(dQh")
+            noatom4 = cupy.RawModule(code=src4, options=build_options(d, ELEMENT[dtype], Br4, Bc4, arch=r4.arch)
+                                     ).get_function("flash_bwd")
+            noatom4.max_dynamic_shared_size_bytes = smem4
+            parts["rung 4 main kernel, dQ additions removed (diagnostic)"] = lambda: noatom4(
+                (-(-N // Bc4), H, B), (384,), (Q, K, V, dO, lse, Dvec, dQacc, dK, dV, Psum) + dims + every4 + maps4,
+                shared_mem=smem4)
+            parts["rung 4 whole backward"] = fk.call("cupy-bwd-wgmma")
         parts["rung 2 whole backward"] = fk.call("cupy-bwd-mma")
         parts["rung 3 whole backward"] = fk.call("cupy-bwd-mma-2kernel")
         fl = flops(B, H, N, d, False)

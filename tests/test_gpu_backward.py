@@ -154,6 +154,8 @@ KERNEL_PARAMS = [(name, element, case) for name, elements in cb.RUNG_ELEMENTS.it
 @needs_gpu
 @pytest.mark.parametrize("rung,element,case", KERNEL_PARAMS)
 def test_backward_matches_float64(rung, element, case):
+    if not cb.serves(rung, case):
+        pytest.skip(f"{rung} does not run d={case[5]} on this GPU (cupy-bwd-wgmma: a Hopper, d in 64, 128)")
     row = cb.check_rung(rung, case, element, seed=cb.seed_of(rung, element, case))
     assert row["ok"], _explain(row)
 
@@ -171,6 +173,8 @@ def _block_params():
 def test_in_kernel_lse_check(rung, element, case):
     """The kernels' own lse check: silent on the right lse, a report for log2 units and for -inf on rows
     that see keys (kernels/bwd_check.cuh)."""
+    if not cb.serves(rung, case):
+        pytest.skip(f"{rung} does not run d={case[5]} on this GPU")
     row = cb.check_lse_detection(rung, case, element, seed=cb.seed_of("lse", rung, element, case))
     assert row["ok"], row
 
@@ -178,6 +182,8 @@ def test_in_kernel_lse_check(rung, element, case):
 @needs_gpu
 @pytest.mark.parametrize("rung,block,case", _block_params())
 def test_every_allowed_block_size(rung, block, case):
+    if not cb.serves(rung, case):
+        pytest.skip(f"{rung} does not run on this GPU")
     row = cb.check_rung(rung, case, cb.RUNG_ELEMENTS[rung][0], seed=cb.seed_of(rung, block, case), block_size=block)
     assert row["ok"], _explain(row)
 

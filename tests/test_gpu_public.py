@@ -91,6 +91,8 @@ def test_public_call_is_the_rung_and_names_bad_input(name):
 def test_public_backward_is_the_rung_and_refuses_bad_input(name):
     from flashkit.gpu import check_backward as cb
 
+    if not cb.serves(name, cb.CASES[2]):
+        pytest.skip(f"{name} does not run on this GPU (cupy-bwd-wgmma needs a Hopper)")
     row = cb.check_public(name, cb.CASES[2], next(e for e in cb.RUNG_ELEMENTS[name] if e != "bf16"),
                           seed=cb.seed_of("public", name))
     assert row["ok"], row

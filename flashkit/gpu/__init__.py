@@ -17,6 +17,8 @@ and the backward (FlashAttention-2's Algorithm 2), rows of the same table launch
   backward rung 1  cupy-bwd-fp32         fp32, dQ by fp32 atomics
   backward rung 2  cupy-bwd-mma          fp16/bf16 mma.sync, dQ by fp32 vector atomics, then converted
   backward rung 3  cupy-bwd-mma-2kernel  fp16/bf16, a dK/dV kernel and a dQ kernel: no atomics, deterministic
+  backward rung 4  cupy-bwd-wgmma        Hopper only: wgmma for the five products, TMA, producer warp + two consumer
+                                         warpgroups, dQ by fp32 vector atomics
 
 CuPy arrays in, CuPy arrays out. Nothing here imports CuPy until a kernel runs. Correctness:
 `python -m flashkit.gpu.check`; everything at once (tests, sanitizer, benchmark):

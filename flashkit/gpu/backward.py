@@ -13,6 +13,7 @@ with lse = -inf (it saw no key) has P = 0 and gets dQ = 0. The rungs (one file e
   backward rung 1  cupy-bwd-fp32          b1_fp32.cu         fp32 FMAs; dQ by fp32 atomics
   backward rung 2  cupy-bwd-mma           b2_mma.cu          fp16/bf16 mma.sync; dQ by fp32 atomics + convert
   backward rung 3  cupy-bwd-mma-2kernel   b3_mma_2kernel.cu  fp16/bf16 mma.sync; dK/dV and dQ kernels, no atomics
+  backward rung 4  cupy-bwd-wgmma         b4_wgmma.cu        fp16/bf16 Hopper wgmma + TMA; dQ by fp32 atomics + convert
 
 Every fact about a rung (its source, element types, block sizes, the kernels one call launches and their
 shared memory) is its row in the one table of GPU rungs, flashkit/gpu/rungs.py; a block size a rung cannot
@@ -87,7 +88,7 @@ def kernels(rung: str, d: int, element: str, Br: int, Bc: int):
     spec = RUNGS[rung]
     source = (KERNEL_DIR / spec.source).read_text()
     t0 = time.perf_counter()  # NVRTC compile, or a hit in CuPy's on-disk cache
-    module = cupy.RawModule(code=source, options=build_options(d, element, Br, Bc))
+    module = cupy.RawModule(code=source, options=build_options(d, element, Br, Bc, arch=spec.arch))
     fns = {k.role: module.get_function(k.name) for k in spec.kernels}
     COMPILE_SECONDS[(rung, d, element, Br, Bc)] = time.perf_counter() - t0
     for k in spec.kernels:
@@ -211,15 +212,16 @@ def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), elemen
         fns["preprocess"](pre_grid, (256,), (O, dO, Dvec, acc, Psum, i64(rows)))
         q_tiles = -(-Nq // Br)
         every = max(1, -(-q_tiles // LSE_TILES))  # sum P on 1 query tile in `every`
+        maps = (tensor_maps(Q, K, V, dO, Br, Bc),) if spec.tensor_maps else ()
         fns["main"]((-(-Nk // Bc), Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, acc, dK, dV, Psum) + dims
-                    + (i32(every),), shared_mem=smem("main"))
-        if "convert" in fns:
-            n = Q.size
-            fns["convert"]((-(-n // (8 * 256)),), (256,), (acc, dQ, i64(n), f32(scale)))
-        if check is not None:
+                    + (i32(every),) + maps, shared_mem=smem("main"))
+        if check is not None:  # before the conversion: the host's wait for the check then ends while it runs
             fns["check"]((-(-rows // 256),), (256,), (Psum, lse, i64(rows), i32(Nq), i32(Nk), i32(left), i32(right),
                                                       f32(LSE_TOLERANCE), i32(Br), i32(every)) + report)
             check.record()
+        if "convert" in fns:
+            n = Q.size
+            fns["convert"]((-(-n // (8 * 256)),), (256,), (acc, dQ, i64(n), f32(scale)))
     else:  # a dQ kernel over query blocks (it tests lse), then a dK/dV kernel over key blocks: no atomics
         fns["preprocess"](pre_grid, (256,), (O, dO, Dvec, i64(rows)))
         fns["dq"]((-(-Nq // Bc), Hq, B), (threads,), (Q, K, V, dO, lse, Dvec, dQ) + dims
@@ -229,6 +231,26 @@ def backward(rung, Q, K, V, O, dO, lse, *, scale: float, window=(-1, -1), elemen
         fns["dkdv"]((-(-Nk // Bc), Hkv, B), (threads,), (Q, K, V, dO, lse, Dvec, dK, dV) + dims,
                     shared_mem=smem("dkdv"))
     return dQ, dK, dV
+
+
+@functools.lru_cache(maxsize=64)
+def _maps(device, q, k, v, do, B, Hq, Hkv, Nq, Nk, d, Br, Bc):
+    import cupy
+
+    from flashkit.gpu.tma import encode
+
+    blob = (encode(q, B * Hq, Nq, d, Br) + encode(k, B * Hkv, Nk, d, Bc) + encode(v, B * Hkv, Nk, d, Bc)
+            + encode(do, B * Hq, Nq, d, Br))
+    return cupy.asarray(np.frombuffer(blob, np.uint8))  # CuPy allocations are 512-byte aligned
+
+
+def tensor_maps(Q, K, V, dO, Br: int, Bc: int):
+    """The TMA maps of a backward main kernel that reads its tiles by TMA (b4_wgmma.cu's BwdMaps: Q and dO boxes of
+    Br rows, K and V of Bc rows), in one small device array, cached by pointers and shapes as flashkit.gpu.tma's
+    forward maps are (a map holds addresses and sizes, never data)."""
+    B, Hq, Nq, d = Q.shape
+    _, Hkv, Nk, _ = K.shape
+    return _maps(Q.device.id, Q.data.ptr, K.data.ptr, V.data.ptr, dO.data.ptr, B, Hq, Hkv, Nq, Nk, d, Br, Bc)
 
 
 def run(rung, problem, O, dO, lse, element: Optional[str] = None):

@@ -51,6 +51,8 @@ SANITIZE_CASES = (
 )
 # The backward CUDA rungs and the element types each computes, in ladder order (from flashkit/gpu/rungs.py).
 RUNG_ELEMENTS = {r.name: r.elements for r in kernels("backward")}
+RUNG_DIMS = {r.name: r.head_dims for r in kernels("backward")}
+TABLE = frozenset(RUNG_ELEMENTS)  # rungs with a public backend (a driver may add pseudo-rungs to the dicts above)
 GRADS = ("dq", "dk", "dv")
 
 
@@ -259,6 +261,14 @@ def rungs():
     return [(name, e) for name in RUNG_ELEMENTS for e in RUNG_ELEMENTS[name]]
 
 
+def serves(rung, case) -> bool:
+    """Whether `rung` is checked on `case`: it is available on this GPU (cupy-bwd-wgmma needs a Hopper) and takes its
+    head size (cupy-bwd-wgmma: d in {64, 128})."""
+    from flashkit.gpu.backward import RUNGS
+
+    return case[5] in RUNG_DIMS[rung] and RUNGS[rung].backend().available
+
+
 def check_lse_detection(rung, case, element, seed=0, xp=None) -> dict:
     """The in-kernel lse check (kernels/bwd_check.cuh) on one case: silent for the right lse, and a report
     for lse in log2 units, for another call's lse (rows shuffled) and for -inf on rows that see keys."""
@@ -296,7 +306,7 @@ def run_all(verbose=True, seed=0, only=None) -> List[dict]:
     rows = []
     for ci, case in enumerate(CASES):
         for name, element in rungs():
-            if only and name not in only:
+            if (only and name not in only) or not serves(name, case):
                 continue
             rows.append(check_rung(name, case, element, seed_of(seed, name, element, ci)))
             if verbose:
@@ -307,6 +317,8 @@ def run_all(verbose=True, seed=0, only=None) -> List[dict]:
             continue
         element = RUNG_ELEMENTS[name][0]
         for case in (CASES[2], CASES[5]):
+            if not serves(name, case):
+                continue
             for bs in spec.allowed(case[5]):
                 if tuple(bs) == spec.default_blocks[case[5]]:
                     continue
@@ -316,14 +328,14 @@ def run_all(verbose=True, seed=0, only=None) -> List[dict]:
     # the in-kernel lse check: silent on the right lse, loud on wrong ones (every rung, dtype, three cases)
     for case in (CASES[2], CASES[4], CASES[6]):
         for name, element in rungs():
-            if only and name not in only:
+            if (only and name not in only) or not serves(name, case):
                 continue
             rows.append(check_lse_detection(name, case, element, seed_of(seed, "lse", name, element, case)))
             if verbose:
                 print_row(rows[-1])
     # the public call on each rung: the rung's bits, bad input named, a wrong lse refused
     for name, elements in RUNG_ELEMENTS.items():
-        if only and name not in only:
+        if (only and name not in only) or name not in TABLE or not serves(name, CASES[2]):
             continue
         element = next(e for e in elements if e != "bf16")  # bf16 reaches the public call from torch only
         try:
@@ -420,7 +432,7 @@ def sanitize_run(only=None):
     print_header()
     for case in SANITIZE_CASES:
         for name, element in rungs():
-            if only and name not in only:
+            if (only and name not in only) or not serves(name, case):
                 continue
             rows.append(check_rung(name, case, element, seed_of("sanitize", name, element, case)))
             print_row(rows[-1])

@@ -72,7 +72,8 @@ class Rung:
     kernels         what one call launches, in order (Kernel rows); a forward rung launches one, `flash_fwd`
     defines_br      whether Br is a -DBR of the source (else fixed in it); defines_bc likewise
     arch            the exact compile target when the kernel needs one (e.g. "sm_90a"); None: the device's own
-    tensor_maps     whether the kernel takes TMA tensor maps of Q, K, V as a last argument (flashkit.gpu.tma)
+    tensor_maps     whether the kernel takes TMA tensor maps as a last argument (flashkit.gpu.tma): of Q, K, V for
+                    a forward, of Q, K, V, dO for a backward (its main kernel)
     """
 
     number: int
@@ -253,15 +254,16 @@ RUNGS = (
     # K_s, V_s [Bc][d+8], Q_s, dO_s [2][Br][d+8], dS^T_s [Bc][Br+8] (16-bit), lse_s, D_s [2][Br], psum_s [Bc/16][Br]
     # (fp32).
     # Bc / 16 warps; the dQ step splits Br x d over them, which needs d / (warps / (Br/16)) % 16 == 0.
-    # Default 64 x 128: the best of the sweep on the H200 at d = 64 and 128 (fp16, N = 4096; 64 x 64 loses
-    # 25-30%: twice the dQ atomics). d = 32 not swept. 128 x 128 (8 warps of 16 keys, Br = 128 queries per step)
-    # only at d <= 64: at d = 128 ptxas spills 152 bytes.
+    # Default 64 x 128 at d = 128: the best of the sweep on the H200 (fp16, N = 4096; 64 x 64 loses 25-30%: twice the
+    # dQ atomics). d = 64: 128 x 128 (8 warps of 16 keys, Br = 128 queries per step), +7% over 64 x 128 in the sweep
+    # (229.2 vs 212.0 TFLOP/s, fp16 non-causal, benchmarks/results/gpu-bwd-h200-history3.json); only at d <= 64: at
+    # d = 128 ptxas spills 152 bytes. d = 32 not swept.
     Rung(
         2, "cupy-bwd-mma",
         "CUDA fp16/bf16 backward, mma.sync, dQ by fp32 vector atomics (kernels/b2_mma.cu)",
         dtypes=("float16", "bfloat16"), peer="flash", priority=110, direction="backward", source="b2_mma.cu",
         probe=PROBE_TENSOR_CORES,
-        default_blocks={32: (64, 128), 64: (64, 128), 128: (64, 128)},
+        default_blocks={32: (64, 128), 64: (128, 128), 128: (64, 128)},
         allowed_blocks={32: ((32, 64), (64, 64), (64, 128), (128, 128)),
                         64: ((32, 64), (64, 64), (32, 128), (64, 128), (128, 128)),
                         128: ((32, 64), (64, 64), (32, 128), (64, 128))},
@@ -269,8 +271,8 @@ RUNGS = (
         kernels=(Kernel("bwd_preprocess", "preprocess"),
                  Kernel("flash_bwd", "main",
                         lambda d, Br, Bc: 2 * ((2 * Bc + 4 * Br) * (d + 8) + Bc * (Br + 8)) + 16 * Br + Bc * Br // 4),
-                 Kernel("bwd_dq_convert", "convert"),
-                 Kernel("bwd_lse_check", "check")),
+                 Kernel("bwd_lse_check", "check"),
+                 Kernel("bwd_dq_convert", "convert")),
     ),
     # dK/dV kernel: rung 2's layout without dS^T_s; dQ kernel: Q_s, dO_s [Bc][d+8], K_s, V_s [2][Br][d+8].
     # Defaults from the block sweep on the H200 (fp16, N = 4096, non-causal; benchmarks/results/gpu-bwd-h200-history1.json,
@@ -288,6 +290,27 @@ RUNGS = (
         kernels=(Kernel("bwd_preprocess", "preprocess"),
                  Kernel("flash_bwd_dkdv", "dkdv", lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8) + 16 * Br),
                  Kernel("flash_bwd_dq", "dq", lambda d, Br, Bc: 2 * (2 * Bc + 4 * Br) * (d + 8))),
+    ),
+    # K_s, V_s [d/64][Bc][64]; Q_s, dO_s [2 stages][d/64][Br][64]; dS^T_s [2][Br/64][Bc][64] (16-bit, each [rows][64]
+    # block 128-byte swizzled, 1024-aligned); lse_s, D_s [2][Br], psum_s [2][8][Br] (fp32); 5 mbarriers; + 1024 for
+    # the alignment. One (Br, Bc) per d: every product is then 64 x 64 or 64 x 128 per consumer warpgroup (the dQ_i
+    # split of kernels/b4_wgmma.cu). Hopper only (wgmma, TMA, setmaxnreg: sm_90a). Priority above b2's: measured
+    # 1.47-1.66x b2 in every cell on the H200 (benchmarks/results/gpu-bwd-h200.json), so "auto" picks it there.
+    Rung(
+        4, "cupy-bwd-wgmma",
+        "CUDA fp16/bf16 backward for Hopper: wgmma, TMA, a producer warp and two consumer warpgroups, dQ by fp32 "
+        "vector atomics (kernels/b4_wgmma.cu)",
+        dtypes=("float16", "bfloat16"), peer="flash", priority=115, direction="backward", source="b4_wgmma.cu",
+        probe=PROBE_HOPPER, head_dims=(64, 128),
+        default_blocks={64: (128, 128), 128: (64, 128)},
+        allowed_blocks={64: ((128, 128),), 128: ((64, 128),)},
+        threads=lambda Br, Bc: 384,
+        kernels=(Kernel("bwd_preprocess", "preprocess"),
+                 Kernel("flash_bwd", "main",
+                        lambda d, Br, Bc: 1024 + 2 * (2 * Bc * d + 4 * Br * d + 2 * Br * Bc) + 4 * (4 * Br + 16 * Br) + 8 * 5),
+                 Kernel("bwd_lse_check", "check"),
+                 Kernel("bwd_dq_convert", "convert")),
+        arch="sm_90a", tensor_maps=True,
     ),
 )
 

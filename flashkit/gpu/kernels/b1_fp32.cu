@@ -24,7 +24,7 @@
 // Measured (gpu-bwd-h200-history3.json; d=128 dtype=float32 causal=True): 28.0 TFLOP/s, 0.79x torch-efficient
 // The lse check (bwd_check.cuh, 2026-12-02): BR threads sum their query's column of P^T_s and add it with one
 //   atomic per query and step (1 query tile in 8 at large N); bwd_lse_check tests the sums. Measured (H200, d = 64,
-//   every tile): 45.35 ms vs 45.53 before (gpu-bwd-h200.json, -history3.json): no cost measurable.
+//   every tile): 45.35 ms vs 45.53 before (gpu-bwd-h200-history6.json, -history3.json): no cost measurable.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,

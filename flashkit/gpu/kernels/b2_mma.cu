@@ -20,9 +20,11 @@
 //   shuffle (this version) 212.0 / 233.9: no further gain. Per kernel (benchmarks/gpu_backward_parts.py): the main
 //   kernel 6.33 ms at d = 64, 5.57 with its dQ additions removed, so the atomics cost ~12% there and nothing
 //   measurable at d = 128 (5.76 / 5.79); D and the conversion 0.08 + 0.06 ms. 128 x 128 at d = 64 measured 229.2
-//   (+7% over 64 x 128, fp16 non-causal, block sweep only): allowed, not yet the default. ptxas (sm_90): 217
-//   registers at d = 64, 255 at d = 128, no spills (128 x 128 at d = 64: 255 and 12 bytes); 93 / 155 KB of shared
-//   memory: one 8-warp block per SM.
+//   (+7% over 64 x 128, fp16 non-causal, block sweep only): the default at d = 64 since 2026-12-02, measured
+//   in all four d = 64 cells then (gpu-bwd-h200.json, commit f30a2a8): 215.1 / 199.9 TFLOP/s fp16 (causal), bf16
+//   215.5 / 200.4, against 201.6 / 187.0 for 64 x 128 in the previous run (gpu-bwd-h200-history6.json): +7% in each.
+//   ptxas (sm_90): 217 registers at d = 64 (64 x 128), 255 at d = 128, no spills; 128 x 128 at d = 64: 255 registers
+//   and 12 bytes spilled (faster all the same); 93 / 155 KB of shared memory: one 8-warp block per SM.
 // Measured on an H200 (N = 4096, B*N = 16384, H*d = 2048), default blocks, in the committed results file
 //   (tests/test_rung_headers.py checks these lines against it; ratio = the peer's time / the rung's):
 // Measured (gpu-bwd-h200-history3.json; d=64 dtype=float16 causal=False): 212.0 TFLOP/s, 0.82x torch-flash
@@ -64,69 +66,7 @@ static_assert(NW % WM == 0 && DQN % 16 == 0, "the dQ step needs Br/16 to divide 
 
 #include "mma.cuh"
 #include "bwd_check.cuh"
-
-// dst[0..3] += v as one vector reduction in L2 (sm_90: red.global.add.v4.f32; dst 16-byte aligned).
-__device__ __forceinline__ void red_add4(float* dst, float4 v) {
-    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
-                 ::"l"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
-}
-
-// One level of a warp reduce-scatter: v[0 .. 2 HALF) summed with the partner lane (lane ^ mask) into
-// v[0 .. HALF); the lane whose `mask` bit is set keeps (and gets the sums of) the upper half.
-template <int HALF>
-__device__ __forceinline__ void reduce_half(float* v, int lane, int mask) {
-    const bool upper = lane & mask;
-#pragma unroll
-    for (int k = 0; k < HALF; ++k) {
-        const float send = upper ? v[k] : v[k + HALF], keep = upper ? v[k + HALF] : v[k];
-        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
-    }
-}
-
-// D = rowsum(dO * O) in fp32 for every query row (B * Hq * Nq rows of d), and the fp32 dQ accumulator and
-// the row sums of P (Psum, the lse check's) zeroed. D / 8 threads per row, each 8 elements (16 bytes) of
-// both; the row's threads are adjacent lanes.
-extern "C" __global__ void __launch_bounds__(256) bwd_preprocess(
-    const T* __restrict__ O, const T* __restrict__ dO, float* __restrict__ Dvec, float* __restrict__ dQacc,
-    float* __restrict__ Psum, long long rows) {
-    constexpr int TPR = D / 8;  // threads per row: 4, 8 or 16
-    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / TPR;
-    const int c = (threadIdx.x % TPR) * 8;
-    float s = 0.f;
-    if (row < rows) {
-        const uint4 o = *reinterpret_cast<const uint4*>(O + row * D + c);
-        const uint4 g = *reinterpret_cast<const uint4*>(dO + row * D + c);
-        const unsigned ov[4] = {o.x, o.y, o.z, o.w}, gv[4] = {g.x, g.y, g.z, g.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float2 a = unpack2(ov[e]), bb = unpack2(gv[e]);
-            s += a.x * bb.x + a.y * bb.y;
-        }
-        if (dQacc != nullptr) {
-            float4* z = reinterpret_cast<float4*>(dQacc + row * D + c);
-            z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-            z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    }
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (row < rows && threadIdx.x % TPR == 0) Dvec[row] = s, Psum[row] = 0.f;
-}
-
-// dQ = scale * dQacc in the input dtype, 8 elements a thread (n, the element count, is a multiple of 8).
-extern "C" __global__ void __launch_bounds__(256) bwd_dq_convert(
-    const float* __restrict__ dQacc, T* __restrict__ dQ, long long n, float scale) {
-    const long long k = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
-    if (k >= n) return;
-    const float4 a = *reinterpret_cast<const float4*>(dQacc + k);
-    const float4 c = *reinterpret_cast<const float4*>(dQacc + k + 4);
-    uint4 out;
-    out.x = pack2(a.x * scale, a.y * scale);
-    out.y = pack2(a.z * scale, a.w * scale);
-    out.z = pack2(c.x * scale, c.y * scale);
-    out.w = pack2(c.z * scale, c.w * scale);
-    *reinterpret_cast<uint4*>(dQ + k) = out;
-}
+#include "bwd_atomic.cuh"  // bwd_preprocess, bwd_dq_convert, red_add4, reduce_half (shared with b4)
 
 // Grid: (Tc, Hkv, B), block: Bc / 16 warps. Dynamic shared memory: K_s, V_s [BC][LDS]; Q_s, dO_s [2][BR][LDS]
 // (two stages); dST_s [BC][LDT] (dS^T, key-major); lse_s, D_s [2][BR], psum_s [NW][BR] floats.

@@ -28,7 +28,7 @@
 // Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=True): 186.1 TFLOP/s, 0.80x torch-flash
 // The lse check (bwd_check.cuh, 2026-12-02): the dQ kernel visits each row's whole key range, so it sums P in
 //   registers and tests every row at the end; it runs before the dK/dV kernel, so the public call waits for it while
-//   the dK/dV kernel runs. On the H200 (fp16, d = 64; results gpu-bwd-h200.json against gpu-bwd-h200-history3.json):
+//   the dK/dV kernel runs. On the H200 (fp16, d = 64; results gpu-bwd-h200-history6.json against gpu-bwd-h200-history3.json):
 //   6.997 vs 6.938 ms non-causal, 3.751 vs 3.632 causal (+1-3%); the public call 1.01-1.02x the rung alone.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
