@@ -73,6 +73,9 @@ class Rung:
     defines_br      whether Br is a -DBR of the source (else fixed in it); defines_bc likewise
     arch            the exact compile target when the kernel needs one (e.g. "sm_90a"); None: the device's own
     tensor_maps     whether the kernel takes TMA tensor maps of Q, K, V as a last argument (flashkit.gpu.tma)
+    precision       "exact": the dtype's own arithmetic; "tf32": float32 inputs rounded to TF32 for the
+                    tensor cores (opt-in only, flashkit.attention(..., precision="tf32"); lowest priority,
+                    so "auto" never picks it otherwise; flashkit.gpu.check holds it to a TF32 reference)
     """
 
     number: int
@@ -97,6 +100,7 @@ class Rung:
     defines_bc: bool = True
     arch: Optional[str] = None
     tensor_maps: bool = False
+    precision: str = "exact"
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -234,6 +238,18 @@ RUNGS = (
         threads=lambda Br, Bc: 128 * (Br // 64 + 1),
         smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 9 + 1024,
         arch="sm_90a", tensor_maps=True,
+    ),
+    # K_s, V_s [2 stages][Bc][d+4], fp32; 4 warps x 16 rows fix Br = 64. Default Bc = 32 at d = 128 (204 registers,
+    # 67.6 KB: two blocks per SM; Bc = 64 takes 223 registers and 135 KB, one block per SM).
+    Rung(
+        8, "cupy-tf32",
+        "CUDA fp32 inputs as TF32 on tensor cores, mma.sync m16n8k8 (opt-in: precision='tf32'; kernels/8_tf32_mma.cu)",
+        dtypes=("float32",), peer="efficient", priority=1, source="8_tf32_mma.cu", probe=PROBE_TENSOR_CORES,
+        default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 32)},
+        allowed_blocks=((64, 32), (64, 64)),
+        threads=lambda Br, Bc: 128,
+        smem=lambda d, Br, Bc: 4 * 2 * 2 * Bc * (d + 4),
+        defines_br=False, precision="tf32",
     ),
     # ---- the backward ladder (FlashAttention-2's Algorithm 2; flashkit/gpu/backward.py launches it) ----------
     # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32.
