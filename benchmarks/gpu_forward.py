@@ -232,13 +232,38 @@ def add_ratios(rows):
             r["public_over_rung"] = r["ms"] / a["ms"]
 
 
-def block_sweep():
-    """Every allowed (Br, Bc) of rung 5 (fp16) and rung 3 (fp32) at N=4096: evidence for the defaults."""
+# Variants of a rung's source, registered in this process only for the sweep: (pseudo-rung number, name,
+# rung, defines put before the source). Rung 3 with 16 threads per row group (8 rows of S per thread,
+# twice rung 3's default register block along the rows).
+VARIANTS = ((31, "cupy-fp32-tile-tx16", 3, "#define TX 16\n"),)
+
+
+def register_variants():
+    import tempfile
+    from dataclasses import replace
+
+    from flashkit.gpu import flash
+
+    for number, name, base, defines in VARIANTS:
+        spec = rung(base)
+        path = Path(tempfile.gettempdir()) / f"variant_{number}_{spec.source}"
+        path.write_text(defines + (flash.KERNEL_DIR / spec.source).read_text())
+        flash.RUNGS[number] = replace(spec, number=number, name=name, source=str(path))
+
+
+def block_sweep(only=None):
+    """Every allowed (Br, Bc) of rung 5 (fp16) and rung 3 (fp32), and of rung 3's VARIANTS, at N=4096:
+    evidence for the defaults. `only`: the rung numbers to sweep."""
     import torch
 
+    register_variants()
     rows = []
     N = 4096
-    for spec, dtype in ((rung(5), "float16"), (rung(3), "float32")):
+    sweeps = [(5, "float16", (5,)), (3, "float32", (3,) + tuple(n for n, _, base, _ in VARIANTS if base == 3))]
+    for number, dtype, numbers in sweeps:
+        if only is not None and number not in only:
+            continue
+        spec = rung(number)
         for d in (64, 128):
             B, H = 16384 // N, 2048 // d
             for causal in (False, True):
@@ -247,9 +272,11 @@ def block_sweep():
                 meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal),
                             rung=spec.number)
                 print(f"sweep rung {spec.number}: d={d} N={N} causal={causal} {dtype}", flush=True)
-                for bs in spec.allowed(d):
-                    measure(f"{spec.name}{bs}", rung_call(spec.number, q, k, v, causal, dtype, bs), rows,
-                            dict(meta, block_size=list(bs)))
+                for n in numbers:
+                    name = next((v[1] for v in VARIANTS if v[0] == n), spec.name)
+                    for bs in spec.allowed(d):
+                        measure(f"{name}{bs}", rung_call(n, q, k, v, causal, dtype, bs), rows,
+                                dict(meta, block_size=list(bs), variant=name))
                 del q, k, v
     return rows
 
@@ -402,7 +429,7 @@ def main(argv=None):
                     "float32": tuple(p for p in ("efficient", "math") if p in wanted)}
     rows = run_grid(Ns, tuple(int(x) for x in args.ds.split(",")), tuple(args.dtypes.split(",")), only, peers_of)
     add_ratios(rows)
-    sweep = [] if args.no_sweep else block_sweep()
+    sweep = [] if args.no_sweep else block_sweep(only)
     mem = [] if args.no_memory else memory_rows()
     from flashkit.gpu.flash import COMPILE_SECONDS
 
