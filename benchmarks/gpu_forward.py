@@ -406,6 +406,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float16,bfloat16,float32", help="comma-separated dtypes")
     ap.add_argument("--json", help="where to write the results (default benchmarks/results/gpu-<card>.json)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--only-sweep", action="store_true", help="the block sweep alone (no grid, no memory rows)")
     ap.add_argument("--rungs", help="comma-separated forward rung numbers to time (default: all)")
     ap.add_argument("--peers", help="comma-separated torch backends to time (default: all that apply)")
     ap.add_argument("--no-memory", action="store_true")
@@ -427,7 +428,8 @@ def main(argv=None):
         peers_of = {"float16": tuple(p for p in TORCH_BACKENDS if p in wanted),
                     "bfloat16": tuple(p for p in ("flash", "cudnn") if p in wanted),
                     "float32": tuple(p for p in ("efficient", "math") if p in wanted)}
-    rows = run_grid(Ns, tuple(int(x) for x in args.ds.split(",")), tuple(args.dtypes.split(",")), only, peers_of)
+    rows = [] if args.only_sweep else run_grid(Ns, tuple(int(x) for x in args.ds.split(",")),
+                                               tuple(args.dtypes.split(",")), only, peers_of)
     add_ratios(rows)
     sweep = [] if args.no_sweep else block_sweep(only)
     mem = [] if args.no_memory else memory_rows()

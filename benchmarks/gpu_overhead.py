@@ -5,8 +5,8 @@
 Forward: fp16 and bf16 (from torch through DLPack), B*N = 16384, H*d = 2048, N in {2048, 4096}, d in
 {64, 128}, causal and not. The baseline is the rung "auto" picks for the call (rung 7 on a Hopper) called
 alone (flashkit.gpu.flash.run on a validated Problem), beside: flashkit.attention (what users call: the
-thin NaN/Inf scan beside the kernel, flashkit.finite), the same with the wide scan, the same with
-check_finite=False, and rung 6 alone and public. Timing: flashkit.measure.timing.stream_time (calls back to
+NaN/Inf scan on a side stream, flashkit.finite), the same with check_finite=False, and rung 6 alone and
+public. Timing: flashkit.measure.timing.stream_time (calls back to
 back, as a training loop issues them; median of 3 rounds). Then, at d=64, N=4096, the pieces of the
 difference: validate.check, the scan alone (start + wait), registry.choose; and the backward (the rung
 alone, with its in-kernel lse check reported and waited for, attention_backward, validate.check_backward).
@@ -65,23 +65,15 @@ def main(argv=None):
                     p = validate.check(q, k, v, causal=causal)
                     auto = registry.choose(p, "auto").rung
 
-                    def public(shape, **kw):
-                        def call():
-                            finite.SCAN_SHAPE = shape
-                            try:
-                                return flashkit.attention(q, k, v, causal=causal, **kw)
-                            finally:
-                                finite.SCAN_SHAPE = "thin"
-                        return call
+                    def public(**kw):
+                        return lambda: flashkit.attention(q, k, v, causal=causal, **kw)
 
                     pieces = {
                         "auto's rung alone": lambda: flash.run(auto, p),
-                        "flashkit.attention": public("thin"),
-                        "flashkit.attention (wide scan)": public("wide"),
-                        "flashkit.attention(check_finite=False)": public("thin", check_finite=False),
+                        "flashkit.attention": public(),
+                        "flashkit.attention(check_finite=False)": public(check_finite=False),
                         "rung 6 alone": lambda: flash.run(6, p),
-                        "flashkit.attention(backend=cupy-mma-2tile)": public("thin", backend="cupy-mma-2tile"),
-                        "flashkit.attention(backend=cupy-mma-2tile) (wide scan)": public("wide", backend="cupy-mma-2tile"),
+                        "flashkit.attention(backend=cupy-mma-2tile)": public(backend="cupy-mma-2tile"),
                     }
                     meta = dict(dtype=dtype, B=B, N=N, H=H, d=d, causal=causal, auto_rung=auto)
                     by = {}
@@ -89,17 +81,13 @@ def main(argv=None):
                         by[name] = ms = timed(fn)
                         rows.append(dict(meta, what=name, ms=ms))
                     for public_name, alone in (("flashkit.attention", "auto's rung alone"),
-                                               ("flashkit.attention (wide scan)", "auto's rung alone"),
                                                ("flashkit.attention(check_finite=False)", "auto's rung alone"),
-                                               ("flashkit.attention(backend=cupy-mma-2tile)", "rung 6 alone"),
-                                               ("flashkit.attention(backend=cupy-mma-2tile) (wide scan)", "rung 6 alone")):
+                                               ("flashkit.attention(backend=cupy-mma-2tile)", "rung 6 alone")):
                         rows.append(dict(meta, what=f"{public_name} / {alone}", ratio=by[public_name] / by[alone]))
                     a, r6 = by["auto's rung alone"], by["rung 6 alone"]
-                    print(f"{dtype:9} d={d:3} N={N:5} causal={causal!s:5} rung {auto} alone {a:.3f} ms; public thin "
-                          f"{by['flashkit.attention'] / a:.3f}x, wide {by['flashkit.attention (wide scan)'] / a:.3f}x, "
-                          f"unchecked {by['flashkit.attention(check_finite=False)'] / a:.3f}x; rung 6 {r6:.3f} ms, public "
-                          f"thin {by['flashkit.attention(backend=cupy-mma-2tile)'] / r6:.3f}x, "
-                          f"wide {by['flashkit.attention(backend=cupy-mma-2tile) (wide scan)'] / r6:.3f}x", flush=True)
+                    print(f"{dtype:9} d={d:3} N={N:5} causal={causal!s:5} rung {auto} alone {a:.3f} ms; public "
+                          f"{by['flashkit.attention'] / a:.3f}x, unchecked {by['flashkit.attention(check_finite=False)'] / a:.3f}x; "
+                          f"rung 6 {r6:.3f} ms, public {by['flashkit.attention(backend=cupy-mma-2tile)'] / r6:.3f}x", flush=True)
                     del q, k, v, ts, p
                     cupy.get_default_memory_pool().free_all_blocks()
 
@@ -121,8 +109,7 @@ def main(argv=None):
         pieces = {
             "validate.check (scan waited for)": lambda: validate.check(q, k, v),
             "validate.check (scan started, not waited for)": lambda: validate.check(q, k, v, finite="async"),
-            "finiteness scan of q, k, v (thin, start + wait)": lambda: finite.start(cupy, (p.Q, p.K, p.V), names, shape="thin").wait(),
-            "finiteness scan of q, k, v (wide, start + wait)": lambda: finite.start(cupy, (p.Q, p.K, p.V), names, shape="wide").wait(),
+            "finiteness scan of q, k, v (start + wait)": lambda: finite.start(cupy, (p.Q, p.K, p.V), names).wait(),
             "registry.choose": lambda: registry.choose(p, "auto"),
             "backward rung 2 alone": lambda: backward.backward("cupy-bwd-mma", pb.Q, pb.K, pb.V, pb.O, pb.dO, pb.lse,
                                                                scale=p.scale, element=p.element),

@@ -15,14 +15,13 @@ finds a bad word writes this call's serial number into page-locked host memory (
 zero, no copy back, nothing written when all is well. flashkit.gpu.backward's in-kernel lse check reports
 through the same words.
 
-Two shapes of the scan (`SCAN_SHAPE`): "wide", blocks of 128 threads over every SM, reads at close to the
-copy bandwidth but cannot share an SM with an attention kernel that holds all its registers (rung 7 holds
-64,512 of the 65,536), so it runs between the kernels and its whole time is added to the call (on the H200
-at B=4, N=4096, H*d=2048: rung 7 1.06-1.16x the rung alone, benchmarks/results/gpu-h200.json at eeb9f60);
-"thin" (the default), one block of ONE warp per SM with at most 32 registers and 24 KB of shared memory: it
-fits in what such a kernel leaves free, so it runs beside it, and keeps its loads in flight without
-registers (cp.async 16-byte copies into shared memory, three stages of 8 KB, the L2 told to evict them
-first so the attention's K/V tiles stay cached). An array that is not 16-byte aligned takes the wide scan.
+Tried and measured (H200, B*N = 16384, H*d = 2048, N 2048 and 4096, d 64 and 128, benchmarks/results/
+gpu-overhead-h200-history4.json): a "thin" scan, one 32-thread block per SM with at most 32 registers and
+cp.async into 24 KB of shared memory, meant to fit in what rung 7 leaves free (it holds 64,512 of the 65,536
+registers) and so run beside the attention kernel instead of before it. It read at only ~0.3 TB/s (start +
+wait 0.65 ms against 0.12 for this scan) and the public call took 1.32-3.03x the rung alone against this
+scan's 1.00-1.17x: not kept. Each thread of this scan keeps four 16-byte loads in flight (unrolled), so the
+scan's time is mostly the copy bandwidth.
 """
 from __future__ import annotations
 
@@ -49,7 +48,20 @@ __device__ bool scan(const W* x, long long n, W mask, W neg_inf) {
     const int per = 16 / sizeof(W);
     if (((size_t)x % 16 == 0) && (n % per == 0)) {
         const uint4* v = reinterpret_cast<const uint4*>(x);
-        for (long long i = tid; i < n / per; i += stride) {
+        const long long n16 = n / per;
+        long long i = tid;
+        for (; i + 3 * stride < n16; i += 4 * stride) {  // four loads in flight before any test
+            uint4 u[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) u[r] = v[i + r * stride];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const W* w = reinterpret_cast<const W*>(&u[r]);
+#pragma unroll
+                for (int k = 0; k < per; ++k) bad |= ((w[k] & mask) == mask) && (neg_inf == 0 || w[k] != neg_inf);
+            }
+        }
+        for (; i < n16; i += stride) {
             uint4 u = v[i];
             const W* w = reinterpret_cast<const W*>(&u);
 #pragma unroll
@@ -84,89 +96,6 @@ extern "C" __global__ void nonfinite(
         reinterpret_cast<volatile long long*>(flags)[y] = serial;
 }
 """
-# The thin scan: block b of gridDim.x reads its share of every array's 16-byte words with cp.async into its
-# own shared memory and tests them there; each lane tests only the words it copied itself, so the lane's own
-# cp.async.wait_group orders them and no __syncthreads is needed. Block 0 also tests the few trailing
-# elements past the last whole 16-byte word. Same arguments as `nonfinite`, plus n_arrays.
-_THIN_SOURCE = r"""
-#define STAGES 3
-#define U 16  // 16-byte words per lane per stage: 32 lanes x 16 x 16 B = 8 KB a stage
-template <typename W>
-__device__ __forceinline__ bool bad_words(uint4 u, W mask, W neg_inf) {
-    const W* w = reinterpret_cast<const W*>(&u);
-    bool bad = false;
-#pragma unroll
-    for (int k = 0; k < 16 / (int)sizeof(W); ++k) bad |= ((w[k] & mask) == mask) && (neg_inf == 0 || w[k] != neg_inf);
-    return bad;
-}
-template <typename W>
-__device__ bool scan_share(const W* x, long long n, W mask, W neg_inf, uint4 (*buf)[U][32], unsigned long long policy) {
-    const int lane = threadIdx.x;
-    const long long per = 16 / sizeof(W), n16 = n / per;
-    const long long lo = n16 * blockIdx.x / gridDim.x, hi = n16 * (blockIdx.x + 1) / gridDim.x;
-    const uint4* src = reinterpret_cast<const uint4*>(x);
-    const long long chunk = 32LL * U;
-    const long long n_chunks = (hi - lo + chunk - 1) / chunk;
-    bool bad = false;
-    auto issue = [&](long long c) {
-        if (c < n_chunks) {
-#pragma unroll
-            for (int k = 0; k < U; ++k) {
-                const long long i = lo + c * chunk + 32LL * k + lane;
-                if (i < hi) {
-                    const unsigned dst = (unsigned)__cvta_generic_to_shared(&buf[c % STAGES][k][lane]);
-                    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;"
-                                 ::"r"(dst), "l"(src + i), "l"(policy) : "memory");
-                }
-            }
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");  // an empty group past the end keeps the count
-    };
-#pragma unroll
-    for (int c = 0; c < STAGES - 1; ++c) issue(c);
-    for (long long c = 0; c < n_chunks; ++c) {
-        issue(c + STAGES - 1);
-        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1) : "memory");  // chunk c has landed
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            const long long i = lo + c * chunk + 32LL * k + lane;
-            if (i < hi) bad |= bad_words(buf[c % STAGES][k][lane], mask, neg_inf);
-        }
-    }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    if (blockIdx.x == 0)
-        for (long long i = n16 * per + lane; i < n; i += 32) bad |= ((x[i] & mask) == mask) && (neg_inf == 0 || x[i] != neg_inf);
-    return bad;
-}
-extern "C" __global__ void __maxnreg__(32) nonfinite_thin(
-    unsigned long long p0, unsigned long long p1, unsigned long long p2,
-    unsigned long long p3, unsigned long long p4, unsigned long long p5,
-    long long n0, long long n1, long long n2, long long n3, long long n4, long long n5,
-    unsigned long long m0, unsigned long long m1, unsigned long long m2,
-    unsigned long long m3, unsigned long long m4, unsigned long long m5,
-    unsigned long long i0, unsigned long long i1, unsigned long long i2,
-    unsigned long long i3, unsigned long long i4, unsigned long long i5,
-    int s0, int s1, int s2, int s3, int s4, int s5,
-    unsigned long long flags, long long serial, int n_arrays) {
-    __shared__ uint4 buf[STAGES][U][32];
-    unsigned long long policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    for (int y = 0; y < n_arrays; ++y) {
-#define PICK(a) (y == 0 ? a##0 : y == 1 ? a##1 : y == 2 ? a##2 : y == 3 ? a##3 : y == 4 ? a##4 : a##5)
-        const unsigned long long ptr = PICK(p), mask = PICK(m), neg_inf = PICK(i);
-        const long long n = PICK(n);
-        const int size = PICK(s);
-#undef PICK
-        bool bad;
-        if (size == 2) bad = scan_share((const unsigned short*)ptr, n, (unsigned short)mask, (unsigned short)neg_inf, buf, policy);
-        else if (size == 4) bad = scan_share((const unsigned int*)ptr, n, (unsigned int)mask, (unsigned int)neg_inf, buf, policy);
-        else bad = scan_share((const unsigned long long*)ptr, n, mask, neg_inf, buf, policy);
-        if (__any_sync(0xffffffff, bad) && threadIdx.x == 0)
-            reinterpret_cast<volatile long long*>(flags)[y] = serial;
-    }
-}
-"""
-SCAN_SHAPE = "thin"  # "thin" (one warp per SM, beside the attention kernel) or "wide" (see the module docstring)
 _STATE = threading.local()  # per host thread: its flags, serial numbers, side stream and events
 FLAG_WORDS = 16  # [0, MAX_ARRAYS): the finiteness check's arrays; from LSE_WORD: flashkit.gpu.backward's lse check
 LSE_WORD = 8
@@ -178,16 +107,6 @@ def _module():
     if getattr(_STATE, "module", None) is None:
         _STATE.module = cupy.RawModule(code=_SOURCE, options=("--std=c++17",)).get_function("nonfinite")
     return _STATE.module
-
-
-def _thin_module():
-    """The thin scan and the number of its blocks (the device's SMs: one warp each)."""
-    import cupy
-
-    if getattr(_STATE, "thin", None) is None:
-        fn = cupy.RawModule(code=_THIN_SOURCE, options=("--std=c++17",)).get_function("nonfinite_thin")
-        _STATE.thin = fn, cupy.cuda.Device().attributes["MultiProcessorCount"]
-    return _STATE.thin
 
 
 class HostFlags:
@@ -272,14 +191,13 @@ class Pending:
         return f"{name} contains NaN or Inf; attention of non-finite input is undefined"
 
 
-def start(xp, arrays, dtype_names, allow_neg_inf=(), names=None, shape=None):
+def start(xp, arrays, dtype_names, allow_neg_inf=(), names=None):
     """Begin checking `arrays` for NaN/Inf (one kernel launch on the GPU); returns a `Pending`.
 
     `dtype_names` names each array's element type (bfloat16 included, which CuPy may hold as 2-byte void);
     arrays whose index is in `allow_neg_inf` may hold -inf (float32/float64 only: the backward's lse).
-    `names` (the arguments as the caller calls them) go into `Pending.error()`'s sentence. `shape`: "thin"
-    or "wide" (default `SCAN_SHAPE`; see the module docstring). The arrays must stay alive and unmodified
-    until `wait()` (the public calls wait before returning)."""
+    `names` (the arguments as the caller calls them) go into `Pending.error()`'s sentence. The arrays must
+    stay alive and unmodified until `wait()` (the public calls wait before returning)."""
     if xp is np:
         for i, x in enumerate(arrays):
             ok = np.isfinite(x) if i not in allow_neg_inf else ~(np.isnan(x) | np.isposinf(x))
@@ -309,21 +227,16 @@ def start(xp, arrays, dtype_names, allow_neg_inf=(), names=None, shape=None):
     u64, i64, i32 = np.uint64, np.int64, np.int32
     args = (tuple(u64(p) for p in ptrs) + tuple(i64(n) for n in ns) + tuple(u64(m) for m in masks)
             + tuple(u64(v) for v in infs) + tuple(i32(z) for z in sizes) + (flags.device_ptr, i64(serial)))
-    thin = (shape or SCAN_SHAPE) == "thin" and all(p % 16 == 0 for p in ptrs[:n_arrays])
     caller = cupy.cuda.get_current_stream()
     side = flags.side_stream()
     ready = flags.event("inputs")
     ready.record(caller)
     side.wait_event(ready)  # the inputs as the caller's stream leaves them
+    threads = 128
+    biggest = max(ns[:n_arrays]) if n_arrays else 0
+    blocks = max(1, min(-(-biggest // (threads * 8 * 4)), 132 * 4))  # >= 4 words of 16 bytes per thread
     with side:
-        if thin:
-            fn, sms = _thin_module()
-            fn((sms,), (32,), args + (i32(n_arrays),))
-        else:
-            threads = 128
-            biggest = max(ns[:n_arrays]) if n_arrays else 0
-            blocks = max(1, min(-(-biggest // (threads * 8)), 132 * 4))
-            _module()((blocks, n_arrays), (threads,), args)
+        _module()((blocks, n_arrays), (threads,), args)
     done = flags.event("finite")
     done.record(side)
     pending = Pending(flags=flags, serial=serial, event=done, n=n_arrays, names=names, allow_neg_inf=allow_neg_inf)

@@ -38,7 +38,8 @@
 static_assert(D % (4 * TX) == 0 && BC % TX == 0, "TX must divide d / 4 and Bc");
 #define LDQ (D + 4)  // Q_s / KV_s row pitch in floats: 16-byte aligned, and 8 consecutive rows start in
                      // 8 different 16-byte bank groups, so a warp's float4 loads are conflict-free
-#define LDP (BC + TX) // P_s row pitch: the rows of one warp land TX banks apart (no store conflicts)
+#define LDP (BC + 8)  // P_s row pitch (rungs.py's shared-memory size): rows ty..ty+3 of one warp land 8 banks
+                     // apart (TX = 8: no store conflicts; TX = 16: two rows per warp, 8 banks shared)
 
 #include "common.cuh"
 
