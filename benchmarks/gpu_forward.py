@@ -419,7 +419,7 @@ def main(argv=None):
 
     env = environment()
     print(env, flush=True)
-    roof = ceilings_of_this_run()
+    roof = None if args.only_sweep else ceilings_of_this_run()
     Ns = tuple(int(n) for n in args.Ns.split(",")) if args.Ns else (1024, 4096) if args.quick else (1024, 4096, 16384)
     only = {int(x) for x in args.rungs.split(",")} if args.rungs else None
     peers_of = None
