@@ -16,12 +16,15 @@ zero, no copy back, nothing written when all is well. flashkit.gpu.backward's in
 through the same words.
 
 Tried and measured (H200, B*N = 16384, H*d = 2048, N 2048 and 4096, d 64 and 128, benchmarks/results/
-gpu-overhead-h200-history4.json): a "thin" scan, one 32-thread block per SM with at most 32 registers and
+gpu-overhead-h200-history5.json): a "thin" scan, one 32-thread block per SM with at most 32 registers and
 cp.async into 24 KB of shared memory, meant to fit in what rung 7 leaves free (it holds 64,512 of the 65,536
 registers) and so run beside the attention kernel instead of before it. It read at only ~0.3 TB/s (start +
 wait 0.65 ms against 0.12 for this scan) and the public call took 1.32-3.03x the rung alone against this
-scan's 1.00-1.17x: not kept. Each thread of this scan keeps four 16-byte loads in flight (unrolled), so the
-scan's time is mostly the copy bandwidth.
+scan's 1.00-1.17x: not kept. Each thread of this scan now keeps four 16-byte loads in flight (unrolled);
+measured after that (gpu-overhead-h200.json, N = 4096): start + wait 0.115-0.118 ms for the 201 MB of q, k, v
+(0.12 before), and the public call 1.05-1.18x auto's rung alone, of which 1.01-1.12x remains with
+check_finite=False: the scan is no longer most of the gap at d = 128 (the host work of the call, not yet
+found, is the rest).
 """
 from __future__ import annotations
 

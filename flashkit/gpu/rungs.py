@@ -227,7 +227,8 @@ RUNGS = (
     # Q_s [Br][d] + K_s, V_s [2 stages][Bc][d], 16-bit, 128-byte swizzled, + 9 mbarriers + 1024 bytes to align
     # the base; Br / 64 consumer warpgroups + 1 producer warpgroup. sm_90a only (wgmma, setmaxnreg). Priority above
     # rung 6: checked correct and 1.41-1.77x rung 6 in all eight cells on an H200 (rung7-h200.json). Defaults
-    # 128 x 128; 192 x 128 measured 7-12% faster (fp16 non-causal only) and spills 100 bytes at d = 128.
+    # 128 x 128; 192 x 128 (spills 100 bytes at d = 128) timed in all eight cells (fwd-issue11-h200.json): +3% to
+    # +12% in six, -7% / -1% at d = 128 causal; not a default until flashkit.gpu.check has run it on every shape.
     Rung(
         7, "cupy-wgmma",
         "Hopper: wgmma from shared memory, TMA + mbarrier pipeline, producer/consumer warpgroups (kernels/7_wgmma.cu)",
@@ -240,7 +241,8 @@ RUNGS = (
         arch="sm_90a", tensor_maps=True,
     ),
     # K_s, V_s [2 stages][Bc][d+4], fp32; 4 warps x 16 rows fix Br = 64. Default Bc = 32 at d = 128 (204 registers,
-    # 67.6 KB: two blocks per SM; Bc = 64 takes 223 registers and 135 KB, one block per SM).
+    # 67.6 KB: two blocks per SM; Bc = 64 takes 223 registers and 135 KB, one block per SM); not swept yet.
+    # H200: 91-96 TFLOP/s, 2.1-2.7x torch efficient, max rel error 2.7e-4 - 6.3e-4 (fwd-issue11-h200.json).
     Rung(
         8, "cupy-tf32",
         "CUDA fp32 inputs as TF32 on tensor cores, mma.sync m16n8k8 (opt-in: precision='tf32'; kernels/8_tf32_mma.cu)",

@@ -16,6 +16,17 @@
 // Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=True): 34.2 TFLOP/s, 1.04x torch-efficient
 // Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=False): 33.6 TFLOP/s, 0.72x torch-efficient
 // Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=True): 31.3 TFLOP/s, 0.70x torch-efficient
+// On an NVIDIA H200 (same shapes; fp32 GEMM ceiling 50.6 TFLOP/s in the same run):
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=float32 causal=False): 36.2 TFLOP/s, 1.02x torch-efficient
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=float32 causal=True): 34.4 TFLOP/s, 1.02x torch-efficient
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=float32 causal=False): 32.9 TFLOP/s, 0.72x torch-efficient
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=float32 causal=True): 30.8 TFLOP/s, 0.70x torch-efficient
+// Step tried for d = 128 (TX = 16: 8 x 16 threads, 8 rows of S and 2 float4 of O columns per thread; the block
+//   sweep of fwd-issue11-h200.json, non-causal / causal): at 64 x 64 35.6 / 35.0 TFLOP/s against the default
+//   64 x 32's 33.2 / 31.1 (+7% / +13%, about 0.78x torch efficient: the goal, 1.0x, is not met); at 64 x 32 it
+//   loses (30.1 / 29.1); at d = 64 its best block loses 2-3% to the default. Not the default: not yet through
+//   flashkit.gpu.check (its first timing run ended in an illegal address, most likely because P_s's pitch then
+//   grew with TX while rungs.py's shared-memory size did not; fixed: the pitch is Bc + 8 for any TX).
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
 
