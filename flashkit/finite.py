@@ -22,9 +22,11 @@ registers) and so run beside the attention kernel instead of before it. It read 
 wait 0.65 ms against 0.12 for this scan) and the public call took 1.32-3.03x the rung alone against this
 scan's 1.00-1.17x: not kept. Each thread of this scan now keeps four 16-byte loads in flight (unrolled);
 measured after that (gpu-overhead-h200.json, N = 4096): start + wait 0.115-0.118 ms for the 201 MB of q, k, v
-(0.12 before), and the public call 1.05-1.18x auto's rung alone, of which 1.01-1.12x remains with
-check_finite=False: the scan is no longer most of the gap at d = 128 (the host work of the call, not yet
-found, is the rest).
+(0.12 before), and the public call 1.05-1.18x auto's rung alone; with check_finite=False 1.01-1.12x in that
+run but 0.99-1.06x in the run before, so part of the gap is run-to-run noise. What is left is the scan's own
+GPU time: its blocks take the SMs first (high priority) while the kernel waits, ~50-90 us of a 0.55-1.3 ms
+rung 7 call. Reading 201 MB once more cannot cost less than ~48 us at this card's 4.2 TB/s, so within 3% of
+a 0.55 ms kernel needs the reads overlapped with the kernel's compute (see benchmarks/NOTES-gpu.md, issue 11).
 """
 from __future__ import annotations
 
