@@ -20,7 +20,8 @@ stay out), the median round's time per call reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
 TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at, its `peer`
 in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash,
-rung 7 (Hopper only, timed only where its probe passes) -> cudnn.
+rung 7 (Hopper only, timed only where its probe passes) -> cudnn, rung 8 (TF32, called with precision="tf32"
+through the public call) -> efficient (float32).
 Rung 7 is also timed with 192 x 128 blocks ("cupy-wgmma-192x128") in every cell. float32 rows of rungs 3 and 8
 (TF32) and torch's efficient backend carry `max_rel_err_head0`: max|O - O_64| / max|O_64| on batch 0, head 0
 against float64 attention of the same inputs, the error beside the speed.

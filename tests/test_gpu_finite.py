@@ -23,7 +23,9 @@ SIZES = (1, 7, 8, 9, 4096 * 33 + 5, 1_000_003)
 def _places(n, itemsize):
     per = 16 // itemsize  # elements per 16-byte word
     threads = 128 * max(1, min(-(-n // (128 * 8 * 4)), 132 * 4))  # as flashkit.finite.start launches
-    marks = {0, n - 1, n // 2, (n // per) * per, 4 * threads * per, 3 * threads * per}
+    n16 = n // per
+    marks = {0, n - 1, n // 2, n16 * per, 4 * threads * per, 3 * threads * per,
+             (n16 - 3 * threads) * per, (n16 - 4 * threads) * per}  # where the 4-load loop hands over
     return sorted({m + e for m in marks for e in (-1, 0, 1) if 0 <= m + e < n})
 
 
