@@ -237,12 +237,15 @@ def run_gpu(lengths, batches, Hq=32, Hkv=8, d=128, sweep=(8, 16, 32, 64, 128, 25
             nbytes = kv_bytes(B, Hkv, L, d, 2)
             P = check(q, k, v)
             auto = gpu_decode.auto_splits(P)
-            splits_list = [("cupy-splitk", auto, True), ("cupy-unsplit", 1, True), ("cupy-splitk-noprefetch", auto, False)]
+            splits_list = [("cupy-splitk", auto, True, None), ("cupy-unsplit", 1, True, None),
+                           ("cupy-splitk-noprefetch", auto, False, None),
+                           ("cupy-splitk-l2hint" if not gpu_decode.L2_HINT else "cupy-splitk-no-l2hint", auto, True,
+                            not gpu_decode.L2_HINT)]
             if L == max(lengths):
-                splits_list += [("cupy-splitk-sweep", s, True) for s in sweep if s != auto]
+                splits_list += [("cupy-splitk-sweep", s, True, None) for s in sweep if s != auto]
             ref = None
-            for name, s, prefetch in splits_list:
-                step = gpu_decode.prepare(P, s, prefetch=prefetch)
+            for name, s, prefetch, l2_hint in splits_list:
+                step = gpu_decode.prepare(P, s, prefetch=prefetch, l2_hint=l2_hint)
                 O, _ = step()
                 if ref is None:
                     ref = O.astype(cupy.float32).copy()

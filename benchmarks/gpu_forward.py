@@ -1,6 +1,6 @@
 """Forward attention on one GPU: every flashkit rung beside torch's scaled_dot_product_attention backends.
 
-    python -m benchmarks.gpu_forward [--quick] [--Ns 4096,16384] [--json PATH]
+    python -m benchmarks.gpu_forward [--quick] [--Ns 4096,16384] [--rungs 3,7,8] [--peers flash,cudnn] [--json PATH]
 
 Shapes: B*N = 16384 tokens, H*d = 2048, d in {64, 128}, N in {1024, 4096, 16384}, causal and not;
 float16 and bfloat16 for the tensor-core rungs, float32 for the fp32 rungs. Every implementation reads
@@ -20,7 +20,11 @@ stay out), the median round's time per call reported.
 FLOPs = 4 * B * H * N^2 * d, times the visible fraction when causal (N(N+1)/2 / N^2 = about one half).
 TFLOP/s = FLOPs / median time. Ratios compare each rung with the torch backend it is aimed at, its `peer`
 in flashkit/gpu/rungs.py: rung 1 -> math (same dtype), rungs 2-3 -> efficient (float32), rungs 4-6 -> flash,
-rung 7 (Hopper only, timed only where its probe passes) -> cudnn.
+rung 7 (Hopper only, timed only where its probe passes) -> cudnn, rung 8 (TF32, called with precision="tf32"
+through the public call) -> efficient (float32).
+Rung 7 is also timed with 192 x 128 blocks ("cupy-wgmma-192x128") in every cell. float32 rows of rungs 3 and 8
+(TF32) and torch's efficient backend carry `max_rel_err_head0`: max|O - O_64| / max|O_64| on batch 0, head 0
+against float64 attention of the same inputs, the error beside the speed.
 Memory: extra GPU bytes beyond inputs at B=1, H=16, d=128, fp16, N = 16384 and 65536 (CuPy pool for the
 flashkit rungs, torch.cuda.max_memory_allocated for torch's flash backend).
 Ceilings: the card's GEMM TFLOP/s (float16, bfloat16, float32; 8192^3) and device copy bandwidth, measured
@@ -119,16 +123,38 @@ def measure(label, fn, rows, meta):
 
 
 def public_call(name, q, k, v, causal):
-    """flashkit.attention on the CuPy arrays a user holds (bfloat16 from torch through DLPack: '|V2')."""
+    """flashkit.attention on the CuPy arrays a user holds (bfloat16 from torch through DLPack: '|V2'); a TF32
+    rung is asked for by its precision, as a user asks for it."""
     import cupy
 
     import flashkit
 
+    precision = rung(name).precision if name != "auto" else "exact"
     Qc, Kc, Vc = (cupy.from_dlpack(t) for t in (q, k, v))
-    return lambda: flashkit.attention(Qc, Kc, Vc, causal=causal, backend=name)
+    return lambda: flashkit.attention(Qc, Kc, Vc, causal=causal, backend=name, precision=precision)
 
 
-def run_grid(Ns=(1024, 4096, 16384), ds=(64, 128), dtypes=("float16", "bfloat16", "float32")):
+def head0_error(out, q, k, v, causal):
+    """max|O - O_64| / max|O_64| on batch 0, head 0 of one call's output (a CuPy array, a torch tensor, or
+    a rung's (O, lse)), against float64 attention of the same inputs."""
+    import cupy
+
+    O = out[0] if isinstance(out, tuple) else out
+    O = cupy.from_dlpack(O) if not isinstance(O, cupy.ndarray) else O
+    q0, k0, v0 = (cupy.from_dlpack(t)[0, 0].astype(cupy.float64) for t in (q, k, v))
+    S = q0 @ k0.T * q0.shape[-1] ** -0.5
+    if causal:
+        n = S.shape[0]
+        S = cupy.where(cupy.tri(n, n, dtype=bool), S, -cupy.inf)
+    P = cupy.exp(S - S.max(axis=-1, keepdims=True))
+    O64 = (P / P.sum(axis=-1, keepdims=True)) @ v0
+    return float(cupy.abs(O[0, 0].astype(cupy.float64) - O64).max() / cupy.abs(O64).max())
+
+
+def run_grid(Ns=(1024, 4096, 16384), ds=(64, 128), dtypes=("float16", "bfloat16", "float32"), only=None,
+             peers_of=None):
+    """Every cell; `only` (rung numbers) limits the flashkit rungs timed, `peers_of` (dtype -> torch
+    backends) the torch ones."""
     import torch
 
     rows = []
@@ -142,23 +168,33 @@ def run_grid(Ns=(1024, 4096, 16384), ds=(64, 128), dtypes=("float16", "bfloat16"
                     q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=tdt, generator=gen) for _ in range(3))
                     meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal))
                     print(f"d={d} N={N} B={B} H={H} causal={causal} {dtype}", flush=True)
-                    peers = {"float16": TORCH_BACKENDS, "bfloat16": ("flash", "cudnn"), "float32": ("efficient", "math")}[dtype]
+                    peers = (peers_of or {"float16": TORCH_BACKENDS, "bfloat16": ("flash", "cudnn"),
+                                          "float32": ("efficient", "math")})[dtype]
                     for spec in FORWARD:
                         if not spec.backend().available:  # rung 7 on a GPU that is not a Hopper
+                            continue
+                        if only is not None and spec.number not in only:
                             continue
                         call = rung_call(spec.number, q, k, v, causal, dtype) if dtype in spec.dtypes else None
                         if call is None:  # the rung does not compute this dtype here
                             continue
                         measure(spec.name, call, rows, dict(meta, rung=spec.number))
+                        if dtype == "float32" and spec.number in (3, 8):
+                            rows[-1]["max_rel_err_head0"] = head0_error(call(), q, k, v, causal)
                         # the same rung through the public call (validation, NaN/Inf scan, choice, launch)
                         if spec.number != 1 or dtype != "bfloat16":
                             measure(f"{spec.name} (public)", public_call(spec.name, q, k, v, causal), rows,
                                     dict(meta, rung=spec.number, public=True, backend=spec.name))
+                        if spec.number == 7:  # the larger block in every cell (the header's open question)
+                            measure("cupy-wgmma-192x128", rung_call(7, q, k, v, causal, dtype, (192, 128)), rows,
+                                    dict(meta, rung=7, block_size=[192, 128]))
                     # What "auto" gives a user: flashkit.attention on CuPy arrays, validation included.
                     measure("flashkit.attention", public_call("auto", q, k, v, causal), rows,
                             dict(meta, rung=None, public=True, backend="auto"))
                     for p in peers:
                         measure(f"torch-{p}", sdpa_call(p, q, k, v, causal), rows, dict(meta, rung=None))
+                        if dtype == "float32" and p == "efficient" and rows[-1]["status"] == "ok":
+                            rows[-1]["max_rel_err_head0"] = head0_error(sdpa_call(p, q, k, v, causal)(), q, k, v, causal)
                     del q, k, v
                     free_all()
     return rows
@@ -177,7 +213,8 @@ def add_ratios(rows):
     for (k, _), p in peers.items():
         if k not in fastest or p["ms"] < fastest[k]["ms"]:
             fastest[k] = p
-    alone = {(key(r), r["rung"]): r for r in rows if r.get("rung") and not r.get("public") and r["status"] == "ok"}
+    alone = {(key(r), r["rung"]): r for r in rows
+             if r.get("rung") and not r.get("public") and not r.get("block_size") and r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok" or r["impl"].startswith("torch-"):
             continue
@@ -187,8 +224,7 @@ def add_ratios(rows):
         flash = peers.get((key(r), "torch-flash"))
         if flash is not None:
             r["ratio_flash"] = flash["ms"] / r["ms"]
-        name = r.get("backend") if r.get("public") else r["impl"]
-        peer = f"torch-{rung(name).peer}" if r.get("rung") else "torch-flash"
+        peer = f"torch-{rung(r['rung']).peer}" if r.get("rung") else "torch-flash"
         p = peers.get((key(r), peer))
         if p is not None:
             r["peer"], r["ratio"] = p["impl"], p["ms"] / r["ms"]
@@ -197,13 +233,38 @@ def add_ratios(rows):
             r["public_over_rung"] = r["ms"] / a["ms"]
 
 
-def block_sweep():
-    """Every allowed (Br, Bc) of rung 5 (fp16) and rung 3 (fp32) at N=4096: evidence for the defaults."""
+# Variants of a rung's source, registered in this process only for the sweep: (pseudo-rung number, name,
+# rung, defines put before the source). Rung 3 with 16 threads per row group (8 rows of S per thread,
+# twice rung 3's default register block along the rows).
+VARIANTS = ((31, "cupy-fp32-tile-tx16", 3, "#define TX 16\n"),)
+
+
+def register_variants():
+    import tempfile
+    from dataclasses import replace
+
+    from flashkit.gpu import flash
+
+    for number, name, base, defines in VARIANTS:
+        spec = rung(base)
+        path = Path(tempfile.gettempdir()) / f"variant_{number}_{spec.source}"
+        path.write_text(defines + (flash.KERNEL_DIR / spec.source).read_text())
+        flash.RUNGS[number] = replace(spec, number=number, name=name, source=str(path))
+
+
+def block_sweep(only=None):
+    """Every allowed (Br, Bc) of rung 5 (fp16) and rung 3 (fp32), and of rung 3's VARIANTS, at N=4096:
+    evidence for the defaults. `only`: the rung numbers to sweep."""
     import torch
 
+    register_variants()
     rows = []
     N = 4096
-    for spec, dtype in ((rung(5), "float16"), (rung(3), "float32")):
+    sweeps = [(5, "float16", (5,)), (3, "float32", (3,) + tuple(n for n, _, base, _ in VARIANTS if base == 3))]
+    for number, dtype, numbers in sweeps:
+        if only is not None and number not in only:
+            continue
+        spec = rung(number)
         for d in (64, 128):
             B, H = 16384 // N, 2048 // d
             for causal in (False, True):
@@ -212,9 +273,11 @@ def block_sweep():
                 meta = dict(d=d, N=N, B=B, H=H, causal=causal, dtype=dtype, flops=flops(B, H, N, d, causal),
                             rung=spec.number)
                 print(f"sweep rung {spec.number}: d={d} N={N} causal={causal} {dtype}", flush=True)
-                for bs in spec.allowed(d):
-                    measure(f"{spec.name}{bs}", rung_call(spec.number, q, k, v, causal, dtype, bs), rows,
-                            dict(meta, block_size=list(bs)))
+                for n in numbers:
+                    name = next((v[1] for v in VARIANTS if v[0] == n), spec.name)
+                    for bs in spec.allowed(d):
+                        measure(f"{name}{bs}", rung_call(n, q, k, v, causal, dtype, bs), rows,
+                                dict(meta, block_size=list(bs), variant=name))
                 del q, k, v
     return rows
 
@@ -344,6 +407,9 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float16,bfloat16,float32", help="comma-separated dtypes")
     ap.add_argument("--json", help="where to write the results (default benchmarks/results/gpu-<card>.json)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--only-sweep", action="store_true", help="the block sweep alone (no grid, no memory rows)")
+    ap.add_argument("--rungs", help="comma-separated forward rung numbers to time (default: all)")
+    ap.add_argument("--peers", help="comma-separated torch backends to time (default: all that apply)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--table-from", help="print the markdown table of a results JSON (no GPU needed) and exit")
     ap.add_argument("--N", type=int, default=4096, help="with --table-from: which N")
@@ -354,11 +420,19 @@ def main(argv=None):
 
     env = environment()
     print(env, flush=True)
-    roof = ceilings_of_this_run()
+    roof = None if args.only_sweep else ceilings_of_this_run()
     Ns = tuple(int(n) for n in args.Ns.split(",")) if args.Ns else (1024, 4096) if args.quick else (1024, 4096, 16384)
-    rows = run_grid(Ns, tuple(int(x) for x in args.ds.split(",")), tuple(args.dtypes.split(",")))
+    only = {int(x) for x in args.rungs.split(",")} if args.rungs else None
+    peers_of = None
+    if args.peers:
+        wanted = args.peers.split(",")
+        peers_of = {"float16": tuple(p for p in TORCH_BACKENDS if p in wanted),
+                    "bfloat16": tuple(p for p in ("flash", "cudnn") if p in wanted),
+                    "float32": tuple(p for p in ("efficient", "math") if p in wanted)}
+    rows = [] if args.only_sweep else run_grid(Ns, tuple(int(x) for x in args.ds.split(",")),
+                                               tuple(args.dtypes.split(",")), only, peers_of)
     add_ratios(rows)
-    sweep = [] if args.no_sweep else block_sweep()
+    sweep = [] if args.no_sweep else block_sweep(only)
     mem = [] if args.no_memory else memory_rows()
     from flashkit.gpu.flash import COMPILE_SECONDS
 

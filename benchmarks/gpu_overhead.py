@@ -1,13 +1,16 @@
 """What the public call costs beyond its kernel on the GPU, piece by piece (issue: the public call at kernel speed).
 
-    python -m benchmarks.gpu_overhead [--json PATH]
+    python -m benchmarks.gpu_overhead [--json PATH] [--quick]
 
-fp16 (and bf16 from torch through DLPack), B=4, N=4096, H=32, d=64 (H*d = 2048), not causal. CUDA events
-around 30 calls after a warm-up, mean per call: the rung alone (flashkit.gpu.flash.run on a validated
-Problem), flashkit.attention (what users call), and the pieces of the difference: validate.check, the
-finiteness scan alone (one kernel on a side stream, then its wait), registry.choose; the same for the
-backward (the rung alone, with its in-kernel lse check reported and waited for, attention_backward,
-validate.check_backward). Results: benchmarks/results/gpu-overhead-<card>.json.
+Forward: fp16 and bf16 (from torch through DLPack), B*N = 16384, H*d = 2048, N in {2048, 4096}, d in
+{64, 128}, causal and not. The baseline is the rung "auto" picks for the call (rung 7 on a Hopper) called
+alone (flashkit.gpu.flash.run on a validated Problem), beside: flashkit.attention (what users call: the
+NaN/Inf scan on a side stream, flashkit.finite), the same with check_finite=False, and rung 6 alone and
+public. Timing: flashkit.measure.timing.stream_time (calls back to
+back, as a training loop issues them; median of 3 rounds). Then, at d=64, N=4096, the pieces of the
+difference: validate.check, the scan alone (start + wait), registry.choose; and the backward (the rung
+alone, with its in-kernel lse check reported and waited for, attention_backward, validate.check_backward).
+Results: benchmarks/results/gpu-overhead-<card>.json.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def event_ms(fn, n=30):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="N = 4096 only")
     args = ap.parse_args(argv)
 
     import cupy
@@ -43,8 +47,50 @@ def main(argv=None):
     from flashkit import finite, registry, validate
     from flashkit.atomic import write_json
     from flashkit.gpu import backward, flash
+    from flashkit.measure.timing import stream_time
 
-    rows = []
+    rows, ratios = [], []  # ratios: a public call's time over its rung's, per shape (kept apart: rows all have ms)
+
+    def timed(fn):
+        return stream_time(fn, calls=20, rounds=3, budget_s=0.3)["median_s"] * 1e3
+
+    for d in (64, 128):
+        for N in ((4096,) if args.quick else (2048, 4096)):
+            B, H = 16384 // N, 2048 // d
+            for causal in (False, True):
+                for dtype in ("float16", "bfloat16"):
+                    gen = torch.Generator(device="cuda").manual_seed(0)
+                    ts = [torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(3)]
+                    q, k, v = (cupy.from_dlpack(t) for t in ts)
+                    p = validate.check(q, k, v, causal=causal)
+                    auto = registry.choose(p, "auto").rung
+
+                    def public(**kw):
+                        return lambda: flashkit.attention(q, k, v, causal=causal, **kw)
+
+                    pieces = {
+                        "auto's rung alone": lambda: flash.run(auto, p),
+                        "flashkit.attention": public(),
+                        "flashkit.attention(check_finite=False)": public(check_finite=False),
+                        "rung 6 alone": lambda: flash.run(6, p),
+                        "flashkit.attention(backend=cupy-mma-2tile)": public(backend="cupy-mma-2tile"),
+                    }
+                    meta = dict(dtype=dtype, B=B, N=N, H=H, d=d, causal=causal, auto_rung=auto)
+                    by = {}
+                    for name, fn in pieces.items():
+                        by[name] = ms = timed(fn)
+                        rows.append(dict(meta, what=name, ms=ms))
+                    for public_name, alone in (("flashkit.attention", "auto's rung alone"),
+                                               ("flashkit.attention(check_finite=False)", "auto's rung alone"),
+                                               ("flashkit.attention(backend=cupy-mma-2tile)", "rung 6 alone")):
+                        ratios.append(dict(meta, what=f"{public_name} / {alone}", ratio=by[public_name] / by[alone]))
+                    a, r6 = by["auto's rung alone"], by["rung 6 alone"]
+                    print(f"{dtype:9} d={d:3} N={N:5} causal={causal!s:5} rung {auto} alone {a:.3f} ms; public "
+                          f"{by['flashkit.attention'] / a:.3f}x, unchecked {by['flashkit.attention(check_finite=False)'] / a:.3f}x; "
+                          f"rung 6 {r6:.3f} ms, public {by['flashkit.attention(backend=cupy-mma-2tile)'] / r6:.3f}x", flush=True)
+                    del q, k, v, ts, p
+                    cupy.get_default_memory_pool().free_all_blocks()
+
     for dtype in ("float16", "bfloat16"):
         gen = torch.Generator(device="cuda").manual_seed(0)
         ts = [torch.randn(4, 32, 4096, 64, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(4)]
@@ -61,12 +107,9 @@ def main(argv=None):
             return check.error()
 
         pieces = {
-            "forward rung 6 alone": lambda: flash.run(6, p),
-            "flashkit.attention": lambda: flashkit.attention(q, k, v),
-            "flashkit.attention(backend=cupy-mma-2tile)": lambda: flashkit.attention(q, k, v, backend="cupy-mma-2tile"),
             "validate.check (scan waited for)": lambda: validate.check(q, k, v),
             "validate.check (scan started, not waited for)": lambda: validate.check(q, k, v, finite="async"),
-            "finiteness scan of q, k, v (start + wait)": lambda: finite.first_nonfinite(cupy, (p.Q, p.K, p.V), names),
+            "finiteness scan of q, k, v (start + wait)": lambda: finite.start(cupy, (p.Q, p.K, p.V), names).wait(),
             "registry.choose": lambda: registry.choose(p, "auto"),
             "backward rung 2 alone": lambda: backward.backward("cupy-bwd-mma", pb.Q, pb.K, pb.V, pb.O, pb.dO, pb.lse,
                                                                scale=p.scale, element=p.element),
@@ -78,13 +121,9 @@ def main(argv=None):
             ms = event_ms(fn)
             rows.append(dict(dtype=dtype, B=4, N=4096, H=32, d=64, causal=False, what=name, ms=ms))
             print(f"{dtype:9} {name:32} {ms:8.3f} ms", flush=True)
-        by = {r["what"]: r["ms"] for r in rows if r["dtype"] == dtype}
-        for public, alone in (("flashkit.attention", "forward rung 6 alone"),
-                              ("flashkit.attention_backward", "backward rung 2 alone")):
-            print(f"{dtype:9} {public} / rung alone: {by[public] / by[alone]:.3f}", flush=True)
         cupy.get_default_memory_pool().free_all_blocks()
     env = environment()
-    result = dict(env, benchmark="benchmarks/gpu_overhead.py", results=rows)
+    result = dict(env, benchmark="benchmarks/gpu_overhead.py", results=rows, ratios=ratios)
     path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"gpu-overhead-{card_slug(env['card'])}.json"
     write_json(path, result)
     print(f"wrote {path}")

@@ -181,11 +181,33 @@ def _gpu_table(files, direction) -> str:
 
 
 def _gpu_overhead_headline(path, data) -> str:
-    """What the public call costs beyond its kernel (benchmarks/gpu_overhead.py)."""
-    out = ["**GPU public call against the rung alone**, B=4, N=4096, H=32, d=64, not causal (ms per call)", "",
-           "| dtype | what | ms |", "| --- | --- | --- |"]
-    for r in data["results"]:
-        out.append(f"| {r['dtype']} | {r['what']} | {r['ms']:.3f} |")
+    """What the public call costs beyond its kernel (benchmarks/gpu_overhead.py): per shape, auto's rung called
+    alone and flashkit.attention over it (with each NaN/Inf scan shape, and unchecked); then the pieces."""
+    rows = data["results"]
+    shaped = [r for r in rows if "auto_rung" in r and "ms" in r]
+    out = []
+    if shaped:
+        out += ["**GPU public call against the rung alone**, B*N=16384, H*d=2048: auto's rung called directly (ms) and "
+                "flashkit.attention's time over it, with its NaN/Inf scan (the default) and with check_finite=False; "
+                "rung 6 likewise", "",
+                "| d | N | causal | dtype | rung | alone (ms) | public | unchecked | rung 6 (ms) | rung 6 public |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        cells = {}
+        for r in shaped:
+            cells.setdefault((r["d"], r["N"], r["causal"], r["dtype"], r["auto_rung"]), {})[r["what"]] = r["ms"]
+        for (d, N, causal, dtype, rung), ms in cells.items():
+            a, r6 = ms["auto's rung alone"], ms["rung 6 alone"]
+            out.append(f"| {d} | {N} | {'yes' if causal else 'no'} | {dtype} | {rung} | {a:.3f} | "
+                       f"{ms['flashkit.attention'] / a:.3f}x | {ms['flashkit.attention(check_finite=False)'] / a:.3f}x | "
+                       f"{r6:.3f} | "
+                       f"{ms['flashkit.attention(backend=cupy-mma-2tile)'] / r6:.3f}x |")
+        out += ["", "Pieces, B=4, N=4096, H=32, d=64, not causal (ms per call)", ""]
+    else:
+        out += ["**GPU public call against the rung alone**, B=4, N=4096, H=32, d=64, not causal (ms per call)", ""]
+    out += ["| dtype | what | ms |", "| --- | --- | --- |"]
+    for r in rows:
+        if "auto_rung" not in r and "ms" in r:
+            out.append(f"| {r['dtype']} | {r['what']} | {r['ms']:.3f} |")
     return "\n".join(out + ["", _label(path, data)])
 
 

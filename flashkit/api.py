@@ -5,7 +5,8 @@ from flashkit import registry, validate
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, backend="auto",
-              block_size=None, return_lse=False, score_mod=None, mask_mod=None, block_mask=None, check_finite=True):
+              block_size=None, return_lse=False, score_mod=None, mask_mod=None, block_mask=None, check_finite=True,
+              precision="exact"):
     """Exact softmax attention, softmax(q k^T * scale) v, computed tile by tile.
 
     Parameters
@@ -36,6 +37,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
         the GPU the scan is one extra kernel that runs beside the attention kernel (measured on an H200
         at N=4096, d=64, fp16: the public call 1.5-4% over the rung alone, benchmarks/results/gpu-*.json).
         False skips it: non-finite input then gives undefined output instead of an error.
+    precision : "exact" (the default: every product in the input dtype's own arithmetic, float32 in
+        float32) or "tf32": float32 CuPy input on the TF32 tensor cores (backend "cupy-tf32": Q, K, P
+        and V rounded to 10 mantissa bits, fp32 sums; its error and speed beside each other in
+        benchmarks/results/gpu-*.json). "tf32" with another dtype, NumPy input or another named
+        backend raises.
 
     Returns
     -------
@@ -50,6 +56,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
         raise TypeError(f"check_finite must be True or False; got {check_finite!r}")
     if backend != "auto":
         registry.get(backend)  # an unknown name fails before any work on the arrays
+    backend = _precision_backend(precision, backend, q)
     # On the GPU the NaN/Inf scan of q, k, v runs beside the attention kernel (validate.finish waits for the
     # scan alone, not for the kernel); a flagged input raises and the output is dropped.
     problem = validate.check(q, k, v, causal=causal, scale=scale, window=window, mask=mask,
@@ -112,6 +119,31 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=
     dQ, dK, dV = chosen.run_backward(problem)
     validate.finish(problem)
     return tuple(_as_input(g, x) for g, x in ((dQ, q), (dK, k), (dV, v)))
+
+
+PRECISIONS = ("exact", "tf32")
+
+
+def _precision_backend(precision, backend, q):
+    """The backend `precision` asks for: "tf32" is the GPU's TF32 rung (float32 CuPy input only); a TF32
+    rung is never run unless asked for by precision."""
+    from flashkit.gpu.rungs import RUNGS
+
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+    tf32 = [r.name for r in RUNGS if r.precision == "tf32" and r.direction == "forward"]
+    if precision == "exact":
+        if backend in tf32:
+            raise ValueError(f"backend {backend!r} rounds float32 to TF32: ask for it with precision='tf32'")
+        return backend
+    if type(q).__module__.split(".")[0] != "cupy":
+        raise TypeError(f"precision='tf32' runs on the GPU's tensor cores: q, k, v must be CuPy arrays; got q of type "
+                        f"{type(q).__name__}")
+    if str(getattr(q, "dtype", "")) != "float32":
+        raise TypeError(f"precision='tf32' is for float32 input; got q of dtype {getattr(q, 'dtype', None)}")
+    if backend not in ("auto", *tf32):
+        raise ValueError(f"precision='tf32' runs on backend {tf32[0]!r}; got backend={backend!r}")
+    return tf32[0]
 
 
 def _as_input(X, x):

@@ -14,6 +14,19 @@ attention kernel, and the caller raises (discarding the output) if an array was 
 finds a bad word writes this call's serial number into page-locked host memory (`HostFlags`): no flag to
 zero, no copy back, nothing written when all is well. flashkit.gpu.backward's in-kernel lse check reports
 through the same words.
+
+Tried and measured (H200, B*N = 16384, H*d = 2048, N 2048 and 4096, d 64 and 128, benchmarks/results/
+gpu-overhead-h200-history5.json): a "thin" scan, one 32-thread block per SM with at most 32 registers and
+cp.async into 24 KB of shared memory, meant to fit in what rung 7 leaves free (it holds 64,512 of the 65,536
+registers) and so run beside the attention kernel instead of before it. It read at only ~0.3 TB/s (start +
+wait 0.65 ms against 0.12 for this scan) and the public call took 1.32-3.03x the rung alone against this
+scan's 1.00-1.17x: not kept. Each thread of this scan now keeps four 16-byte loads in flight (unrolled);
+measured after that (gpu-overhead-h200.json, N = 4096): start + wait 0.115-0.118 ms for the 201 MB of q, k, v
+(0.12 before), and the public call 1.05-1.18x auto's rung alone; with check_finite=False 1.01-1.12x in that
+run but 0.99-1.06x in the run before, so part of the gap is run-to-run noise. What is left is the scan's own
+GPU time: its blocks take the SMs first (high priority) while the kernel waits, ~50-90 us of a 0.55-1.3 ms
+rung 7 call. Reading 201 MB once more cannot cost less than ~48 us at this card's 4.2 TB/s, so within 3% of
+a 0.55 ms kernel needs the reads overlapped with the kernel's compute (see benchmarks/NOTES-gpu.md, issue 11).
 """
 from __future__ import annotations
 
@@ -40,7 +53,20 @@ __device__ bool scan(const W* x, long long n, W mask, W neg_inf) {
     const int per = 16 / sizeof(W);
     if (((size_t)x % 16 == 0) && (n % per == 0)) {
         const uint4* v = reinterpret_cast<const uint4*>(x);
-        for (long long i = tid; i < n / per; i += stride) {
+        const long long n16 = n / per;
+        long long i = tid;
+        for (; i + 3 * stride < n16; i += 4 * stride) {  // four loads in flight before any test
+            uint4 u[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) u[r] = v[i + r * stride];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const W* w = reinterpret_cast<const W*>(&u[r]);
+#pragma unroll
+                for (int k = 0; k < per; ++k) bad |= ((w[k] & mask) == mask) && (neg_inf == 0 || w[k] != neg_inf);
+            }
+        }
+        for (; i < n16; i += stride) {
             uint4 u = v[i];
             const W* w = reinterpret_cast<const W*>(&u);
 #pragma unroll
@@ -203,19 +229,19 @@ def start(xp, arrays, dtype_names, allow_neg_inf=(), names=None):
     pad = MAX_ARRAYS - n_arrays
     ptrs, ns, masks, infs, sizes = (v + [v[0] if v else 0] * pad for v in (ptrs, ns, masks, infs, sizes))
     ns = ns[:n_arrays] + [0] * pad  # the padding arrays are empty
-    threads = 128  # small blocks fit beside the attention kernel's on an SM (registers, threads)
-    biggest = max(ns[:n_arrays]) if n_arrays else 0
-    blocks = max(1, min(-(-biggest // (threads * 8)), 132 * 4))
     u64, i64, i32 = np.uint64, np.int64, np.int32
+    args = (tuple(u64(p) for p in ptrs) + tuple(i64(n) for n in ns) + tuple(u64(m) for m in masks)
+            + tuple(u64(v) for v in infs) + tuple(i32(z) for z in sizes) + (flags.device_ptr, i64(serial)))
     caller = cupy.cuda.get_current_stream()
     side = flags.side_stream()
     ready = flags.event("inputs")
     ready.record(caller)
     side.wait_event(ready)  # the inputs as the caller's stream leaves them
+    threads = 128
+    biggest = max(ns[:n_arrays]) if n_arrays else 0
+    blocks = max(1, min(-(-biggest // (threads * 8 * 4)), 132 * 4))  # >= 4 words of 16 bytes per thread
     with side:
-        _module()((blocks, n_arrays), (threads,),
-                  tuple(u64(p) for p in ptrs) + tuple(i64(n) for n in ns) + tuple(u64(m) for m in masks)
-                  + tuple(u64(v) for v in infs) + tuple(i32(z) for z in sizes) + (flags.device_ptr, i64(serial)))
+        _module()((blocks, n_arrays), (threads,), args)
     done = flags.event("finite")
     done.record(side)
     pending = Pending(flags=flags, serial=serial, event=done, n=n_arrays, names=names, allow_neg_inf=allow_neg_inf)

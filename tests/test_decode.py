@@ -291,19 +291,20 @@ def test_gpu_partials_equal_cpu_split_states():
 @gpu
 @pytest.mark.parametrize("dtype,rows", [("float16", 4), ("float16", 8), ("float32", 4)])
 def test_gpu_kernel_without_prefetch(dtype, rows):
-    """The kernel variant that loads one step at a time (PREFETCH=false) computes the same thing."""
+    """The kernel variants that load one step at a time (PREFETCH=false) or with the L2 prefetch hint
+    (DECODE_L2_256B) compute the same thing."""
     from flashkit.gpu import decode as gpu_decode
 
     rng = np.random.default_rng(rows)
     q, k, v = make(rng, 2, 2 * rows, 2, 1, 999, 128, np.dtype(dtype))
     length = np.array([999, 400])
     P = check(cp.asarray(q), cp.asarray(k), cp.asarray(v), length=length)
-    for prefetch in (False, True):
-        o, lse = gpu_decode.prepare(P, 9, prefetch=prefetch)()
+    for prefetch, l2_hint in ((False, False), (True, False), (True, True), (False, True)):
+        o, lse = gpu_decode.prepare(P, 9, prefetch=prefetch, l2_hint=l2_hint)()
         ref_o, ref_lse = expected(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), length, False)
         rtol = 3e-3 if dtype == "float16" else 1e-5
         assert_matches(cp.asnumpy(o).astype(np.float64), cp.asnumpy(lse), ref_o, ref_lse, rtol=rtol,
-                       what=f"{dtype} rows={rows} prefetch={prefetch}")
+                       what=f"{dtype} rows={rows} prefetch={prefetch} l2_hint={l2_hint}")
 
 
 @gpu

@@ -7,6 +7,7 @@ Criteria (as FlashAttention's tests state them):
   float32 rungs    max|O - O_64| / max|O_64| <= 1e-5, and the same for lse (finite entries);
   float16/bfloat16 max|O - O_64| <= 2 * max|O_lp - O_64| + 1e-6, where O_lp is standard attention with
                    S, P and O rounded to the input dtype (what torch computes in that dtype); lse likewise.
+  TF32 rung (8)    the same with O_lp computed from Q, K, V and P rounded to TF32 (what the kernel rounds).
 Outputs are poisoned with NaN before every launch; any NaN left fails. Rows that see no key must give
 O = 0 and lse = -inf, and the -inf pattern of lse must match the oracle's exactly.
 """
@@ -34,6 +35,12 @@ CASES = (
 # The forward CUDA rungs and the element types each computes, in ladder order (from flashkit/gpu/rungs.py).
 ELEMENT_OF = {r.number: r.elements for r in kernels("forward")}
 HEAD_DIMS_OF = {r.number: r.head_dims for r in kernels("forward")}
+
+
+def _precision(rung) -> str:
+    from flashkit.gpu.rungs import rung as row
+
+    return row(rung).precision
 
 
 def runs(rung, case) -> bool:
@@ -67,6 +74,9 @@ def round_to(x32, element):
         return x32.astype(cupy.float16).astype(cupy.float32)
     if element == "bf16":
         return from_bf16_bits(to_bf16_bits(x32))
+    if element == "tf32":  # 10 mantissa bits, rounded to nearest (ties away, as cvt.rna.tf32.f32)
+        u = x32.astype(cupy.float32).view(cupy.uint32)
+        return ((u + cupy.uint32(0x1000)) & cupy.uint32(0xFFFFE000)).view(cupy.float32)
     return x32
 
 
@@ -119,9 +129,14 @@ def reference_lowp(exact, case, element):
 
     pb = problem_of(*exact, case)
     B, Hkv, g, Nq, Nk, d = pb.B, pb.Hkv, pb.group, pb.Nq, pb.Nk, pb.d
-    Q = round_to((exact[0] * pb.scale).astype(cupy.float32), element).reshape(B, Hkv, g * Nq, d)
-    K, V = (x.astype(cupy.float32) for x in exact[1:])
-    S = round_to(cupy.matmul(Q, K.transpose(0, 1, 3, 2)), element).reshape(B, Hkv, g, Nq, Nk)
+    if element == "tf32":  # the TF32 rung rounds its operands Q, K, V and P; S and O are fp32 sums
+        Q = (round_to(exact[0].astype(cupy.float32), element) * cupy.float32(pb.scale)).reshape(B, Hkv, g * Nq, d)
+        K, V = (round_to(x.astype(cupy.float32), element) for x in exact[1:])
+    else:
+        Q = round_to((exact[0] * pb.scale).astype(cupy.float32), element).reshape(B, Hkv, g * Nq, d)
+        K, V = (x.astype(cupy.float32) for x in exact[1:])
+    S = cupy.matmul(Q, K.transpose(0, 1, 3, 2))
+    S = (S if element == "tf32" else round_to(S, element)).reshape(B, Hkv, g, Nq, Nk)
     vis = visibility(pb, cupy)
     if vis is not None:
         S = cupy.where(vis, S, -cupy.inf)
@@ -130,7 +145,8 @@ def reference_lowp(exact, case, element):
     E = cupy.exp(S - m)
     l = E.sum(axis=-1, keepdims=True)
     P = round_to(E / cupy.where(l > 0, l, 1), element)
-    O = round_to(cupy.matmul(P.reshape(B, Hkv, g * Nq, Nk), V), element)
+    O = cupy.matmul(P.reshape(B, Hkv, g * Nq, Nk), V)
+    O = O if element == "tf32" else round_to(O, element)
     seen = l[..., 0] > 0
     lse = cupy.where(seen, m[..., 0] + cupy.log(cupy.where(seen, l[..., 0], 1)), -cupy.inf)
     return O.reshape(B, Hkv * g, Nq, d).astype(cupy.float64), lse.reshape(B, Hkv * g, Nq).astype(cupy.float64)
@@ -154,8 +170,9 @@ def _first_mismatches(O, ref, tol, k=3):
                      for idx in bad)
 
 
-def compare(O, lse, exact, case, element, lowp=None) -> dict:
-    """Errors of (O, lse) against the float64 oracle and whether they meet the criteria."""
+def compare(O, lse, exact, case, element, lowp=None, precision="exact") -> dict:
+    """Errors of (O, lse) against the float64 oracle and whether they meet the criteria (`precision`: the
+    rung's, "tf32" holds float32 output to the TF32 reference)."""
     import cupy
 
     O64, lse64 = reference64(exact, case)
@@ -166,17 +183,17 @@ def compare(O, lse, exact, case, element, lowp=None) -> dict:
     empty_rows_zero = bool((cupy.where(cupy.isneginf(lse64)[..., None], O, 0) == 0).all())
     err = _max_abs_diff(O, O64)
     lse_err = _max_abs_diff(lse, lse64)
-    if element == "f32":
+    if element == "f32" and precision != "tf32":
         scale_o = max(float(cupy.abs(O64).max()), 1e-30)
         fin = lse64[cupy.isfinite(lse64)]
         scale_l = max(1.0, float(cupy.abs(fin).max()) if fin.size else 1.0)
         tol, lse_tol = 1e-5 * scale_o, 1e-5 * scale_l
         crit = "rel 1e-5"
     else:
-        O_lp, lse_lp = lowp if lowp is not None else reference_lowp(exact, case, element)
+        O_lp, lse_lp = lowp if lowp is not None else reference_lowp(exact, case, "tf32" if precision == "tf32" else element)
         tol = 2 * _max_abs_diff(O_lp, O64) + 1e-6
         lse_tol = 2 * _max_abs_diff(lse_lp, lse64) + 1e-6
-        crit = "2x lowp"
+        crit = "2x tf32" if precision == "tf32" else "2x lowp"
     ok = (not nan) and inf_ok and empty_rows_zero and err <= tol and lse_err <= lse_tol
     row = dict(err=err, tol=tol, lse_err=lse_err, lse_tol=lse_tol, nan=nan, inf_pattern_ok=inf_ok,
                empty_rows_zero=empty_rows_zero, criterion=crit, ok=ok)
@@ -207,7 +224,7 @@ def check_rung(rung, case, element, seed=0, block_size=None) -> dict:
     O, lse = poisoned_outputs(Q, element)
     forward(rung, Q, K, V, scale=1.0 / d ** 0.5, window=effective_window(causal, window), element=element,
             block_size=block_size, out=O, lse_out=lse)
-    row = compare(O, lse, exact, case, element)
+    row = compare(O, lse, exact, case, element, precision=_precision(rung))
     row.update(rung=rung, element=element, case=case, block_size=block_size)
     return row
 
@@ -225,26 +242,28 @@ def check_standard(case, element, seed=0) -> dict:
     return row
 
 
-def run_all(verbose=True, seed=0) -> List[dict]:
+def run_all(verbose=True, seed=0, only=None) -> List[dict]:
+    """Every check; `only` (a set of forward rung numbers) limits them to those rungs (rung 1: the standard path)."""
     rows = []
+    picked = {r: e for r, e in ELEMENT_OF.items() if only is None or r in only}
     for ci, case in enumerate(CASES):
-        for element in ("f32", "f16"):
+        for element in ("f32", "f16") if only is None or 1 in only else ():
             rows.append(check_standard(case, element, seed + ci))
-        for rung, elements in ELEMENT_OF.items():
+        for rung, elements in picked.items():
             for element in elements if runs(rung, case) else ():
                 rows.append(check_rung(rung, case, element, seed + ci))
     # every block size a user (or the benchmark's sweep) may force, on two awkward cases
-    for spec in kernels("forward"):
+    for spec in (s for s in kernels("forward") if s.number in picked):
         for case in (c for c in (CASES[2], CASES[5]) if runs(spec.number, c)):
             for bs in spec.allowed(case[5]):
                 rows.append(check_rung(spec.number, case, spec.elements[0], seed + 100, block_size=bs))
     # large scores (|S| up to ~30): the running max must keep every exp() finite
     big = (1, 2, 1, 200, 180, 64, True, None)
-    for rung, elements in ELEMENT_OF.items():
+    for rung, elements in picked.items():
         for element in elements if runs(rung, big) else ():
             rows.append(_check_scaled(rung, big, element, 4.0, seed + 7))
     # the public call on each rung: the same output as the rung, and NaN/Inf in any input caught by default
-    for spec in (s for s in kernels("forward") if runs(s.number, CASES[2])):
+    for spec in (s for s in kernels("forward") if s.number in picked and runs(s.number, CASES[2])):
         element = next(e for e in spec.elements if e != "bf16")  # bf16 reaches the public call from torch only
         try:
             rows.append(check_public(spec.number, CASES[2], element, seed + 11))
@@ -270,9 +289,10 @@ def check_public(rung, case, element, seed=0) -> dict:
     name = rung_row(rung).name
     (Q, K, V), exact = make_inputs(case, element, seed)
     *_, d, causal, window = case
-    O, lse = flashkit.attention(Q, K, V, causal=causal, window=window, backend=name, return_lse=True)
+    precision = _precision(rung)
+    O, lse = flashkit.attention(Q, K, V, causal=causal, window=window, backend=name, return_lse=True, precision=precision)
     O_r, lse_r = forward(rung, Q, K, V, scale=1.0 / d ** 0.5, window=effective_window(causal, window), element=element)
-    row = compare(O, lse, exact, case, element)
+    row = compare(O, lse, exact, case, element, precision=precision)
     same = bool((O == O_r).all()) and bool((lse == lse_r).all())
     caught = {}
     for i, arg in enumerate("qkv"):
@@ -281,7 +301,7 @@ def check_public(rung, case, element, seed=0) -> dict:
         bad.reshape(-1)[bad.size // 2] = cupy.nan
         args[i] = bad
         try:
-            flashkit.attention(*args, causal=causal, window=window, backend=name)
+            flashkit.attention(*args, causal=causal, window=window, backend=name, precision=precision)
             caught[arg] = False
         except ValueError as exc:
             caught[arg] = f"{arg} contains NaN" in str(exc)
@@ -309,7 +329,7 @@ def _check_scaled(rung, case, element, factor, seed):
     O, lse = poisoned_outputs(Q, element)
     forward(rung, Q, K, V, scale=1.0 / d ** 0.5, window=effective_window(causal, window), element=element,
             out=O, lse_out=lse)
-    row = compare(O, lse, exact, case, element)
+    row = compare(O, lse, exact, case, element, precision=_precision(rung))
     row.update(rung=rung, element=element, case=case + (f"Q*{factor}",), block_size=None)
     return row
 
@@ -328,7 +348,7 @@ def print_table(rows):
     print(f"{len(rows) - n_bad}/{len(rows)} checks pass")
 
 
-def sanitize_run():
+def sanitize_run(only=None):
     """One small launch of every rung and element type; run under compute-sanitizer.
 
     CuPy's memory pool hands out pieces of large blocks, so an out-of-bounds access inside the pool
@@ -341,7 +361,7 @@ def sanitize_run():
     cases = ((1, 2, 1, 70, 90, 64, True, None), (1, 2, 2, 128, 128, 32, False, None), (1, 1, 1, 33, 47, 128, False, (8, 4)))
     for case in cases:
         for rung, elements in ELEMENT_OF.items():
-            for element in elements if runs(rung, case) else ():
+            for element in elements if runs(rung, case) and (only is None or rung in only) else ():
                 rows.append(check_rung(rung, case, element, 3))
     cupy.cuda.Device().synchronize()
     print_table(rows)
@@ -352,8 +372,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sanitize", action="store_true", help="small launches only (for compute-sanitizer)")
     ap.add_argument("--json", help="write the rows (and NVRTC compile times) to this file")
+    ap.add_argument("--rungs", help="comma-separated forward rung numbers to check (default: all)")
     args = ap.parse_args(argv)
-    rows = sanitize_run() if args.sanitize else run_all()
+    only = {int(x) for x in args.rungs.split(",")} if args.rungs else None
+    rows = sanitize_run(only) if args.sanitize else run_all(only=only)
     if args.json:
         from flashkit.gpu.flash import COMPILE_SECONDS
 

@@ -12,6 +12,12 @@ fp16, one new token, cache of 32768 tokens; copy bandwidth 3.01 TB/s read + writ
     batch 1: 63.6 us, 2.11 TB/s of K+V (70% of copy); torch flash 89.5 us, cuDNN 88.5 us; unsplit 742 us
     batch 8: 364.5 us, 2.95 TB/s (98% of copy); torch flash 363.2 us, cuDNN 360.7 us
     without PREFETCH: 67.3 us and 396.0 us. Splits sweep at batch 1: 32 splits 61.2 us, auto (49) 63.6 us.
+Measured on an NVIDIA H200 (benchmarks/results/decode-nvidia-h200.json, the same shapes, copy bandwidth 4.2
+TB/s; CUDA events):
+    batch 1: 51.0 us (2.63 TB/s of K+V); torch flash 78.6 us, cuDNN 68.0 us (1.33x ahead of cuDNN)
+    batch 8: 263.0 us (4.08 TB/s, 96% of copy); torch flash 286.1 us, cuDNN 249.7 us (0.95x cuDNN: the goal,
+      >= 1.0x, is not met; an earlier run of the same code: 259.0 against 242.2, 0.94x). Splits sweep: auto
+      (6: one wave) is the best of 6, 8, 16, 32 ... 256; the .L2::256B load hint (L2_HINT) 279.5 us, slower.
 
 Supported: float16 and float32; head size d in {64, 128, 256} (float16) or {64, 128} (float32);
 any GQA group and few query rows (the rows of a group are cut into blocks of at most 8).
@@ -26,6 +32,7 @@ import numpy as np
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_splitk.cu"
 THREADS = 128
+L2_HINT = False  # loads with the .L2::256B prefetch hint (kernels/decode_splitk.cu, DECODE_L2_256B): measured, not the default
 HEAD_DIMS = {"float16": (64, 128, 256), "float32": (64, 128)}
 
 
@@ -37,22 +44,22 @@ def _rows_per_block(R: int) -> int:
     return 8
 
 
-def _kernels(dtype_name: str, D: int, rows: int, prefetch: bool = True):
-    """(decode_splitk, decode_merge) compiled for one (dtype, D, ROWS, PREFETCH); cached per process
-    (and on disk by CuPy)."""
-    return _compile(dtype_name, D, rows, bool(prefetch))
+def _kernels(dtype_name: str, D: int, rows: int, prefetch: bool = True, l2_hint: bool = None):
+    """(decode_splitk, decode_merge) compiled for one (dtype, D, ROWS, PREFETCH, L2 hint); cached per
+    process (and on disk by CuPy)."""
+    return _compile(dtype_name, D, rows, bool(prefetch), L2_HINT if l2_hint is None else bool(l2_hint))
 
 
 @functools.cache
-def _compile(dtype_name: str, D: int, rows: int, prefetch: bool):
+def _compile(dtype_name: str, D: int, rows: int, prefetch: bool, l2_hint: bool = False):
     import cupy
 
     T = "__half" if dtype_name == "float16" else "float"
     U = 4 if rows <= 4 else 2  # keys in flight per lane; 8 rows x 4 keys would exceed the registers
     split_name = f"decode_splitk<{T}, {D}, {rows}, {U}, {'true' if prefetch else 'false'}>"
     merge_name = f"decode_merge<{T}>"
-    module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
-                            name_expressions=(split_name, merge_name))
+    options = ("-std=c++17",) + (("-DDECODE_L2_256B",) if l2_hint else ())
+    module = cupy.RawModule(code=SOURCE.read_text(), options=options, name_expressions=(split_name, merge_name))
     return module.get_function(split_name), module.get_function(merge_name)
 
 
@@ -118,10 +125,11 @@ def auto_splits(problem, prefetch: bool = True) -> int:
     return max(1, min(want, math.ceil(max(problem.n_keys, 1) / 128)))
 
 
-def prepare(problem, splits: int, prefetch: bool = True):
+def prepare(problem, splits: int, prefetch: bool = True, l2_hint: bool = None):
     """A callable running one decoding step of `problem` (a flashkit.problem.DecodeProblem with CuPy
     arrays) with `splits` chunks; it returns (O (B, Hq, Nq, d) of Q's dtype, lse (B, Hq, Nq) float32).
-    prefetch: the kernel variant that issues the loads of step t + 1 before the arithmetic of step t."""
+    prefetch: the kernel variant that issues the loads of step t + 1 before the arithmetic of step t;
+    l2_hint: loads with the .L2::256B hint (default L2_HINT)."""
     import cupy
 
     Q, K, V = problem.Q, problem.K, problem.V
@@ -130,7 +138,7 @@ def prepare(problem, splits: int, prefetch: bool = True):
     Hkv, Nmax = K.shape[1], K.shape[2]
     check_supported(Q, K, V)
     rows, row_groups = _layout(Q, K)
-    split_kernel, merge_kernel = _kernels(name, D, rows, prefetch)
+    split_kernel, merge_kernel = _kernels(name, D, rows, prefetch, l2_hint)
     n_keys = problem.n_keys
     chunk = max(1, math.ceil(n_keys / splits))
     lo = cupy.asarray(np.ascontiguousarray(problem.lo, dtype=np.int32))

@@ -74,6 +74,9 @@ class Rung:
     arch            the exact compile target when the kernel needs one (e.g. "sm_90a"); None: the device's own
     tensor_maps     whether the kernel takes TMA tensor maps as a last argument (flashkit.gpu.tma): of Q, K, V for
                     a forward, of Q, K, V, dO for a backward (its main kernel)
+    precision       "exact": the dtype's own arithmetic; "tf32": float32 inputs rounded to TF32 for the
+                    tensor cores (opt-in only, flashkit.attention(..., precision="tf32"); lowest priority,
+                    so "auto" never picks it otherwise; flashkit.gpu.check holds it to a TF32 reference)
     """
 
     number: int
@@ -98,6 +101,7 @@ class Rung:
     defines_bc: bool = True
     arch: Optional[str] = None
     tensor_maps: bool = False
+    precision: str = "exact"
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -224,7 +228,8 @@ RUNGS = (
     # Q_s [Br][d] + K_s, V_s [2 stages][Bc][d], 16-bit, 128-byte swizzled, + 9 mbarriers + 1024 bytes to align
     # the base; Br / 64 consumer warpgroups + 1 producer warpgroup. sm_90a only (wgmma, setmaxnreg). Priority above
     # rung 6: checked correct and 1.41-1.77x rung 6 in all eight cells on an H200 (rung7-h200.json). Defaults
-    # 128 x 128; 192 x 128 measured 7-12% faster (fp16 non-causal only) and spills 100 bytes at d = 128.
+    # 128 x 128; 192 x 128 (spills 100 bytes at d = 128) timed in all eight cells (fwd-issue11-h200.json): +3% to
+    # +12% in six, -7% / -1% at d = 128 causal; not a default until flashkit.gpu.check has run it on every shape.
     Rung(
         7, "cupy-wgmma",
         "Hopper: wgmma from shared memory, TMA + mbarrier pipeline, producer/consumer warpgroups (kernels/7_wgmma.cu)",
@@ -235,6 +240,19 @@ RUNGS = (
         threads=lambda Br, Bc: 128 * (Br // 64 + 1),
         smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 9 + 1024,
         arch="sm_90a", tensor_maps=True,
+    ),
+    # K_s, V_s [2 stages][Bc][d+4], fp32; 4 warps x 16 rows fix Br = 64. Default Bc = 32 at d = 128 (204 registers,
+    # 67.6 KB: two blocks per SM; Bc = 64 takes 223 registers and 135 KB, one block per SM); not swept yet.
+    # H200: 91-96 TFLOP/s, 2.1-2.7x torch efficient, max rel error 2.7e-4 - 6.3e-4 (fwd-issue11-h200.json).
+    Rung(
+        8, "cupy-tf32",
+        "CUDA fp32 inputs as TF32 on tensor cores, mma.sync m16n8k8 (opt-in: precision='tf32'; kernels/8_tf32_mma.cu)",
+        dtypes=("float32",), peer="efficient", priority=1, source="8_tf32_mma.cu", probe=PROBE_TENSOR_CORES,
+        default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 32)},
+        allowed_blocks=((64, 32), (64, 64)),
+        threads=lambda Br, Bc: 128,
+        smem=lambda d, Br, Bc: 4 * 2 * 2 * Bc * (d + 4),
+        defines_br=False, precision="tf32",
     ),
     # ---- the backward ladder (FlashAttention-2's Algorithm 2; flashkit/gpu/backward.py launches it) ----------
     # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32.

@@ -16,6 +16,17 @@
 // Measured (gpu-h100-80gb-hbm3.json; N=4096 d=64 dtype=float32 causal=True): 34.2 TFLOP/s, 1.04x torch-efficient
 // Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=False): 33.6 TFLOP/s, 0.72x torch-efficient
 // Measured (gpu-h100-80gb-hbm3.json; N=4096 d=128 dtype=float32 causal=True): 31.3 TFLOP/s, 0.70x torch-efficient
+// On an NVIDIA H200 (same shapes; fp32 GEMM ceiling 50.6 TFLOP/s in the same run):
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=float32 causal=False): 36.2 TFLOP/s, 1.02x torch-efficient
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=float32 causal=True): 34.4 TFLOP/s, 1.02x torch-efficient
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=float32 causal=False): 32.9 TFLOP/s, 0.72x torch-efficient
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=float32 causal=True): 30.8 TFLOP/s, 0.70x torch-efficient
+// Step tried for d = 128 (TX = 16: 8 x 16 threads, 8 rows of S and 2 float4 of O columns per thread; the block
+//   sweep of fwd-issue11-h200.json, non-causal / causal): at 64 x 64 35.6 / 35.0 TFLOP/s against the default
+//   64 x 32's 33.2 / 31.1 (+7% / +13%, about 0.78x torch efficient: the goal, 1.0x, is not met); at 64 x 32 it
+//   loses (30.1 / 29.1); at d = 64 its best block loses 2-3% to the default. Not the default: not yet through
+//   flashkit.gpu.check (its first timing run ended in an illegal address, most likely because P_s's pitch then
+//   grew with TX while rungs.py's shared-memory size did not; fixed: the pitch is Bc + 8 for any TX).
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
 
@@ -26,14 +37,20 @@
 #ifndef BC
 #define BC 64     // keys per tile = 8 thread-columns x TN (set by the loader: 32 or 64)
 #endif
-#define BR 64     // query rows per block = 16 thread-rows x TM
-#define TM 4      // query rows per thread
-#define TN (BC / 8)  // keys per thread in S
-#define NT 128    // threads per block (16 x 8)
-#define DV (D / 32)  // float4 groups of O_i columns per thread: columns tx*4 + 32*c
+#define BR 64     // query rows per block = TY thread-rows x TM
+#define NT 128    // threads per block (TY x TX)
+#ifndef TX
+#define TX 8      // threads per row group (8: a 16 x 8 thread grid; 16: 8 x 16, twice the rows per thread)
+#endif
+#define TY (NT / TX)      // thread rows
+#define TM (BR / TY)      // query rows per thread: rows ty + TY*a
+#define TN (BC / TX)      // keys per thread in S: keys tx + TX*n
+#define DV (D / (4 * TX)) // float4 groups of O_i columns per thread: columns tx*4 + 4*TX*c
+static_assert(D % (4 * TX) == 0 && BC % TX == 0, "TX must divide d / 4 and Bc");
 #define LDQ (D + 4)  // Q_s / KV_s row pitch in floats: 16-byte aligned, and 8 consecutive rows start in
                      // 8 different 16-byte bank groups, so a warp's float4 loads are conflict-free
-#define LDP (BC + 8) // P_s row pitch: rows ty..ty+3 of one warp land 8 banks apart (no store conflicts)
+#define LDP (BC + 8)  // P_s row pitch (rungs.py's shared-memory size): rows ty..ty+3 of one warp land 8 banks
+                     // apart (TX = 8: no store conflicts; TX = 16: two rows per warp, 8 banks shared)
 
 #include "common.cuh"
 
@@ -57,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     float(*KV_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem + BR * LDQ);
     float(*P_s)[LDP] = reinterpret_cast<float(*)[LDP]>(smem + (BR + BC) * LDQ);
 
-    const int tid = threadIdx.x, ty = tid >> 3, tx = tid & 7;  // the 8 threads of a row group share a warp
+    const int tid = threadIdx.x, ty = tid / TX, tx = tid % TX;  // the TX threads of a row group share a warp
     const int i0 = blockIdx.x * BR, hq = blockIdx.y, b = blockIdx.z;
     const int hkv = hq / (Hq / Hkv);
     const int offset = Nk - Nq;
@@ -70,15 +87,15 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     int lo[TM], hi[TM];
 #pragma unroll
     for (int a = 0; a < TM; ++a) {
-        lo[a] = row_lo(i0 + ty + 16 * a, offset, left);
-        hi[a] = row_hi(i0 + ty + 16 * a, offset, right, Nk);
+        lo[a] = row_lo(i0 + ty + TY * a, offset, left);
+        hi[a] = row_hi(i0 + ty + TY * a, offset, right, Nk);
     }
     const int i_last = min(i0 + BR, Nq) - 1;
     const int kv_begin = row_lo(i0, offset, left), kv_end = row_hi(i_last, offset, right, Nk);
     const int full_lo = row_lo(i_last, offset, left), full_hi = row_hi(i0, offset, right, Nk);
 
-    float m[TM], l[TM];  // m_i (log2 units) per row; l is this thread's partial row sum (its 8 keys of each tile)
-    float o[TM][DV][4];  // O_i block: rows ty + 16a, columns tx*4 + 32c + e
+    float m[TM], l[TM];  // m_i (log2 units) per row; l is this thread's partial row sum (its TN keys of each tile)
+    float o[TM][DV][4];  // O_i block: rows ty + TY a, columns tx*4 + 4 TX c + e
 #pragma unroll
     for (int a = 0; a < TM; ++a) {
         m[a] = -INFINITY, l[a] = 0.f;
@@ -103,9 +120,9 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
         for (int k = 0; k < D; k += 4) {
             float4 q[TM], kk[TN];
 #pragma unroll
-            for (int a = 0; a < TM; ++a) q[a] = *reinterpret_cast<const float4*>(&Q_s[ty + 16 * a][k]);
+            for (int a = 0; a < TM; ++a) q[a] = *reinterpret_cast<const float4*>(&Q_s[ty + TY * a][k]);
 #pragma unroll
-            for (int n = 0; n < TN; ++n) kk[n] = *reinterpret_cast<const float4*>(&KV_s[tx + 8 * n][k]);
+            for (int n = 0; n < TN; ++n) kk[n] = *reinterpret_cast<const float4*>(&KV_s[tx + TX * n][k]);
 #pragma unroll
             for (int a = 0; a < TM; ++a)
 #pragma unroll
@@ -123,24 +140,23 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
         for (int a = 0; a < TM; ++a)
 #pragma unroll
             for (int n = 0; n < TN; ++n) {
-                const int j = j0 + tx + 8 * n;
+                const int j = j0 + tx + TX * n;
                 s[a][n] = (full || (j >= lo[a] && j < hi[a])) ? s[a][n] * scale_log2 : -INFINITY;
             }
 
-        // m_new = max(m_i, rowmax(S_ij)) over the row's 8 threads (lanes differing in bits 0-2)
+        // m_new = max(m_i, rowmax(S_ij)) over the row's TX threads (lanes differing in the low log2(TX) bits)
         // P_ij = exp(S_ij - m_new); l_i = exp(m_i - m_new) l_i + rowsum(P_ij); O_i = exp(m_i - m_new) O_i
 #pragma unroll
         for (int a = 0; a < TM; ++a) {
             float mx = -INFINITY;
 #pragma unroll
             for (int n = 0; n < TN; ++n) mx = fmaxf(mx, s[a][n]);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+#pragma unroll
+            for (int w = 1; w < TX; w <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
             const float m_new = fmaxf(m[a], mx);
             const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // no key seen yet: keep everything 0, no NaN
             const float alpha = fast_exp2(m[a] - m_use);
-            l[a] *= alpha;  // the row sum stays split over 8 threads; they all use the same alpha
+            l[a] *= alpha;  // the row sum stays split over TX threads; they all use the same alpha
 #pragma unroll
             for (int c = 0; c < DV; ++c)
 #pragma unroll
@@ -149,7 +165,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             for (int n = 0; n < TN; ++n) {
                 const float p = fast_exp2(s[a][n] - m_use);
                 l[a] += p;
-                P_s[ty + 16 * a][tx + 8 * n] = p;
+                P_s[ty + TY * a][tx + TX * n] = p;
             }
             m[a] = m_new;
         }
@@ -162,12 +178,12 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
         for (int c4 = 0; c4 < BC; c4 += 4) {
             float4 p[TM];
 #pragma unroll
-            for (int a = 0; a < TM; ++a) p[a] = *reinterpret_cast<const float4*>(&P_s[ty + 16 * a][c4]);
+            for (int a = 0; a < TM; ++a) p[a] = *reinterpret_cast<const float4*>(&P_s[ty + TY * a][c4]);
 #pragma unroll
             for (int cc = 0; cc < 4; ++cc) {
                 float4 v[DV];
 #pragma unroll
-                for (int c = 0; c < DV; ++c) v[c] = *reinterpret_cast<const float4*>(&KV_s[c4 + cc][tx * 4 + 32 * c]);
+                for (int c = 0; c < DV; ++c) v[c] = *reinterpret_cast<const float4*>(&KV_s[c4 + cc][tx * 4 + 4 * TX * c]);
 #pragma unroll
                 for (int a = 0; a < TM; ++a) {
                     const float pa = cc == 0 ? p[a].x : cc == 1 ? p[a].y : cc == 2 ? p[a].z : p[a].w;
@@ -183,20 +199,19 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
         }
     }
 
-    // l_i = sum of the 8 partial sums;  O_i = O_i / l_i;  lse_i = m_i + log(l_i)
+    // l_i = sum of the TX partial sums;  O_i = O_i / l_i;  lse_i = m_i + log(l_i)
 #pragma unroll
     for (int a = 0; a < TM; ++a) {
         float la = l[a];
-        la += __shfl_xor_sync(0xffffffffu, la, 1);
-        la += __shfl_xor_sync(0xffffffffu, la, 2);
-        la += __shfl_xor_sync(0xffffffffu, la, 4);
-        const int i = i0 + ty + 16 * a;
+#pragma unroll
+        for (int w = 1; w < TX; w <<= 1) la += __shfl_xor_sync(0xffffffffu, la, w);
+        const int i = i0 + ty + TY * a;
         if (i < Nq) {
             const float inv_l = (la > 0.f) ? 1.f / la : 0.f;  // a row that saw no key: O = 0
             float* Oi = O + (((long long)b * Hq + hq) * Nq + i) * D;
 #pragma unroll
             for (int c = 0; c < DV; ++c)
-                *reinterpret_cast<float4*>(Oi + tx * 4 + 32 * c) =
+                *reinterpret_cast<float4*>(Oi + tx * 4 + 4 * TX * c) =
                     make_float4(o[a][c][0] * inv_l, o[a][c][1] * inv_l, o[a][c][2] * inv_l, o[a][c][3] * inv_l);
             if (tx == 0)
                 lse[((long long)b * Hq + hq) * Nq + i] = (la > 0.f) ? (m[a] + log2f(la)) * 0.6931471805599453f : -INFINITY;

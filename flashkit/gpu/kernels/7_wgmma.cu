@@ -29,6 +29,14 @@
 //     known (no profile was taken).
 //   Blocks (v3, fp16 non-causal only): 192 x 128 (three consumer warpgroups) 457.2 / 592.8 TFLOP/s, 0.98x / 0.98x
 //     cuDNN, +12% / +7% over 128 x 128; 192 x 64 385.4 / 511.5. Not the default yet: causal and bf16 not timed.
+//   192 x 128 in all eight cells (fwd-issue11-h200.json, rows cupy-wgmma-192x128 beside the default's, one run;
+//     cuDNN's time / the rung's): d = 64 fp16 / bf16 0.97 / 0.98 (128 x 128: 0.87 / 0.88), causal 0.89 / 0.92
+//     (0.86 / 0.83); d = 128 0.92 / 0.91 (0.88 / 0.81), causal 0.84 / 0.83 (0.90 / 0.84). Faster in six cells
+//     (+3% to +12%), slower at d = 128 causal (-7% / -1%: three consumer warpgroups at 160 registers, 100 bytes
+//     spilled). Not the default yet: 192 x 128 has passed flashkit.gpu.check on two shapes in fp16 only
+//     (check-forward-h200.json); at d = 64 it is the better default once the full check passes with it.
+//   The public call (flashkit.attention, NaN/Inf scan included) over this rung alone, same run: 1.025-1.150x
+//     (gpu-overhead-h200.json: 1.05-1.18x with the scan, 1.01-1.12x without it).
 // Expected (written before the first run): well above rung 6's ~300 TFLOP/s.
 // Measured for the default (rung7-h200.json; 1.41-1.77x rung 6 in the same run; the goal, >= 1.0x cuDNN, is not
 //   met: 0.87-0.98x):
@@ -40,6 +48,15 @@
 // Measured (rung7-h200.json; N=4096 d=128 dtype=bfloat16 causal=False): 563.8 TFLOP/s, 0.87x torch-cudnn
 // Measured (rung7-h200.json; N=4096 d=128 dtype=float16 causal=True): 470.1 TFLOP/s, 0.89x torch-cudnn
 // Measured (rung7-h200.json; N=4096 d=128 dtype=bfloat16 causal=True): 482.0 TFLOP/s, 0.98x torch-cudnn
+// The default again, in a later run (fwd-issue11-h200.json; commit 6325270):
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=float16 causal=False): 416.6 TFLOP/s, 0.87x torch-cudnn
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=bfloat16 causal=False): 414.9 TFLOP/s, 0.88x torch-cudnn
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=float16 causal=True): 369.5 TFLOP/s, 0.86x torch-cudnn
+// Measured (fwd-issue11-h200.json; N=4096 d=64 dtype=bfloat16 causal=True): 356.1 TFLOP/s, 0.83x torch-cudnn
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=float16 causal=False): 568.0 TFLOP/s, 0.88x torch-cudnn
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=bfloat16 causal=False): 542.6 TFLOP/s, 0.81x torch-cudnn
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=float16 causal=True): 501.3 TFLOP/s, 0.90x torch-cudnn
+// Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=bfloat16 causal=True): 486.7 TFLOP/s, 0.84x torch-cudnn
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T (unscaled), P = exp2(S * scale_log2 - m_i), m_i, l_i, O_i.
 

@@ -18,6 +18,9 @@
 // PREFETCH = true issues the loads of step t + 1 before the arithmetic of step t (register double
 // buffering: 168 instead of 138 registers for fp16, d = 128, 4 rows; 3 blocks per SM either way).
 // Measured: 364.5 instead of 396.0 us at batch 8, 63.6 instead of 67.3 us at batch 1 (32k cache).
+// On an NVIDIA H200 (decode-nvidia-h200.json): batch 1 51.0 us (cuDNN 68.0), batch 8 263.0 us = 4.08 TB/s
+// (cuDNN 249.7 us, 4.30 TB/s); DECODE_L2_256B (loads with the .L2::256B prefetch hint) 279.5 us at batch 8,
+// 50.4 at batch 1: not the default (flashkit/gpu/decode.py L2_HINT).
 // Scores are kept in base-2 units (q pre-multiplied by scale * log2(e)) so exp() is one exp2f;
 // M is written in natural-log units, like the CPU kernel's m.
 #include <cuda_fp16.h>
@@ -31,7 +34,16 @@ template <typename T> struct Pack;
 template <> struct Pack<__half> {
     static constexpr int VEC = 8;
     typedef uint4 Raw;
-    __device__ __forceinline__ static Raw load(const __half* p) { return *reinterpret_cast<const uint4*>(p); }  // const __restrict__: ld.global.nc
+    __device__ __forceinline__ static Raw load(const __half* p) {
+#ifdef DECODE_L2_256B  // the L2 fetches the 256-byte sector group around each line (a DRAM-efficiency hint)
+        Raw r;
+        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+        return r;
+#else
+        return *reinterpret_cast<const uint4*>(p);  // const __restrict__: ld.global.nc
+#endif
+    }
     __device__ __forceinline__ static Raw zero() { return make_uint4(0u, 0u, 0u, 0u); }
     __device__ __forceinline__ static void to_float(const Raw& r, float* f) {
         const __half2* h = reinterpret_cast<const __half2*>(&r);
@@ -48,7 +60,16 @@ template <> struct Pack<__half> {
 template <> struct Pack<float> {
     static constexpr int VEC = 4;
     typedef float4 Raw;
-    __device__ __forceinline__ static Raw load(const float* p) { return *reinterpret_cast<const float4*>(p); }
+    __device__ __forceinline__ static Raw load(const float* p) {
+#ifdef DECODE_L2_256B
+        Raw r;
+        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.f32 {%0, %1, %2, %3}, [%4];"
+                     : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
+        return r;
+#else
+        return *reinterpret_cast<const float4*>(p);
+#endif
+    }
     __device__ __forceinline__ static Raw zero() { return make_float4(0.f, 0.f, 0.f, 0.f); }
     __device__ __forceinline__ static void to_float(const Raw& r, float* f) {
         f[0] = r.x;
