@@ -227,15 +227,15 @@ RUNGS = (
     ),
     # Q_s [Br][d] + K_s, V_s [2 stages][Bc][d], 16-bit, 128-byte swizzled, + 9 mbarriers + 1024 bytes to align
     # the base; Br / 64 consumer warpgroups + 1 producer warpgroup. sm_90a only (wgmma, setmaxnreg). Priority above
-    # rung 6: checked correct and 1.41-1.77x rung 6 in all eight cells on an H200 (rung7-h200.json). Defaults
-    # 128 x 128; 192 x 128 (spills 100 bytes at d = 128) timed in all eight cells (fwd-issue11-h200.json): +3% to
-    # +12% in six, -7% / -1% at d = 128 causal; not a default until flashkit.gpu.check has run it on every shape.
+    # rung 6: checked correct and 1.41-1.77x rung 6 in all eight cells on an H200 (rung7-h200.json). Defaults:
+    # 192 x 128 at d = 64 (+3% to +12% over 128 x 128 in its four cells, fwd-issue11-h200.json), 128 x 128 at
+    # d = 128 (192 x 128 spills 100 bytes there: +5% / +12% non-causal but -7% / -1% causal).
     Rung(
         7, "cupy-wgmma",
         "Hopper: wgmma from shared memory, TMA + mbarrier pipeline, producer/consumer warpgroups (kernels/7_wgmma.cu)",
         dtypes=("float16", "bfloat16"), peer="cudnn", priority=120, source="7_wgmma.cu", probe=PROBE_HOPPER,
         head_dims=(64, 128),
-        default_blocks={64: (128, 128), 128: (128, 128)},
+        default_blocks={64: (192, 128), 128: (128, 128)},
         allowed_blocks=((64, 64), (64, 128), (128, 64), (128, 128), (192, 64), (192, 128)),
         threads=lambda Br, Bc: 128 * (Br // 64 + 1),
         smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 9 + 1024,

@@ -33,8 +33,8 @@
 //     cuDNN's time / the rung's): d = 64 fp16 / bf16 0.97 / 0.98 (128 x 128: 0.87 / 0.88), causal 0.89 / 0.92
 //     (0.86 / 0.83); d = 128 0.92 / 0.91 (0.88 / 0.81), causal 0.84 / 0.83 (0.90 / 0.84). Faster in six cells
 //     (+3% to +12%), slower at d = 128 causal (-7% / -1%: three consumer warpgroups at 160 registers, 100 bytes
-//     spilled). Not the default yet: 192 x 128 has passed flashkit.gpu.check on two shapes in fp16 only
-//     (check-forward-h200.json); at d = 64 it is the better default once the full check passes with it.
+//     spilled). So the default is 192 x 128 at d = 64 and 128 x 128 at d = 128 (flashkit/gpu/rungs.py), checked by
+//     the full flashkit.gpu.check with these defaults (check-forward-h200.json).
 //   The public call (flashkit.attention, NaN/Inf scan included) over this rung alone, same run: 1.025-1.150x
 //     (gpu-overhead-h200.json: 1.05-1.18x with the scan, 1.01-1.12x without it).
 // Expected (written before the first run): well above rung 6's ~300 TFLOP/s.
