@@ -21,7 +21,7 @@ cp.async into 24 KB of shared memory, meant to fit in what rung 7 leaves free (i
 registers) and so run beside the attention kernel instead of before it. It read at only ~0.3 TB/s (start +
 wait 0.65 ms against 0.12 for this scan) and the public call took 1.32-3.03x the rung alone against this
 scan's 1.00-1.17x: not kept. Each thread of this scan now keeps four 16-byte loads in flight (unrolled);
-measured after that (gpu-overhead-h200.json, N = 4096): start + wait 0.115-0.118 ms for the 201 MB of q, k, v
+measured after that (gpu-overhead-h200-history6.json, N = 4096): start + wait 0.115-0.118 ms for the 201 MB of q, k, v
 (0.12 before), and the public call 1.05-1.18x auto's rung alone; with check_finite=False 1.01-1.12x in that
 run but 0.99-1.06x in the run before, so part of the gap is run-to-run noise. What is left is the scan's own
 GPU time: its blocks take the SMs first (high priority) while the kernel waits, ~50-90 us of a 0.55-1.3 ms

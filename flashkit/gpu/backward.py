@@ -49,7 +49,7 @@ COMPILE_SECONDS: Dict[tuple, float] = {}  # (rung name, d, element, Br, Bc) -> s
 LSE_TOLERANCE = 1e-3  # validate.lse_tolerance(float32): how far a row sum of P may stray from 1
 # The atomics rungs sum P for the lse check on about this many query tiles per head (1 tile in lse_every),
 # all tiles up to that many: summing every tile cost backward rung 2 9% at d = 64 (H200, N = 4096,
-# benchmarks/results/gpu-overhead-h200.json), and a wrong lse is off on every row. The two-kernel rung
+# benchmarks/results/gpu-overhead-h200-history6.json), and a wrong lse is off on every row. The two-kernel rung
 # checks every row (its dQ kernel's sums are free).
 LSE_TILES = 8
 

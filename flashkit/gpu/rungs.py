@@ -313,7 +313,7 @@ RUNGS = (
     # block 128-byte swizzled, 1024-aligned); lse_s, D_s [2][Br], psum_s [2][8][Br] (fp32); 5 mbarriers; + 1024 for
     # the alignment. One (Br, Bc) per d: every product is then 64 x 64 or 64 x 128 per consumer warpgroup (the dQ_i
     # split of kernels/b4_wgmma.cu). Hopper only (wgmma, TMA, setmaxnreg: sm_90a). Priority above b2's: measured
-    # 1.47-1.66x b2 in every cell on the H200 (benchmarks/results/gpu-bwd-h200.json), so "auto" picks it there.
+    # 1.47-1.66x b2 in every cell on the H200 (benchmarks/results/gpu-bwd-h200-history7.json), so "auto" picks it there.
     Rung(
         4, "cupy-bwd-wgmma",
         "CUDA fp16/bf16 backward for Hopper: wgmma, TMA, a producer warp and two consumer warpgroups, dQ by fp32 "

@@ -34,9 +34,9 @@
 //     (0.86 / 0.83); d = 128 0.92 / 0.91 (0.88 / 0.81), causal 0.84 / 0.83 (0.90 / 0.84). Faster in six cells
 //     (+3% to +12%), slower at d = 128 causal (-7% / -1%: three consumer warpgroups at 160 registers, 100 bytes
 //     spilled). So the default is 192 x 128 at d = 64 and 128 x 128 at d = 128 (flashkit/gpu/rungs.py), checked by
-//     the full flashkit.gpu.check with these defaults (check-forward-h200.json).
+//     the full flashkit.gpu.check with these defaults (gpu-session-h200.json: 191/191).
 //   The public call (flashkit.attention, NaN/Inf scan included) over this rung alone, same run: 1.025-1.150x
-//     (gpu-overhead-h200.json: 1.05-1.18x with the scan, 1.01-1.12x without it).
+//     (gpu-overhead-h200-history6.json: 1.05-1.18x with the scan, 1.01-1.12x without it).
 // Expected (written before the first run): well above rung 6's ~300 TFLOP/s.
 // Measured for the default (rung7-h200.json; 1.41-1.77x rung 6 in the same run; the goal, >= 1.0x cuDNN, is not
 //   met: 0.87-0.98x):
@@ -57,6 +57,16 @@
 // Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=bfloat16 causal=False): 542.6 TFLOP/s, 0.81x torch-cudnn
 // Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=float16 causal=True): 501.3 TFLOP/s, 0.90x torch-cudnn
 // Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=bfloat16 causal=True): 486.7 TFLOP/s, 0.84x torch-cudnn
+// The defaults 192 x 128 at d = 64 and 128 x 128 at d = 128 (gpu-h200.json; commit 7957305, benchmarks.gpu_session,
+//   flashkit.gpu.check 191/191): alone 0.85-0.98x cuDNN; the public call 0.73-0.91x (1.07-1.16x the rung alone):
+// Measured (gpu-h200.json; N=4096 d=64 dtype=float16 causal=False): 462.5 TFLOP/s, 0.97x torch-cudnn
+// Measured (gpu-h200.json; N=4096 d=64 dtype=bfloat16 causal=False): 466.6 TFLOP/s, 0.98x torch-cudnn
+// Measured (gpu-h200.json; N=4096 d=64 dtype=float16 causal=True): 383.4 TFLOP/s, 0.90x torch-cudnn
+// Measured (gpu-h200.json; N=4096 d=64 dtype=bfloat16 causal=True): 396.4 TFLOP/s, 0.92x torch-cudnn
+// Measured (gpu-h200.json; N=4096 d=128 dtype=float16 causal=False): 573.1 TFLOP/s, 0.88x torch-cudnn
+// Measured (gpu-h200.json; N=4096 d=128 dtype=bfloat16 causal=False): 570.3 TFLOP/s, 0.85x torch-cudnn
+// Measured (gpu-h200.json; N=4096 d=128 dtype=float16 causal=True): 497.5 TFLOP/s, 0.88x torch-cudnn
+// Measured (gpu-h200.json; N=4096 d=128 dtype=bfloat16 causal=True): 506.7 TFLOP/s, 0.87x torch-cudnn
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T (unscaled), P = exp2(S * scale_log2 - m_i), m_i, l_i, O_i.
 

@@ -21,7 +21,7 @@
 //   kernel 6.33 ms at d = 64, 5.57 with its dQ additions removed, so the atomics cost ~12% there and nothing
 //   measurable at d = 128 (5.76 / 5.79); D and the conversion 0.08 + 0.06 ms. 128 x 128 at d = 64 measured 229.2
 //   (+7% over 64 x 128, fp16 non-causal, block sweep only): the default at d = 64 since 2026-12-02, measured
-//   in all four d = 64 cells then (gpu-bwd-h200.json, commit f30a2a8): 215.1 / 199.9 TFLOP/s fp16 (causal), bf16
+//   in all four d = 64 cells then (gpu-bwd-h200-history7.json, commit f30a2a8): 215.1 / 199.9 TFLOP/s fp16 (causal), bf16
 //   215.5 / 200.4, against 201.6 / 187.0 for 64 x 128 in the previous run (gpu-bwd-h200-history6.json): +7% in each.
 //   ptxas (sm_90): 217 registers at d = 64 (64 x 128), 255 at d = 128, no spills; 128 x 128 at d = 64: 255 registers
 //   and 12 bytes spilled (faster all the same); 93 / 155 KB of shared memory: one 8-warp block per SM.
@@ -33,7 +33,7 @@
 // Measured (gpu-bwd-h200-history3.json; d=128 dtype=float16 causal=True): 209.4 TFLOP/s, 0.90x torch-flash
 // The lse check (bwd_check.cuh, 2026-12-02): each step's rowsum(P) per query goes through a warp reduce-scatter
 //   and shared memory into one fp32 atomic per query; bwd_lse_check tests the sums. Done on every query tile it cost
-//   9% (fp16, d = 64, non-causal, H200, back to back: 6.988 vs 6.409 ms in gpu-overhead-h200.json and -history2.json,
+//   9% (fp16, d = 64, non-causal, H200, back to back: 6.988 vs 6.409 ms in gpu-overhead-h200-history6.json and -history2.json,
 //   before/after in two runs); it now runs on 1 tile in 8 (all tiles up to 8 a head): cost expected ~1%, not yet measured.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,

@@ -23,7 +23,7 @@
 //   16-bit fragments (the reference in the input dtype rounds P the same way); and waiting for a step's dQ_i product
 //   only at the next step (-DDEFER_DQ=1, to add it while S^T and dP^T run) spills 432 / 768 bytes: not run.
 // Measured on an NVIDIA H200 (N = 4096, B*N = 16384, H*d = 2048, 2026-12-02, commit f30a2a8, benchmarks/gpu_backward_hopper.py
-//   --quick; benchmarks/results/gpu-bwd-h200.json): 1.27-1.33x torch's flash backward and 1.47-1.66x b2 in every cell,
+//   --quick; benchmarks/results/gpu-bwd-h200-history7.json): 1.27-1.33x torch's flash backward and 1.47-1.66x b2 in every cell,
 //   0.72-0.82x cuDNN's (the goal of issue 10, >= 1.0x flash, is met; cuDNN is not reached). Through the public call
 //   (flashkit.attention_backward(..., backend="cupy-bwd-wgmma"), validation, NaN/Inf scan and lse check included)
 //   1.11-1.25x flash (the call costs 4-19% over the kernel alone; probably as for b2: the host waits for the lse check,
@@ -35,14 +35,24 @@
 //   (benchmarks/gpu_backward_hopper.py's VARIANTS; the same file, impl cupy-bwd-wgmma-bulkdq). Correctness in the
 //   same run: flashkit.gpu.check_backward 79/79 (this rung, the variant and b2 on the awkward shapes, fp16 and bf16,
 //   the lse check, the public call), compute-sanitizer memcheck 0 errors and racecheck 0 hazards (20/20 launches).
-// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=False): 338.9 TFLOP/s, 1.27x torch-flash
-// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=True): 296.9 TFLOP/s, 1.29x torch-flash
-// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=False): 338.2 TFLOP/s, 1.27x torch-flash
-// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=True): 294.0 TFLOP/s, 1.27x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=False): 376.0 TFLOP/s, 1.30x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=True): 336.6 TFLOP/s, 1.33x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=False): 378.2 TFLOP/s, 1.31x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=True): 334.9 TFLOP/s, 1.32x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=64 dtype=float16 causal=False): 338.9 TFLOP/s, 1.27x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=64 dtype=float16 causal=True): 296.9 TFLOP/s, 1.29x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=64 dtype=bfloat16 causal=False): 338.2 TFLOP/s, 1.27x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=64 dtype=bfloat16 causal=True): 294.0 TFLOP/s, 1.27x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=128 dtype=float16 causal=False): 376.0 TFLOP/s, 1.30x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=128 dtype=float16 causal=True): 336.6 TFLOP/s, 1.33x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=128 dtype=bfloat16 causal=False): 378.2 TFLOP/s, 1.31x torch-flash
+// Measured (gpu-bwd-h200-history7.json; d=128 dtype=bfloat16 causal=True): 334.9 TFLOP/s, 1.32x torch-flash
+// The merged main (commit 7957305, benchmarks.gpu_session, 2026-12-02; check_backward 110/110, sanitizers clean): alone
+//   1.26-1.34x flash, 0.71-0.80x cuDNN; the public call 1.11-1.23x flash (auto 1.11-1.22x):
+// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=False): 336.7 TFLOP/s, 1.26x torch-flash
+// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=False): 337.8 TFLOP/s, 1.26x torch-flash
+// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=True): 300.7 TFLOP/s, 1.31x torch-flash
+// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=True): 294.4 TFLOP/s, 1.28x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=False): 379.8 TFLOP/s, 1.32x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=False): 379.5 TFLOP/s, 1.32x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=True): 334.9 TFLOP/s, 1.32x torch-flash
+// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=True): 340.0 TFLOP/s, 1.34x torch-flash
 // Not tried yet: FA3's overlap of one step's softmax with the next step's products (two S^T / dP^T register sets do
 //   not fit beside dK_j, dV_j at 240 registers), a persistent grid, Bc = 192.
 //
