@@ -89,6 +89,7 @@ def flashkit_calls(N, q, k, v):
         calls[case, "numba every tile"] = lambda b=every: flashkit.attention(q, k, v, block_mask=b, backend="numba")
         if case == "documents":
             dense = bm.dense()  # (N, N) bool, 1 byte a score
+            calls[case, "numba mask= array"] = lambda m=dense: flashkit.attention(q, k, v, mask=m, backend="numba")
             calls[case, "numba-gemm mask= array"] = lambda m=dense: flashkit.attention(q, k, v, mask=m,
                                                                                         backend="numba-gemm")
         else:
@@ -197,6 +198,43 @@ def check_all():
         out.append(dict(case=case, impl=impl, rel_err=err, ok=err <= 1e-5))
         print(f"  check N={N} {case:10s} {impl:24s} rel err {err:.2e} {'ok' if err <= 1e-5 else 'FAIL'}", flush=True)
     return out
+
+
+SWEEP_DOCUMENTS = (1, 2, 4, 8, 16, 32)
+
+
+def sparsity_sweep(N, documents=SWEEP_DOCUMENTS, rounds=3):
+    """Time against the fraction of tiles computed: a document mask of k equal documents (1/k of the
+    tiles visible, each FULL: document edges fall on tile edges) through a block mask, k = 1 (every tile,
+    mask_mod never called) to 32, interleaved rounds, the fastest of each. Time proportional to the
+    visible tiles means t(k) / t(1) = 1/k: `efficiency` = (1/k) / (t(k) / t(1)) stays near 1."""
+    import time
+
+    import flashkit
+    from flashkit import mods
+
+    q, k, v = inputs(N)
+    bms = {}
+    for n_docs in documents:
+        docs = mods.document_mask([N // n_docs] * (n_docs - 1) + [N - (n_docs - 1) * (N // n_docs)])
+        bms[n_docs] = flashkit.block_mask(docs, None, None, N, N, block_size=128, engine="numba")
+    best = {n: float("inf") for n in documents}
+    for bm in bms.values():
+        flashkit.attention(q, k, v, block_mask=bm, backend="numba")  # warm up
+    for _ in range(rounds):
+        for n_docs, bm in bms.items():
+            t0 = time.perf_counter()
+            flashkit.attention(q, k, v, block_mask=bm, backend="numba")
+            best[n_docs] = min(best[n_docs], time.perf_counter() - t0)
+    rows = []
+    for n_docs, bm in bms.items():
+        frac = 1.0 - bm.sparsity
+        ratio = best[n_docs] / best[documents[0]]
+        rows.append(dict(N=N, documents=n_docs, tile_fraction=frac, min_ms=best[n_docs] * 1e3,
+                         time_vs_one_document=ratio, efficiency=frac / ratio))
+        print(f"  sweep N={N} {n_docs:3d} documents: {frac:.4f} of the tiles, {best[n_docs] * 1e3:9.1f} ms, "
+              f"{ratio:.4f} of the time with 1 (efficiency {frac / ratio:.2f})", flush=True)
+    return rows
 
 
 MOD_COST_N, MOD_COST_ROUNDS = 4096, 7
@@ -323,6 +361,7 @@ def run_grid(Ns, with_torch, threads):
         flex = by.get((r["N"], r["case"], "torch-flex block mask" if r["case"] in ("documents", "window") else "torch-flex"))
         if dense:
             r["time_vs_dense_numba"] = r["min_ms"] / dense["min_ms"]
+            r["speedup_vs_dense_numba"] = dense["min_ms"] / r["min_ms"]
         if every and r["impl"] != "numba every tile" and not r["impl"].startswith("torch"):
             r["speedup_vs_every_tile"] = every["min_ms"] / r["min_ms"]
         if flex and not r["impl"].startswith("torch"):
@@ -338,20 +377,24 @@ def show(path):
           f"; load at start {res.get('load_average_at_start')}")
     if res.get("torch_flex_unavailable"):
         print(f"torch FlexAttention: {res['torch_flex_unavailable']}")
-    print("ratios of the fastest runs: t/dense = time / numba dense, x every = speed-up over every tile computed, "
+    print("ratios of the fastest runs: x dense = speed-up over numba with no mask (every tile), x every = speed-up "
+          "over every tile computed with the mask_mod, "
           "t/flex = time / torch FlexAttention")
-    print(f"{'N':>6} {'case':10} {'impl':24} {'median ms':>9} {'min ms':>9} {'GFLOP/s':>8} {'t/dense':>8} {'x every':>8} "
+    print(f"{'N':>6} {'case':10} {'impl':24} {'median ms':>9} {'min ms':>9} {'GFLOP/s':>8} {'x dense':>8} {'x every':>8} "
           f"{'t/flex':>7} {'+MiB':>7}")
     for r in res["results"]:
         def f(key, fmt):
             return format(r[key], fmt) if key in r else ""
         print(f"{r['N']:>6} {r['case']:10} {r['impl']:24} {r['ms']:9.1f} {r['min_ms']:9.1f} {r['gflops']:8.1f} "
-              f"{f('time_vs_dense_numba', '8.2f'):>8} {f('speedup_vs_every_tile', '8.2f'):>8} {f('time_vs_torch_flex', '7.2f'):>7}"
+              f"{f('speedup_vs_dense_numba', '8.2f'):>8} {f('speedup_vs_every_tile', '8.2f'):>8} {f('time_vs_torch_flex', '7.2f'):>7}"
               f" {format(r['extra_peak_bytes'] / 2**20, '7.1f') if r.get('extra_peak_bytes') is not None else '':>7}")
     c = res.get("mod_cost")
     if c:
         print(f"score_mod cost at N={c['N']} ({c['rounds']} interleaved rounds, fastest): no mod {c['min_ms']['none']:.1f} ms, "
               f"identity {c['identity_vs_none']:.3f}x, softcap {c['softcap_vs_none']:.3f}x")
+    for w in res.get("sparsity_sweep", []):
+        print(f"sweep N={w['N']} {w['documents']:3d} documents: {w['tile_fraction']:.4f} of the tiles, "
+              f"{w['min_ms']:9.1f} ms, {w['time_vs_one_document']:.4f} of the time with 1 (efficiency {w['efficiency']:.2f})")
     for b in res.get("block_masks", []):
         extra = f", {b['sparsity']:.1%} of tiles skipped" if "sparsity" in b else f", {b['sparsity_percent']:.1f}% sparse"
         print(f"block mask N={b['N']} {b['case']:10s} {b['impl']:28s} {b['block_mask_ms']:8.1f} ms{extra}")
@@ -393,9 +436,12 @@ def main(argv=None):
     print("what a score_mod costs (interleaved):", flush=True)
     cost = mod_cost(N=min(MOD_COST_N, max(Ns)))
     rows, block_masks, torch_reason = run_grid(Ns, with_torch, args.threads)
+    print("time against the tiles computed (documents through a block mask):", flush=True)
+    sweep = sparsity_sweep(max(Ns), rounds=2 if args.quick else 3)
     result = dict(env, benchmark="benchmarks/cpu_mods.py", shape=dict(B=B, H=H, d=D, dtype="float32"),
                   documents=DOCUMENTS, window=WINDOW, block_size=(128, 128),
                   flops_formula="4*B*H*N*N*d*visible_fraction", checks=checks, mod_cost=cost, results=rows,
+                  sparsity_sweep=sweep,
                   block_masks=block_masks, torch_flex_unavailable=torch_reason,
                   load_average_at_end=provenance.load_average())
     out = args.out or RESULTS / f"cpu-mods-{provenance.machine_slug(env['machine'])}.json"
