@@ -9,14 +9,16 @@ fp32, B = 1, H = 8, d = 64, all cores, flashkit.attention (validation included) 
 up to 5 runs: median and minimum kept, ratios taken between minima (the machines here are shared). Every case is first checked against the float64 reference (numpy-standard
 with the same mods) at N = 512. The cases, each at every N:
 
-  dense                  backend numba, no mod: every tile computed (rung 3)
+  dense                  backend numba, no mod: every tile computed (rung 4; with mods numba runs rung 4 too)
   identity / softcap     a score_mod: mods.identity (the hook alone) and mods.softcap(50.0) (Gemma 2)
   documents              mods.document_mask of 8 equal documents (a block-diagonal mask, 1/8 visible):
                            block mask    flashkit.block_mask(...) made once and passed: empty tiles skipped
                            every tile    the same mask_mod with a BlockMask marking every tile PARTIAL:
                                          what a kernel without block sparsity does (mask_mod everywhere)
-                           mask= array   the (N, N) bool array through rung 3's mask= (its block map skips
-                                         tiles too, but the array is O(N^2) memory and scanned every call)
+                           mask= array   the (N, N) bool array through mask= of numba (rung 4) and of
+                                         numba-gemm (rung 3): their block map skips empty tiles too, so
+                                         this is not a dense computation; the array is O(N^2) memory,
+                                         scanned on every call, and masked score by score on rung 4
                          with the extra peak memory of one call (VmHWM, reset before it) beside each: the
                          block mask's is O(N) (its tiles, (N/128)^2 bytes, and per-task buffers)
   window                 mods.sliding_window(N, N, 256, 0): the same three, the array replaced by rung 3's
@@ -28,6 +30,9 @@ with the same mods) at N = 512. The cases, each at every N:
 
     FLOPs = 4 * B * H * N * N * d * (fraction of scores visible)   (the work that matters; skipped tiles
                                                                     cost nothing, partial ones in full)
+
+Then time against the tiles computed: documents k = 1 .. 32 through a block mask, interleaved
+(`sparsity_sweep`: time proportional to the visible tiles if t(k) / t(1) = 1/k).
 
 Also what a score_mod costs, measured interleaved at N = 4096 (no mod, identity, softcap in turn, the
 fastest of 7 rounds each), and the time to make each block mask (flashkit.block_mask with the compiled classifier, and torch's
