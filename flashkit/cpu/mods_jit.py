@@ -20,10 +20,14 @@ of a micro-tile to a scratch row, calls `mod_micro_tile` (the hooks, compiled pe
 with the user's functions inlined) through a function pointer and reloads them; the kernel itself is
 compiled once per dtype. The library's softcap runs there on whole registers (`softcap_register`: the
 rational tanh of tanh32 with explicit vectors, 16 lanes, where LLVM vectorises the scalar loop 8 wide).
-Measured on the shared 2-core Xeon (one thread, CPU time, fastest of 21-61 interleaved rounds, load
-average 4-5 from other jobs, fp32 B=1 H=8 N=1024-2048 d=64, 2026-12-02): the call itself (a hook that
-does nothing) 1.03-1.07x rung 4's time, identity 1.07-1.15x, softcap 1.08-1.16x; on rung 3, against
-rung 4 without a mod, identity was 1.25-1.42x and softcap 1.56-1.80x.
+Measured on the shared 2-core Xeon (emeraldrapids, load average 4-5 from other jobs, 2026-12-02), fp32:
+  * the hook alone, called 2000 times on one micro-tile (fastest of 30 rounds): over a hook that does
+    nothing, identity 0.075 ns a score, softcap on registers 0.27, softcap through the scalar loop
+    (8 lanes, vdivps) 0.46, 50 * np.tanh(s / 50) (a libm call a score) 10.3;
+  * the kernel, one thread, CPU time, fastest of 21-61 interleaved rounds, B=1 H=8 N=1024-2048 d=64,
+    against rung 4 without mods: a hook that does nothing 1.03-1.07x (the call and the round trip of
+    the scores through memory), identity 1.07-1.17x, softcap 1.08-1.34x: the load moves these by 5-10%;
+    on rung 3, against the same rung 4, identity was 1.25-1.42x and softcap 1.56-1.80x.
 
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
@@ -134,13 +138,28 @@ def _soft_cap(score, cap):
 
 
 @intrinsic
-def _vdiv(typingctx, a, b):
-    """a / b lane by lane (vdivps), for the register form of softcap below."""
+def _vdiv_fast(typingctx, a, b):
+    """a / b lane by lane, for float32 with AVX-512 as a * r, r = vrcp14ps(b) (2^-14 relative) refined by
+    one Newton step r (2 - b r) (about 1 ulp): 3 instructions where vdivps zmm takes 8-10 cycles for 16
+    lanes; elsewhere a plain division."""
     if not (isinstance(a, vec.Vec) and a == b):
         return None
+    rcp14 = a.dtype == types.float32 and a.lanes == 16
 
     def codegen(context, builder, sig, args):
-        return builder.fdiv(args[0], args[1])
+        from llvmlite import ir
+
+        x, y = args
+        if not rcp14:
+            return builder.fdiv(x, y)
+        vt = y.type
+        fn = numba.core.cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vt, [vt, vt, ir.IntType(16)]), "llvm.x86.avx512.rcp14.ps.512")
+        r = builder.call(fn, [y, ir.Constant(vt, None), ir.Constant(ir.IntType(16), -1)])
+        one = ir.Constant(vt, [1.0] * 16)
+        e = builder.fsub(one, builder.fmul(y, r, flags=("contract",)), flags=("contract",))  # 1 - b r: an FMA
+        r = builder.fadd(r, builder.fmul(r, e, flags=("contract",)), flags=("contract",))
+        return builder.fmul(x, r)
 
     return a(a, b), codegen
 
@@ -171,7 +190,7 @@ def softcap_register(s, inv_cap, cap_base2):
                                         vec.splat(p2)), t, vec.splat(p1)), t, vec.splat(p0))
     q = vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(q4), t, vec.splat(q3)), t, vec.splat(q2)), t, vec.splat(q1)),
                 t, vec.splat(q0))
-    return _vdiv(x * p, q) * vec.splat(cap_base2)
+    return _vdiv_fast(x * p, q) * vec.splat(cap_base2)
 
 
 _OVERLOADED = {mods.where, mods.soft_cap}  # library functions Numba knows through an overload: never copied
