@@ -9,14 +9,16 @@ fp32, B = 1, H = 8, d = 64, all cores, flashkit.attention (validation included) 
 up to 5 runs: median and minimum kept, ratios taken between minima (the machines here are shared). Every case is first checked against the float64 reference (numpy-standard
 with the same mods) at N = 512. The cases, each at every N:
 
-  dense                  backend numba, no mod: every tile computed (rung 3)
+  dense                  backend numba, no mod: every tile computed (rung 4; with mods numba runs rung 4 too)
   identity / softcap     a score_mod: mods.identity (the hook alone) and mods.softcap(50.0) (Gemma 2)
   documents              mods.document_mask of 8 equal documents (a block-diagonal mask, 1/8 visible):
                            block mask    flashkit.block_mask(...) made once and passed: empty tiles skipped
                            every tile    the same mask_mod with a BlockMask marking every tile PARTIAL:
                                          what a kernel without block sparsity does (mask_mod everywhere)
-                           mask= array   the (N, N) bool array through rung 3's mask= (its block map skips
-                                         tiles too, but the array is O(N^2) memory and scanned every call)
+                           mask= array   the (N, N) bool array through mask= of numba (rung 4) and of
+                                         numba-gemm (rung 3): their block map skips empty tiles too, so
+                                         this is not a dense computation; the array is O(N^2) memory,
+                                         scanned on every call, and masked score by score on rung 4
                          with the extra peak memory of one call (VmHWM, reset before it) beside each: the
                          block mask's is O(N) (its tiles, (N/128)^2 bytes, and per-task buffers)
   window                 mods.sliding_window(N, N, 256, 0): the same three, the array replaced by rung 3's
@@ -28,6 +30,9 @@ with the same mods) at N = 512. The cases, each at every N:
 
     FLOPs = 4 * B * H * N * N * d * (fraction of scores visible)   (the work that matters; skipped tiles
                                                                     cost nothing, partial ones in full)
+
+Then time against the tiles computed: documents k = 1 .. 32 through a block mask, interleaved
+(`sparsity_sweep`: time proportional to the visible tiles if t(k) / t(1) = 1/k).
 
 Also what a score_mod costs, measured interleaved at N = 4096 (no mod, identity, softcap in turn, the
 fastest of 7 rounds each), and the time to make each block mask (flashkit.block_mask with the compiled classifier, and torch's
@@ -89,6 +94,7 @@ def flashkit_calls(N, q, k, v):
         calls[case, "numba every tile"] = lambda b=every: flashkit.attention(q, k, v, block_mask=b, backend="numba")
         if case == "documents":
             dense = bm.dense()  # (N, N) bool, 1 byte a score
+            calls[case, "numba mask= array"] = lambda m=dense: flashkit.attention(q, k, v, mask=m, backend="numba")
             calls[case, "numba-gemm mask= array"] = lambda m=dense: flashkit.attention(q, k, v, mask=m,
                                                                                         backend="numba-gemm")
         else:
@@ -199,7 +205,44 @@ def check_all():
     return out
 
 
-MOD_COST_N, MOD_COST_ROUNDS = 4096, 7
+SWEEP_DOCUMENTS = (1, 2, 4, 8, 16, 32)
+
+
+def sparsity_sweep(N, documents=SWEEP_DOCUMENTS, rounds=3):
+    """Time against the fraction of tiles computed: a document mask of k equal documents (1/k of the
+    tiles visible, each FULL: document edges fall on tile edges) through a block mask, k = 1 (every tile,
+    mask_mod never called) to 32, interleaved rounds, the fastest of each. Time proportional to the
+    visible tiles means t(k) / t(1) = 1/k: `efficiency` = (1/k) / (t(k) / t(1)) stays near 1."""
+    import time
+
+    import flashkit
+    from flashkit import mods
+
+    q, k, v = inputs(N)
+    bms = {}
+    for n_docs in documents:
+        docs = mods.document_mask([N // n_docs] * (n_docs - 1) + [N - (n_docs - 1) * (N // n_docs)])
+        bms[n_docs] = flashkit.block_mask(docs, None, None, N, N, block_size=128, engine="numba")
+    best = {n: float("inf") for n in documents}
+    for bm in bms.values():
+        flashkit.attention(q, k, v, block_mask=bm, backend="numba")  # warm up
+    for _ in range(rounds):
+        for n_docs, bm in bms.items():
+            t0 = time.perf_counter()
+            flashkit.attention(q, k, v, block_mask=bm, backend="numba")
+            best[n_docs] = min(best[n_docs], time.perf_counter() - t0)
+    rows = []
+    for n_docs, bm in bms.items():
+        frac = 1.0 - bm.sparsity
+        ratio = best[n_docs] / best[documents[0]]
+        rows.append(dict(N=N, documents=n_docs, tile_fraction=frac, min_ms=best[n_docs] * 1e3,
+                         time_vs_one_document=ratio, efficiency=frac / ratio))
+        print(f"  sweep N={N} {n_docs:3d} documents: {frac:.4f} of the tiles, {best[n_docs] * 1e3:9.1f} ms, "
+              f"{ratio:.4f} of the time with 1 (efficiency {frac / ratio:.2f})", flush=True)
+    return rows
+
+
+MOD_COST_N, MOD_COST_ROUNDS = 4096, 11
 
 
 def mod_cost(N=MOD_COST_N, rounds=MOD_COST_ROUNDS):
@@ -214,17 +257,22 @@ def mod_cost(N=MOD_COST_N, rounds=MOD_COST_ROUNDS):
     q, k, v = inputs(N)
     runs = {"none": None, "identity": variants(N)["identity"][0], "softcap": variants(N)["softcap"][0]}
     best = {name: float("inf") for name in runs}
+    cpu = {name: float("inf") for name in runs}  # CPU time of the process, which a neighbour's load disturbs least
     for fn in runs.values():
         flashkit.attention(q, k, v, score_mod=fn, backend="numba")  # compile, warm up
     for _ in range(rounds):
         for name, fn in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             flashkit.attention(q, k, v, score_mod=fn, backend="numba")
             best[name] = min(best[name], time.perf_counter() - t0)
+            cpu[name] = min(cpu[name], time.process_time() - c0)
     out = dict(N=N, rounds=rounds, min_ms={n: t * 1e3 for n, t in best.items()},
-               identity_vs_none=best["identity"] / best["none"], softcap_vs_none=best["softcap"] / best["none"])
+               min_cpu_ms={n: t * 1e3 for n, t in cpu.items()},
+               identity_vs_none=best["identity"] / best["none"], softcap_vs_none=best["softcap"] / best["none"],
+               identity_vs_none_cpu=cpu["identity"] / cpu["none"], softcap_vs_none_cpu=cpu["softcap"] / cpu["none"])
     print(f"  mod cost N={N}, {rounds} interleaved rounds: no mod {out['min_ms']['none']:.1f} ms, identity "
-          f"{out['identity_vs_none']:.3f}x, softcap {out['softcap_vs_none']:.3f}x", flush=True)
+          f"{out['identity_vs_none']:.3f}x, softcap {out['softcap_vs_none']:.3f}x (CPU time: "
+          f"{out['identity_vs_none_cpu']:.3f}x, {out['softcap_vs_none_cpu']:.3f}x)", flush=True)
     return out
 
 
@@ -323,6 +371,7 @@ def run_grid(Ns, with_torch, threads):
         flex = by.get((r["N"], r["case"], "torch-flex block mask" if r["case"] in ("documents", "window") else "torch-flex"))
         if dense:
             r["time_vs_dense_numba"] = r["min_ms"] / dense["min_ms"]
+            r["speedup_vs_dense_numba"] = dense["min_ms"] / r["min_ms"]
         if every and r["impl"] != "numba every tile" and not r["impl"].startswith("torch"):
             r["speedup_vs_every_tile"] = every["min_ms"] / r["min_ms"]
         if flex and not r["impl"].startswith("torch"):
@@ -338,20 +387,26 @@ def show(path):
           f"; load at start {res.get('load_average_at_start')}")
     if res.get("torch_flex_unavailable"):
         print(f"torch FlexAttention: {res['torch_flex_unavailable']}")
-    print("ratios of the fastest runs: t/dense = time / numba dense, x every = speed-up over every tile computed, "
+    print("ratios of the fastest runs: x dense = speed-up over numba with no mask (every tile), x every = speed-up "
+          "over every tile computed with the mask_mod, "
           "t/flex = time / torch FlexAttention")
-    print(f"{'N':>6} {'case':10} {'impl':24} {'median ms':>9} {'min ms':>9} {'GFLOP/s':>8} {'t/dense':>8} {'x every':>8} "
+    print(f"{'N':>6} {'case':10} {'impl':24} {'median ms':>9} {'min ms':>9} {'GFLOP/s':>8} {'x dense':>8} {'x every':>8} "
           f"{'t/flex':>7} {'+MiB':>7}")
     for r in res["results"]:
         def f(key, fmt):
             return format(r[key], fmt) if key in r else ""
         print(f"{r['N']:>6} {r['case']:10} {r['impl']:24} {r['ms']:9.1f} {r['min_ms']:9.1f} {r['gflops']:8.1f} "
-              f"{f('time_vs_dense_numba', '8.2f'):>8} {f('speedup_vs_every_tile', '8.2f'):>8} {f('time_vs_torch_flex', '7.2f'):>7}"
+              f"{f('speedup_vs_dense_numba', '8.2f'):>8} {f('speedup_vs_every_tile', '8.2f'):>8} {f('time_vs_torch_flex', '7.2f'):>7}"
               f" {format(r['extra_peak_bytes'] / 2**20, '7.1f') if r.get('extra_peak_bytes') is not None else '':>7}")
     c = res.get("mod_cost")
     if c:
+        cpu = (f" (CPU time: identity {c['identity_vs_none_cpu']:.3f}x, softcap {c['softcap_vs_none_cpu']:.3f}x)"
+               if "identity_vs_none_cpu" in c else "")
         print(f"score_mod cost at N={c['N']} ({c['rounds']} interleaved rounds, fastest): no mod {c['min_ms']['none']:.1f} ms, "
-              f"identity {c['identity_vs_none']:.3f}x, softcap {c['softcap_vs_none']:.3f}x")
+              f"identity {c['identity_vs_none']:.3f}x, softcap {c['softcap_vs_none']:.3f}x{cpu}")
+    for w in res.get("sparsity_sweep", []):
+        print(f"sweep N={w['N']} {w['documents']:3d} documents: {w['tile_fraction']:.4f} of the tiles, "
+              f"{w['min_ms']:9.1f} ms, {w['time_vs_one_document']:.4f} of the time with 1 (efficiency {w['efficiency']:.2f})")
     for b in res.get("block_masks", []):
         extra = f", {b['sparsity']:.1%} of tiles skipped" if "sparsity" in b else f", {b['sparsity_percent']:.1f}% sparse"
         print(f"block mask N={b['N']} {b['case']:10s} {b['impl']:28s} {b['block_mask_ms']:8.1f} ms{extra}")
@@ -393,9 +448,12 @@ def main(argv=None):
     print("what a score_mod costs (interleaved):", flush=True)
     cost = mod_cost(N=min(MOD_COST_N, max(Ns)))
     rows, block_masks, torch_reason = run_grid(Ns, with_torch, args.threads)
+    print("time against the tiles computed (documents through a block mask):", flush=True)
+    sweep = sparsity_sweep(max(Ns), rounds=2 if args.quick else 3)
     result = dict(env, benchmark="benchmarks/cpu_mods.py", shape=dict(B=B, H=H, d=D, dtype="float32"),
                   documents=DOCUMENTS, window=WINDOW, block_size=(128, 128),
                   flops_formula="4*B*H*N*N*d*visible_fraction", checks=checks, mod_cost=cost, results=rows,
+                  sparsity_sweep=sweep,
                   block_masks=block_masks, torch_flex_unavailable=torch_reason,
                   load_average_at_end=provenance.load_average())
     out = args.out or RESULTS / f"cpu-mods-{provenance.machine_slug(env['machine'])}.json"

@@ -225,6 +225,35 @@ def test_compiled_softcap_is_accurate():
     assert (np.abs(got[small] - want[small]) <= 4e-7 * np.abs(want[small])).all()  # relative, near 0
 
 
+@needs_numba
+def test_register_softcap_is_accurate_and_runs_on_whole_micro_tiles():
+    """mods.softcap on rung 4: whole micro-tiles go through the register form (softcap_register), the
+    edges through the scalar tanh32; both against float64, over scores that saturate the tanh."""
+    import numba
+
+    from flashkit.cpu import mods_jit, vec
+
+    @numba.njit
+    def apply(x, out, inv_cap, cap_base2):
+        for i in range(0, x.shape[0], vec.lanes(x)):
+            vec.store(out, i, mods_jit.softcap_register(vec.load(x, i), inv_cap, cap_base2))
+
+    cap = 3.0
+    x = np.linspace(-40, 40, 64 * 1024, dtype=np.float32)
+    out = np.empty_like(x)
+    apply(x, out, np.float32(1 / cap), np.float32(cap * mods_jit.LOG2E))
+    want = cap * np.tanh(x.astype(np.float64) / cap) * mods_jit.LOG2E
+    assert np.abs(out - want).max() <= cap * mods_jit.LOG2E * 4e-7
+    rng, seed = seeded_rng("register softcap")
+    q, k, v = random_qkv(rng, 1, 2, 1, 70, 100, 16)
+    q = q * 6  # scores up to ~60: tanh(score / 3) saturates
+    o, lse = flashkit.attention(q, k, v, score_mod=mods.softcap(cap), backend="numba", block_size=(16, 64),
+                                return_lse=True)
+    assert_matches(o, lse, *dense_oracle(q, k, v, mods.softcap(cap)), rtol=1e-5, what=f"seed={seed}")
+    asm = mods_jit.micro_tile_asm(mods.softcap(cap))
+    assert "vfmadd" in asm and ("vdivps" in asm or "vrcp" in asm)  # a vector tanh, no libm call
+
+
 def test_reads_batch_head():
     assert blockmask.reads_batch_head(mods.causal(4, 4)) == (False, False)
     assert blockmask.reads_batch_head(per_head_window) == (False, True)
@@ -324,6 +353,11 @@ def test_numba_skips_the_empty_tiles():
     want = np.minimum(bm.plane(), masks.block_map(100, 100, 10, 10, (-1, 0)))
     assert tiles.sum() == 2 * (want != masks.SKIP).sum(), f"seed={seed}"  # two heads
     assert_matches(O, lse, *dense_oracle(q, k, v, None, docs, causal=True), what=f"seed={seed}")
+    from flashkit.cpu import mods_jit  # rung 4 with the hooks: the same tiles
+
+    O, lse, tiles = mods_jit.run_fused(problem, stats=True)
+    assert tiles.sum() == 2 * (want != masks.SKIP).sum(), f"seed={seed}"
+    assert_matches(O, lse, *dense_oracle(q, k, v, None, docs, causal=True), what=f"rung 4 seed={seed}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
     rung 4  numba-fused     no BLAS: packed K/V panels, an 8 x 2-register micro-kernel with the softmax
                             fused on it (lazy max), written with explicit vectors (vec.py)  rung4_fused.py
     numba                   the highest rung that can run here (rung 4); the backward: the highest rung
-                            with one (rung 3); with a score_mod / mask_mod / block_mask, numba-mods
+                            with one (rung 3); with a score_mod / mask_mod / block_mask, rung 4 with the
+                            hooks on its micro-tiles (mods_jit.run_fused), rung 3's for the backward
     numba-mods              rung 3 with FlexAttention's hooks: the user's score_mod and mask_mod compiled
                             by Numba into rung 3's tile step (rung3_gemm.online_softmax_tile; mods_jit.py
                             compiles them), empty tiles of the BlockMask skipped; forward and backward
@@ -111,14 +112,14 @@ def run_fastest_backward(problem):
 
 
 def run_fastest(problem):
-    """The "numba" backend: the highest rung that can run here (rung 4, which needs only Numba);
-    numba-mods when the problem has a score_mod or mask_mod."""
+    """The "numba" backend: the highest rung that can run here (rung 4, which needs only Numba); with a
+    score_mod or mask_mod, rung 4 with the mods' hooks (mods_jit.run_fused)."""
     if problem.has_mods:
         reason = _probe_gemm()
         if reason is not None:
             raise RuntimeError(f"score_mod / mask_mod on the CPU need backend 'numba-mods', which cannot run here: "
                                f"{reason}; backend='numpy-tiled' takes them without Numba")
-        return importlib.import_module("flashkit.cpu.rung3_gemm").run(problem)
+        return importlib.import_module("flashkit.cpu.mods_jit").run_fused(problem)  # rung 4 with the hooks
     return available_rungs()[-1].load().run(problem)
 
 

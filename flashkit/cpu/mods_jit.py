@@ -14,6 +14,21 @@ pieces, so that a new mod costs a fraction of a second to compile instead of a w
                             numba.types.FunctionType) and calls it once per tile. Rung 3 without mods
                             is the same kernel with the tile step compiled with identity hooks.
 
+Rung 4 (numba-fused, the fastest forward; what backend "numba" runs with mods) takes them the same way,
+per micro-tile of 8 rows x 2 registers (256 float32 scores with AVX-512): its kernel stores the scores
+of a micro-tile to a scratch row, calls `mod_micro_tile` (the hooks, compiled per mod as a C callback
+with the user's functions inlined) through a function pointer and reloads them; the kernel itself is
+compiled once per dtype. The library's softcap runs there on whole registers (`softcap_register`: the
+rational tanh of tanh32 with explicit vectors, 16 lanes, where LLVM vectorises the scalar loop 8 wide).
+Measured on the shared 2-core Xeon (emeraldrapids, load average 4-5 from other jobs, 2026-12-02), fp32:
+  * the hook alone, called 2000 times on one micro-tile (fastest of 30 rounds): over a hook that does
+    nothing, identity 0.075 ns a score, softcap on registers 0.27, softcap through the scalar loop
+    (8 lanes, vdivps) 0.46, 50 * np.tanh(s / 50) (a libm call a score) 10.3;
+  * the kernel, one thread, CPU time, fastest of 21-61 interleaved rounds, B=1 H=8 N=1024-2048 d=64,
+    against rung 4 without mods: a hook that does nothing 1.03-1.07x (the call and the round trip of
+    the scores through memory), identity 1.07-1.17x, softcap 1.08-1.34x: the load moves these by 5-10%;
+    on rung 3, against the same rung 4, identity was 1.25-1.42x and softcap 1.56-1.80x.
+
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
 
@@ -40,13 +55,12 @@ from contextlib import contextmanager
 import numpy as np
 import numba
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from flashkit import blockmask, mods
-from flashkit.cpu import rung3_gemm
-from flashkit.cpu.common import FASTMATH
+from flashkit.cpu import rung3_gemm, rung4_fused, vec
+from flashkit.cpu.common import FASTMATH, NEG, row_window
 from flashkit.cpu.rung3_gemm import LOG2E, NUMBA_TYPES, OK, RAISED, tile_signature  # noqa: F401
-from flashkit.cpu.simd import fast_exp2
 from flashkit.masks import FULL, PARTIAL, SKIP
 
 
@@ -70,9 +84,17 @@ def _where_of_scalars(condition, x, y):
     return lambda condition, x, y: np.where(condition, x, y)
 
 
-_TANH_TAYLOR = (np.float32(1.0), np.float32(-1 / 3), np.float32(2 / 15), np.float32(-17 / 315),
-                np.float32(62 / 2835))
-_TWO_LOG2E = np.float32(2.0 * LOG2E)
+# tanh(x) = x P(x^2) / Q(x^2) on |x| <= 9, x clamped there (tanh(9) rounds to 1 in float32): P of degree 5,
+# Q of degree 4 in x^2, fitted in float64 for the least largest relative error on [0, 9] (a Lawson-weighted
+# linearised least-squares fit, `tools/fit_tanh32.py`; design error 1.3e-9). Evaluated in float32 with
+# FMAs: 4.5 ulp at most (2.7e-7 relative), measured against float64 on 5e5 points of [-12, 12]
+# (tests/test_mods.py::test_compiled_softcap_is_accurate). No exp, no branch, no libm call: 11 FMAs and
+# one division a score.
+_TANH_P = tuple(np.float32(c) for c in (0.999999998739546, 0.1368083884448083, 0.003869485346348885,
+                                        2.8030819664931693e-05, 3.064122460234438e-08, -1.2245190754793868e-11))
+_TANH_Q = tuple(np.float32(c) for c in (1.0, 0.4701417094165431, 0.027250075266480253, 0.00039406722023153234,
+                                        1.2889990736118155e-06))
+_TANH_CLAMP = np.float32(9.0)
 
 
 def tanh32(x):
@@ -82,23 +104,23 @@ def tanh32(x):
 
 
 # error_model "numpy": a float division without the ZeroDivisionError test, which would stop LLVM from
-# vectorising the loop (measured: 5 ns a score scalar, 0.4 vectorised); 1 + e >= 1 is never 0.
+# vectorising the loop (measured: 5 ns a score scalar, 0.4 vectorised); Q(x^2) >= 1 is never 0.
 @overload(tanh32, jit_options={"fastmath": {"contract", "nsz"}, "error_model": "numpy"})
 def _tanh32_impl(x):
-    """(1 - e) / (1 + e) with e = 2^(-2|x| log2 e) from rung 3's exp2 polynomial; below |x| = 1/4, where
-    1 - e cancels, the Taylor series to x^9 (the next term is 2e-9 there). Both computed, one selected:
-    no branch. An overload, not an njit function: it compiles into its caller, where LLVM can inline it."""
-    c0, c1, c2, c3, c4 = _TANH_TAYLOR
-    one, quarter, zero, two_log2e = np.float32(1), np.float32(0.25), np.float32(0), _TWO_LOG2E
+    """The rational function above. An overload, not an njit function: it compiles into its caller,
+    where LLVM can inline and vectorise it. (Before: (1 - e) / (1 + e) with e = 2^(-2|x| log2 e) from the
+    exp2 polynomial and a Taylor series near 0, 2.8 ulp but 2.2x the time: 0.92 ns a score against 0.42
+    in a vectorised loop of the hook's shape, one core, 2026-12-02.)"""
+    p0, p1, p2, p3, p4, p5 = _TANH_P
+    q0, q1, q2, q3, q4 = _TANH_Q
+    clamp = _TANH_CLAMP
 
     def impl(x):
-        a = abs(x)
-        e = fast_exp2(-a * two_log2e)  # in (0, 1]
-        big = (one - e) / (one + e)
-        x2 = a * a
-        small = a * (c0 + x2 * (c1 + x2 * (c2 + x2 * (c3 + x2 * c4))))
-        t = small if a < quarter else big
-        return t if x >= zero else -t
+        x = min(max(x, -clamp), clamp)
+        t = x * x
+        p = p0 + t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5))))
+        q = q0 + t * (q1 + t * (q2 + t * (q3 + t * q4)))
+        return x * p / q
 
     return impl
 
@@ -113,6 +135,62 @@ def _soft_cap(score, cap):
             return c * tanh32(score * (np.float32(1) / c))  # a multiply per score: LLVM hoists 1 / c
         return soft_cap32
     return lambda score, cap: cap * np.tanh(score / cap)
+
+
+@intrinsic
+def _vdiv_fast(typingctx, a, b):
+    """a / b lane by lane, for float32 with AVX-512 as a * r, r = vrcp14ps(b) (2^-14 relative) refined by
+    one Newton step r (2 - b r) (about 1 ulp): 3 instructions where vdivps zmm takes 8-10 cycles for 16
+    lanes; elsewhere a plain division."""
+    if not (isinstance(a, vec.Vec) and a == b):
+        return None
+    rcp14 = a.dtype == types.float32 and a.lanes == 16
+
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+
+        x, y = args
+        if not rcp14:
+            return builder.fdiv(x, y)
+        vt = y.type
+        fn = numba.core.cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vt, [vt, vt, ir.IntType(16)]), "llvm.x86.avx512.rcp14.ps.512")
+        r = builder.call(fn, [y, ir.Constant(vt, None), ir.Constant(ir.IntType(16), -1)])
+        one = ir.Constant(vt, [1.0] * 16)
+        e = builder.fsub(one, builder.fmul(y, r, flags=("contract",)), flags=("contract",))  # 1 - b r: an FMA
+        r = builder.fadd(r, builder.fmul(r, e, flags=("contract",)), flags=("contract",))
+        return builder.fmul(x, r)
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def _vmin(typingctx, a, b):
+    """The smaller of a and b, lane by lane (vminps)."""
+    if not (isinstance(a, vec.Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered("<", args[0], args[1]), args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def softcap_register(s, inv_cap, cap_base2):
+    """cap * tanh(s / cap) * log2(e) on a whole register of float32 scores: tanh32's rational function
+    written with explicit vectors (flashkit/cpu/vec.py), so that it runs 16 lanes at a time on AVX-512
+    where LLVM vectorises the scalar loop only 8 wide (its preference on this CPU)."""
+    p0, p1, p2, p3, p4, p5 = _TANH_P
+    q0, q1, q2, q3, q4 = _TANH_Q
+    x = s * vec.splat(inv_cap)
+    x = _vmin(vec.vmax(x, vec.splat(-_TANH_CLAMP)), vec.splat(_TANH_CLAMP))
+    t = x * x
+    p = vec.fma(vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(p5), t, vec.splat(p4)), t, vec.splat(p3)), t,
+                                        vec.splat(p2)), t, vec.splat(p1)), t, vec.splat(p0))
+    q = vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(q4), t, vec.splat(q3)), t, vec.splat(q2)), t, vec.splat(q1)),
+                t, vec.splat(q0))
+    return _vdiv_fast(x * p, q) * vec.splat(cap_base2)
 
 
 _OVERLOADED = {mods.where, mods.soft_cap}  # library functions Numba knows through an overload: never copied
@@ -253,20 +331,30 @@ def _make_guard(inner, n_args):
     return njit(namespace["guarded"])
 
 
-def compile_hooked(function, signature, score_mod, mask_mod, dtype, **extra):
-    """(guarded, inner): `function` (a tile step of rung 3, forward or backward) compiled with the user's
-    score_mod and mask_mod as SCORE_MOD / MASK_MOD (and `extra` globals), for `signature`. inner has
-    boundscheck on, so a captured array read out of its bounds raises IndexError as in Python; guarded
-    turns any exception into RAISED, which the kernel records."""
+def compile_hooked(function, signature, score_mod, mask_mod, dtype, as_callback=False, **extra):
+    """(guarded, inner): `function` (a tile step of rung 3, forward or backward, or rung 4's micro-tile
+    step) compiled with the user's score_mod and mask_mod as SCORE_MOD / MASK_MOD (and `extra` globals),
+    for `signature`. The user's functions have boundscheck on (compiled_mod), so a captured array read
+    out of its bounds raises IndexError as in Python; guarded turns any exception into RAISED, which the
+    kernel records. as_callback: guarded is a C callback (numba.cfunc) with inner inlined into it, as
+    Numba IR: one call, not three, for a step that runs per 256 scores (measured: the chain of calls
+    cost rung 4 about 10% with the identity score_mod)."""
     hooks = dict(SCORE_MOD=rung3_gemm.no_score_mod if score_mod is None else compiled_mod("score_mod", score_mod, dtype),
                  MASK_MOD=rung3_gemm.every_key if mask_mod is None else compiled_mod("mask_mod", mask_mod, dtype),
                  HAS_SCORE_MOD=score_mod is not None, HAS_MASK_MOD=mask_mod is not None, **extra)
-    inner = njit(fastmath=FASTMATH)(hooked(function, **hooks))
-    guarded = _make_guard(inner, len(signature.args))
     try:
         with _quiet_compile():
-            inner.compile(signature)
-            guarded.compile(signature)
+            if as_callback:
+                inner = njit(fastmath=FASTMATH, inline="always")(hooked(function, **hooks))
+                # _nrt=False: no reference counts on the arrays passed in (an atomic increment and decrement
+                # per call and array, on a cache line the threads share for mask=)
+                guarded = numba.cfunc(signature, fastmath=FASTMATH, _nrt=False)(
+                    _make_guard(inner, len(signature.args)).py_func)
+            else:
+                inner = njit(fastmath=FASTMATH)(hooked(function, **hooks))
+                guarded = _make_guard(inner, len(signature.args))
+                inner.compile(signature)
+                guarded.compile(signature)
     except numba.core.errors.NumbaError as err:
         which = " and ".join(f"{k} {blockmask.describe(f)}" for k, f in (("score_mod", score_mod),
                                                                           ("mask_mod", mask_mod)) if f)
@@ -315,6 +403,136 @@ def backward_tile_function(score_mod, mask_mod, dtype):
                                                        mask_mod, dtype, **extra))
     _BACKWARD_TILES.move_to_end(key)
     return _BACKWARD_TILES[key][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rung 4 with the mods: the same hooks on its micro-tile (8 rows x 2 registers of scores)
+# ---------------------------------------------------------------------------------------------
+SCORE_MOD, MASK_MOD = rung3_gemm.no_score_mod, rung3_gemm.every_key  # replaced in each compiled copy
+HAS_SCORE_MOD, HAS_MASK_MOD = False, False
+SOFTCAP = 0.0  # the cap of mods.softcap as score_mod (float32): its whole micro-tiles in registers
+
+
+def mod_micro_tile(Sb, b, h, q0, key0, nr_left, nc_left, partial, Nq, Nk, left, right, mask, has_mask, mb, mh):
+    """The hooks of rung 4 (rung4_fused.forward_kernel calls this through a function pointer): Sb holds
+    the MR x NR scores of rows q0.., keys key0.. (natural units with a score_mod, which this converts to
+    base 2). A whole micro-tile of a tile that is not PARTIAL: score_mod on every score, no test per
+    score (LLVM vectorises the loop). Else each score is first checked: hidden by the window, mask=, the
+    tile's edge (r >= nr_left, c >= nc_left) or mask_mod -> NEG, never asked to score_mod (as in rung 3)."""
+    MR = rung4_fused.MR
+    NR = Sb.shape[0] // MR
+    neg = Sb.dtype.type(NEG)
+    inf = Sb.dtype.type(np.inf)
+    to_base2 = Sb.dtype.type(LOG2E)
+    if SOFTCAP > 0 and not partial and nr_left >= MR and nc_left >= NR:  # the library's softcap, float32
+        inv_cap, cap_base2 = Sb.dtype.type(1.0 / SOFTCAP), Sb.dtype.type(SOFTCAP * LOG2E)
+        for i in range(0, MR * NR, vec.lanes(Sb)):
+            vec.store(Sb, i, softcap_register(vec.load(Sb, i), inv_cap, cap_base2))
+        return OK
+    if HAS_SCORE_MOD and not partial and nr_left >= MR and nc_left >= NR:
+        for r in range(MR):
+            q_idx = q0 + r
+            for c in range(NR):
+                # -inf from score_mod stays -inf: rung 4's exp2 gives 0 for it, its lazy max never moves to
+                # it. NaN becomes +inf, which makes the row's m_ref +inf and its output NaN (see run_fused).
+                t = SCORE_MOD(Sb[r * NR + c], b, h, q_idx, key0 + c) * to_base2
+                Sb[r * NR + c] = t if t == t else inf
+        return OK
+    if not HAS_SCORE_MOD and not has_mask and nr_left >= MR and nc_left >= NR:
+        for r in range(MR):  # mask_mod alone on a whole micro-tile: no branch per score (it is defined
+            q_idx = q0 + r   # at every position of the tile), so LLVM vectorises the loop
+            lo, hi = row_window(q_idx, Nq, Nk, left, right)
+            for c in range(NR):
+                kv_idx = key0 + c
+                keep = (kv_idx >= lo) & (kv_idx < hi) & MASK_MOD(b, h, q_idx, kv_idx)
+                Sb[r * NR + c] = Sb[r * NR + c] if keep else neg
+        return OK
+    for r in range(MR):
+        q_idx = q0 + r
+        lo, hi = row_window(q_idx, Nq, Nk, left, right)
+        for c in range(NR):
+            kv_idx = key0 + c
+            if r >= nr_left or c >= nc_left or kv_idx < lo or kv_idx >= hi or (has_mask and not mask[mb, mh, q_idx, kv_idx]):
+                Sb[r * NR + c] = neg
+            elif HAS_MASK_MOD and partial and not MASK_MOD(b, h, q_idx, kv_idx):
+                Sb[r * NR + c] = neg
+            elif HAS_SCORE_MOD:
+                t = SCORE_MOD(Sb[r * NR + c], b, h, q_idx, kv_idx) * to_base2
+                Sb[r * NR + c] = t if t == t else inf
+    return OK
+
+
+def micro_tile_signature(dtype):
+    """int64 mod_micro_tile(Sb, b, h, q0, key0, nr_left, nc_left, partial, Nq, Nk, left, right, mask,
+    has_mask, mb, mh): what rung 4's kernel passes (mask as a read-only view, see run_fused)."""
+    dt = NUMBA_TYPES[np.dtype(dtype)]
+    i8 = types.int64
+    return types.int64(types.Array(dt, 1, "C"), i8, i8, i8, i8, i8, i8, types.boolean, i8, i8, i8, i8,
+                       types.Array(types.boolean, 4, "C", readonly=True), types.boolean, i8, i8)
+
+
+_MICRO_TILES: OrderedDict[tuple, object] = OrderedDict()
+
+
+def micro_tile_function(score_mod, mask_mod, dtype):
+    """mod_micro_tile compiled with these mods, as a C callback (numba.cfunc): rung 4's kernel takes it
+    as a function pointer of one type, so the kernel is compiled once per dtype (and cached on disk)
+    whatever the mods; a new mod compiles only this."""
+    dtype = np.dtype(dtype)
+    key = mods_key(score_mod, mask_mod, dtype)
+    if key not in _MICRO_TILES:
+        cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
+        _remember(_MICRO_TILES, key, compile_hooked(mod_micro_tile, micro_tile_signature(dtype), score_mod, mask_mod,
+                                                    dtype, as_callback=True, SOFTCAP=float(cap)))
+    _MICRO_TILES.move_to_end(key)
+    return _MICRO_TILES[key][0]
+
+
+def micro_tile_asm(score_mod=None, mask_mod=None, dtype=np.float32) -> str:
+    """The machine code of rung 4's micro-tile step with these mods inlined (the loops of
+    mod_micro_tile), compiled apart as a plain function for the reading (the callback's own code is the
+    same body behind a C entry point)."""
+    dtype = np.dtype(dtype)
+    cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
+    _, inner = compile_hooked(mod_micro_tile, micro_tile_signature(dtype), score_mod, mask_mod, dtype, SOFTCAP=float(cap))
+    return inner.inspect_asm(micro_tile_signature(dtype).args)
+
+
+def run_fused(problem, stats=False):
+    """(O, lse) of a Problem with mods on rung 4 (numba-fused), the fastest forward: rung 4's packing and
+    kernel, with the mods' function pointer, the BlockMask's empty tiles skipped (rung3_gemm.tiles_to_run)."""
+    from flashkit.cpu import threads
+    from flashkit.cpu.common import _NO_MASK
+    from flashkit.cpu.vec import VECTOR_BYTES
+
+    Q, K, V = (np.ascontiguousarray(x) for x in (problem.Q, problem.K, problem.V))
+    B, Hkv, Nk, d = K.shape
+    W = VECTOR_BYTES // Q.dtype.itemsize
+    Br, Bc, BcP, Dp = rung4_fused.blocks(problem, Q.dtype.itemsize, W)
+    Tc = -(-Nk // Bc)
+    KP = np.empty((B, Hkv, Tc * BcP * d), Q.dtype)
+    VP = np.empty((B, Hkv, Tc * BcP * Dp), Q.dtype)
+    bmap = rung3_gemm.tiles_to_run(problem, Br, Bc)
+    has_mask = problem.mask is not None
+    mask = (np.ascontiguousarray(problem.mask, dtype=np.bool_) if has_mask else _NO_MASK).view()
+    mask.setflags(write=False)  # one array type for the function pointer's signature
+    left, right = (int(w) for w in problem.window)
+    O, lse = problem.new_outputs()
+    Tr = bmap.shape[2]
+    tiles = np.zeros(problem.B * problem.Hq * Tr, np.int64)
+    errors = np.full((tiles.size, 2), OK, np.int64)
+    hook = micro_tile_function(problem.score_mod, problem.mask_mod, Q.dtype)
+    # The kernel multiplies Q by scale * log2(e); a score_mod must see q . k * scale, and the hook
+    # converts its result to base 2, so then the kernel is given scale / log2(e).
+    scale = float(problem.scale) / (LOG2E if problem.score_mod is not None else 1.0)
+    with threads.for_work(problem.flops()):
+        rung4_fused.pack_kv(K, V, Bc, BcP, Dp, KP, VP)
+        rung4_fused.forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp, O, lse,
+                                   tiles, hook, problem.score_mod is not None, errors)
+    # a NaN or +inf score makes its row's m_ref +inf, and O and lse NaN or +inf: explained, raised
+    lse_check = np.where(lse == np.inf, np.nan, lse) if problem.score_mod is not None else lse
+    explain_errors(problem, errors, Br, Bc, Tr, lse_check)
+    return (O, lse, tiles) if stats else (O, lse)
 
 
 def check_gradients(problem, dQ, dK, dV):

@@ -11,7 +11,8 @@ gained 8%, exp2 with the folded scale ~2%. Negative results: S^T = K_j Q_i^T (so
 elementwise vector max) was 10-15% slower, the transposed GEMMs being slower; tiles 256x128, 128x256,
 64x512, 128x512 were slower than 128x128 (256x128: +5% non-causal once, -6% causal).
 
-FlexAttention's hooks live here too (backend "numba-mods"; "numba" with a score_mod or mask_mod): the
+FlexAttention's hooks live here too (backend "numba-mods"; "numba" runs its forward on rung 4's micro-tiles
+instead, flashkit/cpu/mods_jit.py, and its backward here): the
 softmax step of a tile, `online_softmax_tile`, calls SCORE_MOD and MASK_MOD on each score before the row
 max. Rung 3 compiles it with the identity hooks (Numba drops the dead branches: no pass at all); for a
 user's functions flashkit/cpu/mods_jit.py compiles a copy of the same function with those functions in

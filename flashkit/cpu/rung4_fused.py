@@ -25,6 +25,10 @@ registers), with the softmax moved into the micro-kernel:
 
   * In causal and window tiles, a panel no row sees is skipped (P = 0, no S computed), and only panels a
     window boundary crosses are masked; the others run the unmasked path.
+  * With a score_mod / mask_mod (backend "numba"), the kernel takes mod_tile, a function pointer to the
+    mods compiled by flashkit/cpu/mods_jit.py, and calls it on each micro-tile through the scratch Sb
+    (on every micro-tile with a score_mod, on PARTIAL tiles for a mask_mod alone); without it the branch
+    is not compiled at all.
 
 Blocks: Br x Bc from common.default_block_size (the L2 budget the notebooks teach), rounded to the
 micro-tile (Br to MR rows, Bc to NR keys); any block_size works (ragged panels are masked).
@@ -149,7 +153,11 @@ def softmax_row(a0, a1, row, r, col, m, lv, Pb, BcP, W):
 # The kernel
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp, O, lse, tiles):
+def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp, O, lse, tiles,
+                   mod_tile=None, mod_every_tile=False, errors=None):
+    # mod_tile: FlexAttention's hooks (flashkit/cpu/mods_jit.py: a function pointer, the user's score_mod and
+    # mask_mod compiled into it), called on the scratch tile of PARTIAL tiles, of every tile with
+    # mod_every_tile; errors[t] = (code, j) of the first tile where it failed. None: the branch is not compiled.
     B, Hq, Nq, d = Q.shape
     Hkv = KP.shape[1]
     group = Hq // Hkv
@@ -257,6 +265,22 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                         q = bcast(QP, qk + 7)
                         a70 = fma(q, k0, a70)
                         a71 = fma(q, k1, a71)
+                    if mod_tile is not None:
+                        if mod_every_tile or state == PARTIAL:  # the mods, on the micro-tile in Sb
+                            for x, a in enumerate((a00, a01, a10, a11, a20, a21, a30, a31,
+                                                   a40, a41, a50, a51, a60, a61, a70, a71)):
+                                store(Sb, x * W, a)
+                            code = mod_tile(Sb, np.int64(b), np.int64(h), np.int64(i0 + row0), np.int64(j0 + col),
+                                            np.int64(nr - row0), np.int64(nc - col), state == PARTIAL, np.int64(Nq),
+                                            np.int64(Nk), np.int64(left), np.int64(right), mask, has_mask,
+                                            np.int64(mb), np.int64(mh))
+                            if code != -1 and errors[t, 0] == -1:
+                                errors[t, 0] = code
+                                errors[t, 1] = j
+                            a00, a01, a10, a11 = load(Sb, 0), load(Sb, W), load(Sb, 2 * W), load(Sb, 3 * W)
+                            a20, a21, a30, a31 = load(Sb, 4 * W), load(Sb, 5 * W), load(Sb, 6 * W), load(Sb, 7 * W)
+                            a40, a41, a50, a51 = load(Sb, 8 * W), load(Sb, 9 * W), load(Sb, 10 * W), load(Sb, 11 * W)
+                            a60, a61, a70, a71 = load(Sb, 12 * W), load(Sb, 13 * W), load(Sb, 14 * W), load(Sb, 15 * W)
                     # ---- the cold path: a mask, or a row whose m_ref must move (through a scratch tile)
                     if (must_mask or over(a00, a01, m[row0], tau) or over(a10, a11, m[row0 + 1], tau)
                             or over(a20, a21, m[row0 + 2], tau) or over(a30, a31, m[row0 + 3], tau)
