@@ -53,15 +53,22 @@ def cpu_bandwidth(nbytes=512 * 2**20, repeats=5):
         for i in prange(a.shape[0]):
             b[i] = a[i]
 
-    @njit(parallel=True, fastmath=True, cache=False)
+    from flashkit.cpu.vec import hsum, lanes, load, splat
+
+    @njit(parallel=True, cache=False)
     def par_sum(a):
-        n_blocks = a.shape[0] // 65536  # one vectorised float32 sum per block of 256 KiB
+        n_blocks = a.shape[0] // 65536  # one float32 sum per block of 256 KiB, 4 chains of vector adds
         sums = np.zeros(n_blocks, np.float32)
+        W = lanes(a)
         for i in prange(n_blocks):
-            s = np.float32(0)
-            for j in range(i * 65536, (i + 1) * 65536):
-                s += a[j]
-            sums[i] = s
+            z = splat(np.float32(0))
+            s0, s1, s2, s3 = z, z, z, z
+            for j in range(i * 65536, (i + 1) * 65536, 4 * W):
+                s0 = s0 + load(a, j)
+                s1 = s1 + load(a, j + W)
+                s2 = s2 + load(a, j + 2 * W)
+                s3 = s3 + load(a, j + 3 * W)
+            sums[i] = hsum(s0 + s1 + s2 + s3)
         return sums.sum()
 
     a = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
@@ -81,8 +88,11 @@ def cpu_bandwidth(nbytes=512 * 2**20, repeats=5):
 def run_cpu(lengths, repeats, batches=(1,), Hq=32, Hkv=8, d=128):
     import numba
 
+    import flashkit
     from flashkit.decode import attention_decode
     from flashkit.cpu import decode as cpu_decode
+
+    flashkit.warmup(directions="decode")  # "auto" serves from NumPy until numba-splitk is compiled
 
     rng = np.random.default_rng(0)
     rows = []
@@ -138,8 +148,10 @@ def run_model(L, steps, batches=(1,), Hq=32, Hkv=8, d=128, d_model=1024, n_layer
     time of each step beside the bytes it must read (every weight once, every layer's K and V): tokens
     per second against the bandwidth limit. backend "auto" (the layer's decoding step: split-K on the
     cache in place) and "numba" (unsplit: the prefill kernel on a copy of the filled cache)."""
+    import flashkit
     from flashkit.layers import TinyDecoder
 
+    flashkit.warmup(directions=("forward", "decode"))  # the model's "auto" steps, compiled before the clock
     rows = []
     for B in batches:
         model = TinyDecoder(vocab=256, d_model=d_model, n_heads=Hq, n_kv_heads=Hkv, n_layers=n_layers, seed=0,
