@@ -21,17 +21,28 @@ FlashAttention-2 does for one tile:
     m'  = max(m, rowmax(S));  P = exp(S - m');  alpha = exp(m - m')
     l   = alpha * l + rowsum(P);  O = alpha * O + P V_j
 
-Tried and dropped: the rows four at a time through both products (register blocking). 15-20% faster
-with a group of 4 rows, but 4x slower with 8 (LLVM's code for the blocked O update collapsed);
-measured on one thread, d = 128, in cache.
+Tried and dropped: the rows four at a time through both products in plain loops (register blocking
+left to LLVM). 15-20% faster with a group of 4 rows, but 4x slower with 8 (LLVM's code for the blocked
+O update collapsed); measured on one thread, d = 128, in cache. Written with explicit registers it pays:
 
 split_task_vec (d a multiple of 4 registers: 64 and 128 in float32) writes the same task with explicit
-vector registers (flashkit/cpu/vec.py): four keys at a time against each query row (8 independent FMA
-chains), base-2 exponentials on whole registers, O in 8 chains of FMAs, and no array views inside the
-loops (a row view such as K[b, h][j] costs two atomic reference-count updates: removing them made the
-task 4x faster). On one thread, in L2, d = 128, a group of 4 rows: 57 ns a key against 79 for
-split_task (Intel Xeon Emerald Rapids, loaded machine, min of 40); benchmarks/results/
-decode-intel-xeon-emeraldrapids-2c.json has both over a 32k cache, measured under a load average of 14.
+vector registers (flashkit/cpu/vec.py) and no array views inside the loops (a row view such as
+K[b, h][j] costs two atomic reference-count updates: removing them made the task 4x faster). The rows
+of the group go 4 at a time (padded with zero rows): S for 4 keys x 4 rows is 16 accumulators over d,
+each K register loaded once for the 4 rows, and the 16 dot products leave the registers through one
+tree of shuffles (store_sums: 15 adds, where 16 horizontal sums cost 4 shuffles and 4 adds each);
+P = 2^(S - m') runs on whole registers of 4 keys x 4 rows; O for 4 rows x 4 registers takes each V
+register once for the 4 rows. Software prefetches ask for each block's V rows while S runs and for the
+next block's K rows while P V runs (the hardware prefetcher alone left the core waiting on memory).
+On one thread, in L2, d = 128, a group of 4 rows (Intel Xeon Emerald Rapids, loaded machine, min of
+30): 29 ns a key, against 57 for the previous version of this function (one row at a time, 4 keys
+against it, a horizontal sum per key and row) and 83 for split_task; over a 256 MiB cache (8 heads of
+32k keys) on one thread, 10 GB/s of K and V with the prefetches, 7 without.
+
+A step that reads less than SERIAL_BYTES of K and V runs its tasks on the calling thread
+(splitk_serial): waking the thread pool took 0.2-0.6 ms on the loaded 2-core machine, more than such
+a step (L = 64, 8 K/V heads: 35 us serial, 73 us on the pool, min of 15; at 8 MiB the pool's median was
+3x the serial one with the other core busy).
 
 This module imports Numba at the top: the registry loads it when the "numba-splitk" backend first runs
 (flashkit.decode.BACKENDS), never on `import flashkit`.
