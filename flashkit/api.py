@@ -55,8 +55,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
     problem = validate.check(q, k, v, causal=causal, scale=scale, window=window, mask=mask,
                              block_size=block_size, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
                              finite="async" if check_finite else False)
-    chosen = precompile.serve(problem, registry.choose(problem, backend), "forward", backend)
-    O, lse = chosen.run(problem)
+    with precompile.serving(problem, registry.choose(problem, backend), "forward", backend) as chosen:
+        O, lse = chosen.run(problem)
     validate.finish(problem)
     o = _as_input(O, q)
     if not return_lse:
@@ -108,8 +108,9 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=
     problem = validate.check_backward(do, q, k, v, o, lse, causal=causal, scale=scale, window=window,
                                       mask=mask, block_size=block_size, score_mod=score_mod, mask_mod=mask_mod,
                                       block_mask=block_mask, finite="async" if check_finite else False)
-    chosen = precompile.serve(problem, registry.choose(problem, backend, direction="backward"), "backward", backend)
-    dQ, dK, dV = chosen.run_backward(problem)
+    with precompile.serving(problem, registry.choose(problem, backend, direction="backward"), "backward",
+                            backend) as chosen:
+        dQ, dK, dV = chosen.run_backward(problem)
     validate.finish(problem)
     return tuple(_as_input(g, x) for g, x in ((dQ, q), (dK, k), (dV, v)))
 

@@ -151,8 +151,8 @@ def attention_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=No
         why_not = registry.get(backend).cannot_serve(P, "decode")
         if why_not is not None:
             raise ValueError(why_not)
-    chosen = precompile.serve(P, registry.choose(P, backend, direction="decode"), "decode", backend)
-    O, lse = chosen.run_decode(P, splits) if chosen.has_decode else _run_unsplit(P, chosen.name)
+    with precompile.serving(P, registry.choose(P, backend, direction="decode"), "decode", backend) as chosen:
+        O, lse = chosen.run_decode(P, splits) if chosen.has_decode else _run_unsplit(P, chosen.name)
     lse_dtype = "float64" if q.dtype.name == "float64" else "float32"
     o = O.reshape(q.shape).astype(q.dtype, copy=False)
     if not return_lse:

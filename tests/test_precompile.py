@@ -133,3 +133,15 @@ def test_warmup_compiles_for_real_and_auto_then_uses_the_kernel():
     q, k, v = (rng.standard_normal(s, dtype=np.float32) for s in ((1, 4, 1, 64), (1, 1, 3000, 64), (1, 1, 3000, 64)))
     P = validate.check_decode(q, k, v)
     assert precompile.serve(P, registry.choose(P, "auto", direction="decode"), "decode", "auto").name == "numba-splitk"
+
+
+@numba_here
+def test_the_compile_starts_when_the_call_that_asked_returns(fresh):
+    problem = validate.check(*big_call(4))
+    numba = registry.choose(problem, "auto")
+    with precompile.serving(problem, numba, "forward", "auto") as served:
+        assert served.name == "numpy-standard"
+        assert precompile.state("numba") == "no" and fresh["calls"] == []  # nothing competes with this call
+    assert precompile.state("numba") == "compiling"
+    with precompile.serving(problem, numba, "forward", "numba") as served:
+        assert served is numba
