@@ -1,10 +1,13 @@
 """Compiling the Numba kernels without making the first call wait for them.
 
-A Numba backend compiles its kernels on its first call in a new process: rung 4's forward took 8-18 s
-on a 2-core machine with an empty Numba cache and 0.5-0.9 s to load them from the cache
-(benchmarks/cpu_compile.py, results/cpu-compile-*.json). "auto" does not make its caller wait for
-that: while the kernel it picks compiles in a background thread, its calls are served by NumPy, and
-once the kernel is ready "auto" uses it.
+A Numba backend compiles its kernels on its first call in a new process: rung 4's forward, the first
+flashkit.attention call of fp32 (1, 8, 1024, 64), took 21.8 s on a shared 2-core Intel Xeon with an
+empty Numba cache and 0.90 s from the cache (load average 3-4, min of 2 rounds; most of the 0.9 s is
+importing Numba, which imports SciPy's linalg, and Numba's first type registries).
+"auto" does not make its caller wait for that: while the kernel it picks compiles in a background
+thread, its calls are served by NumPy, and once the kernel is ready "auto" uses it. Measured in the
+same run: the first call 0.20 s with an empty cache (the rung ready 19.7 s later) and 0.19 s from the
+cache (ready after 1.0 s); benchmarks/cpu_compile.py, results/cpu-compile-*.json.
 
     served meanwhile by    numpy-standard (S and P materialised), or numpy-tiled once S of the call
                            would exceed STANDARD_MAX_SCORES scores; decoding by numpy-splitk
@@ -85,7 +88,7 @@ def serving(problem, chosen, direction, requested):
     """`serve` for one call: the backend to run it with, the background compile started when the call
     returns, so the compiler's Python work does not compete for the GIL with that call (on a loaded
     2-core machine the first NumPy-served call took 0.85 s with the compile beside it; measured by
-    benchmarks/cpu_compile.py)."""
+    benchmarks/cpu_compile.py; 0.20 s with the compile started after it)."""
     backend, key = serve(problem, chosen, direction, requested, start=False)
     try:
         yield backend
