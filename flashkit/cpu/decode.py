@@ -30,14 +30,17 @@ vector registers (flashkit/cpu/vec.py) and no array views inside the loops (a ro
 K[b, h][j] costs two atomic reference-count updates: removing them made the task 4x faster). The rows
 of the group go 4 at a time (padded with zero rows): S for 4 keys x 4 rows is 16 accumulators over d,
 each K register loaded once for the 4 rows, and the 16 dot products leave the registers through one
-tree of shuffles (store_sums: 15 adds, where 16 horizontal sums cost 4 shuffles and 4 adds each);
+tree of shuffles (store_sums: 30 shuffles and 15 adds, where 16 horizontal sums take 64 of each);
 P = 2^(S - m') runs on whole registers of 4 keys x 4 rows; O for 4 rows x 4 registers takes each V
 register once for the 4 rows. Software prefetches ask for each block's V rows while S runs and for the
 next block's K rows while P V runs (the hardware prefetcher alone left the core waiting on memory).
 On one thread, in L2, d = 128, a group of 4 rows (Intel Xeon Emerald Rapids, loaded machine, min of
 30): 29 ns a key, against 57 for the previous version of this function (one row at a time, 4 keys
 against it, a horizontal sum per key and row) and 83 for split_task; over a 256 MiB cache (8 heads of
-32k keys) on one thread, 10 GB/s of K and V with the prefetches, 7 without.
+32k keys) on one thread, 10 GB/s of K and V with the prefetches, 7 without. Not measured yet on an
+AVX2 machine, where 16 accumulators and the 4 rows of Q fill more than its 16 ymm registers.
+benchmarks/results/decode-intel-xeon-emeraldrapids-2c.json (load average 7, copy 5.3 GB/s): 57-64% of
+the copy bandwidth at 32k keys, batch 1 and 8, against 30-32% for split_task in the same run.
 
 A step that reads less than SERIAL_BYTES of K and V runs its tasks on the calling thread
 (splitk_serial): waking the thread pool took 0.2-0.6 ms on the loaded 2-core machine, more than such
@@ -157,9 +160,10 @@ LN2 = 0.6931471805599453
 
 @intrinsic
 def store_sums(typingctx, a, i, vs):
-    """a[i + k] = hsum(vs[k]) for the 16 registers of the tuple vs: a tree of shuffles and adds that
-    folds two registers into one at every step (15 adds for 16 sums, where 16 hsum calls take 60), the
-    sums landing in register order. W <= 16 lanes, so the tree ends in 16 / W registers."""
+    """a[i + k] = hsum(vs[k]) for the 16 registers of the tuple vs: a tree that folds two registers into
+    one at every step (with 16 lanes: 15 folds of 2 shuffles and 1 add, where 16 separate horizontal
+    sums take 4 shuffles and 4 adds each), the sums landing in register order. W <= 16 lanes, so the
+    tree ends in 16 / W registers, stored one after the other."""
     if not (_flat(a) and isinstance(i, types.Integer) and isinstance(vs, types.UniTuple) and vs.count == 16
             and isinstance(vs.dtype, Vec) and vs.dtype.dtype == a.dtype):
         return None
