@@ -411,11 +411,32 @@ def one_task(t, Q, K, V, lo, hi, scale, chunk, vec, M, L, O):
         split_task(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O)
 
 
+@intrinsic
+def take_next(typingctx, counter):
+    """counter[0] += 1 as one atomic instruction (lock xadd); returns the value before: the next task."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _pointer(context, builder, sig.args[0], args[0], ir.Constant(ir.IntType(64), 0))
+        return builder.atomic_rmw("add", p, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
 @njit(parallel=True, cache=True)
-def splitk_kernel(Q, K, V, lo, hi, scale, chunk, vec, M, L, O):
-    """All B * H_kv * splits tasks on all threads."""
-    for t in prange(M.shape[0] * K.shape[0] * K.shape[1]):
-        one_task(t, Q, K, V, lo, hi, scale, chunk, vec, M, L, O)
+def splitk_kernel(Q, K, V, lo, hi, scale, chunk, vec, M, L, O, workers, counter):
+    """All B * H_kv * splits tasks on `workers` threads, each taking the next task from `counter` (one
+    int64, 0 at the start) when it is done with one: a thread the OS deschedules holds up only its
+    current task, where a static split (prange over the tasks) waits for its whole share. Measured on
+    the loaded 2-core machine, 8 K/V heads of 32k keys, 8 rounds: median 39-47 ms against 47-53 static
+    (min 27-31 against 22-28)."""
+    n_tasks = M.shape[0] * K.shape[0] * K.shape[1]
+    for _w in prange(workers):
+        t = take_next(counter)
+        while t < n_tasks:
+            one_task(t, Q, K, V, lo, hi, scale, chunk, vec, M, L, O)
+            t = take_next(counter)
 
 
 @njit(nogil=True, cache=True)
@@ -466,7 +487,8 @@ def partials(Q, K, V, lo, hi, scale, splits, n_keys, vector=None, serial=None):
         splitk_serial(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, vector, M, L, O)
     else:
         with cpu_threads.for_work(work):
-            splitk_kernel(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, vector, M, L, O)
+            splitk_kernel(Q, K, V, lo, hi, Q.dtype.type(scale), chunk, vector, M, L, O, threads(),
+                          np.zeros(1, np.int64))
     return M, L, O
 
 
