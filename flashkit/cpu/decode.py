@@ -39,8 +39,10 @@ On one thread, in L2, d = 128, a group of 4 rows (Intel Xeon Emerald Rapids, loa
 against it, a horizontal sum per key and row) and 83 for split_task; over a 256 MiB cache (8 heads of
 32k keys) on one thread, 10 GB/s of K and V with the prefetches, 7 without. Not measured yet on an
 AVX2 machine, where 16 accumulators and the 4 rows of Q fill more than its 16 ymm registers.
-benchmarks/results/decode-intel-xeon-emeraldrapids-2c.json (load average 7, copy 5.3 GB/s): 57-64% of
-the copy bandwidth at 32k keys, batch 1 and 8, against 30-32% for split_task in the same run.
+benchmarks/results/decode-intel-xeon-emeraldrapids-2c.json (the 2 cores shared with other jobs, copy
+14.9 GB/s): 57% (batch 1) and 38% (batch 8) of the copy bandwidth at 32k keys, against 22% and 21%
+for split_task in the same run; an earlier run of the same kernel (commit 3daebd9, copy 13.7 GB/s):
+66% and 70%, split_task 36% and 23%. The goal, 80%, is not reached on this loaded machine.
 
 A step that reads less than SERIAL_BYTES of K and V runs its tasks on the calling thread
 (splitk_serial): waking the thread pool took 0.2-0.6 ms on the loaded 2-core machine, more than such
