@@ -57,6 +57,8 @@ def child(layer, load):
     import flashkit
     from flashkit.cpu import threads
 
+    if hasattr(flashkit, "warmup"):  # "auto" serves from NumPy until its rung is compiled: time it after
+        flashkit.warmup(directions="forward")
     rows = []
     rng = np.random.default_rng(0)
     cores = numba.get_num_threads()

@@ -17,7 +17,8 @@ Llama-3-8B):
        flashkit.attention on the filled cache); an MQA case (H_kv = 1) where unsplit leaves all but
        one core idle; and TinyDecoder generation (32/8 heads of 128, d_model 1024, 2 layers, a cache
        of --model-length random tokens a layer): tokens/s beside the bandwidth limit, the bytes of
-       every weight and every layer's K and V read once a step at the copy bandwidth.
+       every weight and every layer's K and V read once a step at the copy bandwidth; "auto" also with
+       NumPy's BLAS on one thread (blas_threads=1).
   GPU  cupy-splitk (auto splits and a sweep), splits=1, and torch's SDPA backends (flash, cuDNN,
        efficient, math) when torch sees the GPU. Timed with CUDA events over back-to-back calls.
 Results go to benchmarks/results/decode-<machine>.json (written atomically).
@@ -53,15 +54,22 @@ def cpu_bandwidth(nbytes=512 * 2**20, repeats=5):
         for i in prange(a.shape[0]):
             b[i] = a[i]
 
-    @njit(parallel=True, fastmath=True, cache=False)
+    from flashkit.cpu.vec import hsum, lanes, load, splat
+
+    @njit(parallel=True, cache=False)
     def par_sum(a):
-        n_blocks = a.shape[0] // 65536  # one vectorised float32 sum per block of 256 KiB
+        n_blocks = a.shape[0] // 65536  # one float32 sum per block of 256 KiB, 4 chains of vector adds
         sums = np.zeros(n_blocks, np.float32)
+        W = lanes(a)
         for i in prange(n_blocks):
-            s = np.float32(0)
-            for j in range(i * 65536, (i + 1) * 65536):
-                s += a[j]
-            sums[i] = s
+            z = splat(np.float32(0))
+            s0, s1, s2, s3 = z, z, z, z
+            for j in range(i * 65536, (i + 1) * 65536, 4 * W):
+                s0 = s0 + load(a, j)
+                s1 = s1 + load(a, j + W)
+                s2 = s2 + load(a, j + 2 * W)
+                s3 = s3 + load(a, j + 3 * W)
+            sums[i] = hsum(s0 + s1 + s2 + s3)
         return sums.sum()
 
     a = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
@@ -81,8 +89,11 @@ def cpu_bandwidth(nbytes=512 * 2**20, repeats=5):
 def run_cpu(lengths, repeats, batches=(1,), Hq=32, Hkv=8, d=128):
     import numba
 
+    import flashkit
     from flashkit.decode import attention_decode
     from flashkit.cpu import decode as cpu_decode
+
+    flashkit.warmup(directions="decode")  # "auto" serves from NumPy until numba-splitk is compiled
 
     rng = np.random.default_rng(0)
     rows = []
@@ -138,15 +149,21 @@ def run_model(L, steps, batches=(1,), Hq=32, Hkv=8, d=128, d_model=1024, n_layer
     time of each step beside the bytes it must read (every weight once, every layer's K and V): tokens
     per second against the bandwidth limit. backend "auto" (the layer's decoding step: split-K on the
     cache in place) and "numba" (unsplit: the prefill kernel on a copy of the filled cache)."""
+    from threadpoolctl import threadpool_limits
+
+    import flashkit
     from flashkit.layers import TinyDecoder
 
+    flashkit.warmup(directions=("forward", "decode"))  # the model's "auto" steps, compiled before the clock
     rows = []
     for B in batches:
         model = TinyDecoder(vocab=256, d_model=d_model, n_heads=Hq, n_kv_heads=Hkv, n_layers=n_layers, seed=0,
                             head_dim=d)
         weight_bytes = sum(w.nbytes for w in model.parameters().values()) - model.embed.nbytes  # one embedding row read
         rng = np.random.default_rng(1)
-        for backend in ("auto", "numba"):
+        # "auto" twice: BLAS as configured, and NumPy's BLAS on one thread (its idle threads spin for a
+        # while after each product, on the cores the split-K threads need)
+        for backend, blas in (("auto", None), ("auto", 1), ("numba", None)):
             caches = model.new_caches(L + steps + 2, batch=B)
             for c in caches:
                 c.append(rng.standard_normal((B, Hkv, L, d), dtype=np.float32),
@@ -154,14 +171,16 @@ def run_model(L, steps, batches=(1,), Hq=32, Hkv=8, d=128, d_model=1024, n_layer
             tok = np.zeros((B, 1), np.int64)
             model.forward(tok, caches, backend=backend)  # warm-up: compile or load
             times = []
-            for _ in range(steps):
-                step_bytes = weight_bytes + model.cache_bytes(caches)
-                t0 = time.perf_counter()
-                logits = model.forward(tok, caches, backend=backend)
-                times.append(time.perf_counter() - t0)
-                tok = logits[:, -1].argmax(-1)[:, None]
+            with threadpool_limits(blas, user_api="blas"):
+                for _ in range(steps):
+                    step_bytes = weight_bytes + model.cache_bytes(caches)
+                    t0 = time.perf_counter()
+                    logits = model.forward(tok, caches, backend=backend)
+                    times.append(time.perf_counter() - t0)
+                    tok = logits[:, -1].argmax(-1)[:, None]
             best = min(times)
-            rows.append(dict(method=f"TinyDecoder backend={backend}", B=B, Hq=Hq, Hkv=Hkv, d=d, d_model=d_model,
+            method = f"TinyDecoder backend={backend}" + ("" if blas is None else f" blas_threads={blas}")
+            rows.append(dict(method=method, B=B, Hq=Hq, Hkv=Hkv, d=d, d_model=d_model,
                              n_layers=n_layers, L=L, steps=steps, ms=float(np.median(times)) * 1e3, ms_min=best * 1e3,
                              tokens_per_s=B / float(np.median(times)), step_bytes=int(step_bytes),
                              weight_bytes=int(weight_bytes), GBps=step_bytes / float(np.median(times)) / 1e9,
@@ -363,7 +382,7 @@ def print_tables(result):
             print(f"{r['kind']:5} {r['method']:18} {r.get('B', 1):>2} {r['Hq']:>3}/{r['Hkv']:<3} {r['L']:>6} {str(r['splits']):>6} {r['ms']:8.2f} "
                   f"{r['tokens_per_s']:8.1f} {r['kv_GBps']:9.2f} {r['fraction_of_copy_bandwidth']:8.0%} {r['fraction_of_copy_bandwidth_best']:6.0%}")
         for r in c.get("model", []):
-            print(f"{r['method']:28} B={r['B']} L={r['L']} {r['n_layers']} layers: {r['ms']:8.1f} ms/step, {r['tokens_per_s']:7.1f} tok/s "
+            print(f"{r['method']:43} B={r['B']} L={r['L']} {r['n_layers']} layers: {r['ms']:8.1f} ms/step, {r['tokens_per_s']:7.1f} tok/s "
                   f"(limit {r['bandwidth_limit_tokens_per_s']:.1f} at copy bandwidth), {r['step_bytes'] / 2**20:.0f} MiB a step, "
                   f"{r['GBps']:.1f} GB/s = {r['fraction_of_copy_bandwidth']:.0%} of copy (best {r['fraction_of_copy_bandwidth_best']:.0%})")
     if "gpu" in result:

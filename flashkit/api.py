@@ -1,7 +1,7 @@
 """flashkit.attention() and attention_backward(): validate, pick a backend, call it, shape the result."""
 from __future__ import annotations
 
-from flashkit import registry, validate
+from flashkit import precompile, registry, validate
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, backend="auto",
@@ -62,8 +62,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
     problem = validate.check(q, k, v, causal=causal, scale=scale, window=window, mask=mask,
                              block_size=block_size, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
                              finite="async" if check_finite else False)
-    chosen = registry.choose(problem, backend)
-    O, lse = chosen.run(problem)
+    with precompile.serving(problem, registry.choose(problem, backend), "forward", backend) as chosen:
+        O, lse = chosen.run(problem)
     validate.finish(problem)
     o = _as_input(O, q)
     if not return_lse:
@@ -115,8 +115,9 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=
     problem = validate.check_backward(do, q, k, v, o, lse, causal=causal, scale=scale, window=window,
                                       mask=mask, block_size=block_size, score_mod=score_mod, mask_mod=mask_mod,
                                       block_mask=block_mask, finite="async" if check_finite else False)
-    chosen = registry.choose(problem, backend, direction="backward")
-    dQ, dK, dV = chosen.run_backward(problem)
+    with precompile.serving(problem, registry.choose(problem, backend, direction="backward"), "backward",
+                            backend) as chosen:
+        dQ, dK, dV = chosen.run_backward(problem)
     validate.finish(problem)
     return tuple(_as_input(g, x) for g, x in ((dQ, q), (dK, k), (dV, v)))
 
@@ -157,7 +158,10 @@ def _as_input(X, x):
 def backends():
     """Every backend as a list of dicts: name, device, available, reason (why not), what it supports
     (dtypes, head_dims, mask, mods, backward_mods, forward, backward), rung and summary. `mods`: whether
-    its forward takes a score_mod / mask_mod / block_mask; `backward_mods`: whether its backward does."""
+    its forward takes a score_mod / mask_mod / block_mask; `backward_mods`: whether its backward does.
+    `compiled`: for a Numba backend "yes" (compiled or loaded in this process), "compiling" (in the
+    background; "auto" serves from NumPy meanwhile), "no" or "failed: why"; "" for the others
+    (flashkit.precompile)."""
     rows = []
     for b in registry.all_backends():
         reason = b.unavailable_reason()
@@ -165,6 +169,6 @@ def backends():
             "name": b.name, "device": b.device, "available": reason is None, "reason": reason or "",
             "dtypes": ", ".join(b.dtypes), "head_dims": "any" if b.head_dims is None else ", ".join(map(str, b.head_dims)),
             "mask": b.mask, "mods": b.mods, "backward_mods": b.backward_mods, "forward": b.has_forward, "backward": b.has_backward, "rung": b.rung,
-            "summary": b.summary,
+            "compiled": precompile.state(b.name), "summary": b.summary,
         })
     return rows

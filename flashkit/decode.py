@@ -32,7 +32,7 @@ import numbers
 
 import numpy as np
 
-from flashkit import online_softmax, registry, validate
+from flashkit import online_softmax, precompile, registry, validate
 from flashkit.problem import DecodeProblem
 from flashkit.registry import Backend
 
@@ -51,7 +51,7 @@ BACKENDS = (
     Backend(name="numba-splitk", device="cpu",
             summary="split-K decoding in Numba: every (batch, K/V head, chunk) task in parallel (cpu/decode.py)",
             runner="flashkit.cpu.decode:run", decode="flashkit.cpu.decode:decode",
-            mask=False, priority=5, probe="flashkit.cpu:_probe"),
+            mask=False, priority=5, probe="flashkit.cpu:_probe", jit=True),
     Backend(name="cupy-splitk", device="gpu",
             summary="split-K decoding in CUDA, one block per chunk then a merge kernel; d=256 in float16 only (kernels/decode_splitk.cu)",
             runner="flashkit.gpu.decode:run", decode="flashkit.gpu.decode:decode",
@@ -151,8 +151,8 @@ def attention_decode(q, k_cache, v_cache, *, length=None, causal=False, scale=No
         why_not = registry.get(backend).cannot_serve(P, "decode")
         if why_not is not None:
             raise ValueError(why_not)
-    chosen = registry.choose(P, backend, direction="decode")
-    O, lse = chosen.run_decode(P, splits) if chosen.has_decode else _run_unsplit(P, chosen.name)
+    with precompile.serving(P, registry.choose(P, backend, direction="decode"), "decode", backend) as chosen:
+        O, lse = chosen.run_decode(P, splits) if chosen.has_decode else _run_unsplit(P, chosen.name)
     lse_dtype = "float64" if q.dtype.name == "float64" else "float32"
     o = O.reshape(q.shape).astype(q.dtype, copy=False)
     if not return_lse:

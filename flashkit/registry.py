@@ -43,6 +43,8 @@ class Backend:
     probe      "module:function" returning None when usable here, else the reason it is not
     supports   "module:function" taking a problem of this backend's device and returning None or why
                it cannot serve it: limits the fields above cannot state (head sizes per dtype, alignment)
+    jit        whether its kernels compile on first use (Numba); once one has run for a direction and
+               dtype, `is_compiled` says so, and "auto" stops serving that request from NumPy
     """
 
     name: str
@@ -61,6 +63,7 @@ class Backend:
     probe: Optional[str] = None
     supports: Optional[str] = None
     rung: Optional[int] = None  # place in its ladder (None for baselines outside a ladder)
+    jit: bool = False  # compiled by Numba on first use: "auto" serves from NumPy meanwhile (flashkit.precompile)
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run on this machine, else why not (probed once per process)."""
@@ -125,18 +128,29 @@ class Backend:
         """Compute (O, lse) for a validated Problem (float16 input is computed in float32 if needed)."""
         if problem.dtype_name not in self.dtypes:
             problem = problem.astype("float32")  # float16 only: cannot_serve refused the rest
-        return self._function("runner")(problem)
+        out = self._function("runner")(problem)
+        self._ran("forward", problem)
+        return out
 
     def run_backward(self, problem):
         """Compute (dQ, dK, dV) for a Problem from validate.check_backward (float16 in float32 if needed)."""
         if problem.dtype_name not in self.dtypes:
             problem = problem.astype("float32")
-        return self._function("backward")(problem)
+        out = self._function("backward")(problem)
+        self._ran("backward", problem)
+        return out
 
     def run_decode(self, problem, splits="auto"):
         """Compute (O, lse) of a DecodeProblem with split-K. No dtype conversion here: a decode runner
         converts float16 itself, and only the filled rows of the cache, not the whole buffer."""
-        return self._function("decode")(problem, splits)
+        out = self._function("decode")(problem, splits)
+        self._ran("decode", problem)
+        return out
+
+    def _ran(self, direction, problem):
+        if self.jit and not getattr(problem, "has_mods", False):  # a mod's kernel is compiled per mod
+            name = problem.dtype_name
+            _COMPILED.add((self.name, direction, name if name in self.dtypes else "float32"))
 
     def _function(self, which: str) -> Callable:
         return _resolve(getattr(self, which))
@@ -157,6 +171,20 @@ def _probe_reason(probe: str) -> Optional[str]:
         return _resolve(probe)()
     except Exception as exc:  # a broken optional dependency is a reason, not a crash
         return f"{type(exc).__name__}: {exc}"
+
+
+# (backend name, direction, dtype) of every jit backend that has run in this process: its kernels are
+# compiled (or loaded from the cache) for that dtype. A set's add and `in` are atomic under the GIL.
+_COMPILED: set = set()
+
+
+def is_compiled(name: str, direction: str, dtype: str) -> bool:
+    return (name, direction, dtype) in _COMPILED
+
+
+def compiled_for(name: str) -> Tuple[Tuple[str, str], ...]:
+    """The (direction, dtype) pairs backend `name` has run for in this process."""
+    return tuple(sorted((d, t) for n, d, t in set(_COMPILED) if n == name))
 
 
 # Modules that contribute backends, in the order the table lists them.

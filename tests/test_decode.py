@@ -110,6 +110,30 @@ def test_merge_of_kernel_states_is_exact():
     assert_matches(o, lse, ref_o, ref_lse, rtol=1e-12)
 
 
+@pytest.mark.parametrize("Hq, Hkv, Nq, d, dtype", [(32, 8, 1, 128, np.float32), (8, 1, 1, 64, np.float32),
+                                                  (10, 2, 3, 64, np.float32), (3, 3, 2, 32, np.float64)])
+def test_vector_task_serial_and_parallel_agree_with_the_loops(Hq, Hkv, Nq, d, dtype):
+    """split_task_vec (query rows in blocks of 4, padded: groups of 4, 1, 15 and 2 rows here) equals
+    split_task, the loops, state for state; on the calling thread or on the pool, the same bits."""
+    pytest.importorskip("numba")
+    from flashkit.cpu import decode as cpu_decode
+
+    rng = np.random.default_rng(Hq * d)
+    q, k, v = make(rng, 2, Hq, Hkv, Nq, 203, d, dtype)
+    P = check(q, k, v, length=np.array([203, 70]), causal=True)
+    assert cpu_decode.vector_path(d, dtype)
+    args = (P.Q, P.K, P.V, P.lo, P.hi, P.scale, 3, P.n_keys)
+    loops = cpu_decode.partials(*args, vector=False)
+    serial = cpu_decode.partials(*args, vector=True, serial=True)
+    pool = cpu_decode.partials(*args, vector=True, serial=False)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    for name, a, b, c in zip("MLO", loops, serial, pool):
+        np.testing.assert_array_equal(b, c, err_msg=f"{name}: serial and parallel differ")
+        seen = np.isfinite(a)
+        np.testing.assert_array_equal(np.isfinite(b), seen, err_msg=f"{name}: which rows saw keys")
+        np.testing.assert_allclose(b[seen], a[seen], rtol=tol, atol=tol, err_msg=name)
+
+
 @pytest.mark.parametrize("rank", [2, 3, 4])
 def test_ranks_float16_and_unsplit_backends(rank):
     rng = np.random.default_rng(rank)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from flashkit.registry import Backend
 
 # What every CPU rung shares: NumPy arrays, float32/float64 computed natively, masks and windows.
-_COMMON = dict(device="cpu", dtypes=("float32", "float64"), mask=True)
+_COMMON = dict(device="cpu", dtypes=("float32", "float64"), mask=True, jit=True)
 
 
 @dataclass(frozen=True)
