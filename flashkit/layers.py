@@ -29,6 +29,7 @@ import numbers
 import numpy as np
 
 import flashkit
+from flashkit.cpu.threads import numpy_blas_one_thread
 from flashkit.decode import attention_decode
 from flashkit.kvcache import KVCache
 from flashkit.rope import apply_rope, check_rotary_dim
@@ -405,6 +406,14 @@ class TinyDecoder:
     def forward(self, tokens, caches=None, backend=None):
         """Logits (B, n, vocab) for token ids (B, n); with caches, the tokens extend what they hold."""
         tokens = self._check_tokens(tokens)
+        if caches is not None and tokens.shape[1] <= DECODE_MAX_TOKENS:
+            # a decoding step: its matrix-vector products are too small to share, so NumPy's BLAS runs on
+            # one thread and its spinning threads leave the cores to split-K (flashkit.cpu.threads)
+            with numpy_blas_one_thread():
+                return self._forward(tokens, caches, backend)
+        return self._forward(tokens, caches, backend)
+
+    def _forward(self, tokens, caches, backend):
         x = self.embed[tokens]  # (B, n, d_model)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], backend=backend)

@@ -85,6 +85,14 @@ def _numpy_blas_controller():
     return ThreadpoolController()  # NumPy's own BLAS is loaded already; SciPy's is not needed here
 
 
+def numpy_blas_one_thread():
+    """NumPy's BLAS on one thread while the context lasts (a threadpoolctl limit). A decoding step's
+    matrix-vector products are too small to share, and OpenBLAS's idle threads spin on the cores the
+    split-K decode threads need: TinyDecoder at B = 1, L = 16k went from 5.3 to 13.0 tokens/s with it on a
+    loaded 2-core machine (benchmarks/decode.py, its blas_threads=1 row)."""
+    return _numpy_blas_controller().limit(limits=1, user_api="blas")
+
+
 @contextlib.contextmanager
 def blas_for_work(flops: float):
     """NumPy code (numpy-standard): BLAS on one thread below SERIAL_FLOPS, else as configured. Only
