@@ -106,7 +106,7 @@ def test_fused_kernel_keeps_its_tiles_in_vector_registers():
     KP = np.zeros((1, 1, 2 * W * 4), np.float32)
     VP = np.zeros((1, 1, 2 * W * 2 * W), np.float32)
     args = (q, KP, VP, 4, 1.0, -1, -1, common._NO_MASK, False, np.zeros((1, 1, 1, 1), np.int8), 4, 4, 2 * W,
-            2 * W, np.zeros_like(q), np.zeros((1, 1, 4), np.float32), np.zeros(1, np.int64))
+            2 * W, np.zeros_like(q), np.zeros((1, 1, 4), np.float32), np.zeros(1, np.int64), 2)
     counts = simd_lab.vector_instructions(simd_lab.asm(rung4_fused.forward_kernel, *args))
     reg = "zmm" if vec.VECTOR_BYTES == 64 else "ymm"
     # 16 accumulators of S = Q K^T and 16 of O += P V, each one FMA per step of its loop

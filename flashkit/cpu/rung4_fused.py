@@ -52,16 +52,39 @@ of 9-16 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios 
 from __future__ import annotations
 
 import numpy as np
+import numba
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.core.extending import intrinsic
 
 from flashkit.cpu import threads
-from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size, row_window, task_index, tile_map
+from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, cache_bytes, default_block_size, row_window, task_index, tile_map
 from flashkit.cpu.simd import fast_exp2
 from flashkit.cpu.vec import any_gt, bcast, exp2, fma, hsum, lanes, load, splat, store, vmax
 
-BLOCKS = (128, 256)  # preferred (Br, Bc) before the L2 rule
+BLOCKS = (128, 256)  # the largest (Br, Bc) before the cache rules (blocks)
 MR = 8  # query rows per micro-tile: 8 rows x 2 registers = 16 of the 32 zmm registers
 TAU = 8.0  # base-2 units: P = 2^(S - m_ref) <= 2^8 before m_ref must move
+
+
+# ---------------------------------------------------------------------------------------------
+# The task queue
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def fetch_add(typingctx, counter, n):
+    """counter[0] += n atomically; returns the value before. prange splits its range statically (each
+    thread gets its share up front), so a thread the OS deschedules, on a machine busy with other
+    work, finishes late and the whole call waits for it; workers that take tasks from a shared
+    counter share the work out by how fast each actually runs."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0]).data
+        step = context.cast(builder, args[1], sig.args[1], types.int64)
+        return builder.atomic_rmw("add", data, step, "monotonic")
+
+    return types.int64(counter, n), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +172,7 @@ def softmax_row(a0, a1, row, r, col, m, lv, Pb, BcP, W):
 # The kernel
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp, O, lse, tiles):
+def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp, O, lse, tiles, workers):
     B, Hq, Nq, d = Q.shape
     Hkv = KP.shape[1]
     group = Hq // Hkv
@@ -164,211 +187,236 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
     tau = dt(TAU)
     sc = dt(scale * 1.4426950408889634)  # scores in base-2 units
     ln2 = dt(0.6931471805599453)
-    for t in prange(B * Hq * Tr):
-        b, h, i = task_index(t, Hq, Tr)
-        hk = h // group
-        mb = b if bmap.shape[0] > 1 else 0
-        mh = h if bmap.shape[1] > 1 else 0
-        Kp, Vp = KP[b, hk], VP[b, hk]
-        i0 = i * Br
-        nr = min(Br, Nq - i0)
-        # Q_i * scale * log2(e) in panels of MR rows: QP[(rp * d + k) * MR + r]; padding rows 0
-        QP = np.zeros(BrP * d, Q.dtype)
-        for r in range(nr):
-            rp, rr = r // MR, r % MR
-            for k in range(d):
-                QP[(rp * d + k) * MR + rr] = Q[b, h, i0 + r, k] * sc
-        O_acc = np.zeros(BrP * Dp, Q.dtype)  # O_i, not yet divided by l
-        m = np.full(BrP, neg)  # m_ref of every row
-        lv = np.zeros(BrP * W, Q.dtype)  # row sums, W partial sums a row
+    n_tasks = B * Hq * Tr
+    n_workers = max(1, min(workers, n_tasks))  # workers: Numba's thread count (a call to it here could not be cached)
+    next_task = np.zeros(1, np.int64)  # the task queue: a counter every worker takes its next task from
+    for _ in prange(n_workers):
+        # per worker, reused by all its tasks
+        QP = np.empty(BrP * d, Q.dtype)  # Q_i * scale * log2(e) in panels of MR rows: QP[(rp * d + k) * MR + r]
+        O_acc = np.empty(BrP * Dp, Q.dtype)  # O_i, not yet divided by l
+        m = np.empty(BrP, Q.dtype)  # m_ref of every row
+        lv = np.empty(BrP * W, Q.dtype)  # row sums, W partial sums a row
         Pb = np.empty(MR * BcP, Q.dtype)  # P of one row panel, MR rows of BcP keys
         Sb = np.empty(MR * NR, Q.dtype)  # a micro-tile to mask
-        for j in range(Tc):
-            state = bmap[mb, mh, i, j]
-            if state == SKIP:
-                continue
-            tiles[t] += 1
-            j0 = j * Bc
-            nc = min(Bc, Nk - j0)
-            np_j = (nc + NR - 1) // NR  # key panels of this tile
-            for rp in range((nr + MR - 1) // MR):  # row panels holding rows of this task
-                row0 = rp * MR
-                qb = rp * d * MR
-                # rows of this panel that are written out: a window's bounds are monotone in the row
-                q_first, q_last = i0 + row0, i0 + min(row0 + MR, nr) - 1
-                lo_first, hi_first = row_window(q_first, Nq, Nk, left, right)
-                lo_last, hi_last = row_window(q_last, Nq, Nk, left, right)
-                for p in range(np_j):
-                    col = p * NR
-                    key0, key1 = j0 + col, j0 + min(col + NR, nc)  # the panel's keys [key0, key1)
-                    must_mask = col + NR > nc  # a ragged last panel: keys past the tile
-                    if state == PARTIAL:
-                        if key1 <= lo_first or key0 >= hi_last:
-                            # no row of the panel sees any of its keys: P = 0, no S computed
-                            for r in range(MR):
-                                for c in range(0, NR, W):
-                                    store(Pb, r * BcP + col + c, splat(dt(0)))
-                            continue
-                        must_mask = must_mask or has_mask or key0 < lo_last or key1 > hi_first
-                    # ---- S = Q K^T on an MR x NR tile: 16 accumulators in registers
-                    kb = (j * n_panels + p) * d * NR
-                    z = splat(dt(0))
-                    a00 = z
-                    a01 = z
-                    a10 = z
-                    a11 = z
-                    a20 = z
-                    a21 = z
-                    a30 = z
-                    a31 = z
-                    a40 = z
-                    a41 = z
-                    a50 = z
-                    a51 = z
-                    a60 = z
-                    a61 = z
-                    a70 = z
-                    a71 = z
-                    for k in range(d):
-                        k0 = load(Kp, kb + k * NR)
-                        k1 = load(Kp, kb + k * NR + W)
-                        qk = qb + k * MR
-                        q = bcast(QP, qk)
-                        a00 = fma(q, k0, a00)
-                        a01 = fma(q, k1, a01)
-                        q = bcast(QP, qk + 1)
-                        a10 = fma(q, k0, a10)
-                        a11 = fma(q, k1, a11)
-                        q = bcast(QP, qk + 2)
-                        a20 = fma(q, k0, a20)
-                        a21 = fma(q, k1, a21)
-                        q = bcast(QP, qk + 3)
-                        a30 = fma(q, k0, a30)
-                        a31 = fma(q, k1, a31)
-                        q = bcast(QP, qk + 4)
-                        a40 = fma(q, k0, a40)
-                        a41 = fma(q, k1, a41)
-                        q = bcast(QP, qk + 5)
-                        a50 = fma(q, k0, a50)
-                        a51 = fma(q, k1, a51)
-                        q = bcast(QP, qk + 6)
-                        a60 = fma(q, k0, a60)
-                        a61 = fma(q, k1, a61)
-                        q = bcast(QP, qk + 7)
-                        a70 = fma(q, k0, a70)
-                        a71 = fma(q, k1, a71)
-                    # ---- the cold path: a mask, or a row whose m_ref must move (through a scratch tile)
-                    if (must_mask or over(a00, a01, m[row0], tau) or over(a10, a11, m[row0 + 1], tau)
-                            or over(a20, a21, m[row0 + 2], tau) or over(a30, a31, m[row0 + 3], tau)
-                            or over(a40, a41, m[row0 + 4], tau) or over(a50, a51, m[row0 + 5], tau)
-                            or over(a60, a61, m[row0 + 6], tau) or over(a70, a71, m[row0 + 7], tau)):
-                        for x, a in enumerate((a00, a01, a10, a11, a20, a21, a30, a31,
-                                               a40, a41, a50, a51, a60, a61, a70, a71)):
-                            store(Sb, x * W, a)
-                        fix_tile(Sb, W, must_mask, i0 + row0, j0 + col, nr - row0, nc - col, Nq, Nk, left,
-                                 right, mask, has_mask, mb, mh, row0, m, lv, O_acc, Pb, col, BcP, Dp, tau)
-                        a00, a01, a10, a11 = load(Sb, 0), load(Sb, W), load(Sb, 2 * W), load(Sb, 3 * W)
-                        a20, a21, a30, a31 = load(Sb, 4 * W), load(Sb, 5 * W), load(Sb, 6 * W), load(Sb, 7 * W)
-                        a40, a41, a50, a51 = load(Sb, 8 * W), load(Sb, 9 * W), load(Sb, 10 * W), load(Sb, 11 * W)
-                        a60, a61, a70, a71 = load(Sb, 12 * W), load(Sb, 13 * W), load(Sb, 14 * W), load(Sb, 15 * W)
-                    # ---- P = 2^(S - m_ref), row sums, P to L1: from the registers
-                    softmax_row(a00, a01, row0, 0, col, m, lv, Pb, BcP, W)
-                    softmax_row(a10, a11, row0 + 1, 1, col, m, lv, Pb, BcP, W)
-                    softmax_row(a20, a21, row0 + 2, 2, col, m, lv, Pb, BcP, W)
-                    softmax_row(a30, a31, row0 + 3, 3, col, m, lv, Pb, BcP, W)
-                    softmax_row(a40, a41, row0 + 4, 4, col, m, lv, Pb, BcP, W)
-                    softmax_row(a50, a51, row0 + 5, 5, col, m, lv, Pb, BcP, W)
-                    softmax_row(a60, a61, row0 + 6, 6, col, m, lv, Pb, BcP, W)
-                    softmax_row(a70, a71, row0 + 7, 7, col, m, lv, Pb, BcP, W)
-                # ---- O += P V_j: an MR x 2-register tile of O per pass over the keys
-                n_keys = np_j * NR  # P of the padding keys is 0, their V rows 0
-                for dc in range(0, Dp, NR):
-                    ob = row0 * Dp + dc
-                    o00 = load(O_acc, ob)
-                    o01 = load(O_acc, ob + W)
-                    o10 = load(O_acc, ob + Dp)
-                    o11 = load(O_acc, ob + Dp + W)
-                    o20 = load(O_acc, ob + 2 * Dp)
-                    o21 = load(O_acc, ob + 2 * Dp + W)
-                    o30 = load(O_acc, ob + 3 * Dp)
-                    o31 = load(O_acc, ob + 3 * Dp + W)
-                    o40 = load(O_acc, ob + 4 * Dp)
-                    o41 = load(O_acc, ob + 4 * Dp + W)
-                    o50 = load(O_acc, ob + 5 * Dp)
-                    o51 = load(O_acc, ob + 5 * Dp + W)
-                    o60 = load(O_acc, ob + 6 * Dp)
-                    o61 = load(O_acc, ob + 6 * Dp + W)
-                    o70 = load(O_acc, ob + 7 * Dp)
-                    o71 = load(O_acc, ob + 7 * Dp + W)
-                    for c in range(n_keys):
-                        vb = (j * BcP + c) * Dp + dc
-                        v0 = load(Vp, vb)
-                        v1 = load(Vp, vb + W)
-                        p = bcast(Pb, c)
-                        o00 = fma(p, v0, o00)
-                        o01 = fma(p, v1, o01)
-                        p = bcast(Pb, BcP + c)
-                        o10 = fma(p, v0, o10)
-                        o11 = fma(p, v1, o11)
-                        p = bcast(Pb, 2 * BcP + c)
-                        o20 = fma(p, v0, o20)
-                        o21 = fma(p, v1, o21)
-                        p = bcast(Pb, 3 * BcP + c)
-                        o30 = fma(p, v0, o30)
-                        o31 = fma(p, v1, o31)
-                        p = bcast(Pb, 4 * BcP + c)
-                        o40 = fma(p, v0, o40)
-                        o41 = fma(p, v1, o41)
-                        p = bcast(Pb, 5 * BcP + c)
-                        o50 = fma(p, v0, o50)
-                        o51 = fma(p, v1, o51)
-                        p = bcast(Pb, 6 * BcP + c)
-                        o60 = fma(p, v0, o60)
-                        o61 = fma(p, v1, o61)
-                        p = bcast(Pb, 7 * BcP + c)
-                        o70 = fma(p, v0, o70)
-                        o71 = fma(p, v1, o71)
-                    store(O_acc, ob, o00)
-                    store(O_acc, ob + W, o01)
-                    store(O_acc, ob + Dp, o10)
-                    store(O_acc, ob + Dp + W, o11)
-                    store(O_acc, ob + 2 * Dp, o20)
-                    store(O_acc, ob + 2 * Dp + W, o21)
-                    store(O_acc, ob + 3 * Dp, o30)
-                    store(O_acc, ob + 3 * Dp + W, o31)
-                    store(O_acc, ob + 4 * Dp, o40)
-                    store(O_acc, ob + 4 * Dp + W, o41)
-                    store(O_acc, ob + 5 * Dp, o50)
-                    store(O_acc, ob + 5 * Dp + W, o51)
-                    store(O_acc, ob + 6 * Dp, o60)
-                    store(O_acc, ob + 6 * Dp + W, o61)
-                    store(O_acc, ob + 7 * Dp, o70)
-                    store(O_acc, ob + 7 * Dp + W, o71)
-        # O_i = diag(l)^-1 O_i,  lse = m_ref ln2 + log(l);  a row that saw no key: 0 and -inf
-        for r in range(nr):
-            if m[r] == neg:
-                O[b, h, i0 + r, :] = 0
-                lse[b, h, i0 + r] = -np.inf
-            else:
-                l_r = hsum(load(lv, r * W))
-                inv = dt(1) / l_r
+        t = fetch_add(next_task, 1)
+        while t < n_tasks:
+            b, h, i = task_index(t, Hq, Tr)
+            hk = h // group
+            mb = b if bmap.shape[0] > 1 else 0
+            mh = h if bmap.shape[1] > 1 else 0
+            Kp, Vp = KP[b, hk], VP[b, hk]
+            i0 = i * Br
+            nr = min(Br, Nq - i0)
+            QP[:] = 0  # padding rows 0
+            for r in range(nr):
+                rp, rr = r // MR, r % MR
                 for k in range(d):
-                    O[b, h, i0 + r, k] = O_acc[r * Dp + k] * inv
-                lse[b, h, i0 + r] = m[r] * ln2 + np.log(l_r)
+                    QP[(rp * d + k) * MR + rr] = Q[b, h, i0 + r, k] * sc
+            O_acc[:] = 0
+            m[:] = neg
+            lv[:] = 0
+            for j in range(Tc):
+                state = bmap[mb, mh, i, j]
+                if state == SKIP:
+                    continue
+                tiles[t] += 1
+                j0 = j * Bc
+                nc = min(Bc, Nk - j0)
+                np_j = (nc + NR - 1) // NR  # key panels of this tile
+                for rp in range((nr + MR - 1) // MR):  # row panels holding rows of this task
+                    row0 = rp * MR
+                    qb = rp * d * MR
+                    # rows of this panel that are written out: a window's bounds are monotone in the row
+                    q_first, q_last = i0 + row0, i0 + min(row0 + MR, nr) - 1
+                    lo_first, hi_first = row_window(q_first, Nq, Nk, left, right)
+                    lo_last, hi_last = row_window(q_last, Nq, Nk, left, right)
+                    for p in range(np_j):
+                        col = p * NR
+                        key0, key1 = j0 + col, j0 + min(col + NR, nc)  # the panel's keys [key0, key1)
+                        must_mask = col + NR > nc  # a ragged last panel: keys past the tile
+                        if state == PARTIAL:
+                            if key1 <= lo_first or key0 >= hi_last:
+                                # no row of the panel sees any of its keys: P = 0, no S computed
+                                for r in range(MR):
+                                    for c in range(0, NR, W):
+                                        store(Pb, r * BcP + col + c, splat(dt(0)))
+                                continue
+                            must_mask = must_mask or has_mask or key0 < lo_last or key1 > hi_first
+                        # ---- S = Q K^T on an MR x NR tile: 16 accumulators in registers
+                        kb = (j * n_panels + p) * d * NR
+                        z = splat(dt(0))
+                        a00 = z
+                        a01 = z
+                        a10 = z
+                        a11 = z
+                        a20 = z
+                        a21 = z
+                        a30 = z
+                        a31 = z
+                        a40 = z
+                        a41 = z
+                        a50 = z
+                        a51 = z
+                        a60 = z
+                        a61 = z
+                        a70 = z
+                        a71 = z
+                        for k in range(d):
+                            k0 = load(Kp, kb + k * NR)
+                            k1 = load(Kp, kb + k * NR + W)
+                            qk = qb + k * MR
+                            q = bcast(QP, qk)
+                            a00 = fma(q, k0, a00)
+                            a01 = fma(q, k1, a01)
+                            q = bcast(QP, qk + 1)
+                            a10 = fma(q, k0, a10)
+                            a11 = fma(q, k1, a11)
+                            q = bcast(QP, qk + 2)
+                            a20 = fma(q, k0, a20)
+                            a21 = fma(q, k1, a21)
+                            q = bcast(QP, qk + 3)
+                            a30 = fma(q, k0, a30)
+                            a31 = fma(q, k1, a31)
+                            q = bcast(QP, qk + 4)
+                            a40 = fma(q, k0, a40)
+                            a41 = fma(q, k1, a41)
+                            q = bcast(QP, qk + 5)
+                            a50 = fma(q, k0, a50)
+                            a51 = fma(q, k1, a51)
+                            q = bcast(QP, qk + 6)
+                            a60 = fma(q, k0, a60)
+                            a61 = fma(q, k1, a61)
+                            q = bcast(QP, qk + 7)
+                            a70 = fma(q, k0, a70)
+                            a71 = fma(q, k1, a71)
+                        # ---- the cold path: a mask, or a row whose m_ref must move (through a scratch tile)
+                        if (must_mask or over(a00, a01, m[row0], tau) or over(a10, a11, m[row0 + 1], tau)
+                                or over(a20, a21, m[row0 + 2], tau) or over(a30, a31, m[row0 + 3], tau)
+                                or over(a40, a41, m[row0 + 4], tau) or over(a50, a51, m[row0 + 5], tau)
+                                or over(a60, a61, m[row0 + 6], tau) or over(a70, a71, m[row0 + 7], tau)):
+                            for x, a in enumerate((a00, a01, a10, a11, a20, a21, a30, a31,
+                                                   a40, a41, a50, a51, a60, a61, a70, a71)):
+                                store(Sb, x * W, a)
+                            fix_tile(Sb, W, must_mask, i0 + row0, j0 + col, nr - row0, nc - col, Nq, Nk, left,
+                                     right, mask, has_mask, mb, mh, row0, m, lv, O_acc, Pb, col, BcP, Dp, tau)
+                            a00, a01, a10, a11 = load(Sb, 0), load(Sb, W), load(Sb, 2 * W), load(Sb, 3 * W)
+                            a20, a21, a30, a31 = load(Sb, 4 * W), load(Sb, 5 * W), load(Sb, 6 * W), load(Sb, 7 * W)
+                            a40, a41, a50, a51 = load(Sb, 8 * W), load(Sb, 9 * W), load(Sb, 10 * W), load(Sb, 11 * W)
+                            a60, a61, a70, a71 = load(Sb, 12 * W), load(Sb, 13 * W), load(Sb, 14 * W), load(Sb, 15 * W)
+                        # ---- P = 2^(S - m_ref), row sums, P to L1: from the registers
+                        softmax_row(a00, a01, row0, 0, col, m, lv, Pb, BcP, W)
+                        softmax_row(a10, a11, row0 + 1, 1, col, m, lv, Pb, BcP, W)
+                        softmax_row(a20, a21, row0 + 2, 2, col, m, lv, Pb, BcP, W)
+                        softmax_row(a30, a31, row0 + 3, 3, col, m, lv, Pb, BcP, W)
+                        softmax_row(a40, a41, row0 + 4, 4, col, m, lv, Pb, BcP, W)
+                        softmax_row(a50, a51, row0 + 5, 5, col, m, lv, Pb, BcP, W)
+                        softmax_row(a60, a61, row0 + 6, 6, col, m, lv, Pb, BcP, W)
+                        softmax_row(a70, a71, row0 + 7, 7, col, m, lv, Pb, BcP, W)
+                    # ---- O += P V_j: an MR x 2-register tile of O per pass over the keys
+                    n_keys = np_j * NR  # P of the padding keys is 0, their V rows 0
+                    for dc in range(0, Dp, NR):
+                        ob = row0 * Dp + dc
+                        o00 = load(O_acc, ob)
+                        o01 = load(O_acc, ob + W)
+                        o10 = load(O_acc, ob + Dp)
+                        o11 = load(O_acc, ob + Dp + W)
+                        o20 = load(O_acc, ob + 2 * Dp)
+                        o21 = load(O_acc, ob + 2 * Dp + W)
+                        o30 = load(O_acc, ob + 3 * Dp)
+                        o31 = load(O_acc, ob + 3 * Dp + W)
+                        o40 = load(O_acc, ob + 4 * Dp)
+                        o41 = load(O_acc, ob + 4 * Dp + W)
+                        o50 = load(O_acc, ob + 5 * Dp)
+                        o51 = load(O_acc, ob + 5 * Dp + W)
+                        o60 = load(O_acc, ob + 6 * Dp)
+                        o61 = load(O_acc, ob + 6 * Dp + W)
+                        o70 = load(O_acc, ob + 7 * Dp)
+                        o71 = load(O_acc, ob + 7 * Dp + W)
+                        for c in range(n_keys):
+                            vb = (j * BcP + c) * Dp + dc
+                            v0 = load(Vp, vb)
+                            v1 = load(Vp, vb + W)
+                            p = bcast(Pb, c)
+                            o00 = fma(p, v0, o00)
+                            o01 = fma(p, v1, o01)
+                            p = bcast(Pb, BcP + c)
+                            o10 = fma(p, v0, o10)
+                            o11 = fma(p, v1, o11)
+                            p = bcast(Pb, 2 * BcP + c)
+                            o20 = fma(p, v0, o20)
+                            o21 = fma(p, v1, o21)
+                            p = bcast(Pb, 3 * BcP + c)
+                            o30 = fma(p, v0, o30)
+                            o31 = fma(p, v1, o31)
+                            p = bcast(Pb, 4 * BcP + c)
+                            o40 = fma(p, v0, o40)
+                            o41 = fma(p, v1, o41)
+                            p = bcast(Pb, 5 * BcP + c)
+                            o50 = fma(p, v0, o50)
+                            o51 = fma(p, v1, o51)
+                            p = bcast(Pb, 6 * BcP + c)
+                            o60 = fma(p, v0, o60)
+                            o61 = fma(p, v1, o61)
+                            p = bcast(Pb, 7 * BcP + c)
+                            o70 = fma(p, v0, o70)
+                            o71 = fma(p, v1, o71)
+                        store(O_acc, ob, o00)
+                        store(O_acc, ob + W, o01)
+                        store(O_acc, ob + Dp, o10)
+                        store(O_acc, ob + Dp + W, o11)
+                        store(O_acc, ob + 2 * Dp, o20)
+                        store(O_acc, ob + 2 * Dp + W, o21)
+                        store(O_acc, ob + 3 * Dp, o30)
+                        store(O_acc, ob + 3 * Dp + W, o31)
+                        store(O_acc, ob + 4 * Dp, o40)
+                        store(O_acc, ob + 4 * Dp + W, o41)
+                        store(O_acc, ob + 5 * Dp, o50)
+                        store(O_acc, ob + 5 * Dp + W, o51)
+                        store(O_acc, ob + 6 * Dp, o60)
+                        store(O_acc, ob + 6 * Dp + W, o61)
+                        store(O_acc, ob + 7 * Dp, o70)
+                        store(O_acc, ob + 7 * Dp + W, o71)
+            # O_i = diag(l)^-1 O_i,  lse = m_ref ln2 + log(l);  a row that saw no key: 0 and -inf
+            for r in range(nr):
+                if m[r] == neg:
+                    O[b, h, i0 + r, :] = 0
+                    lse[b, h, i0 + r] = -np.inf
+                else:
+                    l_r = hsum(load(lv, r * W))
+                    inv = dt(1) / l_r
+                    for k in range(d):
+                        O[b, h, i0 + r, k] = O_acc[r * Dp + k] * inv
+                    lse[b, h, i0 + r] = m[r] * ln2 + np.log(l_r)
+
+            t = fetch_add(next_task, 1)
+
+def l1_keys(d, Dp, itemsize, NR, l1=None):
+    """Bc, the keys of a tile: the largest multiple of NR whose K_j and V_j panels fit the L1 cache of
+    a core together with what one row panel adds (its Q panel, P rows and O tile). Every row panel
+    streams all of K_j through the S micro-kernel and all of V_j through the P V one, so a tile that
+    fits L1 is read from L1 Br / MR times; a larger one comes from L2 each time (measured: 128 x 256
+    tiles, 2 x 64 KiB of panels, ran 11-13% slower than 128 x 64 on a 48 KiB L1)."""
+    l1 = l1 or cache_bytes(1) or 32 * 1024
+    per_key = (d + Dp + MR) * itemsize  # a key's column of K_j, row of V_j and column of P
+    fixed = MR * (d + Dp) * itemsize  # a row panel's Q and O tile
+    return max(NR, (l1 - fixed) // per_key // NR * NR)
 
 
 def blocks(problem, itemsize, W):
-    """(Br, Bc, BcP, Dp): the tile from problem.block_size or the L2 rule (common.default_block_size),
-    Bc padded to whole panels of NR = 2W keys (BcP) and d to whole pairs of registers (Dp)."""
+    """(Br, Bc, BcP, Dp): the tile from problem.block_size, or Bc from the L1 rule (l1_keys) and Br from
+    the L2 rule (common.default_block_size); Bc padded to whole panels of NR = 2W keys (BcP) and d to
+    whole pairs of registers (Dp)."""
     NR = 2 * W
     d = problem.d
+    Dp = -(-d // NR) * NR
     if problem.block_size is not None:
         Br, Bc = (int(x) for x in problem.block_size)
     else:
-        Br, Bc = default_block_size(d, itemsize, *BLOCKS)
+        Bc = min(BLOCKS[1], l1_keys(d, Dp, itemsize, NR))
+        Br, Bc = default_block_size(d, itemsize, BLOCKS[0], Bc)
         Br, Bc = max(MR, Br // MR * MR), max(NR, Bc // NR * NR)
     Br, Bc = max(1, min(Br, problem.Nq)), max(1, min(Bc, problem.Nk))
-    return Br, Bc, -(-Bc // NR) * NR, -(-d // NR) * NR
+    return Br, Bc, -(-Bc // NR) * NR, Dp
 
 
 def run(problem, stats=False):
@@ -391,5 +439,5 @@ def run(problem, stats=False):
     with threads.for_work(problem.flops()):
         pack_kv(K, V, Bc, BcP, Dp, KP, VP)
         forward_kernel(Q, KP, VP, Nk, float(problem.scale), left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp,
-                       O, lse, tiles)
+                       O, lse, tiles, numba.get_num_threads())
     return (O, lse, tiles) if stats else (O, lse)
