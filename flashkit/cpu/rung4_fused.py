@@ -60,10 +60,13 @@ from numba.core.extending import intrinsic
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, cache_bytes, default_block_size, row_window, task_index, tile_map
 from flashkit.cpu.simd import fast_exp2
-from flashkit.cpu.vec import any_gt, bcast, exp2, fma, hsum, lanes, load, splat, store, vmax
+from flashkit.cpu.vec import VECTOR_BYTES, any_gt, bcast, exp2, fma, hsum, lanes, load, splat, store, vmax
 
 BLOCKS = (128, 256)  # the largest (Br, Bc) before the cache rules (blocks)
-MR = 8  # query rows per micro-tile: 8 rows x 2 registers = 16 of the 32 zmm registers
+# Query rows per micro-tile: 8 rows x 2 registers = 16 accumulators of the 32 zmm registers (AVX-512);
+# with AVX2's 16 ymm registers 6 rows (12 accumulators, 2 of K or V, 1 broadcast: 15), since 8 spilled
+# accumulators in the inner loop (the asm showed 6 loads and stores a step and 20 register moves).
+MR = 8 if VECTOR_BYTES == 64 else 6
 TAU = 8.0  # base-2 units: P = 2^(S - m_ref) <= 2^8 before m_ref must move
 
 
@@ -242,25 +245,12 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                                         store(Pb, r * BcP + col + c, splat(dt(0)))
                                 continue
                             must_mask = must_mask or has_mask or key0 < lo_last or key1 > hi_first
-                        # ---- S = Q K^T on an MR x NR tile: 16 accumulators in registers
+                        # ---- S = Q K^T on an MR x NR tile: 2 * MR accumulators in registers. Rows 4-5 and
+                        # 6-7 exist where MR says (a compile-time constant: LLVM drops the others' code)
                         kb = (j * n_panels + p) * d * NR
                         z = splat(dt(0))
-                        a00 = z
-                        a01 = z
-                        a10 = z
-                        a11 = z
-                        a20 = z
-                        a21 = z
-                        a30 = z
-                        a31 = z
-                        a40 = z
-                        a41 = z
-                        a50 = z
-                        a51 = z
-                        a60 = z
-                        a61 = z
-                        a70 = z
-                        a71 = z
+                        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
+                        a40 = a41 = a50 = a51 = a60 = a61 = a70 = a71 = z
                         for k in range(d):
                             k0 = load(Kp, kb + k * NR)
                             k1 = load(Kp, kb + k * NR + W)
@@ -277,61 +267,69 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                             q = bcast(QP, qk + 3)
                             a30 = fma(q, k0, a30)
                             a31 = fma(q, k1, a31)
-                            q = bcast(QP, qk + 4)
-                            a40 = fma(q, k0, a40)
-                            a41 = fma(q, k1, a41)
-                            q = bcast(QP, qk + 5)
-                            a50 = fma(q, k0, a50)
-                            a51 = fma(q, k1, a51)
-                            q = bcast(QP, qk + 6)
-                            a60 = fma(q, k0, a60)
-                            a61 = fma(q, k1, a61)
-                            q = bcast(QP, qk + 7)
-                            a70 = fma(q, k0, a70)
-                            a71 = fma(q, k1, a71)
+                            if MR > 4:
+                                q = bcast(QP, qk + 4)
+                                a40 = fma(q, k0, a40)
+                                a41 = fma(q, k1, a41)
+                                q = bcast(QP, qk + 5)
+                                a50 = fma(q, k0, a50)
+                                a51 = fma(q, k1, a51)
+                            if MR > 6:
+                                q = bcast(QP, qk + 6)
+                                a60 = fma(q, k0, a60)
+                                a61 = fma(q, k1, a61)
+                                q = bcast(QP, qk + 7)
+                                a70 = fma(q, k0, a70)
+                                a71 = fma(q, k1, a71)
                         # ---- the cold path: a mask, or a row whose m_ref must move (through a scratch tile)
-                        if (must_mask or over(a00, a01, m[row0], tau) or over(a10, a11, m[row0 + 1], tau)
-                                or over(a20, a21, m[row0 + 2], tau) or over(a30, a31, m[row0 + 3], tau)
-                                or over(a40, a41, m[row0 + 4], tau) or over(a50, a51, m[row0 + 5], tau)
-                                or over(a60, a61, m[row0 + 6], tau) or over(a70, a71, m[row0 + 7], tau)):
+                        hot = not must_mask
+                        hot = hot and not over(a00, a01, m[row0], tau) and not over(a10, a11, m[row0 + 1], tau)
+                        hot = hot and not over(a20, a21, m[row0 + 2], tau) and not over(a30, a31, m[row0 + 3], tau)
+                        if MR > 4:
+                            hot = hot and not over(a40, a41, m[row0 + 4], tau) and not over(a50, a51, m[row0 + 5], tau)
+                        if MR > 6:
+                            hot = hot and not over(a60, a61, m[row0 + 6], tau) and not over(a70, a71, m[row0 + 7], tau)
+                        if not hot:
                             for x, a in enumerate((a00, a01, a10, a11, a20, a21, a30, a31,
                                                    a40, a41, a50, a51, a60, a61, a70, a71)):
-                                store(Sb, x * W, a)
+                                if x < 2 * MR:
+                                    store(Sb, x * W, a)
                             fix_tile(Sb, W, must_mask, i0 + row0, j0 + col, nr - row0, nc - col, Nq, Nk, left,
                                      right, mask, has_mask, mb, mh, row0, m, lv, O_acc, Pb, col, BcP, Dp, tau)
                             a00, a01, a10, a11 = load(Sb, 0), load(Sb, W), load(Sb, 2 * W), load(Sb, 3 * W)
                             a20, a21, a30, a31 = load(Sb, 4 * W), load(Sb, 5 * W), load(Sb, 6 * W), load(Sb, 7 * W)
-                            a40, a41, a50, a51 = load(Sb, 8 * W), load(Sb, 9 * W), load(Sb, 10 * W), load(Sb, 11 * W)
-                            a60, a61, a70, a71 = load(Sb, 12 * W), load(Sb, 13 * W), load(Sb, 14 * W), load(Sb, 15 * W)
+                            if MR > 4:
+                                a40, a41 = load(Sb, 8 * W), load(Sb, 9 * W)
+                                a50, a51 = load(Sb, 10 * W), load(Sb, 11 * W)
+                            if MR > 6:
+                                a60, a61 = load(Sb, 12 * W), load(Sb, 13 * W)
+                                a70, a71 = load(Sb, 14 * W), load(Sb, 15 * W)
                         # ---- P = 2^(S - m_ref), row sums, P to L1: from the registers
                         softmax_row(a00, a01, row0, 0, col, m, lv, Pb, BcP, W)
                         softmax_row(a10, a11, row0 + 1, 1, col, m, lv, Pb, BcP, W)
                         softmax_row(a20, a21, row0 + 2, 2, col, m, lv, Pb, BcP, W)
                         softmax_row(a30, a31, row0 + 3, 3, col, m, lv, Pb, BcP, W)
-                        softmax_row(a40, a41, row0 + 4, 4, col, m, lv, Pb, BcP, W)
-                        softmax_row(a50, a51, row0 + 5, 5, col, m, lv, Pb, BcP, W)
-                        softmax_row(a60, a61, row0 + 6, 6, col, m, lv, Pb, BcP, W)
-                        softmax_row(a70, a71, row0 + 7, 7, col, m, lv, Pb, BcP, W)
+                        if MR > 4:
+                            softmax_row(a40, a41, row0 + 4, 4, col, m, lv, Pb, BcP, W)
+                            softmax_row(a50, a51, row0 + 5, 5, col, m, lv, Pb, BcP, W)
+                        if MR > 6:
+                            softmax_row(a60, a61, row0 + 6, 6, col, m, lv, Pb, BcP, W)
+                            softmax_row(a70, a71, row0 + 7, 7, col, m, lv, Pb, BcP, W)
                     # ---- O += P V_j: an MR x 2-register tile of O per pass over the keys
                     n_keys = np_j * NR  # P of the padding keys is 0, their V rows 0
                     for dc in range(0, Dp, NR):
                         ob = row0 * Dp + dc
-                        o00 = load(O_acc, ob)
-                        o01 = load(O_acc, ob + W)
-                        o10 = load(O_acc, ob + Dp)
-                        o11 = load(O_acc, ob + Dp + W)
-                        o20 = load(O_acc, ob + 2 * Dp)
-                        o21 = load(O_acc, ob + 2 * Dp + W)
-                        o30 = load(O_acc, ob + 3 * Dp)
-                        o31 = load(O_acc, ob + 3 * Dp + W)
-                        o40 = load(O_acc, ob + 4 * Dp)
-                        o41 = load(O_acc, ob + 4 * Dp + W)
-                        o50 = load(O_acc, ob + 5 * Dp)
-                        o51 = load(O_acc, ob + 5 * Dp + W)
-                        o60 = load(O_acc, ob + 6 * Dp)
-                        o61 = load(O_acc, ob + 6 * Dp + W)
-                        o70 = load(O_acc, ob + 7 * Dp)
-                        o71 = load(O_acc, ob + 7 * Dp + W)
+                        o00, o01 = load(O_acc, ob), load(O_acc, ob + W)
+                        o10, o11 = load(O_acc, ob + Dp), load(O_acc, ob + Dp + W)
+                        o20, o21 = load(O_acc, ob + 2 * Dp), load(O_acc, ob + 2 * Dp + W)
+                        o30, o31 = load(O_acc, ob + 3 * Dp), load(O_acc, ob + 3 * Dp + W)
+                        o40 = o41 = o50 = o51 = o60 = o61 = o70 = o71 = o00
+                        if MR > 4:
+                            o40, o41 = load(O_acc, ob + 4 * Dp), load(O_acc, ob + 4 * Dp + W)
+                            o50, o51 = load(O_acc, ob + 5 * Dp), load(O_acc, ob + 5 * Dp + W)
+                        if MR > 6:
+                            o60, o61 = load(O_acc, ob + 6 * Dp), load(O_acc, ob + 6 * Dp + W)
+                            o70, o71 = load(O_acc, ob + 7 * Dp), load(O_acc, ob + 7 * Dp + W)
                         for c in range(n_keys):
                             vb = (j * BcP + c) * Dp + dc
                             v0 = load(Vp, vb)
@@ -348,18 +346,20 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                             p = bcast(Pb, 3 * BcP + c)
                             o30 = fma(p, v0, o30)
                             o31 = fma(p, v1, o31)
-                            p = bcast(Pb, 4 * BcP + c)
-                            o40 = fma(p, v0, o40)
-                            o41 = fma(p, v1, o41)
-                            p = bcast(Pb, 5 * BcP + c)
-                            o50 = fma(p, v0, o50)
-                            o51 = fma(p, v1, o51)
-                            p = bcast(Pb, 6 * BcP + c)
-                            o60 = fma(p, v0, o60)
-                            o61 = fma(p, v1, o61)
-                            p = bcast(Pb, 7 * BcP + c)
-                            o70 = fma(p, v0, o70)
-                            o71 = fma(p, v1, o71)
+                            if MR > 4:
+                                p = bcast(Pb, 4 * BcP + c)
+                                o40 = fma(p, v0, o40)
+                                o41 = fma(p, v1, o41)
+                                p = bcast(Pb, 5 * BcP + c)
+                                o50 = fma(p, v0, o50)
+                                o51 = fma(p, v1, o51)
+                            if MR > 6:
+                                p = bcast(Pb, 6 * BcP + c)
+                                o60 = fma(p, v0, o60)
+                                o61 = fma(p, v1, o61)
+                                p = bcast(Pb, 7 * BcP + c)
+                                o70 = fma(p, v0, o70)
+                                o71 = fma(p, v1, o71)
                         store(O_acc, ob, o00)
                         store(O_acc, ob + W, o01)
                         store(O_acc, ob + Dp, o10)
@@ -368,14 +368,16 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                         store(O_acc, ob + 2 * Dp + W, o21)
                         store(O_acc, ob + 3 * Dp, o30)
                         store(O_acc, ob + 3 * Dp + W, o31)
-                        store(O_acc, ob + 4 * Dp, o40)
-                        store(O_acc, ob + 4 * Dp + W, o41)
-                        store(O_acc, ob + 5 * Dp, o50)
-                        store(O_acc, ob + 5 * Dp + W, o51)
-                        store(O_acc, ob + 6 * Dp, o60)
-                        store(O_acc, ob + 6 * Dp + W, o61)
-                        store(O_acc, ob + 7 * Dp, o70)
-                        store(O_acc, ob + 7 * Dp + W, o71)
+                        if MR > 4:
+                            store(O_acc, ob + 4 * Dp, o40)
+                            store(O_acc, ob + 4 * Dp + W, o41)
+                            store(O_acc, ob + 5 * Dp, o50)
+                            store(O_acc, ob + 5 * Dp + W, o51)
+                        if MR > 6:
+                            store(O_acc, ob + 6 * Dp, o60)
+                            store(O_acc, ob + 6 * Dp + W, o61)
+                            store(O_acc, ob + 7 * Dp, o70)
+                            store(O_acc, ob + 7 * Dp + W, o71)
             # O_i = diag(l)^-1 O_i,  lse = m_ref ln2 + log(l);  a row that saw no key: 0 and -inf
             for r in range(nr):
                 if m[r] == neg:
@@ -421,8 +423,6 @@ def blocks(problem, itemsize, W):
 
 def run(problem, stats=False):
     """(O, lse) of a Problem; with stats=True also the per-task count of computed tiles."""
-    from flashkit.cpu.vec import VECTOR_BYTES
-
     Q, K, V = (np.ascontiguousarray(x) for x in (problem.Q, problem.K, problem.V))
     B, Hkv, Nk, d = K.shape
     W = VECTOR_BYTES // Q.dtype.itemsize
