@@ -14,40 +14,77 @@ registers), with the softmax moved into the micro-kernel:
   * K and V are packed once per call (`pack_kv`, parallel over heads): K_j transposed into panels of
     NR keys (d x NR, contiguous, zero-padded), V with d rounded up to 2 registers; Q_i once per task,
     scaled by scale * log2(e), in panels of MR rows (d x MR).
-  * S = Q K^T: an MR x NR tile (8 rows x 2 registers = 16 accumulators) per micro-kernel call, d steps
-    of 2 loads + 8 broadcasts + 16 FMAs (`vfmadd231ps zmm`, tests/test_cpu_kernels.py reads the asm).
+  * S = Q K^T: an MR x NR tile (MR rows x 2 registers) per micro-kernel call, d steps of 2 loads +
+    MR broadcasts + 2 MR FMAs (`vfmadd231ps`, tests/test_cpu_kernels.py reads the asm). MR = 8 with
+    AVX-512 (16 accumulators of 32 zmm registers), 6 with AVX2 (12 of 16 ymm: 8 rows spilled there).
   * While the tile is in registers: the mask (PARTIAL tiles only), then per row the online softmax with
     a lazy maximum (FlashAttention-4's trick): P = 2^(S - m_ref) with the row's reference m_ref,
     changed (and O, l and this tile's P rescaled) only when a score exceeds m_ref + TAU. P <= 2^TAU,
     so nothing overflows, and the rescale, rare, costs nothing in the common case: no row max pass.
-    exp2 is simd.fast_exp2's polynomial on a whole register; the row sums stay vectors until the end.
+    exp2 (vec.exp2) is a degree-5 polynomial on a whole register, scaled by 2^n with one vscalefps
+    where there is AVX-512; the row sums stay vectors until the end.
   * O += P V: an MR x 2-register tile of O per pass over the tile's keys, P broadcast from L1.
-
   * In causal and window tiles, a panel no row sees is skipped (P = 0, no S computed), and only panels a
     window boundary crosses are masked; the others run the unmasked path.
+  * The threads take tasks (a block of Br query rows of one head) from a shared counter (`fetch_add`),
+    each with its own buffers, instead of prange's static split: a causal call's tasks differ in
+    size, and on a machine shared with other work a thread the OS deschedules no longer holds back
+    the call: the other takes more tasks.
 
-Blocks: Br x Bc from common.default_block_size (the L2 budget the notebooks teach), rounded to the
-micro-tile (Br to MR rows, Bc to NR keys); any block_size works (ragged panels are masked).
+Blocks: Bc from the L1 cache (`l1_keys`: K_j, V_j and one row panel's Q, P and O fit in L1, since every
+row panel streams all of K_j and V_j), Br from common.default_block_size (the L2 budget the notebooks
+teach); rounded to the micro-tile (Br to MR rows, Bc to NR keys); any block_size works (ragged panels
+are masked). Here (48 KiB L1, 2 MiB L2, d = 64, float32): 128 x 64.
 
-Measured on a shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average
-of 9-16 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
-  * one thread, CPU time, min of 5 interleaved rounds, H=2, N=2048 (sgemm 2048^2 on one thread 98 GF/s
-    in the same run): this rung 86 GFLOP/s = 88% of sgemm, 1.04x torch SDPA's time (torch 90, 92%);
-    causal 75 GFLOP/s, 0.92x torch's time (torch 69); rung 3 55 (57%) and 61 causal.
-  * benchmarks/cpu_forward.py --ns 2048,4096, H=8, both cores, load average 5-7
-    (benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json): time / torch SDPA's time 1.08 at N=2048
-    (rung 3 1.25), 1.27 at N=4096 (rung 3 1.28); causal 1.19 (rung 3 1.21) and 1.02 (rung 3 2.03).
-    FLOPs per CPU-second, which the load disturbs least: 85 / 71 GFLOP/s against torch's 92 / 91 and
-    sgemm's 111 (76% / 64%), causal 52 / 92 against torch's 61 / 88. An earlier run of the same
-    script under a load average of 14: 1.26x torch's time, 0.96x causal, at N=4096.
-    The goal (<= 0.85x torch's time, >= 85% of sgemm) is not reached on this machine.
-  * steps that paid, each measured on one thread as above: the vector registers themselves (the same
+Measured on a shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 48 KiB L1 and 2 MiB L2 a core),
+fp32, B=1, d=64. Other jobs kept the load average at 3-5 on the 2 cores, so the per-core numbers
+below are process CPU time, min of 15-25 interleaved rounds in one process, one thread (that is
+what the load disturbs least), against sgemm on one thread (1024^2, the same rounds):
+                                      N=2048, H=2           N=4096, H=1
+    AVX-512: GF/cpu-s (% of sgemm's 144.5; time / torch SDPA's)
+      this rung                       129 (89%; 0.90x)      129 (89%; 0.90x)
+        causal                        108 (75%; 0.84x)      119 (82%; 0.85x)
+      the rung before these steps     115 (80%; 1.01x)      119 (83%; 0.98x)
+        causal                         99 (68%; 0.92x)      108 (75%; 0.94x)
+      torch SDPA                      116 (80%)             116 (81%)
+        causal                         91 (63%)             101 (70%)
+    AVX2 (cpu_forward.py --isa avx2's settings: Numba for Haswell, torch, oneDNN and MKL at AVX2,
+    OpenBLAS's Haswell kernels; sgemm 73-74 GF/cpu-s)
+      this rung                       64.0 (87%; 0.98x)     60.6 (84%; 1.04x)
+        causal                        57.3 (78%; 0.89x)     57.7 (80%; 0.94x)
+      the rung before (8 rows spill)  41.4 (56%; 1.51x)     46.3 (64%; 1.36x)
+        causal                        39.9 (54%; 1.28x)     39.2 (54%; 1.38x)
+      torch SDPA                      62.6 (85%)            63.0 (87%)
+        causal                        51.2 (69%)            54.1 (75%)
+
+  * Both cores, N=2048, H=8, min of 15 wall-clock rounds, load average 3.9: 148 ms, 0.76x torch's
+    time and 86% of the 2-thread sgemm (2048^2) of the same rounds; causal 0.86x (the rung before
+    these steps: 0.80x and 0.97x). benchmarks/cpu_forward.py --ns 2048,4096 at load averages of 5-9
+    (benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json and ...-2c-avx2.json): time / torch's
+    1.00 and 1.11 (causal 1.08, 1.01), AVX2 1.01 and 1.05 (causal 1.34, 0.87); at that load a
+    2-thread wall clock says more about the other jobs than about the kernels (sgemm ran at 39 and
+    25 GFLOP/s); a quiet machine's numbers are not in this header yet.
+  * The goal (>= 85% of the 2-thread sgemm at N >= 2048, <= 0.85x torch's time, causal and not),
+    per core: met with AVX-512 for the causal time (0.84-0.85x) and the sgemm share without a mask
+    (89%); not met for the time without a mask (0.90x), the causal sgemm share (75-82%: the diagonal
+    tiles' masked panels), nor with AVX2 for any time ratio (0.89-1.04x; sgemm share 78-87%).
+  * Steps, each measured on one thread as above: Bc from L1 (128 x 64 instead of 128 x 256: the
+    panels of K_j and V_j were read from L2 by every row panel): N=4096 107 -> 121 GF/cpu-s, causal
+    106 -> 111, N=2048 119 -> 127; exp2 by a degree-5 polynomial and vscalefps (13 -> 8 vector
+    instructions a register of P): 127 -> 129 at 128 x 64, at the noise level; the task queue: no
+    change on one thread (by design: it only balances threads); AVX2's 6-row tile: 41-46 -> 61-64
+    GF/cpu-s (the 8-row tile spilled 4 accumulators in both inner loops). Cold compile time in a
+    new process (CPU seconds, empty cache, load 5-8): 14.9-21.2 s, the rung before 15.0-17.8 s.
+  * Earlier steps that paid (previous session, one thread): the vector registers themselves (the same
     tile as loops over a small array: scalar code, 4.6 GFLOP/s; as 16 Vec values 131 GFLOP/s alone);
     moving the rare rescale out of line (a call inside the hot path made LLVM spill all 16
     accumulators around it: 74 -> 86 GFLOP/s together with the next step); broadcasting Q and P
     straight from memory (bcast: no negative-index test, 3-4 fewer integer instructions per FMA
     group); skipping and not masking causal panels (causal 49 -> 69 GFLOP/s).
-  * not yet measured: an AVX2 machine (with 16 ymm registers the 8 x 2 tile spills), the backward.
+  * What is left: packing K and V takes 1.9% of a call at N=4096 (measured, one thread); the
+    softmax's vector instructions (exp2, the m_ref test, the row sums) are about 180 for every 2048
+    FMAs of the two products at d=64 (counted from the code, not timed), on the same two ports.
+    Not yet measured: the backward.
 """
 from __future__ import annotations
 
