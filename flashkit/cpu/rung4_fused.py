@@ -17,8 +17,9 @@ registers), with the softmax moved into the micro-kernel:
   * S = Q K^T: an MR x NR tile (MR rows x 2 registers) per micro-kernel call, d steps of 2 loads +
     MR broadcasts + 2 MR FMAs (`vfmadd231ps`, tests/test_cpu_kernels.py reads the asm). MR = 8 with
     AVX-512 (16 accumulators of 32 zmm registers), 6 with AVX2 (12 of 16 ymm: 8 rows spilled there).
-  * While the tile is in registers: the mask (PARTIAL tiles only), then per row the online softmax with
-    a lazy maximum (FlashAttention-4's trick): P = 2^(S - m_ref) with the row's reference m_ref,
+  * While the tile is in registers: the mask where a panel needs one (a window or causal diagonal, or
+    the end of the tile: integer compares of key indices, vec.keep_range; a custom mask goes through
+    the scalar cold path), then per row the online softmax with a lazy maximum (FlashAttention-4's trick): P = 2^(S - m_ref) with the row's reference m_ref,
     changed (and O, l and this tile's P rescaled) only when a score exceeds m_ref + TAU. P <= 2^TAU,
     so nothing overflows, and the rescale, rare, costs nothing in the common case: no row max pass.
     exp2 (vec.exp2) is a degree-5 polynomial on a whole register, scaled by 2^n with one vscalefps
@@ -39,7 +40,8 @@ are masked). Here (48 KiB L1, 2 MiB L2, d = 64, float32): 128 x 64.
 Measured on a shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 48 KiB L1 and 2 MiB L2 a core),
 fp32, B=1, d=64. Other jobs kept the load average at 3-5 on the 2 cores, so the per-core numbers
 below are process CPU time, min of 15-25 interleaved rounds in one process, one thread (that is
-what the load disturbs least), against sgemm on one thread (1024^2, the same rounds):
+what the load disturbs least), against sgemm on one thread (1024^2, the same rounds); the table is
+of the rung before the last step (the mask in registers, measured below):
                                       N=2048, H=2           N=4096, H=1
     AVX-512: GF/cpu-s (% of sgemm's 144.5; time / torch SDPA's)
       this rung                       129 (89%; 0.90x)      129 (89%; 0.90x)
@@ -73,7 +75,10 @@ what the load disturbs least), against sgemm on one thread (1024^2, the same rou
     106 -> 111, N=2048 119 -> 127; exp2 by a degree-5 polynomial and vscalefps (13 -> 8 vector
     instructions a register of P): 127 -> 129 at 128 x 64, at the noise level; the task queue: no
     change on one thread (by design: it only balances threads); AVX2's 6-row tile: 41-46 -> 61-64
-    GF/cpu-s (the 8-row tile spilled 4 accumulators in both inner loops). Cold compile time in a
+    GF/cpu-s (the 8-row tile spilled 4 accumulators in both inner loops); the causal and window mask in
+    registers (keep_range) instead of the scalar cold path: causal 103 -> 108 GF/cpu-s at N=2048,
+    80 -> 83 at N=1024, 116 -> 119 at N=4096, in 3 runs of 4 (the fourth, -11%, within the +-6%
+    that unchanged code moved between runs here). Cold compile time in a
     new process (CPU seconds, empty cache, load 5-8): 14.9-21.2 s, the rung before 15.0-17.8 s.
   * Earlier steps that paid (previous session, one thread): the vector registers themselves (the same
     tile as loops over a small array: scalar code, 4.6 GFLOP/s; as 16 Vec values 131 GFLOP/s alone);
@@ -97,7 +102,7 @@ from numba.core.extending import intrinsic
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, cache_bytes, default_block_size, row_window, task_index, tile_map
 from flashkit.cpu.simd import fast_exp2
-from flashkit.cpu.vec import VECTOR_BYTES, any_gt, bcast, exp2, fma, hsum, lanes, load, splat, store, vmax
+from flashkit.cpu.vec import VECTOR_BYTES, any_gt, bcast, exp2, fma, hsum, keep_range, lanes, load, splat, store, vmax
 
 BLOCKS = (128, 256)  # the largest (Br, Bc) before the cache rules (blocks)
 # Query rows per micro-tile: 8 rows x 2 registers = 16 accumulators of the 32 zmm registers (AVX-512);
@@ -161,8 +166,8 @@ def pack_kv(K, V, Bc, BcP, Dp, KP, VP):
 @njit(cache=True)
 def fix_tile(Sb, W, must_mask, q0, key0, nr_left, nc_left, Nq, Nk, left, right, mask, has_mask, mb, mh,
              row0, m, lv, O_acc, Pb, n_done, BcP, Dp, tau):
-    """The cold path of a micro-tile, through the scratch Sb (MR rows of NR = 2W scores): set masked
-    scores to NEG (window, custom mask, keys past the tile), then move m_ref of each row whose largest
+    """The cold path of a micro-tile, through the scratch Sb (MR rows of NR = 2W scores): with a custom
+    mask, set masked scores to NEG (the mask, the window, keys past the tile), then move m_ref of each row whose largest
     score exceeds it by more than tau: its row sums, O and this tile's P so far times 2^(m_ref - m_new).
     Not inlined: the hot path keeps its accumulators in registers, only this branch spills them."""
     NR = 2 * W
@@ -188,6 +193,15 @@ def fix_tile(Sb, W, must_mask, q0, key0, nr_left, nc_left, Nq, Nk, left, right, 
             for c in range(n_done):
                 Pb[r * BcP + c] *= alpha
             m[row] = top
+
+
+@njit(inline="always")
+def window_row(a0, a1, q, key0, key_end, Nq, Nk, left, right, W, neg):
+    """The scores of query row q for keys key0 .. key0 + 2W (registers a0, a1), NEG outside the row's
+    window and past key_end (the tile's last key): the causal or window mask, in registers."""
+    lo, hi = row_window(q, Nq, Nk, left, right)
+    hi = min(hi, key_end)
+    return keep_range(a0, key0, lo, hi, neg), keep_range(a1, key0 + W, lo, hi, neg)
 
 
 @njit(inline="always")
@@ -318,7 +332,21 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                                 q = bcast(QP, qk + 7)
                                 a70 = fma(q, k0, a70)
                                 a71 = fma(q, k1, a71)
-                        # ---- the cold path: a mask, or a row whose m_ref must move (through a scratch tile)
+                        # ---- a window or causal diagonal, or the end of the tile: masked in registers
+                        if must_mask and not has_mask:
+                            q0, k_end = i0 + row0, j0 + nc
+                            a00, a01 = window_row(a00, a01, q0, key0, k_end, Nq, Nk, left, right, W, neg)
+                            a10, a11 = window_row(a10, a11, q0 + 1, key0, k_end, Nq, Nk, left, right, W, neg)
+                            a20, a21 = window_row(a20, a21, q0 + 2, key0, k_end, Nq, Nk, left, right, W, neg)
+                            a30, a31 = window_row(a30, a31, q0 + 3, key0, k_end, Nq, Nk, left, right, W, neg)
+                            if MR > 4:
+                                a40, a41 = window_row(a40, a41, q0 + 4, key0, k_end, Nq, Nk, left, right, W, neg)
+                                a50, a51 = window_row(a50, a51, q0 + 5, key0, k_end, Nq, Nk, left, right, W, neg)
+                            if MR > 6:
+                                a60, a61 = window_row(a60, a61, q0 + 6, key0, k_end, Nq, Nk, left, right, W, neg)
+                                a70, a71 = window_row(a70, a71, q0 + 7, key0, k_end, Nq, Nk, left, right, W, neg)
+                            must_mask = False
+                        # ---- the cold path: a custom mask, or a row whose m_ref must move (through a scratch tile)
                         hot = not must_mask
                         hot = hot and not over(a00, a01, m[row0], tau) and not over(a10, a11, m[row0 + 1], tau)
                         hot = hot and not over(a20, a21, m[row0 + 2], tau) and not over(a30, a31, m[row0 + 3], tau)

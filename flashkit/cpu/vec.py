@@ -15,6 +15,7 @@ micro-kernels with explicit vectors, as C code with intrinsics does:
     vmax, v + w, v - w, v * w, vround(v)                           lane by lane
     hmax(v), hsum(v)    the largest lane, the sum of the lanes (a few shuffles)
     any_gt(v, x)        whether some lane exceeds x (one compare into a mask register and a test)
+    keep_range(v, first, lo, hi, fill)   v where lo <= first + lane < hi, else fill (a key mask)
     exp2(v)             2**v lane by lane: a degree-5 polynomial (float32) on a whole register, scaled
                         by vscalefps where there is AVX-512
     scalef(p, n)        p * 2**n for integer-valued lanes n (vscalefps; else from the exponent bits)
@@ -281,6 +282,35 @@ def scalef(typingctx, p, n):
         return builder.fmul(args[0], builder.bitcast(i, vt))
 
     return p(p, n), codegen
+
+
+@intrinsic
+def keep_range(typingctx, a, first, lo, hi, fill):
+    """Lane i of a where lo <= first + i < hi, else fill: a mask of consecutive key indices (a window,
+    a causal diagonal, the end of a tile) applied in registers, by integer compares (exact for any N)."""
+    if not (isinstance(a, Vec) and all(isinstance(x, types.Integer) for x in (first, lo, hi)) and fill == a.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vt = args[0].type
+        it = ir.VectorType(ir.IntType(a.dtype.bitwidth), vt.count)
+
+        def spread(x, ty):
+            x = context.cast(builder, x, ty, types.int64)
+            x = builder.trunc(x, it.element) if a.dtype.bitwidth == 32 else x
+            one = builder.insert_element(ir.Constant(it, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(one, ir.Constant(it, ir.Undefined),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
+
+        key = builder.add(spread(args[1], sig.args[1]), ir.Constant(it, list(range(vt.count))))
+        keep = builder.and_(builder.icmp_signed(">=", key, spread(args[2], sig.args[2])),
+                            builder.icmp_signed("<", key, spread(args[3], sig.args[3])))
+        one = builder.insert_element(ir.Constant(vt, ir.Undefined), args[4], ir.Constant(ir.IntType(32), 0))
+        fills = builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
+        return builder.select(keep, args[0], fills)
+
+    return a(a, first, lo, hi, fill), codegen
 
 
 # ---------------------------------------------------------------------------------------------
