@@ -129,6 +129,26 @@ def test_vector_exp2_is_accurate_and_exact_zero_below(dtype, rtol):
     assert (out[(x == -1e30) | (x == -1e4)] == 0).all() and np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_keep_range_keeps_exactly_the_lanes_whose_key_is_in_range(dtype):
+    """vec.keep_range, rung 4's window mask in registers: lane i kept iff lo <= first + i < hi."""
+    from numba import njit
+
+    from flashkit.cpu import vec
+
+    @njit
+    def apply(x, first, lo, hi, fill, out):
+        vec.store(out, 0, vec.keep_range(vec.load(x, 0), first, lo, hi, fill))
+
+    W = vec.VECTOR_BYTES // np.dtype(dtype).itemsize
+    x = np.arange(1, W + 1, dtype=dtype)
+    for first, lo, hi in [(0, 3, W - 2), (100, 0, 1000), (5, 30, 40), (-3, 0, 2), (7, 9, 8)]:
+        out = np.full(W, np.nan, dtype)
+        apply(x, first, lo, hi, dtype(-1e30), out)
+        key = first + np.arange(W)
+        assert (out == np.where((key >= lo) & (key < hi), x, dtype(-1e30))).all(), (first, lo, hi, out)
+
+
 # ------------------------------------------------------------------------------- tiles and blocks
 @pytest.mark.parametrize("rung", RUNGS)
 def test_masked_tiles_are_skipped(rung):
