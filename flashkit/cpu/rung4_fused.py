@@ -59,17 +59,22 @@ of the rung before the last step (the mask in registers, measured below):
       torch SDPA                      62.6 (85%)            63.0 (87%)
         causal                        51.2 (69%)            54.1 (75%)
 
-  * Both cores, N=2048, H=8, min of 15 wall-clock rounds, load average 3.9: 148 ms, 0.76x torch's
-    time and 86% of the 2-thread sgemm (2048^2) of the same rounds; causal 0.86x (the rung before
-    these steps: 0.80x and 0.97x). benchmarks/cpu_forward.py --ns 2048,4096 at load averages of 5-9
-    (benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json and ...-2c-avx2.json): time / torch's
-    1.00 and 1.11 (causal 1.08, 1.01), AVX2 1.01 and 1.05 (causal 1.34, 0.87); at that load a
-    2-thread wall clock says more about the other jobs than about the kernels (sgemm ran at 39 and
-    25 GFLOP/s); a quiet machine's numbers are not in this header yet.
-  * The goal (>= 85% of the 2-thread sgemm at N >= 2048, <= 0.85x torch's time, causal and not),
-    per core: met with AVX-512 for the causal time (0.84-0.85x) and the sgemm share without a mask
-    (89%); not met for the time without a mask (0.90x), the causal sgemm share (75-82%: the diagonal
-    tiles' masked panels), nor with AVX2 for any time ratio (0.89-1.04x; sgemm share 78-87%).
+  * Both cores, N=2048, H=8, min of 11 wall-clock rounds at a quiet moment (load average 1.4; the
+    2-thread sgemm 2048^2 of the same rounds 274 GFLOP/s, 2 x its one-thread rate): 241 GFLOP/s,
+    88% of sgemm, 0.57x torch SDPA's time (torch 50% of sgemm), causal 208 GFLOP/s, 76%, 0.82x; the
+    rung before these steps 56% (0.89x) and 70% (0.89x): its static split left a core idle while
+    the other finished. The same harness under load averages of 3-4 gave 0.71-0.82x (causal
+    0.73-1.11x).
+  * benchmarks/cpu_forward.py --ns 2048,4096 (medians, load average 2.5-4.5;
+    benchmarks/results/cpu-intel-xeon-emeraldrapids-2c.json): time / torch's 1.32 and 1.30, causal
+    0.86 and 0.85; with --isa avx2 (...-2c-avx2.json, load 4.5-5.2) 1.07 and 1.02, causal 0.97 and 0.88.
+    The sgemm of those runs ran at 104 and 43 GFLOP/s: on 2 cores shared with other jobs a 2-thread
+    median says more about the jobs than about the kernels; a quiet machine's run is not here yet.
+  * The goal (>= 85% of the 2-thread sgemm at N >= 2048, <= 0.85x torch's time, causal and not):
+    on both cores at the quiet moment above, met without a mask (88%, 0.57x) and for the causal time
+    (0.82x), not for the causal sgemm share (76%: the diagonal tiles' masked panels, and the shorter
+    tasks). Per core with AVX-512: 89% and 0.90x without a mask, 75-82% and 0.84-0.85x causal. With
+    AVX2, per core: 84-87% and 0.98-1.04x without a mask, 78-80% and 0.89-0.94x causal (not met).
   * Steps, each measured on one thread as above: Bc from L1 (128 x 64 instead of 128 x 256: the
     panels of K_j and V_j were read from L2 by every row panel): N=4096 107 -> 121 GF/cpu-s, causal
     106 -> 111, N=2048 119 -> 127; exp2 by a degree-5 polynomial and vscalefps (13 -> 8 vector
