@@ -3,6 +3,7 @@
     make bench                                  # = env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.cpu_forward
     python -m benchmarks.cpu_forward --quick    # N in {512, 1024}; no N = 16384 memory, no N = 65536 run
     python -m benchmarks.cpu_forward --out results.json
+    python -m benchmarks.cpu_forward --isa avx2 # on an AVX-512 machine: AVX2 code for every side
 
 fp32, B = 1, H = 8, d = 64, N in {512, 1024, 2048, 4096, 8192}, causal and not, all cores. Every
 implementation is first checked against the float64 reference at N = 512, then timed through the
@@ -21,6 +22,10 @@ then again in a second process that loads the cache.
 The machines here set OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which slow OpenBLAS 30-50%: if they are
 set, this script re-executes itself once without them (they stay set for tests and CI), and records
 the BLAS kernel threadpoolctl reports. Results go to benchmarks/results/cpu-<machine>.json.
+
+--isa avx2 measures an AVX2 machine on an AVX-512 one, every side limited alike (AVX2_ENV): Numba
+compiles for Haswell's features, torch's kernels, oneDNN and MKL stop at AVX2, and OpenBLAS (the sgemm
+ceiling, numpy-standard, rung 3) runs its Haswell kernels; results go to cpu-<machine>-avx2.json.
 """
 from __future__ import annotations
 
@@ -32,12 +37,30 @@ import sys
 from flashkit.cpu import RUNGS as CPU_RUNGS
 
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+invpcid,+lzcnt,+mmx,"
+                    "+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
+AVX2_ENV = dict(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES, ATEN_CPU_CAPABILITY="avx2",
+                ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", OPENBLAS_CORETYPE="Haswell")
 B, H, D = 1, 8, 64
 NS = (512, 1024, 2048, 4096, 8192)
 NS_QUICK = (512, 1024)
 TILED_MAX_N = 1024  # numpy-tiled loops over tiles in Python: seconds per call beyond this
 RUNGS = tuple(r.name for r in CPU_RUNGS)  # ladder order; "numba" runs the fastest of them
 FASTEST = CPU_RUNGS[-1].name
+
+
+def _reexec_for_avx2(argv, module="benchmarks.cpu_forward") -> None:
+    """Re-run this script once with AVX2_ENV set (and OPENBLAS_L2_SIZE removed)."""
+    if os.environ.get("FLASHKIT_BENCH_ISA") == "avx2":
+        return
+    from benchmarks._common import ROOT
+
+    found = {k: os.environ[k] for k in OPENBLAS_VARS if k in os.environ}
+    env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_VARS}
+    env.update(AVX2_ENV, FLASHKIT_BENCH_ISA="avx2", FLASHKIT_BENCH_REEXEC="1", FLASHKIT_BENCH_UNSET=json.dumps(found))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    print(f"re-executing with AVX2 code everywhere: {AVX2_ENV}", flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def _reexec_without_openblas_overrides(argv, module="benchmarks.cpu_forward") -> None:
@@ -215,8 +238,8 @@ def memory_child(impl, N, threads):
 
 def numba_buffer_bytes(N, threads):
     """Analytic: what "numba" (rung 4) allocates beyond inputs and outputs: the packed K and V panels
-    (one copy of K and V, padded to whole panels), the per-task buffers alive at once (one task a
-    thread) and the tile map."""
+    (one copy of K and V, padded to whole panels), the buffers of each worker (one worker a thread,
+    reused by all its tasks) and the tile map."""
     from flashkit import validate
     from flashkit.cpu import rung4_fused
     from flashkit.cpu.vec import VECTOR_BYTES
@@ -309,7 +332,9 @@ def environment(threads):
                versions=provenance.versions("numpy", "numba", "llvmlite", "scipy", "threadpoolctl", "torch"),
                blas=provenance.blas_info(), threads=threads, date=provenance.now_utc(),
                openblas_env_unset=json.loads(os.environ.get("FLASHKIT_BENCH_UNSET", "{}")),
-               openblas_env_now={k: os.environ.get(k) for k in OPENBLAS_VARS})
+               openblas_env_now={k: os.environ.get(k) for k in OPENBLAS_VARS},
+               isa=os.environ.get("FLASHKIT_BENCH_ISA", "native"),
+               isa_env={k: os.environ[k] for k in AVX2_ENV if k in os.environ})
     env.update(provenance.commit())
     return env
 
@@ -322,7 +347,8 @@ def show(path):
     print(f"{m['cpu']} ({m.get('llvm_cpu')}, {m['cores']} cores, {', '.join(m.get('llvm_features', []))}); "
           f"{res['date']}; commit {res.get('commit', '?')[:10]}; BLAS "
           + ", ".join(f"{b['file']} {b['architecture']}" for b in res["blas"] if b.get("internal_api") == "openblas"))
-    print(f"load average at start {res.get('load_average_at_start')}")
+    print(f"load average at start {res.get('load_average_at_start')}; code for {res.get('isa', 'native')}"
+          + (f" ({res['isa_env']})" if res.get("isa_env") else ""))
     print_table(res["results"], res["sgemm"])
     for r in res.get("memory", []):
         print(f"memory N={r['N']:6d} {r['impl']:15s} extra RSS {r.get('extra_bytes_rss', 0) / 2**20:10.1f} MiB, "
@@ -351,6 +377,8 @@ def main(argv=None):
     ap.add_argument("--no-long", action="store_true", help="skip the single N=65536 runs")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: AVX2 code for Numba, torch and the BLAS on an AVX-512 machine (AVX2_ENV)")
     ap.add_argument("--table", metavar="JSON", help="print the table of a results file and exit")
     ap.add_argument("--memory-child", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--compile-child", metavar="BACKEND", help=argparse.SUPPRESS)
@@ -361,7 +389,9 @@ def main(argv=None):
         return compile_child(args.compile_child)
     if args.table:
         return show(args.table)
-    if not args.keep_openblas_env:
+    if args.isa == "avx2":
+        _reexec_for_avx2(argv)
+    elif not args.keep_openblas_env:
         _reexec_without_openblas_overrides(argv)
 
     import time
@@ -402,7 +432,8 @@ def main(argv=None):
                   flops_formula="4*B*H*N*N*d*visible_fraction", fastest_numba_rung=FASTEST,
                   numpy_tiled_max_N=TILED_MAX_N, sgemm=sgemm, checks=checks, results=rows, memory=mem,
                   long_runs=long_runs, compile=compile_, quick=args.quick)
-    path = args.out or _common.RESULTS / f"cpu-{provenance.machine_slug(env['machine'])}.json"
+    suffix = "-avx2" if env["isa"] == "avx2" else ""
+    path = args.out or _common.RESULTS / f"cpu-{provenance.machine_slug(env['machine'])}{suffix}.json"
     _common.write_json_atomic(path, result)
     show(path)
     print(f"\nwrote {path}")

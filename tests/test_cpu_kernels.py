@@ -106,12 +106,12 @@ def test_fused_kernel_keeps_its_tiles_in_vector_registers():
     KP = np.zeros((1, 1, 2 * W * 4), np.float32)
     VP = np.zeros((1, 1, 2 * W * 2 * W), np.float32)
     args = (q, KP, VP, 4, 1.0, -1, -1, common._NO_MASK, False, np.zeros((1, 1, 1, 1), np.int8), 4, 4, 2 * W,
-            2 * W, np.zeros_like(q), np.zeros((1, 1, 4), np.float32), np.zeros(1, np.int64),
-            None, False, None)  # no mods (mod_tile, mod_every_tile, errors): the hook's branch is not compiled
+            2 * W, np.zeros_like(q), np.zeros((1, 1, 4), np.float32), np.zeros(1, np.int64), 2,
+            None, False, None)  # 2 workers; no mods (mod_tile, mod_every_tile, errors): the hook's branch is not compiled
     counts = simd_lab.vector_instructions(simd_lab.asm(rung4_fused.forward_kernel, *args))
     reg = "zmm" if vec.VECTOR_BYTES == 64 else "ymm"
-    # 16 accumulators of S = Q K^T and 16 of O += P V, each one FMA per step of its loop
-    assert counts.get(f"vfmadd231ps {reg}", 0) >= 32, counts
+    # 2 * MR accumulators of S = Q K^T and 2 * MR of O += P V, each one FMA per step of its loop
+    assert counts.get(f"vfmadd231ps {reg}", 0) >= 4 * rung4_fused.MR, counts
     assert counts.get(f"vrndscaleps {reg}", 0) + counts.get(f"vroundps {reg}", 0) > 0, counts
 
 
@@ -128,6 +128,26 @@ def test_vector_exp2_is_accurate_and_exact_zero_below(dtype, rtol):
     normal = ref > np.finfo(dtype).tiny * 4
     assert (np.abs(out[normal] - ref[normal]) <= rtol * ref[normal]).all()
     assert (out[(x == -1e30) | (x == -1e4)] == 0).all() and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_keep_range_keeps_exactly_the_lanes_whose_key_is_in_range(dtype):
+    """vec.keep_range, rung 4's window mask in registers: lane i kept iff lo <= first + i < hi."""
+    from numba import njit
+
+    from flashkit.cpu import vec
+
+    @njit
+    def apply(x, first, lo, hi, fill, out):
+        vec.store(out, 0, vec.keep_range(vec.load(x, 0), first, lo, hi, fill))
+
+    W = vec.VECTOR_BYTES // np.dtype(dtype).itemsize
+    x = np.arange(1, W + 1, dtype=dtype)
+    for first, lo, hi in [(0, 3, W - 2), (100, 0, 1000), (5, 30, 40), (-3, 0, 2), (7, 9, 8)]:
+        out = np.full(W, np.nan, dtype)
+        apply(x, first, lo, hi, dtype(-1e30), out)
+        key = first + np.arange(W)
+        assert (out == np.where((key >= lo) & (key < hi), x, dtype(-1e30))).all(), (first, lo, hi, out)
 
 
 # ------------------------------------------------------------------------------- tiles and blocks

@@ -528,7 +528,7 @@ def run_fused(problem, stats=False):
     with threads.for_work(problem.flops()):
         rung4_fused.pack_kv(K, V, Bc, BcP, Dp, KP, VP)
         rung4_fused.forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, Bc, BcP, Dp, O, lse,
-                                   tiles, hook, problem.score_mod is not None, errors)
+                                   tiles, numba.get_num_threads(), hook, problem.score_mod is not None, errors)
     # a NaN or +inf score makes its row's m_ref +inf, and O and lse NaN or +inf: explained, raised
     lse_check = np.where(lse == np.inf, np.nan, lse) if problem.score_mod is not None else lse
     explain_errors(problem, errors, Br, Bc, Tr, lse_check)
