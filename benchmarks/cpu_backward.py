@@ -9,7 +9,7 @@ checked against the float64 reference at N = 512 first, then timed after a warm-
 
   numpy-standard   flashkit.attention_backward(..., backend="numpy-standard"): P and dP materialised
   numba            flashkit.attention_backward(..., backend="numba"): the public call (rung 4's backward,
-                   flashkit/cpu/rung4_backward.py: no BLAS, the fused micro-kernel, per-thread dQ partials)
+                   flashkit/cpu/rung4_fused_backward.py: no BLAS, the fused micro-kernel, per-thread dQ partials)
   numba-gemm       backend="numba-gemm": rung 3's backward (BLAS tile GEMMs, per-thread dQ partials)
   numba-two-pass   rung 3 with a separate dQ pass instead (flashkit.cpu.rung3_gemm_backward.run, variant)
   torch-sdpa       torch.autograd.grad of scaled_dot_product_attention's output (the forward run once,

@@ -7,7 +7,7 @@
     rung 4  numba-fused     no BLAS: packed K/V panels, an 8 x 2-register micro-kernel with the softmax
                             fused on it (lazy max), written with explicit vectors (vec.py)  rung4_fused.py
             its backward    the same micro-kernel for all five products, P and dS made in registers from
-                            lse, dQ in per-thread partials                            rung4_backward.py
+                            lse, dQ in per-thread partials                      rung4_fused_backward.py
     numba                   the highest rung that can run here (rung 4); the backward: the highest rung
                             with one (rung 4); with a score_mod / mask_mod / block_mask, numba-mods
     numba-mods              rung 3 with FlexAttention's hooks: the user's score_mod and mask_mod compiled
@@ -93,7 +93,7 @@ RUNGS = (
     Rung(3, "numba-gemm", "rung3_gemm", "Numba rung 3: block GEMMs (BLAS np.dot) and a vectorised exp",
          priority=40, probe="flashkit.cpu:_probe_gemm", backward_module="rung3_gemm_backward"),
     Rung(4, "numba-fused", "rung4_fused", "Numba rung 4: no BLAS; packed panels, a register-tiled micro-kernel "
-         "with the softmax fused on it", priority=42, backward_module="rung4_backward"),
+         "with the softmax fused on it", priority=42, backward_module="rung4_fused_backward"),
 )
 
 _LADDER = tuple(r.backend() for r in RUNGS)

@@ -28,7 +28,21 @@ window boundary (or a custom mask, a ragged last panel) crosses, as the forward 
 (rows of P summing to 1) is computed from the row sums in registers; rows with lse = -inf are checked
 in NumPy (they must have seen no key). No score_mod / mask_mod here: "numba" sends those to rung 3.
 
-Measured: see the README's "CPU backward" table (benchmarks/cpu_backward.py, impl "numba-fused").
+Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512) under a load average of 4-5 from other
+jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
+  * one thread, CPU time, min of 5-8 interleaved rounds, H=4, N=1024 (sgemm 1024^2 on one thread 102-112
+    GFLOP/s in the same run): this rung 85 GFLOP/s (83% of sgemm), rung 3's backward 58 (56%); causal
+    56 / 42. H=2, N=2048: 92 GFLOP/s, torch SDPA's backward 98, rung 3 64; causal 68 / 78 / 55.
+  * the kernel alone is ~90% of the call at N=1024 (H=8, one thread): the packing 4 ms of 47, the dQ
+    sum 0.5 ms; validation (the NaN scan of six arrays, in attention_backward) 2 ms more.
+  * benchmarks/cpu_backward.py (2 threads, the public call): see benchmarks/results/cpu-backward-*.json
+    and the README's "CPU backward" table.
+  * tried: the three products as one compiled call instead of inlined copies (6% slower, no compile time
+    saved); the body of the parallel loop as its own function (`key_block`): compile time 37-44 s -> 27 s
+    of CPU, no change in speed; causal and window masks as scalar stores through a scratch tile (the
+    forward's way) -> in registers (`between`), the custom mask still through memory. Block sizes
+    64-256 x 64-256 within the noise (80-100 GFLOP/s non-causal at N=2048, one thread); 128 x 128 kept.
+  * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache).
 """
 from __future__ import annotations
 
