@@ -28,21 +28,24 @@ window boundary (or a custom mask, a ragged last panel) crosses, as the forward 
 (rows of P summing to 1) is computed from the row sums in registers; rows with lse = -inf are checked
 in NumPy (they must have seen no key). No score_mod / mask_mod here: "numba" sends those to rung 3.
 
-Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512) under a load average of 4-5 from other
-jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
-  * one thread, CPU time, min of 5-8 interleaved rounds, H=4, N=1024 (sgemm 1024^2 on one thread 102-112
-    GFLOP/s in the same run): this rung 85 GFLOP/s (83% of sgemm), rung 3's backward 58 (56%); causal
-    56 / 42. H=2, N=2048: 92 GFLOP/s, torch SDPA's backward 98, rung 3 64; causal 68 / 78 / 55.
-  * the kernel alone is ~90% of the call at N=1024 (H=8, one thread): the packing 4 ms of 47, the dQ
+Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average of
+3-9 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
+  * one thread, CPU time, min of 6-8 interleaved rounds, H=4 (sgemm on one thread 114-134 GFLOP/s in the
+    same run): N=1024 this rung 106 GFLOP/s (80-93% of sgemm), torch SDPA's backward 116, rung 3's 74:
+    1.10x torch's time; causal 59 / 55 / 44, 0.93x. N=2048: 108 / 95 / 64, 0.88x; causal 95 / 89 / 68,
+    0.93x. Rung 3's backward takes 1.4-1.7x this rung's time.
+  * benchmarks/cpu_backward.py --ns 1024,2048,4096 (2 threads, the public call, load average 3-4; the
+    coordinator re-measures on a quiet machine): see the report of the session and the README's table.
+  * where the time goes at N=1024 (H=8, one thread): the kernel ~90%, the packing 4 ms of 47, the dQ
     sum 0.5 ms; validation (the NaN scan of six arrays, in attention_backward) 2 ms more.
-  * benchmarks/cpu_backward.py (2 threads, the public call): see benchmarks/results/cpu-backward-*.json
-    and the README's "CPU backward" table.
   * tried: the three products as one compiled call instead of inlined copies (6% slower, no compile time
-    saved); the body of the parallel loop as its own function (`key_block`): compile time 37-44 s -> 27 s
-    of CPU, no change in speed; causal and window masks as scalar stores through a scratch tile (the
-    forward's way) -> in registers (`between`), the custom mask still through memory. Block sizes
-    64-256 x 64-256 within the noise (80-100 GFLOP/s non-causal at N=2048, one thread); 128 x 128 kept.
-  * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache).
+    saved); the body of the parallel loop as its own function (`key_block`): compile 37-44 s -> 27 s of
+    CPU, same speed; causal and window masks as scalar stores through a scratch tile (the forward's way)
+    -> in registers (`between`); a custom mask still goes through memory. Block sizes 64-256 x 64-256
+    within the noise (80-100 GFLOP/s non-causal at N=2048, one thread); 128 x 128 kept. Not tried: the
+    two-pass variant (rung 3's header: slower there), AVX2 (16 ymm registers: the 8 x 2 tile spills).
+  * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache); memory: the packed
+    copies (7 N d per head) make the extra memory 4x rung 3's, still O(N): 253 MiB at N=16384, H=8.
 """
 from __future__ import annotations
 
