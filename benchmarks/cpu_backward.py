@@ -163,9 +163,9 @@ def memory_rows(cases, threads):
         r.setdefault("N", N)
         # analytic: numpy-standard holds S/P, dP and dS (Nq x Nk per head, fp32) at once; numba (rung 4) is
         # O(N): one private dQ copy per thread, their row sums for the lse check, D and lse', and the packed
-        # copies of Q and dO (two layouts each) and of K and V (K twice)
+        # panels of Q, dO, K and V (d = 64: their rows are read in place)
         r["extra_bytes_analytic"] = (3 * B * H * N * N * 4) if impl == "numpy-standard" else \
-            (threads * B * H * N * D * 4 + threads * B * H * N * 4 + 2 * B * H * N * 4 + 7 * B * H * N * D * 4)
+            (threads * B * H * N * D * 4 + threads * B * H * N * 4 + 2 * B * H * N * 4 + 4 * B * H * N * D * 4)
         rows.append(r)
         print(f"  memory N={N} {impl:15s} {r}", flush=True)
     return rows

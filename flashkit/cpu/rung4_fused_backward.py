@@ -30,22 +30,24 @@ in NumPy (they must have seen no key). No score_mod / mask_mod here: "numba" sen
 
 Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average of
 3-9 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
-  * one thread, CPU time, min of 6-8 interleaved rounds, H=4 (sgemm on one thread 114-134 GFLOP/s in the
-    same run): N=1024 this rung 106 GFLOP/s (80-93% of sgemm), torch SDPA's backward 116, rung 3's 74:
-    1.10x torch's time; causal 59 / 55 / 44, 0.93x. N=2048: 108 / 95 / 64, 0.88x; causal 95 / 89 / 68,
-    0.93x. Rung 3's backward takes 1.4-1.7x this rung's time.
+  * one thread, CPU time, min of 6 interleaved rounds, H=4 (sgemm 2048^2 on one thread 97 GFLOP/s in the
+    same run): N=1024 this rung 113 GFLOP/s, torch SDPA's backward 111, rung 3's 73: 0.99x torch's
+    time; causal 91 / 70 / 63, 0.77x. N=2048: 111 / 98 / 66, 0.88x; causal 109 / 92 / 70, 0.84x.
+    N=4096 (H=2, an earlier build): 1.01x, causal 0.99x. Rung 3's backward takes 1.4-1.7x this rung's time.
   * benchmarks/cpu_backward.py --ns 1024,2048,4096 (2 threads, the public call, load average 3-4; the
-    coordinator re-measures on a quiet machine): see the report of the session and the README's table.
-  * where the time goes at N=1024 (H=8, one thread): the kernel ~90%, the packing 4 ms of 47, the dQ
-    sum 0.5 ms; validation (the NaN scan of six arrays, in attention_backward) 2 ms more.
+    coordinator re-measures on a quiet machine): N=1024 0.82x torch's time (26.7 ms against 32.7),
+    causal 0.93x; at N=2048 and 4096 the load moved both sides by up to 2x from run to run.
+  * where the time goes at N=1024 (H=8, one thread): the kernel ~93%, the packing 3.5 ms, the dQ sum
+    0.5 ms; validation (the NaN scan of six arrays, in attention_backward) 2 ms more.
   * tried: the three products as one compiled call instead of inlined copies (6% slower, no compile time
     saved); the body of the parallel loop as its own function (`key_block`): compile 37-44 s -> 27 s of
     CPU, same speed; causal and window masks as scalar stores through a scratch tile (the forward's way)
-    -> in registers (`between`); a custom mask still goes through memory. Block sizes 64-256 x 64-256
-    within the noise (80-100 GFLOP/s non-causal at N=2048, one thread); 128 x 128 kept. Not tried: the
-    two-pass variant (rung 3's header: slower there), AVX2 (16 ymm registers: the 8 x 2 tile spills).
-  * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache); memory: the packed
-    copies (7 N d per head) make the extra memory 4x rung 3's, still O(N): 253 MiB at N=16384, H=8.
+    -> in registers (`between`); a custom mask still goes through memory; Q, dO and K read in place
+    where their rows need no padding (3 of 7 packed copies saved: packing 4.1 -> 3.5 ms at N=1024).
+    Block sizes 64-256 x 64-256 within the noise (80-100 GFLOP/s non-causal at N=2048, one thread);
+    128 x 128 kept. Not tried: the two-pass variant (rung 3's header: slower there), AVX2 (16 ymm
+    registers: the 8 x 2 tile spills).
+  * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache).
 """
 from __future__ import annotations
 
@@ -95,11 +97,12 @@ def between(typingctx, a, keys, lo, hi, neg):
 # Packing
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def pack_queries(Q, dO, O, lse, sc, Br, BrP, Dp, QP, dOP, QR, dOR, L2, Dr):
+def pack_queries(Q, dO, O, lse, sc, Br, BrP, Dp, rows, QP, dOP, QR, dOR, L2, Dr):
     """Per query block i of every head, in the padded row order r = i * BrP + row (rows past the block or
     the sequence: zeros, lse' = NO_KEY):
       QP, dOP  Q * sc and dO in panels of MR rows, d x MR: index ((i * BrP/MR + row/MR) * d + k) * MR + row % MR
-      QR, dOR  Q and dO as rows of Dp values: index r * Dp + k
+      QR, dOR  Q and dO as rows of Dp values: index r * Dp + k (only with rows=True: where BrP = Br and
+               Dp = d they are Q and dO themselves, and the caller passes those instead)
       L2, Dr   lse' = lse log2(e) (NO_KEY where lse = -inf), D = rowsum(dO * O) (Algorithm 2, line 4)."""
     B, H, N, d = Q.shape
     T = (N + Br - 1) // Br
@@ -115,17 +118,19 @@ def pack_queries(Q, dO, O, lse, sc, Br, BrP, Dp, QP, dOP, QR, dOR, L2, Dr):
             acc = zero
             if rr < n_rows:
                 for k in range(d):
-                    qr[rb + k] = Q[b, h, row, k]
-                    dor[rb + k] = dO[b, h, row, k]
                     acc += dO[b, h, row, k] * O[b, h, row, k]
-                for k in range(d, Dp):
-                    qr[rb + k] = zero
-                    dor[rb + k] = zero
                 l2[i * BrP + rr] = lse[b, h, row] * LOG2E if lse[b, h, row] != -np.inf else NO_KEY
             else:
+                l2[i * BrP + rr] = NO_KEY
+            if rows and rr < n_rows:
+                for k in range(d):
+                    qr[rb + k] = Q[b, h, row, k]
+                    dor[rb + k] = dO[b, h, row, k]
+                qr[rb + d:rb + Dp] = zero
+                dor[rb + d:rb + Dp] = zero
+            elif rows:
                 qr[rb:rb + Dp] = zero
                 dor[rb:rb + Dp] = zero
-                l2[i * BrP + rr] = NO_KEY
             dr[i * BrP + rr] = acc
         for rp in range(BrP // MR):  # panels: d x MR, written in order
             base = (i * BrP // MR + rp) * d * MR
@@ -138,10 +143,11 @@ def pack_queries(Q, dO, O, lse, sc, Br, BrP, Dp, QP, dOP, QR, dOR, L2, Dr):
 
 
 @njit(parallel=True, cache=True)
-def pack_keys(K, V, Bc, BcP, Dp, KT, VT, KR):
+def pack_keys(K, V, Bc, BcP, Dp, rows, KT, VT, KR):
     """Per key block j of every K/V head (keys past the block or the sequence: zeros):
       KT, VT  K^T and V^T in panels of NR = 2W keys, d x NR: index ((j * BcP/NR + c/NR) * d + k) * NR + c % NR
-      KR      K as rows of Dp values: index (j * BcP + c) * Dp + k"""
+      KR      K as rows of Dp values: index (j * BcP + c) * Dp + k (only with rows=True: where BcP = Bc,
+              Dp = d and Nk is whole panels, it is K itself, and the caller passes K instead)"""
     B, H, N, d = K.shape
     NR = 2 * lanes(KT[0, 0])
     T = (N + Bc - 1) // Bc
@@ -150,7 +156,7 @@ def pack_keys(K, V, Bc, BcP, Dp, KT, VT, KR):
         b, h, j = u // (H * T), (u // T) % H, u % T
         kt, vt, kr = KT[b, h], VT[b, h], KR[b, h]
         n_keys = min(Bc, N - j * Bc)
-        for cc in range(BcP):
+        for cc in range(BcP if rows else 0):
             rb = (j * BcP + cc) * Dp
             if cc < n_keys:
                 for k in range(d):
@@ -480,7 +486,8 @@ def _keys_seen(problem, rows):
 
 
 def _read_only(a):
-    """A read-only view: the kernels compile once for a mask whether or not the caller's is writeable."""
+    """A read-only view: the kernels compile once whether or not the caller's array (a mask, Q, dO, K) is
+    writeable."""
     a = a.view()
     a.flags.writeable = False
     return a
@@ -510,17 +517,27 @@ def run(problem):
     empty = np.isneginf(lse)
     with threads.for_work(problem.backward_flops()):
         n_threads = numba.get_num_threads()
+        # The streamed operands of dK, dV (Q, dO rows) and dQ (K rows) are the inputs themselves when their
+        # rows need no padding: 3 of the 7 packed copies saved (time and memory), read-only either way
+        # (one compilation)
+        q_rows = not (BrP == Br and Dp == d)
+        k_rows = not (BcP == Bc and Dp == d and Nk % NR == 0)
         QP = np.empty((B, Hq, Tr * BrP * d), dtype)
         dOP = np.empty_like(QP)
-        QR = np.empty((B, Hq, Tr * BrP * Dp), dtype)
+        QR = np.empty((B, Hq, Tr * BrP * Dp if q_rows else 0), dtype)
         dOR = np.empty_like(QR)
         L2 = np.empty((B, Hq, Tr * BrP), dtype)
         Dr = np.empty_like(L2)
-        pack_queries(Q, dO, O, lse, scale * LOG2E, Br, BrP, Dp, QP, dOP, QR, dOR, L2, Dr)
+        pack_queries(Q, dO, O, lse, scale * LOG2E, Br, BrP, Dp, q_rows, QP, dOP, QR, dOR, L2, Dr)
+        if not q_rows:
+            QR, dOR = Q.reshape(B, Hq, Nq * d), dO.reshape(B, Hq, Nq * d)
         KT = np.empty((B, Hkv, Tc * BcP * d), dtype)
         VT = np.empty_like(KT)
-        KR = np.empty((B, Hkv, Tc * BcP * Dp), dtype)
-        pack_keys(K, V, Bc, BcP, Dp, KT, VT, KR)
+        KR = np.empty((B, Hkv, Tc * BcP * Dp if k_rows else 0), dtype)
+        pack_keys(K, V, Bc, BcP, Dp, k_rows, KT, VT, KR)
+        if not k_rows:
+            KR = K.reshape(B, Hkv, Nk * d)
+        QR, dOR, KR = _read_only(QR), _read_only(dOR), _read_only(KR)
         dQp = np.zeros((n_threads, B, Hq, Tr * BrP * Dp), dtype)
         psum = np.zeros((n_threads, B, Hq, Nq), dtype)
         dQ, dK, dV = problem.new_grads()
