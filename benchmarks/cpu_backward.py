@@ -1,4 +1,4 @@
-"""CPU backward attention, side by side: NumPy standard, the Numba backward (both variants), torch SDPA.
+"""CPU backward attention, side by side: NumPy standard, the Numba backward rungs (rung 3 both ways), torch SDPA.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.cpu_backward
     python -m benchmarks.cpu_backward --quick          # N in {512, 1024}, no N = 16384 memory
@@ -8,8 +8,10 @@ fp32, B = 1, H = 8, d = 64, N in {1024, 2048, 4096, 8192}, causal and not, all c
 checked against the float64 reference at N = 512 first, then timed after a warm-up (median of up to 5):
 
   numpy-standard   flashkit.attention_backward(..., backend="numpy-standard"): P and dP materialised
-  numba            flashkit.attention_backward(..., backend="numba"): the public call (per-thread dQ partials)
-  numba-two-pass   the same rung with a separate dQ pass instead (flashkit.cpu.rung3_gemm_backward.run, variant)
+  numba            flashkit.attention_backward(..., backend="numba"): the public call (rung 4's backward,
+                   flashkit/cpu/rung4_fused_backward.py: no BLAS, the fused micro-kernel, per-thread dQ partials)
+  numba-gemm       backend="numba-gemm": rung 3's backward (BLAS tile GEMMs, per-thread dQ partials)
+  numba-two-pass   rung 3 with a separate dQ pass instead (flashkit.cpu.rung3_gemm_backward.run, variant)
   torch-sdpa       torch.autograd.grad of scaled_dot_product_attention's output (the forward run once,
                    outside the timing, with retain_graph=True): the backward alone
 
@@ -32,7 +34,7 @@ from benchmarks.cpu_forward import B, D, H, _reexec_without_openblas_overrides, 
 NS = (1024, 2048, 4096, 8192)
 NS_QUICK = (512, 1024)
 STANDARD_MAX_N = 4096  # numpy-standard's S, P, dP, dS: 4 x 8 x 8192^2 x 4 bytes = 8.6 GB at N = 8192
-IMPLS = ("numpy-standard", "numba", "numba-two-pass", "torch-sdpa")
+IMPLS = ("numpy-standard", "numba", "numba-gemm", "numba-two-pass", "torch-sdpa")
 
 
 def problem_arrays(N, causal, seed=0):
@@ -121,6 +123,8 @@ def run_grid(Ns, impls, repeats):
             p = by.get((r["N"], r["causal"], peer))
             if p:
                 r[key] = r["ms"] / p["ms"] if key == "time_vs_torch" else p["ms"] / r["ms"]
+                # the same from the fastest run of each: on a loaded machine the least disturbed
+                r[key + "_min"] = r["min_ms"] / p["min_ms"] if key == "time_vs_torch" else p["min_ms"] / r["min_ms"]
     return rows
 
 
@@ -157,10 +161,11 @@ def memory_rows(cases, threads):
         r = _child(["--memory-child", impl, str(N), "--threads", str(threads)], module="benchmarks.cpu_backward")
         r.setdefault("impl", impl)
         r.setdefault("N", N)
-        # analytic: numpy-standard holds S/P, dP and dS (Nq x Nk per head, fp32) at once; numba is O(N): one
-        # private dQ copy per thread (the "partials" variant), their row sums for the lse check, D and lse'
+        # analytic: numpy-standard holds S/P, dP and dS (Nq x Nk per head, fp32) at once; numba (rung 4) is
+        # O(N): one private dQ copy per thread, their row sums for the lse check, D and lse', and the packed
+        # panels of Q, dO, K and V (d = 64: their rows are read in place)
         r["extra_bytes_analytic"] = (3 * B * H * N * N * 4) if impl == "numpy-standard" else \
-            (threads * B * H * N * D * 4 + threads * B * H * N * 4 + 2 * B * H * N * 4)
+            (threads * B * H * N * D * 4 + threads * B * H * N * 4 + 2 * B * H * N * 4 + 4 * B * H * N * D * 4)
         rows.append(r)
         print(f"  memory N={N} {impl:15s} {r}", flush=True)
     return rows
@@ -172,11 +177,17 @@ def show(path):
     m = res["machine"]
     print(f"{m['cpu']} ({m.get('llvm_cpu')}, {m['cores']} cores); {res['date']}; commit {str(res.get('commit', '?'))[:10]}")
     print(f"sgemm on all cores: {res['sgemm']['gflops']:.1f} GFLOP/s; load average at start {res.get('load_average_at_start')}")
-    print(f"{'N':>6} {'causal':>6} {'impl':<15} {'ms':>10} {'GFLOP/s':>8} {'t/torch':>8} {'x numpy-std':>12}")
+    print("median of the runs; (min): the same from each one's fastest run")
+    print(f"{'N':>6} {'causal':>6} {'impl':<15} {'ms':>10} {'min ms':>9} {'GFLOP/s':>8} {'t/torch':>8} {'(min)':>6} "
+          f"{'x numpy-std':>12} {'(min)':>6}")
+
+    def col(r, key, width):
+        return f"{r[key]:{width}.2f}" if key in r else " " * width
+
     for r in res["results"]:
-        vt = f"{r['time_vs_torch']:8.2f}" if "time_vs_torch" in r else " " * 8
-        vs = f"{r['speedup_vs_numpy_standard']:12.2f}" if "speedup_vs_numpy_standard" in r else " " * 12
-        print(f"{r['N']:>6} {str(r['causal']):>6} {r['impl']:<15} {r['ms']:10.1f} {r['gflops']:8.1f} {vt} {vs}")
+        print(f"{r['N']:>6} {str(r['causal']):>6} {r['impl']:<15} {r['ms']:10.1f} {r['min_ms']:9.1f} {r['gflops']:8.1f} "
+              f"{col(r, 'time_vs_torch', 8)} {col(r, 'time_vs_torch_min', 6)} {col(r, 'speedup_vs_numpy_standard', 12)} "
+              f"{col(r, 'speedup_vs_numpy_standard_min', 6)}")
     for r in res.get("memory", []):
         print(f"memory N={r['N']:6d} {r['impl']:15s} extra RSS {(r.get('extra_bytes_rss') or 0) / 2**20:10.1f} MiB, "
               f"tracemalloc {(r.get('extra_bytes_tracemalloc') or 0) / 2**20:10.1f} MiB, analytic "

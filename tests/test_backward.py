@@ -231,3 +231,39 @@ def test_numba_variants_agree():
         assert rel_err(x, y) < 1e-5
     with pytest.raises(ValueError, match="variant"):
         backward_gemm.run(p, "racy")
+
+
+def test_numba_backward_is_rung4_and_mods_go_to_rung3():
+    """"numba" runs rung 4's backward (numba-fused) on a plain problem and rung 3's (numba-mods) with a mod."""
+    from flashkit import mods
+
+    rng = np.random.default_rng(16)
+    q, k, v = random_qkv(rng, 1, 2, 1, 40, 50, 16)
+    o, lse, do = forward_and_grad(rng, q, k, v, causal=True)
+    for x, y in zip(flashkit.attention_backward(do, q, k, v, o, lse, causal=True, backend="numba"),
+                    flashkit.attention_backward(do, q, k, v, o, lse, causal=True, backend="numba-fused")):
+        np.testing.assert_array_equal(x, y)
+    o, lse = flashkit.attention(q, k, v, score_mod=mods.softcap(4.0), backend="numpy-tiled", return_lse=True)
+    for x, y in zip(flashkit.attention_backward(do, q, k, v, o, lse, score_mod=mods.softcap(4.0), backend="numba"),
+                    flashkit.attention_backward(do, q, k, v, o, lse, score_mod=mods.softcap(4.0),
+                                                backend="numba-mods")):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("block", [(1, 1), (8, 32), (9, 33), (40, 17), None])
+@pytest.mark.parametrize("kind", ["causal", "window", "mask"])
+def test_fused_backward_blocks_and_panels(block, kind):
+    """Rung 4 pads tiles to 8-row and 2-register panels and masks ragged, causal and window panels in
+    registers (a custom mask through memory): any block size, d not a multiple of a register, GQA 8/1, a
+    window shorter than a panel, rows that see no key."""
+    seed = 17 + ["causal", "window", "mask"].index(kind) * 10 + (0 if block is None else block[0] + block[1])
+    rng = np.random.default_rng(seed)
+    q, k, v = random_qkv(rng, 1, 8, 1, 45, 70, 19)
+    kw = dict(causal=kind == "causal", window=(3, 2) if kind == "window" else None)
+    if kind == "mask":
+        kw["mask"] = rng.random((1, 8, 45, 70)) < 0.5
+        kw["mask"][:, :, 7] = False
+    o, lse, do = forward_and_grad(rng, q, k, v, **kw)
+    grads = flashkit.attention_backward(do, q, k, v, o, lse, backend="numba-fused", block_size=block, **kw)
+    low = flashkit.attention_backward(do, q, k, v, o, lse, backend="numpy-standard", **kw)
+    assert_grads_close(grads, oracle_grads(do, q, k, v, o, lse, **kw), low, f"numba-fused {kind} {block} seed {seed}")

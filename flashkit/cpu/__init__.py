@@ -6,8 +6,10 @@
             its backward    FA2's Algorithm 2, the same GEMMs, dQ in per-thread partials  rung3_gemm_backward.py
     rung 4  numba-fused     no BLAS: packed K/V panels, an 8 x 2-register micro-kernel with the softmax
                             fused on it (lazy max), written with explicit vectors (vec.py)  rung4_fused.py
+            its backward    the same micro-kernel for all five products, P and dS made in registers from
+                            lse, dQ in per-thread partials                      rung4_fused_backward.py
     numba                   the highest rung that can run here (rung 4); the backward: the highest rung
-                            with one (rung 3); with a score_mod / mask_mod / block_mask, rung 4 with the
+                            with one (rung 4); with a score_mod / mask_mod / block_mask, rung 4 with the
                             hooks on its micro-tiles (mods_jit.run_fused), rung 3's for the backward
     numba-mods              rung 3 with FlexAttention's hooks: the user's score_mod and mask_mod compiled
                             by Numba into rung 3's tile step (rung3_gemm.online_softmax_tile; mods_jit.py
@@ -92,7 +94,7 @@ RUNGS = (
     Rung(3, "numba-gemm", "rung3_gemm", "Numba rung 3: block GEMMs (BLAS np.dot) and a vectorised exp",
          priority=40, probe="flashkit.cpu:_probe_gemm", backward_module="rung3_gemm_backward"),
     Rung(4, "numba-fused", "rung4_fused", "Numba rung 4: no BLAS; packed panels, a register-tiled micro-kernel "
-         "with the softmax fused on it", priority=42),
+         "with the softmax fused on it", priority=42, backward_module="rung4_fused_backward"),
 )
 
 _LADDER = tuple(r.backend() for r in RUNGS)
@@ -104,10 +106,17 @@ def available_rungs():
 
 
 def run_fastest_backward(problem):
-    """The "numba" backend's backward: the highest rung here that has one (rung 3, which takes the mods)."""
+    """The "numba" backend's backward: the highest rung here that has one (rung 4); rung 3's (numba-mods)
+    when the problem has a score_mod, mask_mod or block_mask."""
+    if problem.has_mods:
+        reason = _probe_gemm()
+        if reason is not None:
+            raise RuntimeError(f"score_mod / mask_mod on the CPU need backend 'numba-mods', which cannot run here: "
+                               f"{reason}; backend='numpy-tiled' takes them without Numba")
+        return importlib.import_module("flashkit.cpu.rung3_gemm_backward").run(problem)
     with_backward = [r for r in available_rungs() if r.backward_module is not None]
     if not with_backward:
-        raise RuntimeError("no Numba rung with a backward can run here (rung 3 needs SciPy and threadpoolctl)")
+        raise RuntimeError("no Numba rung with a backward can run here")
     return importlib.import_module(f"flashkit.cpu.{with_backward[-1].backward_module}").run(problem)
 
 

@@ -1,0 +1,556 @@
+"""Backward rung 4, "numba-fused" backward: FlashAttention-2's Algorithm 2 with no BLAS, P recomputed in registers.
+
+The readable twin is flashkit/tiled.py:fa2_backward_head; rung 3's backward (rung3_gemm_backward.py) is
+the same algorithm with its five tile products as np.dot calls. Here they are the forward rung 4's
+register-tiled micro-kernel (flashkit/cpu/vec.py), one generic 8 x 2-register kernel (`micro`) used
+five times per tile (Br query rows x Bc keys):
+
+    S   = Q_i K_j^T       8 rows x NR keys, d steps      then, in registers: P = 2^(S' - lse'), row sums
+    dP  = dO_i V_j^T      8 rows x NR keys, d steps      then, in registers: dS = P * (dP - D)
+    dV_j += P^T dO_i      8 keys x NR features, Br steps (P and dS of the tile wait in L1/L2 buffers)
+    dK_j += dS^T Q_i      8 keys x NR features, Br steps
+    dQ_i += dS K_j        8 rows x NR features, Bc steps (into this thread's private copy of dQ)
+
+What is packed once per call (parallel over blocks), so no product re-packs anything: Q' = Q scale log2(e)
+and dO in panels of 8 rows (d x 8, the broadcast operand of S and dP), K^T and V^T in panels of NR keys
+(d x NR, the streamed operand of S and dP); Q and dO as rows padded to Dp features (the streamed operand
+of dK and dV) and K likewise (dQ's), or, where no padding is needed (d a multiple of 2W, whole blocks),
+Q, dO and K themselves. lse' = lse log2(e) and D = rowsum(dO * O) are padded so a
+padding row has P = 0 and dS = 0, and a row with lse = -inf (it saw no key) gets lse' = 1e30: P = 0, no
+NaN, its gradients 0.
+
+Parallel without races as rung 3's default: tasks over K/V blocks (b, K/V head, j) own dK_j and dV_j
+across every query head of their GQA group, and add dS K_j into their thread's copy of dQ; the copies are
+summed at the end (O(threads N d) memory). A dQ-only second pass would recompute S and dP (7 products
+instead of 5); rung 3's header has that trade measured.
+
+Causal and window tiles skip the key panels no row of an 8-row panel sees, and mask only the panels a
+window boundary (or a custom mask, a ragged last panel) crosses, as the forward rung does. The lse check
+(rows of P summing to 1) is computed from the row sums in registers; rows with lse = -inf are checked
+in NumPy (they must have seen no key). No score_mod / mask_mod here: "numba" sends those to rung 3.
+
+Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average of
+3-9 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
+  * one thread, CPU time, min of 6 interleaved rounds, H=4 (sgemm 2048^2 on one thread 97 GFLOP/s in the
+    same run): N=1024 this rung 113 GFLOP/s, torch SDPA's backward 111, rung 3's 73: 0.99x torch's
+    time; causal 91 / 70 / 63, 0.77x. N=2048: 111 / 98 / 66, 0.88x; causal 109 / 92 / 70, 0.84x.
+    N=4096 (H=2, an earlier build): 1.01x, causal 0.99x. Rung 3's backward takes 1.4-1.7x this rung's time.
+  * benchmarks/cpu_backward.py (2 threads, the public call, N 1024-8192, load average 2-5 during the run,
+    sgemm disturbed to 59 GFLOP/s; the coordinator re-measures on a quiet machine), time / torch SDPA's
+    backward time (median): 0.88, 0.86, 1.09, 0.87 at N=1024, 2048, 4096, 8192; causal 0.85, 0.80, 0.90,
+    1.13. Speed-up over numpy-standard 3.9, 4.8, 4.3 (causal 2.9, 14, 13); rung 3's backward 1.1-1.8x
+    this rung's time. Extra memory at N=16384 (H=8): 157 MiB (analytic 194: D, lse', the panels, 2
+    copies of dQ).
+  * where the time goes at N=1024 (H=8, one thread): the kernel ~93%, the packing 3.5 ms, the dQ sum
+    0.5 ms; validation (the NaN scan of six arrays, in attention_backward) 2 ms more.
+  * tried: the three products as one compiled call instead of inlined copies (6% slower, no compile time
+    saved); the body of the parallel loop as its own function (`key_block`): compile 37-44 s -> 27 s of
+    CPU, same speed; causal and window masks as scalar stores through a scratch tile (the forward's way)
+    -> in registers (`between`); a custom mask still goes through memory; Q, dO and K read in place
+    where their rows need no padding (3 of 7 packed copies saved: packing 4.1 -> 3.5 ms at N=1024).
+    Block sizes 64-256 x 64-256 within the noise (80-100 GFLOP/s non-causal at N=2048, one thread);
+    128 x 128 kept. Not tried: the two-pass variant (rung 3's header: slower there), AVX2 (16 ymm
+    registers: the 8 x 2 tile spills).
+  * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numba.core.extending import intrinsic
+
+from flashkit.cpu import threads
+from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size, row_window, task_index, tile_map
+from flashkit.cpu.vec import Vec, bcast, exp2, fma, hsum, lanes, load, splat, store
+
+BLOCKS = (128, 128)  # preferred (Br, Bc) before the L2 rule
+MR = 8  # rows (or keys) of a micro-tile; 8 x 2 registers = 16 accumulators of the 32 zmm
+LOG2E = 1.4426950408889634
+NO_KEY = 1e30  # lse' of a row that saw no key (and of padding rows): 2^(S' - 1e30) = 0
+CAP = 64.0  # S' - lse' is <= 0 for the forward's lse; a wrong lse is capped so P stays finite and fails the check
+
+
+@intrinsic
+def vmin(typingctx, a, b):
+    """The smaller of a and b, lane by lane (vminps)."""
+    if not (isinstance(a, Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered("<", args[0], args[1]), args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def between(typingctx, a, keys, lo, hi, neg):
+    """a where lo <= keys < hi, else neg, lane by lane (two compares into mask registers, one blend)."""
+    if not (isinstance(a, Vec) and a == keys == lo == hi == neg):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, k, lo_, hi_, n = args
+        inside = builder.and_(builder.fcmp_ordered(">=", k, lo_), builder.fcmp_ordered("<", k, hi_))
+        return builder.select(inside, x, n)
+
+    return a(a, keys, lo, hi, neg), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def pack_queries(Q, dO, O, lse, sc, Br, BrP, Dp, rows, QP, dOP, QR, dOR, L2, Dr):
+    """Per query block i of every head, in the padded row order r = i * BrP + row (rows past the block or
+    the sequence: zeros, lse' = NO_KEY):
+      QP, dOP  Q * sc and dO in panels of MR rows, d x MR: index ((i * BrP/MR + row/MR) * d + k) * MR + row % MR
+      QR, dOR  Q and dO as rows of Dp values: index r * Dp + k (only with rows=True: where BrP = Br and
+               Dp = d they are Q and dO themselves, and the caller passes those instead)
+      L2, Dr   lse' = lse log2(e) (NO_KEY where lse = -inf), D = rowsum(dO * O) (Algorithm 2, line 4)."""
+    B, H, N, d = Q.shape
+    T = (N + Br - 1) // Br
+    s = Q.dtype.type(sc)
+    zero = Q.dtype.type(0)
+    for u in prange(B * H * T):
+        b, h, i = u // (H * T), (u // T) % H, u % T
+        qp, dop, qr, dor, l2, dr = QP[b, h], dOP[b, h], QR[b, h], dOR[b, h], L2[b, h], Dr[b, h]
+        n_rows = min(Br, N - i * Br)
+        for rr in range(BrP):  # rows: the padded row layout, D and lse'
+            row = i * Br + rr
+            rb = (i * BrP + rr) * Dp
+            acc = zero
+            if rr < n_rows:
+                for k in range(d):
+                    acc += dO[b, h, row, k] * O[b, h, row, k]
+                l2[i * BrP + rr] = lse[b, h, row] * LOG2E if lse[b, h, row] != -np.inf else NO_KEY
+            else:
+                l2[i * BrP + rr] = NO_KEY
+            if rows and rr < n_rows:
+                for k in range(d):
+                    qr[rb + k] = Q[b, h, row, k]
+                    dor[rb + k] = dO[b, h, row, k]
+                qr[rb + d:rb + Dp] = zero
+                dor[rb + d:rb + Dp] = zero
+            elif rows:
+                qr[rb:rb + Dp] = zero
+                dor[rb:rb + Dp] = zero
+            dr[i * BrP + rr] = acc
+        for rp in range(BrP // MR):  # panels: d x MR, written in order
+            base = (i * BrP // MR + rp) * d * MR
+            for k in range(d):
+                for c in range(MR):
+                    rr = rp * MR + c
+                    ok = rr < n_rows
+                    qp[base + k * MR + c] = Q[b, h, i * Br + rr, k] * s if ok else zero
+                    dop[base + k * MR + c] = dO[b, h, i * Br + rr, k] if ok else zero
+
+
+@njit(parallel=True, cache=True)
+def pack_keys(K, V, Bc, BcP, Dp, rows, KT, VT, KR):
+    """Per key block j of every K/V head (keys past the block or the sequence: zeros):
+      KT, VT  K^T and V^T in panels of NR = 2W keys, d x NR: index ((j * BcP/NR + c/NR) * d + k) * NR + c % NR
+      KR      K as rows of Dp values: index (j * BcP + c) * Dp + k (only with rows=True: where BcP = Bc,
+              Dp = d and Nk is whole panels, it is K itself, and the caller passes K instead)"""
+    B, H, N, d = K.shape
+    NR = 2 * lanes(KT[0, 0])
+    T = (N + Bc - 1) // Bc
+    zero = K.dtype.type(0)
+    for u in prange(B * H * T):
+        b, h, j = u // (H * T), (u // T) % H, u % T
+        kt, vt, kr = KT[b, h], VT[b, h], KR[b, h]
+        n_keys = min(Bc, N - j * Bc)
+        for cc in range(BcP if rows else 0):
+            rb = (j * BcP + cc) * Dp
+            if cc < n_keys:
+                for k in range(d):
+                    kr[rb + k] = K[b, h, j * Bc + cc, k]
+                kr[rb + d:rb + Dp] = zero
+            else:
+                kr[rb:rb + Dp] = zero
+        for p in range(BcP // NR):
+            base = (j * BcP // NR + p) * d * NR
+            for k in range(d):
+                for c in range(NR):
+                    cc = p * NR + c
+                    ok = cc < n_keys
+                    kt[base + k * NR + c] = K[b, h, j * Bc + cc, k] if ok else zero
+                    vt[base + k * NR + c] = V[b, h, j * Bc + cc, k] if ok else zero
+
+
+@njit(parallel=True, cache=True)
+def finish_dq(dQp, scale, Br, BrP, Dp, dQ):
+    """dQ = scale * (the sum of the threads' copies), without the padding."""
+    n, B, H = dQp.shape[0], dQp.shape[1], dQp.shape[2]
+    N, d = dQ.shape[2], dQ.shape[3]
+    s = dQ.dtype.type(scale)
+    for u in prange(B * H):
+        b, h = u // H, u % H
+        for q in range(N):
+            base = ((q // Br) * BrP + q % Br) * Dp
+            for k in range(d):
+                acc = dQp[0, b, h, base + k]
+                for c in range(1, n):
+                    acc += dQp[c, b, h, base + k]
+                dQ[b, h, q, k] = acc * s
+
+
+# ---------------------------------------------------------------------------------------------
+# The micro-kernel: 8 x 2 registers, C += sum over steps of (8 broadcasts of A) x (2 registers of B)
+# ---------------------------------------------------------------------------------------------
+@njit(inline="always")
+def micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, acc):
+    """acc (16 registers: rows x = 0..7, 2 each) + sum_s A[a0 + s a_step + x a_x] * Bm[b0 + s b_step + (0, W)]."""
+    a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71 = acc
+    for s in range(n):
+        bb = b0 + s * b_step
+        v0 = load(Bm, bb)
+        v1 = load(Bm, bb + W)
+        ab = a0 + s * a_step
+        x = bcast(A, ab)
+        a00 = fma(x, v0, a00)
+        a01 = fma(x, v1, a01)
+        x = bcast(A, ab + a_x)
+        a10 = fma(x, v0, a10)
+        a11 = fma(x, v1, a11)
+        x = bcast(A, ab + 2 * a_x)
+        a20 = fma(x, v0, a20)
+        a21 = fma(x, v1, a21)
+        x = bcast(A, ab + 3 * a_x)
+        a30 = fma(x, v0, a30)
+        a31 = fma(x, v1, a31)
+        x = bcast(A, ab + 4 * a_x)
+        a40 = fma(x, v0, a40)
+        a41 = fma(x, v1, a41)
+        x = bcast(A, ab + 5 * a_x)
+        a50 = fma(x, v0, a50)
+        a51 = fma(x, v1, a51)
+        x = bcast(A, ab + 6 * a_x)
+        a60 = fma(x, v0, a60)
+        a61 = fma(x, v1, a61)
+        x = bcast(A, ab + 7 * a_x)
+        a70 = fma(x, v0, a70)
+        a71 = fma(x, v1, a71)
+    return (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71)
+
+
+@njit(inline="always")
+def zeros16(z):
+    return (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+
+
+@njit(inline="always")
+def load16(C, c0, c_x, W):
+    """The 16 registers of rows c0 + x c_x (x = 0..7), 2 registers each."""
+    return (load(C, c0), load(C, c0 + W), load(C, c0 + c_x), load(C, c0 + c_x + W),
+            load(C, c0 + 2 * c_x), load(C, c0 + 2 * c_x + W), load(C, c0 + 3 * c_x), load(C, c0 + 3 * c_x + W),
+            load(C, c0 + 4 * c_x), load(C, c0 + 4 * c_x + W), load(C, c0 + 5 * c_x), load(C, c0 + 5 * c_x + W),
+            load(C, c0 + 6 * c_x), load(C, c0 + 6 * c_x + W), load(C, c0 + 7 * c_x), load(C, c0 + 7 * c_x + W))
+
+
+@njit(inline="always")
+def store16(C, c0, c_x, W, acc):
+    store(C, c0, acc[0])
+    store(C, c0 + W, acc[1])
+    store(C, c0 + c_x, acc[2])
+    store(C, c0 + c_x + W, acc[3])
+    store(C, c0 + 2 * c_x, acc[4])
+    store(C, c0 + 2 * c_x + W, acc[5])
+    store(C, c0 + 3 * c_x, acc[6])
+    store(C, c0 + 3 * c_x + W, acc[7])
+    store(C, c0 + 4 * c_x, acc[8])
+    store(C, c0 + 4 * c_x + W, acc[9])
+    store(C, c0 + 5 * c_x, acc[10])
+    store(C, c0 + 5 * c_x + W, acc[11])
+    store(C, c0 + 6 * c_x, acc[12])
+    store(C, c0 + 6 * c_x + W, acc[13])
+    store(C, c0 + 7 * c_x, acc[14])
+    store(C, c0 + 7 * c_x + W, acc[15])
+
+
+@njit(inline="always")
+def product(A, a0, a_step, a_x, Bm, b0, b_step, n, W, C, c0, c_x):
+    """C[rows c0 + x c_x, 2 registers] += the micro-kernel's sum: one read-modify-write of the 16 registers.
+    A call, not inlined: one compiled copy serves the three products (a third of the compile time)."""
+    store16(C, c0, c_x, W, micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, load16(C, c0, c_x, W)))
+
+
+# ---------------------------------------------------------------------------------------------
+# P and dS of one row of a micro-tile, in registers
+# ---------------------------------------------------------------------------------------------
+@njit(inline="always")
+def p_row(s0, s1, l2, cap, Pb, pb, lv, lb):
+    """P = 2^(min(S' - lse', cap)) of one row (2 registers), stored at Pb[pb], added to the row sum lv[lb]."""
+    p0 = exp2(vmin(s0 - l2, cap))
+    p1 = exp2(vmin(s1 - l2, cap))
+    store(Pb, pb, p0)
+    store(Pb, pb + lanes(Pb), p1)
+    store(lv, lb, load(lv, lb) + (p0 + p1))
+
+
+@njit(inline="always")
+def ds_row(g0, g1, D_r, Pb, pb, dSb):
+    """dS = P * (dP - D) of one row (2 registers of dP), P read back from Pb[pb], stored at dSb[pb]."""
+    W = lanes(Pb)
+    store(dSb, pb, load(Pb, pb) * (g0 - D_r))
+    store(dSb, pb + W, load(Pb, pb + W) * (g1 - D_r))
+
+
+@njit(cache=True)
+def mask_tile(Sb, W, q0, key0, nr_left, nc_left, Nq, Nk, left, right, mask, has_mask, xb, xh):
+    """Scores of the scratch micro-tile Sb (8 rows x 2W) that are hidden (window, custom mask, keys past
+    the tile or the sequence) become NEG, so P = 0 there. Not inlined: only the masked tiles pay for it."""
+    NR = 2 * W
+    neg = Sb.dtype.type(NEG)
+    for r in range(MR):
+        q = q0 + r
+        if r >= nr_left:
+            continue  # a padding row: lse' = NO_KEY already gives P = 0
+        lo, hi = row_window(q, Nq, Nk, left, right)
+        for c in range(NR):
+            key = key0 + c
+            if c >= nc_left or key < lo or key >= hi or (has_mask and not mask[xb, xh, q, key]):
+                Sb[r * NR + c] = neg
+
+
+@njit(inline="always")
+def window_row(s0, s1, iota, key0, q, Nq, Nk, left, right, key_end):
+    """The 2 registers of row q (keys key0 .. key0 + 2W) with the keys outside its window, or at or past
+    key_end (the block's end), set to NEG: branch-free, for causal and sliding-window tiles. iota holds
+    0, 1, .. 2W - 1 in the dtype (keys compared as floats: exact below 2^24)."""
+    dt = iota.dtype.type
+    W = lanes(iota)
+    k = splat(dt(key0))
+    lo, hi = row_window(q, Nq, Nk, left, right)
+    lo_v, hi_v, neg_v = splat(dt(lo)), splat(dt(min(hi, key_end))), splat(dt(NEG))
+    return between(s0, k + load(iota, 0), lo_v, hi_v, neg_v), between(s1, k + load(iota, W), lo_v, hi_v, neg_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def backward_kernel(iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask, has_mask,
+                    bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum):
+    """Tasks (b, K/V head hk, key block j), in parallel: `key_block` each. The parallel loop is kept this
+    small because Numba's parfor passes are slow on a large body (the compile time halves)."""
+    B, Hkv = KT.shape[0], KT.shape[1]
+    Tc = (Nk + Bc - 1) // Bc
+    for t in prange(B * Hkv * Tc):
+        b, hk, j = task_index(t, Hkv, Tc)
+        key_block(b, hk, j, numba.get_thread_id(), iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left,
+                  right, mask, has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
+
+
+@njit(cache=True)
+def key_block(b, hk, j, tid, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask, has_mask,
+              bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum):
+    """One task: dK_j, dV_j (dK times scale) over the query heads of K/V head hk's group and every query
+    block i; dS K_j into dQp[tid] (this thread's copy of dQ); rowsum(P) into psum[tid]."""
+    dt = QP.dtype.type
+    W = lanes(KT[0, 0])
+    NR = 2 * W
+    Tr = (Nq + Br - 1) // Br
+    n_rp = BrP // MR
+    n_kp = BcP // NR
+    cap = splat(dt(CAP))
+    zero = splat(dt(0))
+    j0 = j * Bc
+    nc = min(Bc, Nk - j0)
+    np_j = (nc + NR - 1) // NR  # key panels holding keys of this block
+    n_keys = np_j * NR
+    n_ko = (nc + MR - 1) // MR  # key octets for dK and dV
+    Kt, Vt, Kr = KT[b, hk], VT[b, hk], KR[b, hk]
+    dKa = np.zeros(BcP * Dp, QP.dtype)
+    dVa = np.zeros(BcP * Dp, QP.dtype)
+    Pb = np.zeros(BrP * BcP, QP.dtype)  # P of the tile, rows of BcP keys
+    dSb = np.zeros(BrP * BcP, QP.dtype)
+    Sb = np.empty(MR * NR, QP.dtype)
+    lv = np.empty(MR * W, QP.dtype)
+    for h in range(hk * group, (hk + 1) * group):
+        mb = b if bmap.shape[0] > 1 else 0
+        mh = h if bmap.shape[1] > 1 else 0
+        xb = b if mask.shape[0] > 1 else 0
+        xh = h if mask.shape[1] > 1 else 0
+        Qp, dOp, Qr, dOr, L2, Dh, dQh = QP[b, h], dOP[b, h], QR[b, h], dOR[b, h], lse2[b, h], Dr[b, h], dQp[tid, b, h]
+        for i in range(Tr):
+            state = bmap[mb, mh, i, j]
+            if state == SKIP:
+                continue
+            i0 = i * Br
+            nr = min(Br, Nq - i0)
+            for rp in range((nr + MR - 1) // MR):
+                row0 = rp * MR
+                qb = (i * n_rp + rp) * d * MR
+                rb = i * BrP + row0  # this panel's rows in the padded row arrays
+                for x in range(MR):
+                    store(lv, x * W, zero)
+                q_first, q_last = i0 + row0, i0 + min(row0 + MR, nr) - 1
+                lo_first, hi_first = row_window(q_first, Nq, Nk, left, right)
+                lo_last, hi_last = row_window(q_last, Nq, Nk, left, right)
+                for p in range(np_j):
+                    col = p * NR
+                    key0, key1 = j0 + col, j0 + min(col + NR, nc)
+                    must_mask = col + NR > nc
+                    if state == PARTIAL:
+                        if key1 <= lo_first or key0 >= hi_last:
+                            # no row of the panel sees a key of it: P = dS = 0, nothing computed
+                            for x in range(MR):
+                                for c in range(0, NR, W):
+                                    store(Pb, (row0 + x) * BcP + col + c, zero)
+                                    store(dSb, (row0 + x) * BcP + col + c, zero)
+                            continue
+                        must_mask = must_mask or has_mask or key0 < lo_last or key1 > hi_first
+                    kb = (j * n_kp + p) * d * NR
+                    # ---- S' = Q_i' K_j^T on 8 rows x NR keys, then P = 2^(S' - lse') in registers
+                    a = micro(Qp, qb, MR, 1, Kt, kb, NR, d, W, zeros16(zero))
+                    if must_mask and has_mask:
+                        store16(Sb, 0, NR, W, a)
+                        mask_tile(Sb, W, i0 + row0, key0, nr - row0, nc - col, Nq, Nk, left, right, mask,
+                                  has_mask, xb, xh)
+                        a = load16(Sb, 0, NR, W)
+                    elif must_mask:  # a window boundary or the block's end crosses the panel: in registers
+                        q = i0 + row0
+                        a00, a01 = window_row(a[0], a[1], iota, key0, q, Nq, Nk, left, right, j0 + nc)
+                        a10, a11 = window_row(a[2], a[3], iota, key0, q + 1, Nq, Nk, left, right, j0 + nc)
+                        a20, a21 = window_row(a[4], a[5], iota, key0, q + 2, Nq, Nk, left, right, j0 + nc)
+                        a30, a31 = window_row(a[6], a[7], iota, key0, q + 3, Nq, Nk, left, right, j0 + nc)
+                        a40, a41 = window_row(a[8], a[9], iota, key0, q + 4, Nq, Nk, left, right, j0 + nc)
+                        a50, a51 = window_row(a[10], a[11], iota, key0, q + 5, Nq, Nk, left, right, j0 + nc)
+                        a60, a61 = window_row(a[12], a[13], iota, key0, q + 6, Nq, Nk, left, right, j0 + nc)
+                        a70, a71 = window_row(a[14], a[15], iota, key0, q + 7, Nq, Nk, left, right, j0 + nc)
+                        a = (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71)
+                    pb = row0 * BcP + col
+                    p_row(a[0], a[1], splat(L2[rb]), cap, Pb, pb, lv, 0)
+                    p_row(a[2], a[3], splat(L2[rb + 1]), cap, Pb, pb + BcP, lv, W)
+                    p_row(a[4], a[5], splat(L2[rb + 2]), cap, Pb, pb + 2 * BcP, lv, 2 * W)
+                    p_row(a[6], a[7], splat(L2[rb + 3]), cap, Pb, pb + 3 * BcP, lv, 3 * W)
+                    p_row(a[8], a[9], splat(L2[rb + 4]), cap, Pb, pb + 4 * BcP, lv, 4 * W)
+                    p_row(a[10], a[11], splat(L2[rb + 5]), cap, Pb, pb + 5 * BcP, lv, 5 * W)
+                    p_row(a[12], a[13], splat(L2[rb + 6]), cap, Pb, pb + 6 * BcP, lv, 6 * W)
+                    p_row(a[14], a[15], splat(L2[rb + 7]), cap, Pb, pb + 7 * BcP, lv, 7 * W)
+                    # ---- dP = dO_i V_j^T on the same micro-tile, then dS = P * (dP - D)
+                    g = micro(dOp, qb, MR, 1, Vt, kb, NR, d, W, zeros16(zero))
+                    ds_row(g[0], g[1], splat(Dh[rb]), Pb, pb, dSb)
+                    ds_row(g[2], g[3], splat(Dh[rb + 1]), Pb, pb + BcP, dSb)
+                    ds_row(g[4], g[5], splat(Dh[rb + 2]), Pb, pb + 2 * BcP, dSb)
+                    ds_row(g[6], g[7], splat(Dh[rb + 3]), Pb, pb + 3 * BcP, dSb)
+                    ds_row(g[8], g[9], splat(Dh[rb + 4]), Pb, pb + 4 * BcP, dSb)
+                    ds_row(g[10], g[11], splat(Dh[rb + 5]), Pb, pb + 5 * BcP, dSb)
+                    ds_row(g[12], g[13], splat(Dh[rb + 6]), Pb, pb + 6 * BcP, dSb)
+                    ds_row(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb)
+                for x in range(min(MR, nr - row0)):
+                    psum[tid, b, h, i0 + row0 + x] += hsum(load(lv, x * W))
+            # ---- dV_j += P^T dO_i and dK_j += dS^T Q_i: 8 keys x 2 registers, nr steps
+            ib = i * BrP * Dp
+            for ko in range(n_ko):
+                for dc in range(0, Dp, NR):
+                    product(Pb, ko * MR, BcP, 1, dOr, ib + dc, Dp, nr, W, dVa, ko * MR * Dp + dc, Dp)
+                    product(dSb, ko * MR, BcP, 1, Qr, ib + dc, Dp, nr, W, dKa, ko * MR * Dp + dc, Dp)
+            # ---- dQ_i += dS K_j: 8 rows x 2 registers, n_keys steps, into this thread's copy
+            for rp in range((nr + MR - 1) // MR):
+                for dc in range(0, Dp, NR):
+                    product(dSb, rp * MR * BcP, 1, BcP, Kr, j * BcP * Dp + dc, Dp, n_keys, W, dQh,
+                            (i * BrP + rp * MR) * Dp + dc, Dp)
+    sc = dt(scale)
+    for c in range(nc):
+        for k in range(d):
+            dK[b, hk, j0 + c, k] = dKa[c * Dp + k] * sc  # dK = scale * sum_i dS_ij^T Q_i
+            dV[b, hk, j0 + c, k] = dVa[c * Dp + k]
+
+
+def blocks(problem, itemsize, W):
+    """(Br, BrP, Bc, BcP, Dp): the tile from problem.block_size or the L2 rule, Br padded to whole
+    8-row panels (BrP), Bc to whole panels of NR = 2W keys (BcP), d to whole pairs of registers (Dp)."""
+    NR = 2 * W
+    if problem.block_size is not None:
+        Br, Bc = (int(x) for x in problem.block_size)
+    else:
+        Br, Bc = default_block_size(problem.d, itemsize, *BLOCKS)
+        Br, Bc = max(MR, Br // MR * MR), max(NR, Bc // NR * NR)
+    Br, Bc = max(1, min(Br, problem.Nq)), max(1, min(Bc, problem.Nk))
+    return Br, -(-Br // MR) * MR, Bc, -(-Bc // NR) * NR, -(-problem.d // NR) * NR
+
+
+def _keys_seen(problem, rows):
+    """For the rows (b, h, q) given as index arrays, how many keys each may see (window and mask)."""
+    b, h, q = rows
+    Nq, Nk = problem.Nq, problem.Nk
+    left, right = (int(w) for w in problem.window)
+    off = Nk - Nq
+    lo = np.zeros_like(q) if left < 0 else np.clip(q + off - left, 0, Nk)
+    hi = np.full_like(q, Nk) if right < 0 else np.clip(q + off + right + 1, 0, Nk)
+    if problem.mask is None:
+        return np.maximum(hi - lo, 0)
+    m = problem.mask
+    cs = np.concatenate([np.zeros(m.shape[:3] + (1,), np.int64), np.cumsum(m, axis=3)], axis=3)
+    mb = b if m.shape[0] > 1 else np.zeros_like(b)
+    mh = h if m.shape[1] > 1 else np.zeros_like(h)
+    return np.where(hi > lo, cs[mb, mh, q, np.maximum(hi, lo)] - cs[mb, mh, q, lo], 0)
+
+
+def _read_only(a):
+    """A read-only view: the kernels compile once whether or not the caller's array (a mask, Q, dO, K) is
+    writeable."""
+    a = a.view()
+    a.flags.writeable = False
+    return a
+
+
+def run(problem):
+    """(dQ, dK, dV) of a Problem from validate.check_backward (no score_mod / mask_mod / block_mask)."""
+    from flashkit import validate
+    from flashkit.cpu.vec import VECTOR_BYTES
+
+    if problem.has_mods:
+        raise ValueError("rung 4's backward takes no score_mod / mask_mod / block_mask; use backend 'numba-mods'")
+    Q, K, V, dO, O = (np.ascontiguousarray(x) for x in (problem.Q, problem.K, problem.V, problem.dO, problem.O))
+    dtype = Q.dtype
+    B, Hq, Nq, d = Q.shape
+    Hkv, Nk = K.shape[1], K.shape[2]
+    W = VECTOR_BYTES // dtype.itemsize
+    NR = 2 * W
+    Br, BrP, Bc, BcP, Dp = blocks(problem, dtype.itemsize, W)
+    Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
+    bmap = tile_map(problem, Br, Bc)
+    has_mask = problem.mask is not None
+    mask = _read_only(np.ascontiguousarray(problem.mask, dtype=np.bool_) if has_mask else _NO_MASK)
+    left, right = (int(w) for w in problem.window)
+    scale = float(problem.scale)
+    lse = problem.lse
+    empty = np.isneginf(lse)
+    with threads.for_work(problem.backward_flops()):
+        n_threads = numba.get_num_threads()
+        # The streamed operands of dK, dV (Q, dO rows) and dQ (K rows) are the inputs themselves when their
+        # rows need no padding: 3 of the 7 packed copies saved (time and memory), read-only either way
+        # (one compilation)
+        q_rows = not (BrP == Br and Dp == d)
+        k_rows = not (BcP == Bc and Dp == d and Nk % NR == 0)
+        QP = np.empty((B, Hq, Tr * BrP * d), dtype)
+        dOP = np.empty_like(QP)
+        QR = np.empty((B, Hq, Tr * BrP * Dp if q_rows else 0), dtype)
+        dOR = np.empty_like(QR)
+        L2 = np.empty((B, Hq, Tr * BrP), dtype)
+        Dr = np.empty_like(L2)
+        pack_queries(Q, dO, O, lse, scale * LOG2E, Br, BrP, Dp, q_rows, QP, dOP, QR, dOR, L2, Dr)
+        if not q_rows:
+            QR, dOR = Q.reshape(B, Hq, Nq * d), dO.reshape(B, Hq, Nq * d)
+        KT = np.empty((B, Hkv, Tc * BcP * d), dtype)
+        VT = np.empty_like(KT)
+        KR = np.empty((B, Hkv, Tc * BcP * Dp if k_rows else 0), dtype)
+        pack_keys(K, V, Bc, BcP, Dp, k_rows, KT, VT, KR)
+        if not k_rows:
+            KR = K.reshape(B, Hkv, Nk * d)
+        QR, dOR, KR = _read_only(QR), _read_only(dOR), _read_only(KR)
+        dQp = np.zeros((n_threads, B, Hq, Tr * BrP * Dp), dtype)
+        psum = np.zeros((n_threads, B, Hq, Nq), dtype)
+        dQ, dK, dV = problem.new_grads()
+        backward_kernel(np.arange(NR, dtype=dtype), QP, dOP, QR, dOR, KT, VT, KR, L2, Dr, Nq, Nk, d, Hq // Hkv, left, right, mask, has_mask,
+                        bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
+        finish_dq(dQp, scale, Br, BrP, Dp, dQ)
+    rows = psum.sum(axis=0)
+    if empty.any():
+        idx = np.nonzero(empty)
+        rows[idx] = _keys_seen(problem, idx)  # must be 0: a row the forward saw no key for
+    validate.check_lse_rowsums(rows, lse, dtype)
+    return dQ, dK, dV
