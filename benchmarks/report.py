@@ -93,11 +93,20 @@ def _label(path, data) -> str:
     return f"_{where}; {when}; commit {commit}; file `{path.relative_to(ROOT)}`_"
 
 
+def _speedup(row) -> str:
+    """The speed-up over numpy-standard, or a dash where that run did not time numpy-standard."""
+    x = row.get("speedup_vs_numpy_standard")
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _cpu_headline(path, data) -> str:
     """CPU forward at N = 4096 (B=1, H=8, d=64, fp32): the fastest Numba rung beside its peers."""
     fastest = data.get("fastest_numba_rung", "numba-gemm")
     rows = {(r["impl"], r["causal"]): r for r in data["results"] if r["N"] == 4096}
-    out = [f"**CPU forward**, fp32, B=1, H=8, N=4096, d=64, all cores "
+    isa = data.get("isa")
+    limited = (f", every side limited to {isa.upper()} code (`benchmarks/cpu_forward.py --isa {isa}`) on this machine"
+               if isa else "")
+    out = [f"**CPU forward**{limited}, fp32, B=1, H=8, N=4096, d=64, all cores "
            f"(sgemm on the same cores: {data['sgemm']['gflops']:.0f} GFLOP/s)", "",
            "| causal | backend | ms | GFLOP/s | of sgemm | time / torch SDPA | speed-up over numpy-standard |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -106,7 +115,7 @@ def _cpu_headline(path, data) -> str:
             r = rows.get((impl, causal))
             if r is not None:
                 out.append(f"| {'yes' if causal else 'no'} | {impl} | {r['ms']:.0f} | {r['gflops']:.0f} | "
-                           f"{r['pct_sgemm']:.0f}% | {r['time_vs_torch']:.2f} | {r['speedup_vs_numpy_standard']:.2f} |")
+                           f"{r['pct_sgemm']:.0f}% | {r['time_vs_torch']:.2f} | {_speedup(r)} |")
     mem = {(m["impl"], m["N"]): m for m in data.get("memory", [])}
     std, fast = mem.get(("numpy-standard", 16384)), mem.get(("numba", 16384))
     if std and fast:
