@@ -513,11 +513,20 @@ def blocks(problem, itemsize, W):
     if problem.block_size is not None:
         Br, Bc = (int(x) for x in problem.block_size)
     else:
-        Bc = min(BLOCKS[1], l1_keys(d, Dp, itemsize, NR))
-        Br, Bc = default_block_size(d, itemsize, BLOCKS[0], Bc)
-        Br, Bc = max(MR, Br // MR * MR), max(NR, Bc // NR * NR)
+        Br, Bc = default_blocks(d, itemsize)
     Br, Bc = max(1, min(Br, problem.Nq)), max(1, min(Bc, problem.Nk))
     return Br, Bc, -(-Bc // NR) * NR, Dp
+
+
+def default_blocks(d, itemsize):
+    """(Br, Bc) this rung uses by default for head size d (what `blocks` picks without a block_size;
+    the notebooks print it beside common.default_block_size, the L2 rule alone)."""
+    W = VECTOR_BYTES // itemsize
+    NR = 2 * W
+    Dp = -(-d // NR) * NR
+    Bc = min(BLOCKS[1], l1_keys(d, Dp, itemsize, NR))
+    Br, Bc = default_block_size(d, itemsize, BLOCKS[0], Bc)
+    return max(MR, Br // MR * MR), max(NR, Bc // NR * NR)
 
 
 def run(problem, stats=False):
