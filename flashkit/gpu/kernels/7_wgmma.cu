@@ -72,6 +72,7 @@
 
 #include "common.cuh"    // INFINITY, fast_exp2, row_lo / row_hi (the window rule)
 #include "elements.cuh"  // T, MMA_TYPE, pack2
+#include "hopper.cuh"    // wgmma fences and waits, descriptors, mbarriers, TMA
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128  // d: 64 or 128 (set by the loader)
@@ -163,53 +164,8 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a
 #define WGMMA_S CAT(wgmma_ss_n, BC)  // S (64 x Bc) += Q (64 x 16) K^T (16 x Bc)
 #define WGMMA_O CAT(wgmma_rs_n, D)   // O (64 x d) += P (64 x 16) V (16 x d)
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-// Wait until at most N committed wgmma groups of this warpgroup are still running.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-// An empty asm that "reads and writes" each accumulator register: the compiler may not move ordinary uses
-// of these registers across a wgmma issue or wait (the asm statements above do not mention them).
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// Matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, leading- and stride-dimension byte
-// offsets, all >> 4; bits 62-63 = 1: 128-byte swizzle. Tiles start on 1024-byte boundaries (base offset 0).
-__device__ __forceinline__ unsigned long long descriptor(unsigned addr, unsigned lbo, unsigned sbo) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
-           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
-}
-
-// ---- mbarriers and TMA --------------------------------------------------------------------------------------
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-// Arrive and add `bytes` to the transactions this phase waits for (the copies that follow report them).
-__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Wait until the barrier's phase with this parity (0, 1, 0, ...: its completions counted mod 2) has completed.
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
-// One box (64 columns x rows x 1 head) of a 3-D tensor map (columns, rows, heads) into shared memory.
-__device__ __forceinline__ void tma_load(unsigned dst, const void* map, int col, int row, int head, unsigned bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
-        ::"r"(dst), "l"(map), "r"(col), "r"(row), "r"(head), "r"(bar) : "memory");
-}
+// wgmma_fence / commit / wait, fence_regs, descriptor, smem_u32, the mbarrier steps and tma_load: hopper.cuh
+// (shared with the backward's b4_wgmma.cu).
 
 
 // ---- one tile's steps (the consumer warpgroup's 64 rows) ----------------------------------------------------

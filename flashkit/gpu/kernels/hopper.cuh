@@ -1,7 +1,7 @@
 // Hopper (sm_90a) building blocks of the wgmma backward (b4_wgmma.cu): wgmma from shared-memory descriptors or
 // register A fragments, with either operand transposed; mbarriers; TMA box loads. Forward rung 7 (7_wgmma.cu)
-// writes the same instructions inline for its fixed operand forms; this header adds the transpose flags the
-// backward's five products need. Layouts: flashkit/gpu/hopper_layout.py models them (tests/test_hopper_layout.py).
+// includes it for the fences, descriptors, mbarriers and TMA, and writes its two fixed operand forms of wgmma
+// itself; the transpose flags here are what the backward's five products need. Layouts: flashkit/gpu/hopper_layout.py models them (tests/test_hopper_layout.py).
 
 #pragma once
 
