@@ -67,7 +67,7 @@ from numba.core.extending import intrinsic
 from flashkit.cpu import threads as cpu_threads
 
 from flashkit.cpu.simd import FASTMATH, fast_exp, fast_exp2
-from flashkit.cpu.vec import VECTOR_BYTES, Vec, _flat, _pointer, bcast, exp2, fma, lanes, load, splat, store, vmax
+from flashkit.cpu.vec import VECTOR_BYTES, Vec, _flat, _pointer, bcast, exp2, fetch_add, fma, lanes, load, splat, store, vmax
 
 Bc = 64  # keys per block: K_j and V_j of 64 x 128 float32 are 32 KiB each, an L1/L2-sized pair
 MIN_CHUNK = 256  # "auto" never cuts the cache finer than this many keys per split (per-task overhead)
@@ -413,19 +413,6 @@ def one_task(t, Q, K, V, lo, hi, scale, chunk, vec, M, L, O):
         split_task(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O)
 
 
-@intrinsic
-def take_next(typingctx, counter):
-    """counter[0] += 1 as one atomic instruction (lock xadd); returns the value before: the next task."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
-        return None
-
-    def codegen(context, builder, sig, args):
-        p = _pointer(context, builder, sig.args[0], args[0], ir.Constant(ir.IntType(64), 0))
-        return builder.atomic_rmw("add", p, ir.Constant(ir.IntType(64), 1), "monotonic")
-
-    return types.int64(counter), codegen
-
-
 @njit(parallel=True, cache=True)
 def splitk_kernel(Q, K, V, lo, hi, scale, chunk, vec, M, L, O, workers, counter):
     """All B * H_kv * splits tasks on `workers` threads, each taking the next task from `counter` (one
@@ -435,10 +422,10 @@ def splitk_kernel(Q, K, V, lo, hi, scale, chunk, vec, M, L, O, workers, counter)
     (min 27-31 against 22-28)."""
     n_tasks = M.shape[0] * K.shape[0] * K.shape[1]
     for _w in prange(workers):
-        t = take_next(counter)
+        t = fetch_add(counter, 1)
         while t < n_tasks:
             one_task(t, Q, K, V, lo, hi, scale, chunk, vec, M, L, O)
-            t = take_next(counter)
+            t = fetch_add(counter, 1)
 
 
 @njit(nogil=True, cache=True)

@@ -105,13 +105,11 @@ from __future__ import annotations
 import numpy as np
 import numba
 from numba import njit, prange
-from numba.core import cgutils, types
-from numba.core.extending import intrinsic
 
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, cache_bytes, default_block_size, row_window, task_index, tile_map
 from flashkit.cpu.simd import fast_exp2
-from flashkit.cpu.vec import VECTOR_BYTES, any_gt, bcast, exp2, fma, hsum, keep_range, lanes, load, splat, store, vmax
+from flashkit.cpu.vec import VECTOR_BYTES, any_gt, fetch_add, bcast, exp2, fma, hsum, keep_range, lanes, load, splat, store, vmax
 
 BLOCKS = (128, 256)  # the largest (Br, Bc) before the cache rules (blocks)
 # Query rows per micro-tile: 8 rows x 2 registers = 16 accumulators of the 32 zmm registers (AVX-512);
@@ -121,24 +119,6 @@ MR = 8 if VECTOR_BYTES == 64 else 6
 TAU = 8.0  # base-2 units: P = 2^(S - m_ref) <= 2^8 before m_ref must move
 
 
-# ---------------------------------------------------------------------------------------------
-# The task queue
-# ---------------------------------------------------------------------------------------------
-@intrinsic
-def fetch_add(typingctx, counter, n):
-    """counter[0] += n atomically; returns the value before. prange splits its range statically (each
-    thread gets its share up front), so a thread the OS deschedules, on a machine busy with other
-    work, finishes late and the whole call waits for it; workers that take tasks from a shared
-    counter share the work out by how fast each actually runs."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and isinstance(n, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        data = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0]).data
-        step = context.cast(builder, args[1], sig.args[1], types.int64)
-        return builder.atomic_rmw("add", data, step, "monotonic")
-
-    return types.int64(counter, n), codegen
 
 
 # ---------------------------------------------------------------------------------------------

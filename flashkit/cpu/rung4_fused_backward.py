@@ -62,25 +62,13 @@ from numba.core.extending import intrinsic
 
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size, row_window, task_index, tile_map
-from flashkit.cpu.vec import Vec, bcast, exp2, fma, hsum, lanes, load, splat, store
+from flashkit.cpu.vec import Vec, bcast, exp2, fma, hsum, lanes, load, splat, store, vmin
 
 BLOCKS = (128, 128)  # preferred (Br, Bc) before the L2 rule
 MR = 8  # rows (or keys) of a micro-tile; 8 x 2 registers = 16 accumulators of the 32 zmm
 LOG2E = 1.4426950408889634
 NO_KEY = 1e30  # lse' of a row that saw no key (and of padding rows): 2^(S' - 1e30) = 0
 CAP = 64.0  # S' - lse' is <= 0 for the forward's lse; a wrong lse is capped so P stays finite and fails the check
-
-
-@intrinsic
-def vmin(typingctx, a, b):
-    """The smaller of a and b, lane by lane (vminps)."""
-    if not (isinstance(a, Vec) and a == b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.select(builder.fcmp_ordered("<", args[0], args[1]), args[0], args[1])
-
-    return a(a, b), codegen
 
 
 @intrinsic

@@ -231,6 +231,18 @@ def vmax(typingctx, a, b):
 
 
 @intrinsic
+def vmin(typingctx, a, b):
+    """The smaller of a and b, lane by lane (vminps)."""
+    if not (isinstance(a, Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered("<", args[0], args[1]), args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def vround(typingctx, a):
     """a rounded to the nearest integer (ties to even), lane by lane (one vrndscaleps)."""
     if not isinstance(a, Vec):
@@ -431,3 +443,23 @@ def _exp2_array(x, out):
     W = lanes(x)
     for i in range(0, x.shape[0], W):
         store(out, i, exp2(load(x, i)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The task queue's counter (rung 4's kernels and the split-K decode)
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def fetch_add(typingctx, counter, n):
+    """counter[0] += n atomically; returns the value before. prange splits its range statically (each
+    thread gets its share up front), so a thread the OS deschedules, on a machine busy with other
+    work, finishes late and the whole call waits for it; workers that take tasks from a shared
+    counter share the work out by how fast each actually runs."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0]).data
+        step = context.cast(builder, args[1], sig.args[1], types.int64)
+        return builder.atomic_rmw("add", data, step, "monotonic")
+
+    return types.int64(counter, n), codegen
