@@ -35,12 +35,9 @@ import os
 import sys
 
 from flashkit.cpu import RUNGS as CPU_RUNGS
+from flashkit.sysinfo import AVX2_ENV
 
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+invpcid,+lzcnt,+mmx,"
-                    "+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
-AVX2_ENV = dict(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES, ATEN_CPU_CAPABILITY="avx2",
-                ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", OPENBLAS_CORETYPE="Haswell")
 B, H, D = 1, 8, 64
 NS = (512, 1024, 2048, 4096, 8192)
 NS_QUICK = (512, 1024)

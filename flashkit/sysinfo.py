@@ -9,6 +9,15 @@ from importlib import metadata
 SIMD_FLAGS = ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512fp16",
               "amx-tile", "neon", "sve", "sve2")
 
+# AVX2 code on an AVX-512 machine, every library limited alike: what benchmarks/cpu_forward.py --isa avx2
+# and tests/test_decode.py set in a child process to build and measure what an AVX2 laptop runs. Numba
+# compiles for Haswell's features (NUMBA_CPU_NAME alone would still let LLVM pick the host's AVX-512),
+# torch's kernels, oneDNN and MKL stop at AVX2, and OpenBLAS runs its Haswell kernels.
+HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+invpcid,+lzcnt,+mmx,"
+                    "+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
+AVX2_ENV = dict(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES, ATEN_CPU_CAPABILITY="avx2",
+                ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", OPENBLAS_CORETYPE="Haswell")
+
 
 def _version(dist: str) -> str:
     try:

@@ -2,6 +2,9 @@
 splits that are empty or fully masked; ragged lengths; causal few-query steps; clear errors.
 GPU tests (cupy-splitk) skip cleanly without CuPy or a GPU."""
 
+import os
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -132,6 +135,54 @@ def test_vector_task_serial_and_parallel_agree_with_the_loops(Hq, Hkv, Nq, d, dt
         seen = np.isfinite(a)
         np.testing.assert_array_equal(np.isfinite(b), seen, err_msg=f"{name}: which rows saw keys")
         np.testing.assert_allclose(b[seen], a[seen], rtol=tol, atol=tol, err_msg=name)
+
+
+AVX2_CHILD = """
+import re, sys
+import numpy as np
+from flashkit.decode import attention_decode, check
+from flashkit.cpu import decode as cpu_decode
+rng = np.random.default_rng(7)
+worst = 0.0
+for B, Hq, Hkv, Nq, L, d in [(1, 32, 8, 1, 1037, 128), (2, 8, 1, 1, 203, 64), (1, 10, 2, 3, 77, 64), (1, 4, 4, 1, 1, 128)]:
+    q = rng.standard_normal((B, Hq, Nq, d), dtype=np.float32)
+    k, v = rng.standard_normal((2, B, Hkv, L, d), dtype=np.float32)
+    P = check(q, k, v, causal=Nq > 1)
+    assert cpu_decode.vector_path(d, np.float32)
+    for serial in (True, False):
+        M, Lsum, O = cpu_decode.partials(P.Q, P.K, P.V, P.lo, P.hi, P.scale, 3, P.n_keys, vector=True, serial=serial)
+    o = attention_decode(q, k, v, causal=Nq > 1, backend="numba-splitk", splits=3)
+    q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
+    s = np.einsum("bhqd,bhkd->bhqk", q64, np.repeat(k64, Hq // Hkv, axis=1)) / np.sqrt(d)
+    if Nq > 1:
+        s = np.where(np.arange(L)[None, :] <= np.arange(Nq)[:, None] + L - Nq, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), np.repeat(v64, Hq // Hkv, axis=1))
+    worst = max(worst, float(np.abs(o - ref).max() / np.abs(ref).max()))
+asm = "".join(cpu_decode.split_task_vec.inspect_asm().values())
+print(f"worst {worst:.3e} zmm {len(re.findall('%zmm', asm))} ymm {len(re.findall('%ymm', asm))}")
+"""
+
+
+def test_vector_task_compiled_for_avx2(tmp_path):
+    """split_task_vec's 16 accumulators and 4 rows of Q fill more than AVX2's 16 ymm registers: LLVM spills
+    some (about 100 stores to the stack in its code, against 8 for AVX-512's 32 zmm), and the answer
+    must not change. Compiled for Haswell in a child process (flashkit.sysinfo.AVX2_ENV, its own Numba
+    cache) and checked against float64 attention on GQA groups of 4, 8 and 15 rows."""
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+
+    from flashkit import sysinfo
+
+    if "avx2" not in sysinfo.simd()["features"]:
+        pytest.skip("this CPU does not run AVX2 code")
+    env = dict(os.environ, **sysinfo.AVX2_ENV, NUMBA_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", AVX2_CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    worst, zmm, ymm = (float(x) for x in re.search(r"worst (\S+) zmm (\d+) ymm (\d+)", run.stdout).groups())
+    assert zmm == 0 and ymm > 100, f"not AVX2 code: {zmm:.0f} zmm and {ymm:.0f} ymm operands"
+    assert worst < 2e-5, f"AVX2 decode differs from float64 attention by {worst:.2e}"
 
 
 @pytest.mark.parametrize("rank", [2, 3, 4])
