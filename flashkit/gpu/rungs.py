@@ -255,14 +255,16 @@ RUNGS = (
         defines_br=False, precision="tf32",
     ),
     # ---- the backward ladder (FlashAttention-2's Algorithm 2; flashkit/gpu/backward.py launches it) ----------
-    # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32.
+    # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32. 64 x 128 only up to
+    # d = 64 (at d = 128 it would need 273 KB of shared memory; at d = 64 175 KB and 229 registers, one block per SM).
     # Default 64 x 64: the best of the sweep on the H200 at d = 64 and 128 (fp32, N = 4096).
     Rung(
         1, "cupy-bwd-fp32",
         "CUDA fp32 backward, FA2 Algorithm 2, dQ by fp32 atomics (kernels/b1_fp32.cu)",
         dtypes=("float32",), peer="efficient", priority=80, direction="backward", source="b1_fp32.cu",
         default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 64)},
-        allowed_blocks={d: ((32, 32), (32, 64), (64, 32), (64, 64)) for d in HEAD_DIMS},
+        allowed_blocks={d: ((32, 32), (32, 64), (64, 32), (64, 64)) + (((64, 128),) if d <= 64 else ())
+                        for d in HEAD_DIMS},
         threads=lambda Br, Bc: 256,
         kernels=(Kernel("bwd_preprocess", "preprocess"),
                  Kernel("flash_bwd", "main",

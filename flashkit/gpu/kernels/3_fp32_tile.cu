@@ -52,7 +52,12 @@ static_assert(D % (4 * TX) == 0 && BC % TX == 0, "TX must divide d / 4 and Bc");
 #define LDP (BC + 8)  // P_s row pitch (rungs.py's shared-memory size): rows ty..ty+3 of one warp land 8 banks
                      // apart (TX = 8: no store conflicts; TX = 16: two rows per warp, 8 banks shared)
 
+#ifndef KV_ASYNC
+#define KV_ASYNC 0  // 1: K_j and V_j in two buffers filled by cp.async, each load overlapped with the other product
+#endif
+
 #include "common.cuh"
+#include "fp32_async.cuh"
 
 // rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDQ] shared tile; rows >= N are 0.
 __device__ __forceinline__ void load_tile(float (*dst)[LDQ], const float* __restrict__ src, int row0, int nrows, int N) {
@@ -64,7 +69,8 @@ __device__ __forceinline__ void load_tile(float (*dst)[LDQ], const float* __rest
     }
 }
 
-// Grid: (Tr, Hq, B), block: 128 threads. Dynamic shared memory: Q_s [BR][LDQ], KV_s [BC][LDQ], P_s [BR][LDP].
+// Grid: (Tr, Hq, B), block: 128 threads. Dynamic shared memory: Q_s [BR][LDQ], KV_s [BC][LDQ], P_s [BR][LDP]
+// (KV_ASYNC: Q_s, K_s [BC][LDQ], P_s, V_s [BC][LDQ]).
 extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
     float* __restrict__ O, float* __restrict__ lse,
@@ -73,6 +79,11 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     float(*Q_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem);
     float(*KV_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem + BR * LDQ);
     float(*P_s)[LDP] = reinterpret_cast<float(*)[LDP]>(smem + (BR + BC) * LDQ);
+#if KV_ASYNC
+    float(*V_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem + (BR + BC) * LDQ + BR * LDP);  // K_j stays in KV_s
+#else
+    float(*V_s)[LDQ] = KV_s;  // V_j overwrites K_j, dead once S is computed
+#endif
 
     const int tid = threadIdx.x, ty = tid / TX, tx = tid % TX;  // the TX threads of a row group share a warp
     const int i0 = blockIdx.x * BR, hq = blockIdx.y, b = blockIdx.z;
@@ -105,9 +116,19 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             for (int e = 0; e < 4; ++e) o[a][c][e] = 0.f;
     }
 
+#if KV_ASYNC
+    load_rows_async<D, LDQ, NT>(KV_s, Kh, (kv_begin / BC) * BC, BC, Nk);  // the first K_j
+    cp_async_commit();
+#endif
     for (int j0 = (kv_begin / BC) * BC; j0 < kv_end; j0 += BC) {
         __syncthreads();  // previous V_j fully read (and Q_s complete on the first pass)
+#if KV_ASYNC
+        load_rows_async<D, LDQ, NT>(V_s, Vh, j0, BC, Nk);  // V_j lands while S_ij and P_ij are computed
+        cp_async_commit();
+        cp_async_wait<1>();  // this thread's copies of K_j have landed (V_j's may be in flight)
+#else
         load_tile(KV_s, Kh, j0, BC, Nk);
+#endif
         __syncthreads();
 
         // S_ij = Q_i K_j^T: each thread a TM x TN block, d consumed 4 at a time from float4 loads
@@ -170,7 +191,13 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             m[a] = m_new;
         }
         __syncthreads();  // P_s complete; every thread is done reading K_j
+#if KV_ASYNC
+        if (j0 + BC < kv_end) load_rows_async<D, LDQ, NT>(KV_s, Kh, j0 + BC, BC, Nk);  // K_{j+1} lands during P_ij V_j
+        cp_async_commit();  // (an empty group on the last tile keeps the count of groups in flight uniform)
+        cp_async_wait<1>();  // this thread's copies of V_j have landed
+#else
         load_tile(KV_s, Vh, j0, BC, Nk);
+#endif
         __syncthreads();
 
         // O_i += P_ij V_j: keys consumed 4 at a time (one float4 of P per row)
@@ -183,7 +210,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             for (int cc = 0; cc < 4; ++cc) {
                 float4 v[DV];
 #pragma unroll
-                for (int c = 0; c < DV; ++c) v[c] = *reinterpret_cast<const float4*>(&KV_s[c4 + cc][tx * 4 + 4 * TX * c]);
+                for (int c = 0; c < DV; ++c) v[c] = *reinterpret_cast<const float4*>(&V_s[c4 + cc][tx * 4 + 4 * TX * c]);
 #pragma unroll
                 for (int a = 0; a < TM; ++a) {
                     const float pa = cc == 0 ? p[a].x : cc == 1 ? p[a].y : cc == 2 ? p[a].z : p[a].w;

@@ -47,7 +47,7 @@
 #define TY (NT / TX)
 #define CC (D / (4 * TX))  // float4 column groups per thread
 #define KA (BC / TY)       // dK/dV rows per thread: ty + TY*a
-#define QA (BR / TY)       // dQ rows per thread: ty + TY*a
+#define QA (BR / TY)       // dQ rows per thread: uy*QA + a (adjacent rows: their dS^T values are one float4)
 #define LDK (D + 4)        // Q_s, dO_s, K_s, V_s row pitch in floats (16-byte aligned, conflict-free float4)
 #define LDT (BR + 4)       // P^T, dS^T row pitch in floats
 #define LOG2E 1.4426950408889634f
@@ -246,7 +246,8 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
                 }
             }
 
-            // dQ_i += dS K_j * scale: rows uy + TY*a of this step, added with atomics
+            // dQ_i += dS K_j * scale: rows uy*QA + a of this step (QA adjacent rows, so that one thread's dS
+            // values of a key are one float4 of dS^T_s), added with one 16-byte vector atomic per float4 of dQ
             float dq[QA][CC][4];
 #pragma unroll
             for (int a = 0; a < QA; ++a)
@@ -259,27 +260,36 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
                 float4 kk[CC];
 #pragma unroll
                 for (int c = 0; c < CC; ++c) kk[c] = *reinterpret_cast<const float4*>(&K_s[c2][ux * 4 + 4 * TX * c]);
+                float ds[QA];
+                if constexpr (QA % 4 == 0) {
 #pragma unroll
-                for (int a = 0; a < QA; ++a) {
-                    const float ds = dST_s[c2][uy + TY * a];
+                    for (int a = 0; a < QA; a += 4) {
+                        const float4 v = *reinterpret_cast<const float4*>(&dST_s[c2][uy * QA + a]);
+                        ds[a] = v.x, ds[a + 1] = v.y, ds[a + 2] = v.z, ds[a + 3] = v.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int a = 0; a < QA; ++a) ds[a] = dST_s[c2][uy * QA + a];
+                }
+#pragma unroll
+                for (int a = 0; a < QA; ++a)
 #pragma unroll
                     for (int c = 0; c < CC; ++c) {
-                        dq[a][c][0] = fmaf(ds, kk[c].x, dq[a][c][0]);
-                        dq[a][c][1] = fmaf(ds, kk[c].y, dq[a][c][1]);
-                        dq[a][c][2] = fmaf(ds, kk[c].z, dq[a][c][2]);
-                        dq[a][c][3] = fmaf(ds, kk[c].w, dq[a][c][3]);
+                        dq[a][c][0] = fmaf(ds[a], kk[c].x, dq[a][c][0]);
+                        dq[a][c][1] = fmaf(ds[a], kk[c].y, dq[a][c][1]);
+                        dq[a][c][2] = fmaf(ds[a], kk[c].z, dq[a][c][2]);
+                        dq[a][c][3] = fmaf(ds[a], kk[c].w, dq[a][c][3]);
                     }
-                }
             }
 #pragma unroll
             for (int a = 0; a < QA; ++a) {
-                const int i = i0 + uy + TY * a;
+                const int i = i0 + uy * QA + a;
                 if (i < Nq) {
 #pragma unroll
                     for (int c = 0; c < CC; ++c)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            atomicAdd(dQh + (long long)i * D + ux * 4 + 4 * TX * c + e, dq[a][c][e] * scale);
+                        red_add4(dQh + (long long)i * D + ux * 4 + 4 * TX * c,
+                                 make_float4(dq[a][c][0] * scale, dq[a][c][1] * scale, dq[a][c][2] * scale,
+                                             dq[a][c][3] * scale));
                 }
             }
         }
