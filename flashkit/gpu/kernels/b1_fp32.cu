@@ -25,6 +25,17 @@
 // The lse check (bwd_check.cuh, 2026-12-02): BR threads sum their query's column of P^T_s and add it with one
 //   atomic per query and step (1 query tile in 8 at large N); bwd_lse_check tests the sums. Measured (H200, d = 64,
 //   every tile): 45.35 ms vs 45.53 before (gpu-bwd-h200-history6.json, -history3.json): no cost measurable.
+// Step of 2026-12-02 (H200, benchmarks/gpu_fp32_steps.py at 86f596e, fp32-steps-h200.json; the kernel before it
+//   timed beside it in the same run): dQ_i's rows are now adjacent per thread (uy*QA + a), so one float4 of dS^T_s
+//   gives a thread its QA dS values of a key (1 LDS.128 instead of 4 LDS.32 per 16 FMA), and each float4 of dQ
+//   goes out as one red.global.add.v4.f32 (red_add4) instead of 4 scalar atomics. Registers unchanged (127 / 199).
+//   Measured, TFLOP/s non-causal / causal, x torch efficient in the same run: d = 64 32.1 / 31.1 (0.91 / 0.92x;
+//   before 30.2 / 29.2, 0.86x: +6%); d = 128 30.7 / 30.7 (0.83 / 0.86x; before 28.0 / 27.8, 0.76 / 0.78x: +10%).
+//   Through flashkit.attention_backward (auto picks this rung for fp32): 0.90 / 0.90x (d = 64), 0.82 / 0.84x
+//   (d = 128). 64 x 128 (allowed up to d = 64: 229 registers, 175 KB, one block per SM) loses 5%: 30.6 / 29.5.
+//   The goal (>= 1.0x torch efficient) is not met. Where the rest goes was not profiled; candidates: the dK/dV
+//   product reads 16 LDS.128 per 128 FMA (about as many shared-memory cycles as FMA cycles at d = 64), one block
+//   of 8 warps per SM at d = 128 (170 KB), and no load of Q_{i+1} / dO_{i+1} overlapped with the products.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
