@@ -176,17 +176,18 @@ RUNGS = (
         threads=lambda Br, Bc: Br,
         smem=lambda d, Br, Bc: 4 * (Br * (d + 1) + 2 * Bc * d + Bc * Br),
     ),
-    # Q_s [64][d+4] + KV_s [Bc][d+4] + P_s [64][Bc+8], fp32; the 16x8 thread grid fixes Br = 64, Bc = 8 x TN.
-    # Bc = 32 at d = 128: 61 KB of shared memory, 3 blocks per SM instead of 2; measured 33.3 vs 30.4 TFLOP/s
-    # (H100, N=4096, non-causal; benchmarks/results/gpu-h100-80gb-hbm3-history2.json).
+    # Q_s [64][d+4] + KV_s [Bc][d+4] + P_s [64][Bc+8], fp32, + V_s [Bc][d+4] at d = 64 (the kernel's KV_ASYNC rule:
+    # K_j and V_j in two buffers filled by cp.async); 128 threads fix Br = 64. Defaults 64 x 64 everywhere (2026-12-02,
+    # H200, benchmarks/results/fp32-steps-h200.json): d = 64 with KV_ASYNC 1.06-1.07x torch efficient; d = 128 with
+    # TX = 16 (8 rows of S per thread) 0.78-0.79x, against 0.70-0.72x for the old 64 x 32 with TX = 8.
     Rung(
         3, "cupy-fp32-tile",
         "CUDA fp32, register-blocked S tiles, warp-shuffle reductions (kernels/3_fp32_tile.cu)",
         dtypes=("float32",), peer="efficient", priority=80, source="3_fp32_tile.cu",
-        default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 32)},
+        default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 64)},
         allowed_blocks=((64, 32), (64, 64)),
         threads=lambda Br, Bc: 128,
-        smem=lambda d, Br, Bc: 4 * ((64 + Bc) * (d + 4) + 64 * (Bc + 8)),
+        smem=lambda d, Br, Bc: 4 * ((64 + Bc * (2 if d == 64 else 1)) * (d + 4) + 64 * (Bc + 8)),
         defines_br=False,
     ),
     # Q_s [64][d+8] + K_s [Bc][d+8] + V_s [Bc][d+8], 16-bit; 4 warps x 16 rows fix Br = 64.
@@ -255,14 +256,16 @@ RUNGS = (
         defines_br=False, precision="tf32",
     ),
     # ---- the backward ladder (FlashAttention-2's Algorithm 2; flashkit/gpu/backward.py launches it) ----------
-    # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32.
+    # K_s, V_s [Bc][d+4], Q_s, dO_s [Br][d+4], P^T_s, dS^T_s [Bc][Br+4], lse_s, D_s [Br]; fp32. 64 x 128 only up to
+    # d = 64 (at d = 128 it would need 273 KB of shared memory; at d = 64 175 KB and 229 registers, one block per SM).
     # Default 64 x 64: the best of the sweep on the H200 at d = 64 and 128 (fp32, N = 4096).
     Rung(
         1, "cupy-bwd-fp32",
         "CUDA fp32 backward, FA2 Algorithm 2, dQ by fp32 atomics (kernels/b1_fp32.cu)",
         dtypes=("float32",), peer="efficient", priority=80, direction="backward", source="b1_fp32.cu",
         default_blocks={32: (64, 64), 64: (64, 64), 128: (64, 64)},
-        allowed_blocks={d: ((32, 32), (32, 64), (64, 32), (64, 64)) for d in HEAD_DIMS},
+        allowed_blocks={d: ((32, 32), (32, 64), (64, 32), (64, 64)) + (((64, 128),) if d <= 64 else ())
+                        for d in HEAD_DIMS},
         threads=lambda Br, Bc: 256,
         kernels=(Kernel("bwd_preprocess", "preprocess"),
                  Kernel("flash_bwd", "main",

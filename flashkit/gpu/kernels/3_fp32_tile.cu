@@ -27,6 +27,18 @@
 //   loses (30.1 / 29.1); at d = 64 its best block loses 2-3% to the default. Not the default: not yet through
 //   flashkit.gpu.check (its first timing run ended in an illegal address, most likely because P_s's pitch then
 //   grew with TX while rungs.py's shared-memory size did not; fixed: the pitch is Bc + 8 for any TX).
+// Steps of 2026-12-02 (H200, one run of benchmarks/gpu_fp32_steps.py at 86f596e, fp32-steps-h200.json; every
+//   variant first passed the float64 checks of flashkit.gpu.check's awkward shapes at both blocks, and memcheck /
+//   racecheck were clean). TFLOP/s non-causal / causal, N = 4096, x torch efficient in the same run:
+//   - TX = 16 at 64 x 64 (checked now): d = 128 35.7 / 34.9 (0.78 / 0.79x) against the old default 64 x 32 TX 8's
+//     33.2 / 31.1 (0.72 / 0.70x): the new default at d = 128. At d = 64 it loses 3% to TX = 8.
+//   - KV_ASYNC (K_j and V_j in two buffers filled by cp.async: V_j lands while S_ij is computed, K_{j+1} while
+//     P_ij V_j is): d = 64, 64 x 64 37.6 / 36.1 (1.06 / 1.07x) against 36.5 / 34.9 (1.03x): the new default at
+//     d = 64. At d = 128 it loses: 64 x 64 needs 120 KB (one block of 4 warps per SM; 21.6 TFLOP/s), TX 16 with it
+//     33.5 / 32.3 (a third [Bc][d+4] buffer, 2 blocks per SM instead of 3).
+//   The goal at d = 128 (>= 1.0x torch efficient, 46.0 / 44.3 TFLOP/s here, 90% of the 51 TFLOP/s fp32 GEMM
+//   ceiling) is not met: 0.78 / 0.79x. Not tried: Br = 128 (more reuse of each K_j / V_j float4), a register-level
+//   double buffer of the float4 operands, P_ij kept in registers and shuffled instead of going through P_s.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
 
@@ -39,8 +51,8 @@
 #endif
 #define BR 64     // query rows per block = TY thread-rows x TM
 #define NT 128    // threads per block (TY x TX)
-#ifndef TX
-#define TX 8      // threads per row group (8: a 16 x 8 thread grid; 16: 8 x 16, twice the rows per thread)
+#ifndef TX  // threads per row group (8: a 16 x 8 thread grid; 16: 8 x 16, twice the rows per thread).
+#define TX (D == 128 ? 16 : 8)  // 16 at d = 128: measured +8% / +12% over 8 (fp32-steps-h200.json); d = 32 needs 8
 #endif
 #define TY (NT / TX)      // thread rows
 #define TM (BR / TY)      // query rows per thread: rows ty + TY*a
@@ -52,7 +64,12 @@ static_assert(D % (4 * TX) == 0 && BC % TX == 0, "TX must divide d / 4 and Bc");
 #define LDP (BC + 8)  // P_s row pitch (rungs.py's shared-memory size): rows ty..ty+3 of one warp land 8 banks
                      // apart (TX = 8: no store conflicts; TX = 16: two rows per warp, 8 banks shared)
 
+#ifndef KV_ASYNC  // 1: K_j and V_j in two buffers filled by cp.async, each load overlapped with the other product.
+#define KV_ASYNC (D == 64 ? 1 : 0)  // on at d = 64 (+3%); off at d = 128, where the extra buffer costs occupancy
+#endif                              // (rungs.py's shared-memory size follows the same rule)
+
 #include "common.cuh"
+#include "fp32_async.cuh"
 
 // rows [row0, row0 + nrows) of a (N, D) matrix into a [nrows][LDQ] shared tile; rows >= N are 0.
 __device__ __forceinline__ void load_tile(float (*dst)[LDQ], const float* __restrict__ src, int row0, int nrows, int N) {
@@ -64,7 +81,8 @@ __device__ __forceinline__ void load_tile(float (*dst)[LDQ], const float* __rest
     }
 }
 
-// Grid: (Tr, Hq, B), block: 128 threads. Dynamic shared memory: Q_s [BR][LDQ], KV_s [BC][LDQ], P_s [BR][LDP].
+// Grid: (Tr, Hq, B), block: 128 threads. Dynamic shared memory: Q_s [BR][LDQ], KV_s [BC][LDQ], P_s [BR][LDP]
+// (KV_ASYNC: Q_s, K_s [BC][LDQ], P_s, V_s [BC][LDQ]).
 extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
     float* __restrict__ O, float* __restrict__ lse,
@@ -73,6 +91,11 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     float(*Q_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem);
     float(*KV_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem + BR * LDQ);
     float(*P_s)[LDP] = reinterpret_cast<float(*)[LDP]>(smem + (BR + BC) * LDQ);
+#if KV_ASYNC
+    float(*V_s)[LDQ] = reinterpret_cast<float(*)[LDQ]>(smem + (BR + BC) * LDQ + BR * LDP);  // K_j stays in KV_s
+#else
+    float(*V_s)[LDQ] = KV_s;  // V_j overwrites K_j, dead once S is computed
+#endif
 
     const int tid = threadIdx.x, ty = tid / TX, tx = tid % TX;  // the TX threads of a row group share a warp
     const int i0 = blockIdx.x * BR, hq = blockIdx.y, b = blockIdx.z;
@@ -105,9 +128,19 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             for (int e = 0; e < 4; ++e) o[a][c][e] = 0.f;
     }
 
+#if KV_ASYNC
+    load_rows_async<D, LDQ, NT>(KV_s, Kh, (kv_begin / BC) * BC, BC, Nk);  // the first K_j
+    cp_async_commit();
+#endif
     for (int j0 = (kv_begin / BC) * BC; j0 < kv_end; j0 += BC) {
         __syncthreads();  // previous V_j fully read (and Q_s complete on the first pass)
+#if KV_ASYNC
+        load_rows_async<D, LDQ, NT>(V_s, Vh, j0, BC, Nk);  // V_j lands while S_ij and P_ij are computed
+        cp_async_commit();
+        cp_async_wait<1>();  // this thread's copies of K_j have landed (V_j's may be in flight)
+#else
         load_tile(KV_s, Kh, j0, BC, Nk);
+#endif
         __syncthreads();
 
         // S_ij = Q_i K_j^T: each thread a TM x TN block, d consumed 4 at a time from float4 loads
@@ -170,7 +203,13 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             m[a] = m_new;
         }
         __syncthreads();  // P_s complete; every thread is done reading K_j
+#if KV_ASYNC
+        if (j0 + BC < kv_end) load_rows_async<D, LDQ, NT>(KV_s, Kh, j0 + BC, BC, Nk);  // K_{j+1} lands during P_ij V_j
+        cp_async_commit();  // (an empty group on the last tile keeps the count of groups in flight uniform)
+        cp_async_wait<1>();  // this thread's copies of V_j have landed
+#else
         load_tile(KV_s, Vh, j0, BC, Nk);
+#endif
         __syncthreads();
 
         // O_i += P_ij V_j: keys consumed 4 at a time (one float4 of P per row)
@@ -183,7 +222,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             for (int cc = 0; cc < 4; ++cc) {
                 float4 v[DV];
 #pragma unroll
-                for (int c = 0; c < DV; ++c) v[c] = *reinterpret_cast<const float4*>(&KV_s[c4 + cc][tx * 4 + 4 * TX * c]);
+                for (int c = 0; c < DV; ++c) v[c] = *reinterpret_cast<const float4*>(&V_s[c4 + cc][tx * 4 + 4 * TX * c]);
 #pragma unroll
                 for (int a = 0; a < TM; ++a) {
                     const float pa = cc == 0 ? p[a].x : cc == 1 ? p[a].y : cc == 2 ? p[a].z : p[a].w;

@@ -30,6 +30,7 @@
 // Paper names: Br = 64, Bc, Q_i, K_j, V_j, S = Q_i K_j^T * scale (log2 units), P = exp2(S - m_i), m_i, l_i, O_i.
 
 #include "common.cuh"  // INFINITY, fast_exp2, row_lo / row_hi
+#include "fp32_async.cuh"  // cp.async of fp32 tiles
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64  // d: 32, 64 or 128 (set by the loader)
@@ -58,21 +59,9 @@ __device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], u
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ void cp_async16(float* dst, const float* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// rows [row0, row0 + BC) of a (N, D) matrix into a [BC][LDS] shared tile by cp.async; rows >= N are written 0.
+// rows [row0, row0 + BC) of a (N, D) matrix into a [BC][LDS] shared tile by cp.async (fp32_async.cuh).
 __device__ __forceinline__ void load_tile_async(float (*dst)[LDS], const float* __restrict__ src, int row0, int N) {
-    for (int f = threadIdx.x; f < BC * (D / 4); f += NT) {
-        const int r = f / (D / 4), c = (f % (D / 4)) * 4;
-        if (row0 + r < N) cp_async16(&dst[r][c], src + (long long)(row0 + r) * D + c);
-        else *reinterpret_cast<float4*>(&dst[r][c]) = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    load_rows_async<D, LDS, NT>(dst, src, row0, BC, N);
 }
 
 // Grid: (Tr, Hq, B), block: 128 threads. Dynamic shared memory: K_s [2][BC][LDS], V_s [2][BC][LDS], fp32.

@@ -25,6 +25,17 @@
 // The lse check (bwd_check.cuh, 2026-12-02): BR threads sum their query's column of P^T_s and add it with one
 //   atomic per query and step (1 query tile in 8 at large N); bwd_lse_check tests the sums. Measured (H200, d = 64,
 //   every tile): 45.35 ms vs 45.53 before (gpu-bwd-h200-history6.json, -history3.json): no cost measurable.
+// Step of 2026-12-02 (H200, benchmarks/gpu_fp32_steps.py at 86f596e, fp32-steps-h200.json; the kernel before it
+//   timed beside it in the same run): dQ_i's rows are now adjacent per thread (uy*QA + a), so one float4 of dS^T_s
+//   gives a thread its QA dS values of a key (1 LDS.128 instead of 4 LDS.32 per 16 FMA), and each float4 of dQ
+//   goes out as one red.global.add.v4.f32 (red_add4) instead of 4 scalar atomics. Registers unchanged (127 / 199).
+//   Measured, TFLOP/s non-causal / causal, x torch efficient in the same run: d = 64 32.1 / 31.1 (0.91 / 0.92x;
+//   before 30.2 / 29.2, 0.86x: +6%); d = 128 30.7 / 30.7 (0.83 / 0.86x; before 28.0 / 27.8, 0.76 / 0.78x: +10%).
+//   Through flashkit.attention_backward (auto picks this rung for fp32): 0.90 / 0.90x (d = 64), 0.82 / 0.84x
+//   (d = 128). 64 x 128 (allowed up to d = 64: 229 registers, 175 KB, one block per SM) loses 5%: 30.6 / 29.5.
+//   The goal (>= 1.0x torch efficient) is not met. Where the rest goes was not profiled; candidates: the dK/dV
+//   product reads 16 LDS.128 per 128 FMA (about as many shared-memory cycles as FMA cycles at d = 64), one block
+//   of 8 warps per SM at d = 128 (170 KB), and no load of Q_{i+1} / dO_{i+1} overlapped with the products.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
@@ -47,7 +58,7 @@
 #define TY (NT / TX)
 #define CC (D / (4 * TX))  // float4 column groups per thread
 #define KA (BC / TY)       // dK/dV rows per thread: ty + TY*a
-#define QA (BR / TY)       // dQ rows per thread: ty + TY*a
+#define QA (BR / TY)       // dQ rows per thread: uy*QA + a (adjacent rows: their dS^T values are one float4)
 #define LDK (D + 4)        // Q_s, dO_s, K_s, V_s row pitch in floats (16-byte aligned, conflict-free float4)
 #define LDT (BR + 4)       // P^T, dS^T row pitch in floats
 #define LOG2E 1.4426950408889634f
@@ -246,7 +257,8 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
                 }
             }
 
-            // dQ_i += dS K_j * scale: rows uy + TY*a of this step, added with atomics
+            // dQ_i += dS K_j * scale: rows uy*QA + a of this step (QA adjacent rows, so that one thread's dS
+            // values of a key are one float4 of dS^T_s), added with one 16-byte vector atomic per float4 of dQ
             float dq[QA][CC][4];
 #pragma unroll
             for (int a = 0; a < QA; ++a)
@@ -259,27 +271,36 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
                 float4 kk[CC];
 #pragma unroll
                 for (int c = 0; c < CC; ++c) kk[c] = *reinterpret_cast<const float4*>(&K_s[c2][ux * 4 + 4 * TX * c]);
+                float ds[QA];
+                if constexpr (QA % 4 == 0) {
 #pragma unroll
-                for (int a = 0; a < QA; ++a) {
-                    const float ds = dST_s[c2][uy + TY * a];
+                    for (int a = 0; a < QA; a += 4) {
+                        const float4 v = *reinterpret_cast<const float4*>(&dST_s[c2][uy * QA + a]);
+                        ds[a] = v.x, ds[a + 1] = v.y, ds[a + 2] = v.z, ds[a + 3] = v.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int a = 0; a < QA; ++a) ds[a] = dST_s[c2][uy * QA + a];
+                }
+#pragma unroll
+                for (int a = 0; a < QA; ++a)
 #pragma unroll
                     for (int c = 0; c < CC; ++c) {
-                        dq[a][c][0] = fmaf(ds, kk[c].x, dq[a][c][0]);
-                        dq[a][c][1] = fmaf(ds, kk[c].y, dq[a][c][1]);
-                        dq[a][c][2] = fmaf(ds, kk[c].z, dq[a][c][2]);
-                        dq[a][c][3] = fmaf(ds, kk[c].w, dq[a][c][3]);
+                        dq[a][c][0] = fmaf(ds[a], kk[c].x, dq[a][c][0]);
+                        dq[a][c][1] = fmaf(ds[a], kk[c].y, dq[a][c][1]);
+                        dq[a][c][2] = fmaf(ds[a], kk[c].z, dq[a][c][2]);
+                        dq[a][c][3] = fmaf(ds[a], kk[c].w, dq[a][c][3]);
                     }
-                }
             }
 #pragma unroll
             for (int a = 0; a < QA; ++a) {
-                const int i = i0 + uy + TY * a;
+                const int i = i0 + uy * QA + a;
                 if (i < Nq) {
 #pragma unroll
                     for (int c = 0; c < CC; ++c)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            atomicAdd(dQh + (long long)i * D + ux * 4 + 4 * TX * c + e, dq[a][c][e] * scale);
+                        red_add4(dQh + (long long)i * D + ux * 4 + 4 * TX * c,
+                                 make_float4(dq[a][c][0] * scale, dq[a][c][1] * scale, dq[a][c][2] * scale,
+                                             dq[a][c][3] * scale));
                 }
             }
         }

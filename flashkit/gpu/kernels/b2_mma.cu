@@ -66,7 +66,7 @@ static_assert(NW % WM == 0 && DQN % 16 == 0, "the dQ step needs Br/16 to divide 
 
 #include "mma.cuh"
 #include "bwd_check.cuh"
-#include "bwd_atomic.cuh"  // bwd_preprocess, bwd_dq_convert, red_add4, reduce_half (shared with b4)
+#include "bwd_atomic.cuh"  // bwd_preprocess, bwd_dq_convert, reduce_half (shared with b4; red_add4: common.cuh)
 
 // Grid: (Tc, Hkv, B), block: Bc / 16 warps. Dynamic shared memory: K_s, V_s [BC][LDS]; Q_s, dO_s [2][BR][LDS]
 // (two stages); dST_s [BC][LDT] (dS^T, key-major); lse_s, D_s [2][BR], psum_s [NW][BR] floats.

@@ -94,10 +94,10 @@ static_assert(BC == 64 * NC, "each consumer warpgroup owns 64 keys");
 static_assert(!(DEFER_DQ && DQ_BULK), "one way of adding dQ_i");
 static_assert((BR == 128 && D == 64) || (BR == 64 && D == 128), "dQ_i is split into two 64 x 64 products");
 
-#include "common.cuh"     // INFINITY, fast_exp2, row_lo / row_hi
+#include "common.cuh"     // INFINITY, fast_exp2, row_lo / row_hi, red_add4
 #include "hopper.cuh"     // wgmma, descriptors, mbarriers, TMA
 #include "bwd_check.cuh"  // bwd_lse_check
-#include "bwd_atomic.cuh" // bwd_preprocess, bwd_dq_convert, red_add4, reduce_half
+#include "bwd_atomic.cuh" // bwd_preprocess, bwd_dq_convert, reduce_half (red_add4: common.cuh)
 
 // Tile bytes (16-bit elements). Each tile is [NHALF or BR/64][rows][64], every [rows][64] block 128-byte swizzled.
 #define KV_BYTES (BC * D * 2)

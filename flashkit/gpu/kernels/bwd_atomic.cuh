@@ -1,6 +1,6 @@
 // What the backward rungs with dQ by fp32 atomics share (b2_mma.cu, b4_wgmma.cu): the preprocessing kernel
 // (D = rowsum(dO * O), the dQ accumulator and the lse check's row sums zeroed), the conversion of the fp32 dQ
-// accumulator to the input dtype, a 16-byte vector reduction into global memory, and one level of the warp
+// accumulator to the input dtype, and one level of the warp
 // reduce-scatter the lse check's row sums go through. The including file defines D (the head size) first;
 // T and pack2 / unpack2 come from elements.cuh.
 
@@ -8,11 +8,6 @@
 
 #include "elements.cuh"
 
-// dst[0..3] += v as one vector reduction in L2 (sm_90: red.global.add.v4.f32; dst 16-byte aligned).
-__device__ __forceinline__ void red_add4(float* dst, float4 v) {
-    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
-                 ::"l"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
-}
 
 // One level of a warp reduce-scatter: v[0 .. 2 HALF) summed with the partner lane (lane ^ mask) into
 // v[0 .. HALF); the lane whose `mask` bit is set keeps (and gets the sums of) the upper half.

@@ -1,4 +1,4 @@
-// Helpers every CUDA rung shares (forward kernels 2-7, backward kernels b1-b3): written once here.
+// Helpers every CUDA rung shares (forward kernels 2-8, backward kernels b1-b4): written once here.
 // The loader passes this folder to NVRTC as an include path (-I); flashkit/gpu/flash.py.
 
 #pragma once
@@ -19,4 +19,11 @@ __device__ __forceinline__ float fast_exp2(float x) {
 __device__ __forceinline__ int row_lo(int i, int offset, int left) { return left < 0 ? 0 : max(0, i + offset - left); }
 __device__ __forceinline__ int row_hi(int i, int offset, int right, int Nk) {
     return right < 0 ? Nk : min(Nk, i + offset + right + 1);
+}
+
+// dst[0..3] += v as one vector reduction in L2 (sm_90: red.global.add.v4.f32; dst 16-byte aligned):
+// the fp32 dQ atomics of backward rungs b1, b2 and b4.
+__device__ __forceinline__ void red_add4(float* dst, float4 v) {
+    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+                 ::"l"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 }
