@@ -54,6 +54,7 @@ RUNG_ELEMENTS = {r.name: r.elements for r in kernels("backward")}
 RUNG_DIMS = {r.name: r.head_dims for r in kernels("backward")}
 TABLE = frozenset(RUNG_ELEMENTS)  # rungs with a public backend (a driver may add pseudo-rungs to the dicts above)
 GRADS = ("dq", "dk", "dv")
+EPS = {"f16": 2.0 ** -10, "bf16": 2.0 ** -7, "f32": 2.0 ** -23}  # a unit in the last place at 1.0
 
 
 def seed_of(*key) -> int:
@@ -351,7 +352,8 @@ def run_all(verbose=True, seed=0, only=None) -> List[dict]:
 
 
 def check_public(rung, case, element, seed=0) -> dict:
-    """flashkit.attention_backward(..., backend=<rung>) against the rung called directly (the same bits); then
+    """flashkit.attention_backward(..., backend=<rung>) against the rung called directly (the same bits, but for
+    the order of atomic sums); then
     NaN in each of q, k, v, do, o (and +inf in lse) must raise naming it, and lse in log2 units must raise."""
     import cupy
 
@@ -363,7 +365,13 @@ def check_public(rung, case, element, seed=0) -> dict:
     kw = dict(causal=causal, window=window, backend=rung)
     got = flashkit.attention_backward(dO, Q, K, V, O, lse, **kw)
     want = backward(rung, Q, K, V, O, dO, lse, scale=1.0 / d ** 0.5, window=window_of(case), element=element)
-    same = all(bool((a == b).all()) for a, b in zip(got, want))
+    # The same bits, except where the kernel adds with atomics (dQ; dK and dV of a GQA group): their order
+    # varies from run to run, so a sum may differ in its last bits. Up to 4 units in the last place of the
+    # largest gradient, then: a public call that ran something else (another scale, another rung's blocking of
+    # the sums in float16) is off by far more, and the error against float64 is checked by the other rows.
+    exact = [(as_float64(a, element, cupy), as_float64(b, element, cupy)) for a, b in zip(got, want)]
+    diffs = [float(abs(a - b).max()) / max(float(abs(b).max()), 1e-30) for a, b in exact]
+    same = all(x <= 4 * EPS[element] for x in diffs)
     said = {}
     args = dict(do=dO, q=Q, k=K, v=V, o=O, lse=lse)
     for arg in args:
@@ -384,7 +392,7 @@ def check_public(rung, case, element, seed=0) -> dict:
         said["lse in log2 units"] = "raised" if "lse does not belong" in str(exc) else f"raised: {exc}"[:120]
     ok = same and all(v == "raised" for v in said.values())
     return dict(rung=rung, element=element, case=list(case) + ["public"], seed=seed, lse_check=True, ok=ok,
-                same_as_rung=same, errors={k: (None if v == "silent" else v) for k, v in said.items()})
+                same_as_rung=same, rel_diff_to_rung=dict(zip(GRADS, diffs)), errors={k: (None if v == "silent" else v) for k, v in said.items()})
 
 
 def print_header():
