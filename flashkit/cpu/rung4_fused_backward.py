@@ -20,8 +20,10 @@ padding row has P = 0 and dS = 0, and a row with lse = -inf (it saw no key) gets
 NaN, its gradients 0.
 
 Parallel without races as rung 3's default: tasks over K/V blocks (b, K/V head, j) own dK_j and dV_j
-across every query head of their GQA group, and add dS K_j into their thread's copy of dQ; the copies are
-summed at the end (O(threads N d) memory). A dQ-only second pass would recompute S and dP (7 products
+across every query head of their GQA group, and add dS K_j into their worker's copy of dQ; the copies are
+summed at the end (O(threads N d) memory). The workers take tasks from a shared counter (the forward
+rung's task queue), and the scratch (panels, D, lse', the dQ copies) is kept for the next call of the
+same shapes (`_scratch`): see the measurements of 2026-12-02 below. A dQ-only second pass would recompute S and dP (7 products
 instead of 5); rung 3's header has that trade measured.
 
 Causal and window tiles skip the key panels no row of an 8-row panel sees, and mask only the panels a
@@ -52,6 +54,35 @@ Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a co
     128 x 128 kept. Not tried: the two-pass variant (rung 3's header: slower there), AVX2 (16 ymm
     registers: the 8 x 2 tile spills).
   * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache).
+
+Measured 2026-12-02 on a shared 2-core AMD EPYC (znver5, AVX-512 with full-width FMAs, 2 MiB L2 a core;
+2-thread sgemm 4096^2 415 GFLOP/s when quiet, twice the Xeon's), fp32, B=1, H=8, d=64:
+  * before this session's steps (benchmarks/cpu_backward.py, load average 0.3-1.5): time / torch SDPA's
+    backward 0.47, 0.57, 0.49, 0.45 at N=1024, 2048, 4096, 8192 (causal 0.41, 0.44, 0.40, 0.49): the
+    goal of <= 1.0x met on this machine; share of sgemm 78%, 69%, 81%, 84% (causal 62%, 72%, 89%, 71%).
+  * where the time went (the parts timed one by one, medians of 7, load 0.4): the kernel alone ran at
+    386-389 GFLOP/s non-causal (93% of sgemm) and 352-366 causal, but a whole call took up to twice the
+    kernel's time: N=1024 29.7 ms against 13.8 (packing 0.9, dQ sum 0.2, validation 0.4). The rest was
+    page faults: 4400 a call (17 MiB of fresh scratch and gradients, at 1.8 us a 4 KiB fault, measured
+    here: NumPy asks for huge pages only from 4 MiB, 90 us a MiB). How many depends on what glibc's
+    malloc kept from earlier calls, so the same call took 16.6 ms in the benchmark and 30 ms in a
+    script. Under load (another process on a core) each parallel region cost about 8 ms (a wake-up of
+    the descheduled thread): packing Q, packing K, the kernel and the dQ sum were four.
+  * steps: the scratch kept between calls and the dQ copies zeroed inside the packing pass (faults 4400
+    -> about 1000 a call, the gradients'); the two packing passes as one (`pack`); the kernel's tasks
+    from a shared counter, one dQ copy per worker (a descheduled worker no longer holds half the tasks);
+    dQ, dK, dV as views of one allocation (`_new_grads`: 6 MiB at N=1024, in huge pages).
+  * after them, parts (load 1.1-1.3): N=1024 a call 17.9 ms (kernel 15.2, packing 1.3, dQ sum 0.7), no
+    fault left; N=2048 57.3 ms (53.3, 2.5, 0.9). benchmarks/cpu_backward.py with the first three steps,
+    load 1.2-1.6, sgemm 416: time / torch's 0.53, 0.42, 0.43, 0.42 (causal 0.40, 0.44, 0.43, 0.47), share
+    of sgemm 75%, 88%, 82%, 85% (causal 66%, 71%, 81%, 75%). With all four, two runs under load averages
+    of 2-4 (other sessions' jobs; sgemm of those runs 209 and 182): time / torch's 0.44-0.57 in every
+    cell, causal 0.28-0.50 (benchmarks/results/cpu-backward-amd-epyc-znver5-2c.json is the first run);
+    their sgemm shares (27-86%) say more about the load than the kernel: a quiet run is still to do.
+  * what is left for the sgemm share (>= 85%): causal (the diagonal tiles' masked panels: the kernel
+    alone 352-366 GFLOP/s causal against 386-389), the packing (2% of a call at N=4096, 4% causal: scalar
+    transposes; Q and dO could be broadcast from their rows, the scale folded into P's FMA) and N=1024,
+    where the fixed costs (packing, the dQ sum, validation) are 10-15% of the call.
 """
 from __future__ import annotations
 
