@@ -20,8 +20,10 @@ padding row has P = 0 and dS = 0, and a row with lse = -inf (it saw no key) gets
 NaN, its gradients 0.
 
 Parallel without races as rung 3's default: tasks over K/V blocks (b, K/V head, j) own dK_j and dV_j
-across every query head of their GQA group, and add dS K_j into their thread's copy of dQ; the copies are
-summed at the end (O(threads N d) memory). A dQ-only second pass would recompute S and dP (7 products
+across every query head of their GQA group, and add dS K_j into their worker's copy of dQ; the copies are
+summed at the end (O(threads N d) memory). The workers take tasks from a shared counter (the forward
+rung's task queue), and the scratch (panels, D, lse', the dQ copies) is kept for the next call of the
+same shapes (`_scratch`): see the measurements of 2026-12-02 below. A dQ-only second pass would recompute S and dP (7 products
 instead of 5); rung 3's header has that trade measured.
 
 Causal and window tiles skip the key panels no row of an 8-row panel sees, and mask only the panels a
@@ -52,6 +54,35 @@ Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a co
     128 x 128 kept. Not tried: the two-pass variant (rung 3's header: slower there), AVX2 (16 ymm
     registers: the 8 x 2 tile spills).
   * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache).
+
+Measured 2026-12-02 on a shared 2-core AMD EPYC (znver5, AVX-512 with full-width FMAs, 2 MiB L2 a core;
+2-thread sgemm 4096^2 415 GFLOP/s when quiet, twice the Xeon's), fp32, B=1, H=8, d=64:
+  * before this session's steps (benchmarks/cpu_backward.py, load average 0.3-1.5): time / torch SDPA's
+    backward 0.47, 0.57, 0.49, 0.45 at N=1024, 2048, 4096, 8192 (causal 0.41, 0.44, 0.40, 0.49): the
+    goal of <= 1.0x met on this machine; share of sgemm 78%, 69%, 81%, 84% (causal 62%, 72%, 89%, 71%).
+  * where the time went (the parts timed one by one, medians of 7, load 0.4): the kernel alone ran at
+    386-389 GFLOP/s non-causal (93% of sgemm) and 352-366 causal, but a whole call took up to twice the
+    kernel's time: N=1024 29.7 ms against 13.8 (packing 0.9, dQ sum 0.2, validation 0.4). The rest was
+    page faults: 4400 a call (17 MiB of fresh scratch and gradients, at 1.8 us a 4 KiB fault, measured
+    here: NumPy asks for huge pages only from 4 MiB, 90 us a MiB). How many depends on what glibc's
+    malloc kept from earlier calls, so the same call took 16.6 ms in the benchmark and 30 ms in a
+    script. Under load (another process on a core) each parallel region cost about 8 ms (a wake-up of
+    the descheduled thread): packing Q, packing K, the kernel and the dQ sum were four.
+  * steps: the scratch kept between calls and the dQ copies zeroed inside the packing pass (faults 4400
+    -> about 1000 a call, the gradients'); the two packing passes as one (`pack`); the kernel's tasks
+    from a shared counter, one dQ copy per worker (a descheduled worker no longer holds half the tasks);
+    dQ, dK, dV as views of one allocation (`_new_grads`: 6 MiB at N=1024, in huge pages).
+  * after them, parts (load 1.1-1.3): N=1024 a call 17.9 ms (kernel 15.2, packing 1.3, dQ sum 0.7), no
+    fault left; N=2048 57.3 ms (53.3, 2.5, 0.9). benchmarks/cpu_backward.py with the first three steps,
+    load 1.2-1.6, sgemm 416: time / torch's 0.53, 0.42, 0.43, 0.42 (causal 0.40, 0.44, 0.43, 0.47), share
+    of sgemm 75%, 88%, 82%, 85% (causal 66%, 71%, 81%, 75%). With all four, two runs under load averages
+    of 2-4 (other sessions' jobs; sgemm of those runs 209 and 182): time / torch's 0.44-0.57 in every
+    cell, causal 0.28-0.50 (benchmarks/results/cpu-backward-amd-epyc-znver5-2c.json is the first run);
+    their sgemm shares (27-86%) say more about the load than the kernel: a quiet run is still to do.
+  * what is left for the sgemm share (>= 85%): causal (the diagonal tiles' masked panels: the kernel
+    alone 352-366 GFLOP/s causal against 386-389), the packing (2% of a call at N=4096, 4% causal: scalar
+    transposes; Q and dO could be broadcast from their rows, the scale folded into P's FMA) and N=1024,
+    where the fixed costs (packing, the dQ sum, validation) are 10-15% of the call.
 """
 from __future__ import annotations
 
@@ -62,7 +93,7 @@ from numba.core.extending import intrinsic
 
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size, row_window, task_index, tile_map
-from flashkit.cpu.vec import Vec, bcast, exp2, fma, hsum, lanes, load, splat, store, vmin
+from flashkit.cpu.vec import Vec, bcast, exp2, fetch_add, fma, hsum, lanes, load, splat, store, vmin
 
 BLOCKS = (128, 128)  # preferred (Br, Bc) before the L2 rule
 MR = 8  # rows (or keys) of a micro-tile; 8 x 2 registers = 16 accumulators of the 32 zmm
@@ -89,81 +120,98 @@ def between(typingctx, a, keys, lo, hi, neg):
 # Packing
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def pack_queries(Q, dO, O, lse, sc, Br, BrP, Dp, rows, QP, dOP, QR, dOR, L2, Dr):
-    """Per query block i of every head, in the padded row order r = i * BrP + row (rows past the block or
+def pack(Q, dO, O, lse, sc, K, V, Br, BrP, Bc, BcP, Dp, q_rows, k_rows, QP, dOP, QR, dOR, L2, Dr, dQp, psum, KT, VT, KR):
+    """Everything the kernel reads packed, in one parallel pass (each parallel region costs a wake-up of
+    the other thread: about 8 ms when another process holds a core, measured): the tasks are the query
+    blocks of every head (pack_query_block) then the key blocks of every K/V head (pack_key_block)."""
+    B, Hq, Nq = Q.shape[0], Q.shape[1], Q.shape[2]
+    Hkv, Nk = K.shape[1], K.shape[2]
+    Tr, Tc = (Nq + Br - 1) // Br, (Nk + Bc - 1) // Bc
+    n_q = B * Hq * Tr
+    for u in prange(n_q + B * Hkv * Tc):
+        if u < n_q:
+            pack_query_block(u // (Hq * Tr), (u // Tr) % Hq, u % Tr, Q, dO, O, lse, sc, Br, BrP, Dp, q_rows, QP, dOP,
+                             QR, dOR, L2, Dr, dQp, psum)
+        else:
+            v = u - n_q
+            pack_key_block(v // (Hkv * Tc), (v // Tc) % Hkv, v % Tc, K, V, Bc, BcP, Dp, k_rows, KT, VT, KR)
+
+
+@njit(cache=True)
+def pack_query_block(b, h, i, Q, dO, O, lse, sc, Br, BrP, Dp, rows, QP, dOP, QR, dOR, L2, Dr, dQp, psum):
+    """Query block i of head h, in the padded row order r = i * BrP + row (rows past the block or
     the sequence: zeros, lse' = NO_KEY):
       QP, dOP  Q * sc and dO in panels of MR rows, d x MR: index ((i * BrP/MR + row/MR) * d + k) * MR + row % MR
       QR, dOR  Q and dO as rows of Dp values: index r * Dp + k (only with rows=True: where BrP = Br and
                Dp = d they are Q and dO themselves, and the caller passes those instead)
-      L2, Dr   lse' = lse log2(e) (NO_KEY where lse = -inf), D = rowsum(dO * O) (Algorithm 2, line 4)."""
-    B, H, N, d = Q.shape
-    T = (N + Br - 1) // Br
+      L2, Dr   lse' = lse log2(e) (NO_KEY where lse = -inf), D = rowsum(dO * O) (Algorithm 2, line 4)
+      dQp, psum  this block's rows of every worker's dQ copy and row sums set to 0 (buffers kept from the
+               previous call: zeroed here, in parallel and in the order the kernel reads them)."""
+    N, d = Q.shape[2], Q.shape[3]
     s = Q.dtype.type(sc)
     zero = Q.dtype.type(0)
-    for u in prange(B * H * T):
-        b, h, i = u // (H * T), (u // T) % H, u % T
-        qp, dop, qr, dor, l2, dr = QP[b, h], dOP[b, h], QR[b, h], dOR[b, h], L2[b, h], Dr[b, h]
-        n_rows = min(Br, N - i * Br)
-        for rr in range(BrP):  # rows: the padded row layout, D and lse'
-            row = i * Br + rr
-            rb = (i * BrP + rr) * Dp
-            acc = zero
-            if rr < n_rows:
-                for k in range(d):
-                    acc += dO[b, h, row, k] * O[b, h, row, k]
-                l2[i * BrP + rr] = lse[b, h, row] * LOG2E if lse[b, h, row] != -np.inf else NO_KEY
-            else:
-                l2[i * BrP + rr] = NO_KEY
-            if rows and rr < n_rows:
-                for k in range(d):
-                    qr[rb + k] = Q[b, h, row, k]
-                    dor[rb + k] = dO[b, h, row, k]
-                qr[rb + d:rb + Dp] = zero
-                dor[rb + d:rb + Dp] = zero
-            elif rows:
-                qr[rb:rb + Dp] = zero
-                dor[rb:rb + Dp] = zero
-            dr[i * BrP + rr] = acc
-        for rp in range(BrP // MR):  # panels: d x MR, written in order
-            base = (i * BrP // MR + rp) * d * MR
+    qp, dop, qr, dor, l2, dr = QP[b, h], dOP[b, h], QR[b, h], dOR[b, h], L2[b, h], Dr[b, h]
+    n_rows = min(Br, N - i * Br)
+    for c in range(dQp.shape[0]):
+        dQp[c, b, h, i * BrP * Dp:(i + 1) * BrP * Dp] = zero
+        psum[c, b, h, i * Br:i * Br + n_rows] = zero
+    for rr in range(BrP):  # rows: the padded row layout, D and lse'
+        row = i * Br + rr
+        rb = (i * BrP + rr) * Dp
+        acc = zero
+        if rr < n_rows:
             for k in range(d):
-                for c in range(MR):
-                    rr = rp * MR + c
-                    ok = rr < n_rows
-                    qp[base + k * MR + c] = Q[b, h, i * Br + rr, k] * s if ok else zero
-                    dop[base + k * MR + c] = dO[b, h, i * Br + rr, k] if ok else zero
+                acc += dO[b, h, row, k] * O[b, h, row, k]
+            l2[i * BrP + rr] = lse[b, h, row] * LOG2E if lse[b, h, row] != -np.inf else NO_KEY
+        else:
+            l2[i * BrP + rr] = NO_KEY
+        if rows and rr < n_rows:
+            for k in range(d):
+                qr[rb + k] = Q[b, h, row, k]
+                dor[rb + k] = dO[b, h, row, k]
+            qr[rb + d:rb + Dp] = zero
+            dor[rb + d:rb + Dp] = zero
+        elif rows:
+            qr[rb:rb + Dp] = zero
+            dor[rb:rb + Dp] = zero
+        dr[i * BrP + rr] = acc
+    for rp in range(BrP // MR):  # panels: d x MR, written in order
+        base = (i * BrP // MR + rp) * d * MR
+        for k in range(d):
+            for c in range(MR):
+                rr = rp * MR + c
+                ok = rr < n_rows
+                qp[base + k * MR + c] = Q[b, h, i * Br + rr, k] * s if ok else zero
+                dop[base + k * MR + c] = dO[b, h, i * Br + rr, k] if ok else zero
 
 
-@njit(parallel=True, cache=True)
-def pack_keys(K, V, Bc, BcP, Dp, rows, KT, VT, KR):
-    """Per key block j of every K/V head (keys past the block or the sequence: zeros):
+@njit(cache=True)
+def pack_key_block(b, h, j, K, V, Bc, BcP, Dp, rows, KT, VT, KR):
+    """Key block j of K/V head h (keys past the block or the sequence: zeros):
       KT, VT  K^T and V^T in panels of NR = 2W keys, d x NR: index ((j * BcP/NR + c/NR) * d + k) * NR + c % NR
       KR      K as rows of Dp values: index (j * BcP + c) * Dp + k (only with rows=True: where BcP = Bc,
               Dp = d and Nk is whole panels, it is K itself, and the caller passes K instead)"""
-    B, H, N, d = K.shape
+    N, d = K.shape[2], K.shape[3]
     NR = 2 * lanes(KT[0, 0])
-    T = (N + Bc - 1) // Bc
     zero = K.dtype.type(0)
-    for u in prange(B * H * T):
-        b, h, j = u // (H * T), (u // T) % H, u % T
-        kt, vt, kr = KT[b, h], VT[b, h], KR[b, h]
-        n_keys = min(Bc, N - j * Bc)
-        for cc in range(BcP if rows else 0):
-            rb = (j * BcP + cc) * Dp
-            if cc < n_keys:
-                for k in range(d):
-                    kr[rb + k] = K[b, h, j * Bc + cc, k]
-                kr[rb + d:rb + Dp] = zero
-            else:
-                kr[rb:rb + Dp] = zero
-        for p in range(BcP // NR):
-            base = (j * BcP // NR + p) * d * NR
+    kt, vt, kr = KT[b, h], VT[b, h], KR[b, h]
+    n_keys = min(Bc, N - j * Bc)
+    for cc in range(BcP if rows else 0):
+        rb = (j * BcP + cc) * Dp
+        if cc < n_keys:
             for k in range(d):
-                for c in range(NR):
-                    cc = p * NR + c
-                    ok = cc < n_keys
-                    kt[base + k * NR + c] = K[b, h, j * Bc + cc, k] if ok else zero
-                    vt[base + k * NR + c] = V[b, h, j * Bc + cc, k] if ok else zero
+                kr[rb + k] = K[b, h, j * Bc + cc, k]
+            kr[rb + d:rb + Dp] = zero
+        else:
+            kr[rb:rb + Dp] = zero
+    for p in range(BcP // NR):
+        base = (j * BcP // NR + p) * d * NR
+        for k in range(d):
+            for c in range(NR):
+                cc = p * NR + c
+                ok = cc < n_keys
+                kt[base + k * NR + c] = K[b, h, j * Bc + cc, k] if ok else zero
+                vt[base + k * NR + c] = V[b, h, j * Bc + cc, k] if ok else zero
 
 
 @njit(parallel=True, cache=True)
@@ -320,21 +368,29 @@ def window_row(s0, s1, iota, key0, q, Nq, Nk, left, right, key_end):
 @njit(parallel=True, cache=True)
 def backward_kernel(iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask, has_mask,
                     bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum):
-    """Tasks (b, K/V head hk, key block j), in parallel: `key_block` each. The parallel loop is kept this
-    small because Numba's parfor passes are slow on a large body (the compile time halves)."""
+    """Tasks (b, K/V head hk, key block j): `key_block` each, taken by dQp.shape[0] workers from a shared
+    counter (vec.fetch_add, the forward rung's task queue) rather than prange's static split: on a machine
+    shared with other work a descheduled worker no longer holds back half of the tasks, and causal tasks
+    of unequal size balance themselves. Worker w adds into dQp[w]. The parallel loop is kept this small
+    because Numba's parfor passes are slow on a large body (the compile time halves)."""
     B, Hkv = KT.shape[0], KT.shape[1]
     Tc = (Nk + Bc - 1) // Bc
-    for t in prange(B * Hkv * Tc):
-        b, hk, j = task_index(t, Hkv, Tc)
-        key_block(b, hk, j, numba.get_thread_id(), iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left,
-                  right, mask, has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
+    n_tasks = B * Hkv * Tc
+    next_task = np.zeros(1, np.int64)
+    for w in prange(dQp.shape[0]):
+        t = fetch_add(next_task, 1)
+        while t < n_tasks:
+            b, hk, j = task_index(t, Hkv, Tc)
+            key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask,
+                      has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
+            t = fetch_add(next_task, 1)
 
 
 @njit(cache=True)
-def key_block(b, hk, j, tid, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask, has_mask,
+def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask, has_mask,
               bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum):
     """One task: dK_j, dV_j (dK times scale) over the query heads of K/V head hk's group and every query
-    block i; dS K_j into dQp[tid] (this thread's copy of dQ); rowsum(P) into psum[tid]."""
+    block i; dS K_j into dQp[w] (worker w's copy of dQ); rowsum(P) into psum[w]."""
     dt = QP.dtype.type
     W = lanes(KT[0, 0])
     NR = 2 * W
@@ -360,7 +416,7 @@ def key_block(b, hk, j, tid, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, N
         mh = h if bmap.shape[1] > 1 else 0
         xb = b if mask.shape[0] > 1 else 0
         xh = h if mask.shape[1] > 1 else 0
-        Qp, dOp, Qr, dOr, L2, Dh, dQh = QP[b, h], dOP[b, h], QR[b, h], dOR[b, h], lse2[b, h], Dr[b, h], dQp[tid, b, h]
+        Qp, dOp, Qr, dOr, L2, Dh, dQh = QP[b, h], dOP[b, h], QR[b, h], dOR[b, h], lse2[b, h], Dr[b, h], dQp[w, b, h]
         for i in range(Tr):
             state = bmap[mb, mh, i, j]
             if state == SKIP:
@@ -428,7 +484,7 @@ def key_block(b, hk, j, tid, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, N
                     ds_row(g[12], g[13], splat(Dh[rb + 6]), Pb, pb + 6 * BcP, dSb)
                     ds_row(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb)
                 for x in range(min(MR, nr - row0)):
-                    psum[tid, b, h, i0 + row0 + x] += hsum(load(lv, x * W))
+                    psum[w, b, h, i0 + row0 + x] += hsum(load(lv, x * W))
             # ---- dV_j += P^T dO_i and dK_j += dS^T Q_i: 8 keys x 2 registers, nr steps
             ib = i * BrP * Dp
             for ko in range(n_ko):
@@ -485,6 +541,47 @@ def _read_only(a):
     return a
 
 
+# The scratch of the last call (packed panels, D, lse', the threads' dQ copies), reused by the next call of
+# the same shapes, as cuDNN's workspace or oneDNN's scratchpad. Why: a fresh page costs a page fault on its
+# first write, 1.8 us a 4 KiB page measured on the shared 2-core znver5 machine (450 us a MiB; NumPy asks
+# for huge pages only from 4 MiB on: 90 us a MiB there), and a call at N=1024 (H=8, d=64) wrote 17 MiB of
+# fresh scratch: about 4400 faults, as long as the kernel itself. Kept only up to KEEP_BYTES (the large
+# calls' buffers come in huge pages, and keeping them would hold hundreds of MiB between calls).
+KEEP_BYTES = 64 * 2**20
+_KEPT = {}
+
+
+def _scratch(name, shape, dtype):
+    """An uninitialised array for `name`: the kept one where its shape and dtype match, else a new one."""
+    a = _KEPT.get(name)
+    if a is None or a.shape != shape or a.dtype != dtype:
+        a = np.empty(shape, dtype)
+    return a
+
+
+def _keep(arrays):
+    """Keep this call's scratch (a dict name -> array) for the next call, if it is small enough."""
+    _KEPT.clear()
+    if sum(a.nbytes for a in arrays.values()) <= KEEP_BYTES:
+        _KEPT.update(arrays)
+
+
+def _new_grads(problem):
+    """Fresh (dQ, dK, dV): views of one allocation where they are float32/64 and not poisoned. Why: NumPy asks
+    the kernel for huge pages only for arrays of 4 MiB or more, and at N=1024 (H=8, d=64) each gradient is
+    2 MiB: 1536 page faults of 4 KiB on their first writes, about 2.7 ms at the 1.8 us a fault measured here,
+    against 0.5 ms for the same 6 MiB in huge pages. (The three stay one allocation: a caller that keeps
+    only dQ keeps dK's and dV's memory too.)"""
+    from flashkit import problem as problem_module
+
+    Q, K, V = problem.Q, problem.K, problem.V
+    if problem_module.POISON or not (Q.dtype == K.dtype == V.dtype):
+        return problem.new_grads()
+    flat = np.empty(Q.size + K.size + V.size, Q.dtype)
+    return (flat[:Q.size].reshape(Q.shape), flat[Q.size:Q.size + K.size].reshape(K.shape),
+            flat[Q.size + K.size:].reshape(V.shape))
+
+
 def run(problem):
     """(dQ, dK, dV) of a Problem from validate.check_backward (no score_mod / mask_mod / block_mask)."""
     from flashkit import validate
@@ -507,38 +604,35 @@ def run(problem):
     scale = float(problem.scale)
     lse = problem.lse
     empty = np.isneginf(lse)
-    with threads.for_work(problem.backward_flops()):
+    with threads.for_work(problem.backward_flops()):  # holds the launch lock: the kept scratch is ours
         n_threads = numba.get_num_threads()
         # The streamed operands of dK, dV (Q, dO rows) and dQ (K rows) are the inputs themselves when their
         # rows need no padding: 3 of the 7 packed copies saved (time and memory), read-only either way
         # (one compilation)
         q_rows = not (BrP == Br and Dp == d)
         k_rows = not (BcP == Bc and Dp == d and Nk % NR == 0)
-        QP = np.empty((B, Hq, Tr * BrP * d), dtype)
-        dOP = np.empty_like(QP)
-        QR = np.empty((B, Hq, Tr * BrP * Dp if q_rows else 0), dtype)
-        dOR = np.empty_like(QR)
-        L2 = np.empty((B, Hq, Tr * BrP), dtype)
-        Dr = np.empty_like(L2)
-        pack_queries(Q, dO, O, lse, scale * LOG2E, Br, BrP, Dp, q_rows, QP, dOP, QR, dOR, L2, Dr)
-        if not q_rows:
-            QR, dOR = Q.reshape(B, Hq, Nq * d), dO.reshape(B, Hq, Nq * d)
-        KT = np.empty((B, Hkv, Tc * BcP * d), dtype)
-        VT = np.empty_like(KT)
-        KR = np.empty((B, Hkv, Tc * BcP * Dp if k_rows else 0), dtype)
-        pack_keys(K, V, Bc, BcP, Dp, k_rows, KT, VT, KR)
-        if not k_rows:
-            KR = K.reshape(B, Hkv, Nk * d)
-        QR, dOR, KR = _read_only(QR), _read_only(dOR), _read_only(KR)
-        dQp = np.zeros((n_threads, B, Hq, Tr * BrP * Dp), dtype)
-        psum = np.zeros((n_threads, B, Hq, Nq), dtype)
-        dQ, dK, dV = problem.new_grads()
-        backward_kernel(np.arange(NR, dtype=dtype), QP, dOP, QR, dOR, KT, VT, KR, L2, Dr, Nq, Nk, d, Hq // Hkv, left, right, mask, has_mask,
-                        bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
+        QP = _scratch("QP", (B, Hq, Tr * BrP * d), dtype)
+        dOP = _scratch("dOP", QP.shape, dtype)
+        QR = _scratch("QR", (B, Hq, Tr * BrP * Dp if q_rows else 0), dtype)
+        dOR = _scratch("dOR", QR.shape, dtype)
+        L2 = _scratch("L2", (B, Hq, Tr * BrP), dtype)
+        Dr = _scratch("Dr", L2.shape, dtype)
+        KT = _scratch("KT", (B, Hkv, Tc * BcP * d), dtype)
+        VT = _scratch("VT", KT.shape, dtype)
+        KR = _scratch("KR", (B, Hkv, Tc * BcP * Dp if k_rows else 0), dtype)
+        n_workers = max(1, min(n_threads, B * Hkv * Tc))  # the kernel's workers, one dQ copy each
+        dQp = _scratch("dQp", (n_workers, B, Hq, Tr * BrP * Dp), dtype)  # zeroed by pack
+        psum = _scratch("psum", (n_workers, B, Hq, Nq), dtype)  # likewise
+        _keep(dict(QP=QP, dOP=dOP, QR=QR, dOR=dOR, L2=L2, Dr=Dr, KT=KT, VT=VT, KR=KR, dQp=dQp, psum=psum))
+        pack(Q, dO, O, lse, scale * LOG2E, K, V, Br, BrP, Bc, BcP, Dp, q_rows, k_rows, QP, dOP, QR, dOR, L2, Dr, dQp,
+             psum, KT, VT, KR)
+        QRk = _read_only(QR if q_rows else Q.reshape(B, Hq, Nq * d))
+        dORk = _read_only(dOR if q_rows else dO.reshape(B, Hq, Nq * d))
+        KRk = _read_only(KR if k_rows else K.reshape(B, Hkv, Nk * d))
+        dQ, dK, dV = _new_grads(problem)
+        backward_kernel(np.arange(NR, dtype=dtype), QP, dOP, QRk, dORk, KT, VT, KRk, L2, Dr, Nq, Nk, d, Hq // Hkv, left,
+                        right, mask, has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
         finish_dq(dQp, scale, Br, BrP, Dp, dQ)
-    rows = psum.sum(axis=0)
-    if empty.any():
-        idx = np.nonzero(empty)
-        rows[idx] = _keys_seen(problem, idx)  # must be 0: a row the forward saw no key for
+        rows = psum.sum(axis=0)  # a new array: psum is kept for the next call
     validate.check_lse_rowsums(rows, lse, dtype)
     return dQ, dK, dV
