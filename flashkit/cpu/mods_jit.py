@@ -18,16 +18,32 @@ Rung 4 (numba-fused, the fastest forward; what backend "numba" runs with mods) t
 per micro-tile of 8 rows x 2 registers (256 float32 scores with AVX-512): its kernel stores the scores
 of a micro-tile to a scratch row, calls `mod_micro_tile` (the hooks, compiled per mod as a C callback
 with the user's functions inlined) through a function pointer and reloads them; the kernel itself is
-compiled once per dtype. The library's softcap runs there on whole registers (`softcap_register`: the
+compiled once per dtype. The call passes 8 machine words: pointers to the scratch, to the task's
+constants and to the mask= plane (vec.address; the hook views them with vec.array_at), not arrays,
+since an array argument travels as 7-13 words (data, shape, strides, meminfo) and most of them went
+through the stack. The library's softcap runs there on whole registers (`softcap_register`: the
 rational tanh of tanh32 with explicit vectors, 16 lanes, where LLVM vectorises the scalar loop 8 wide).
 Measured on the shared 2-core Xeon (emeraldrapids, load average 4-5 from other jobs, 2026-12-02), fp32:
   * the hook alone, called 2000 times on one micro-tile (fastest of 30 rounds): over a hook that does
     nothing, identity 0.075 ns a score, softcap on registers 0.27, softcap through the scalar loop
     (8 lanes, vdivps) 0.46, 50 * np.tanh(s / 50) (a libm call a score) 10.3;
   * the kernel, one thread, CPU time, fastest of 21-61 interleaved rounds, B=1 H=8 N=1024-2048 d=64,
-    against rung 4 without mods: a hook that does nothing 1.03-1.07x (the call and the round trip of
-    the scores through memory), identity 1.07-1.17x, softcap 1.08-1.34x: the load moves these by 5-10%;
-    on rung 3, against the same rung 4, identity was 1.25-1.42x and softcap 1.56-1.80x.
+    against rung 4 without mods, when the hook took 16 arguments with 2 arrays: identity 1.07-1.17x,
+    softcap 1.08-1.34x: the load moves these by 5-10%; on rung 3, against the same rung 4, identity
+    was 1.25-1.42x and softcap 1.56-1.80x.
+Measured on a shared 2-core AMD EPYC (znver5, AVX-512, load average 1-2 from other jobs, 2026-12-02), fp32,
+B=1 d=64, against rung 4 without mods in the same process:
+  * one thread, process CPU time, H=4 N=2048, fastest of 15 interleaved rounds (and the median of the
+    rounds' ratios): the kernel with the hook compiled in but never called 1.07x (1.02x); a hook that
+    returns at once, called with the 16 arguments 1.13-1.19x (1.14-1.15x), with 6 words 1.05x (1.05x); identity
+    as costly as that empty hook (its loop is vectorised): the call's arguments were the cost, not the
+    mod. With the 8 words, fastest of 11 rounds: identity 1.08x (1.07x), softcap 1.13x (1.13x), ALiBi
+    1.77x (1.75x); before, 1.09-1.14x, 1.17-1.19x and 2.10x (2.04x).
+  * both cores, benchmarks/cpu_mods.py (N=4096, H=8, fastest of 11 interleaved rounds, wall clock;
+    benchmarks/results/cpu-mods-amd-epyc-znver5-2c.json): identity 1.047x, softcap 1.112x (median of
+    the rounds' ratios 1.043x and 1.108x). The goal (<= 1.10x) is met for identity, not for softcap:
+    its tanh (19 vector instructions a register, about 300 a micro-tile beside the 2048 FMAs of the two
+    products) is near the 10% alone.
 
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
