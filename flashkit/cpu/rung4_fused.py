@@ -338,7 +338,7 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                                         store(Sb, x * W, a)
                                 # pointers, not arrays: an array argument travels as 7-13 words, most
                                 # on the stack (measured, an empty hook: 16 arguments with 2 arrays
-                                # 1.13-1.19x the time without a hook, 6 words 1.05x; mods_jit's header)
+                                # 1.13-1.19x the time without a hook, 6 arguments 1.05x; mods_jit header)
                                 code = mod_tile(address(Sb, 0), np.int64(i0 + row0), np.int64(j0 + col),
                                                 np.int64(nr - row0), np.int64(nc - col), state == PARTIAL,
                                                 address(task_ctx, 0), mask_plane)
