@@ -35,18 +35,18 @@ Measured on a shared 2-core AMD EPYC (znver5, AVX-512, load average 1-2 from oth
 B=1 d=64, against rung 4 without mods in the same process:
   * one thread, process CPU time, H=4 N=2048, fastest of 15 interleaved rounds (and the median of the
     rounds' ratios): the kernel with the hook compiled in but never called 1.07x (1.02x); a hook that
-    returns at once, called with the 16 arguments 1.13-1.19x (1.14-1.15x), with 6 (the scratch array and 5 numbers) 1.05x (1.05x); identity
-    as costly as that empty hook (its loop is vectorised): the call's arguments were the cost, not the
-    mod. With the 8 words, fastest of 11 rounds: identity 1.08x (1.07x), softcap 1.13x (1.13x), ALiBi
-    1.77x (1.75x); before, 1.09-1.14x, 1.17-1.19x and 2.10x (2.04x).
+    returns at once, called with the 16 arguments 1.13-1.19x (1.14-1.15x), with 6 (the scratch array and 5
+    numbers) 1.05x (1.05x); identity as costly as that empty hook (its loop is vectorised): the call's
+    arguments were the cost, not the mod. With the 8 words, fastest of 11 rounds: identity 1.08x (1.07x),
+    softcap 1.13x (1.13x), ALiBi 1.77x (1.75x); before, 1.09-1.14x, 1.17-1.19x and 2.10x (2.04x).
   * both cores, benchmarks/cpu_mods.py (N=4096, H=8, fastest of 11 interleaved rounds, wall clock;
-    benchmarks/results/cpu-mods-amd-epyc-znver5-2c.json): identity 1.047x, softcap 1.112x (median of
-    the rounds' ratios 1.043x and 1.108x); run again minutes later in new processes, 0.97-1.20x and
-    1.22-1.30x (the other jobs' load moved). The code before and after, in alternate processes, one
-    thread, H=4 N=2048, fastest of 15 rounds: identity 1.18-1.19x -> 1.04-1.16x, softcap 1.19-1.24x ->
-    1.10-1.21x, ALiBi 2.09-2.24x -> 1.70-1.86x. The goal (<= 1.10x) is met for identity in the
-    benchmark's run, not reliably; not for softcap, whose tanh (19 vector instructions a register, counted from the code,
-    about 300 a micro-tile beside the 2048 FMAs of the two products) is near the 10% alone.
+    benchmarks/results/cpu-mods-amd-epyc-znver5-2c.json): identity 1.047x, softcap 1.112x (median of the
+    rounds' ratios 1.043x and 1.108x); run again minutes later in new processes, 0.97-1.20x and 1.22-1.30x
+    (the other jobs' load moved). The code before and after, in alternate processes, one thread, H=4
+    N=2048, fastest of 15 rounds: identity 1.18-1.19x -> 1.04-1.16x, softcap 1.19-1.24x -> 1.10-1.21x,
+    ALiBi 2.09-2.24x -> 1.70-1.86x. The goal (<= 1.10x) is met for identity in the benchmark's run, not
+    reliably; not for softcap, whose tanh (19 vector instructions a register, counted from the code, about
+    300 a micro-tile beside the 2048 FMAs of the two products) is near the 10% alone.
 
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
