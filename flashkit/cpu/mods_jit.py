@@ -31,7 +31,7 @@ Measured on the shared 2-core Xeon (emeraldrapids, load average 4-5 from other j
     against rung 4 without mods, when the hook took 16 arguments with 2 arrays: identity 1.07-1.17x,
     softcap 1.08-1.34x: the load moves these by 5-10%; on rung 3, against the same rung 4, identity
     was 1.25-1.42x and softcap 1.56-1.80x.
-Measured on a shared 2-core AMD EPYC (znver5, AVX-512, load average 1-2 from other jobs, 2026-12-02), fp32,
+Measured on a shared 2-core AMD EPYC (znver5, AVX-512, load average 1.5-4 from other jobs, 2026-12-02), fp32,
 B=1 d=64, against rung 4 without mods in the same process:
   * one thread, process CPU time, H=4 N=2048, fastest of 15 interleaved rounds (and the median of the
     rounds' ratios): the kernel with the hook compiled in but never called 1.07x (1.02x); a hook that
