@@ -18,16 +18,35 @@ Rung 4 (numba-fused, the fastest forward; what backend "numba" runs with mods) t
 per micro-tile of 8 rows x 2 registers (256 float32 scores with AVX-512): its kernel stores the scores
 of a micro-tile to a scratch row, calls `mod_micro_tile` (the hooks, compiled per mod as a C callback
 with the user's functions inlined) through a function pointer and reloads them; the kernel itself is
-compiled once per dtype. The library's softcap runs there on whole registers (`softcap_register`: the
+compiled once per dtype. The call passes 8 machine words: pointers to the scratch, to the task's
+constants and to the mask= plane (vec.address; the hook views them with vec.array_at), not arrays,
+since an array argument travels as 7-13 words (data, shape, strides, meminfo) and most of them went
+through the stack. The library's softcap runs there on whole registers (`softcap_register`: the
 rational tanh of tanh32 with explicit vectors, 16 lanes, where LLVM vectorises the scalar loop 8 wide).
 Measured on the shared 2-core Xeon (emeraldrapids, load average 4-5 from other jobs, 2026-12-02), fp32:
   * the hook alone, called 2000 times on one micro-tile (fastest of 30 rounds): over a hook that does
     nothing, identity 0.075 ns a score, softcap on registers 0.27, softcap through the scalar loop
     (8 lanes, vdivps) 0.46, 50 * np.tanh(s / 50) (a libm call a score) 10.3;
   * the kernel, one thread, CPU time, fastest of 21-61 interleaved rounds, B=1 H=8 N=1024-2048 d=64,
-    against rung 4 without mods: a hook that does nothing 1.03-1.07x (the call and the round trip of
-    the scores through memory), identity 1.07-1.17x, softcap 1.08-1.34x: the load moves these by 5-10%;
-    on rung 3, against the same rung 4, identity was 1.25-1.42x and softcap 1.56-1.80x.
+    against rung 4 without mods, when the hook took 16 arguments with 2 arrays: identity 1.07-1.17x,
+    softcap 1.08-1.34x: the load moves these by 5-10%; on rung 3, against the same rung 4, identity
+    was 1.25-1.42x and softcap 1.56-1.80x.
+Measured on a shared 2-core AMD EPYC (znver5, AVX-512, load average 1.5-4 from other jobs, 2026-12-02), fp32,
+B=1 d=64, against rung 4 without mods in the same process:
+  * one thread, process CPU time, H=4 N=2048, fastest of 15 interleaved rounds (and the median of the
+    rounds' ratios): the kernel with the hook compiled in but never called 1.07x (1.02x); a hook that
+    returns at once, called with the 16 arguments 1.13-1.19x (1.14-1.15x), with 6 (the scratch array and 5
+    numbers) 1.05x (1.05x); identity as costly as that empty hook (its loop is vectorised): the call's
+    arguments were the cost, not the mod. With the 8 words, fastest of 11 rounds: identity 1.08x (1.07x),
+    softcap 1.13x (1.13x), ALiBi 1.77x (1.75x); before, 1.09-1.14x, 1.17-1.19x and 2.10x (2.04x).
+  * both cores, benchmarks/cpu_mods.py (N=4096, H=8, fastest of 11 interleaved rounds, wall clock;
+    benchmarks/results/cpu-mods-amd-epyc-znver5-2c.json): identity 1.047x, softcap 1.112x (median of the
+    rounds' ratios 1.043x and 1.108x); run again minutes later in new processes, 0.97-1.20x and 1.22-1.30x
+    (the other jobs' load moved). The code before and after, in alternate processes, one thread, H=4
+    N=2048, fastest of 15 rounds: identity 1.18-1.19x -> 1.04-1.16x, softcap 1.19-1.24x -> 1.10-1.21x,
+    ALiBi 2.09-2.24x -> 1.70-1.86x. The goal (<= 1.10x) is met for identity in the benchmark's run, not
+    reliably; not for softcap, whose tanh (19 vector instructions a register, counted from the code, about
+    300 a micro-tile beside the 2048 FMAs of the two products) is near the 10% alone.
 
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
@@ -410,17 +429,21 @@ def backward_tile_function(score_mod, mask_mod, dtype):
 # ---------------------------------------------------------------------------------------------
 SCORE_MOD, MASK_MOD = rung3_gemm.no_score_mod, rung3_gemm.every_key  # replaced in each compiled copy
 HAS_SCORE_MOD, HAS_MASK_MOD = False, False
+NR = 32  # keys of a micro-tile (2 registers): set for the dtype in each compiled copy
 SOFTCAP = 0.0  # the cap of mods.softcap as score_mod (float32): its whole micro-tiles in registers
 
 
-def mod_micro_tile(Sb, b, h, q0, key0, nr_left, nc_left, partial, Nq, Nk, left, right, mask, has_mask, mb, mh):
+def mod_micro_tile(Sb_at, q0, key0, nr_left, nc_left, partial, task_at, mask_at):
     """The hooks of rung 4 (rung4_fused.forward_kernel calls this through a function pointer): Sb holds
     the MR x NR scores of rows q0.., keys key0.. (natural units with a score_mod, which this converts to
-    base 2). A whole micro-tile of a tile that is not PARTIAL: score_mod on every score, no test per
+    base 2); task holds (b, h, Nq, Nk, left, right, has_mask), mask the (Nq, Nk) plane of mask= for this
+    head. A whole micro-tile of a tile that is not PARTIAL: score_mod on every score, no test per
     score (LLVM vectorises the loop). Else each score is first checked: hidden by the window, mask=, the
     tile's edge (r >= nr_left, c >= nc_left) or mask_mod -> NEG, never asked to score_mod (as in rung 3)."""
     MR = rung4_fused.MR
-    NR = Sb.shape[0] // MR
+    Sb = vec.array_at(Sb_at, MR * NR)  # views of the kernel's buffers (pointers: see forward_kernel)
+    task = vec.array_at(task_at, 7)
+    b, h, Nq, Nk, left, right, has_mask = task[0], task[1], task[2], task[3], task[4], task[5], task[6] != 0
     neg = Sb.dtype.type(NEG)
     inf = Sb.dtype.type(np.inf)
     to_base2 = Sb.dtype.type(LOG2E)
@@ -430,29 +453,27 @@ def mod_micro_tile(Sb, b, h, q0, key0, nr_left, nc_left, partial, Nq, Nk, left, 
             vec.store(Sb, i, softcap_register(vec.load(Sb, i), inv_cap, cap_base2))
         return OK
     if HAS_SCORE_MOD and not partial and nr_left >= MR and nc_left >= NR:
-        for r in range(MR):
-            q_idx = q0 + r
-            for c in range(NR):
-                # -inf from score_mod stays -inf: rung 4's exp2 gives 0 for it, its lazy max never moves to
-                # it. NaN becomes +inf, which makes the row's m_ref +inf and its output NaN (see run_fused).
-                t = SCORE_MOD(Sb[r * NR + c], b, h, q_idx, key0 + c) * to_base2
-                Sb[r * NR + c] = t if t == t else inf
+        # one flat loop, which LLVM vectorises (rows of NR = 32 keys, a constant, were unrolled into scalar code)
+        for i in range(MR * NR):
+            # -inf from score_mod stays -inf: rung 4's exp2 gives 0 for it, its lazy max never moves to
+            # it. NaN becomes +inf, which makes the row's m_ref +inf and its output NaN (see run_fused).
+            t = SCORE_MOD(Sb[i], b, h, q0 + i // NR, key0 + i % NR) * to_base2
+            Sb[i] = t if t == t else inf
         return OK
     if not HAS_SCORE_MOD and not has_mask and nr_left >= MR and nc_left >= NR:
-        for r in range(MR):  # mask_mod alone on a whole micro-tile: no branch per score (it is defined
-            q_idx = q0 + r   # at every position of the tile), so LLVM vectorises the loop
-            lo, hi = row_window(q_idx, Nq, Nk, left, right)
-            for c in range(NR):
-                kv_idx = key0 + c
-                keep = (kv_idx >= lo) & (kv_idx < hi) & MASK_MOD(b, h, q_idx, kv_idx)
-                Sb[r * NR + c] = Sb[r * NR + c] if keep else neg
+        for i in range(MR * NR):  # mask_mod alone on a whole micro-tile: no branch per score (it is
+            q_idx, kv_idx = q0 + i // NR, key0 + i % NR  # defined at every position of the tile), so LLVM
+            lo, hi = row_window(q_idx, Nq, Nk, left, right)  # vectorises the loop
+            keep = (kv_idx >= lo) & (kv_idx < hi) & MASK_MOD(b, h, q_idx, kv_idx)
+            Sb[i] = Sb[i] if keep else neg
         return OK
+    mask = vec.array_at(mask_at, Nq * Nk)  # read only where has_mask
     for r in range(MR):
         q_idx = q0 + r
         lo, hi = row_window(q_idx, Nq, Nk, left, right)
         for c in range(NR):
             kv_idx = key0 + c
-            if r >= nr_left or c >= nc_left or kv_idx < lo or kv_idx >= hi or (has_mask and not mask[mb, mh, q_idx, kv_idx]):
+            if r >= nr_left or c >= nc_left or kv_idx < lo or kv_idx >= hi or (has_mask and not mask[q_idx * Nk + kv_idx]):
                 Sb[r * NR + c] = neg
             elif HAS_MASK_MOD and partial and not MASK_MOD(b, h, q_idx, kv_idx):
                 Sb[r * NR + c] = neg
@@ -463,12 +484,17 @@ def mod_micro_tile(Sb, b, h, q0, key0, nr_left, nc_left, partial, Nq, Nk, left, 
 
 
 def micro_tile_signature(dtype):
-    """int64 mod_micro_tile(Sb, b, h, q0, key0, nr_left, nc_left, partial, Nq, Nk, left, right, mask,
-    has_mask, mb, mh): what rung 4's kernel passes (mask as a read-only view, see run_fused)."""
+    """int64 mod_micro_tile(Sb, q0, key0, nr_left, nc_left, partial, task, mask): what rung 4's kernel
+    passes, Sb, task and mask as pointers (vec.address)."""
     dt = NUMBA_TYPES[np.dtype(dtype)]
     i8 = types.int64
-    return types.int64(types.Array(dt, 1, "C"), i8, i8, i8, i8, i8, i8, types.boolean, i8, i8, i8, i8,
-                       types.Array(types.boolean, 4, "C", readonly=True), types.boolean, i8, i8)
+    return types.int64(types.CPointer(dt), i8, i8, i8, i8, types.boolean, types.CPointer(i8),
+                       types.CPointer(types.boolean))
+
+
+def micro_tile_keys(dtype):
+    """NR, the keys of rung 4's micro-tile: two registers of dtype."""
+    return 2 * (vec.VECTOR_BYTES // np.dtype(dtype).itemsize)
 
 
 _MICRO_TILES: OrderedDict[tuple, object] = OrderedDict()
@@ -483,7 +509,8 @@ def micro_tile_function(score_mod, mask_mod, dtype):
     if key not in _MICRO_TILES:
         cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
         _remember(_MICRO_TILES, key, compile_hooked(mod_micro_tile, micro_tile_signature(dtype), score_mod, mask_mod,
-                                                    dtype, as_callback=True, SOFTCAP=float(cap)))
+                                                    dtype, as_callback=True, SOFTCAP=float(cap),
+                                                    NR=micro_tile_keys(dtype)))
     _MICRO_TILES.move_to_end(key)
     return _MICRO_TILES[key][0]
 
@@ -494,7 +521,8 @@ def micro_tile_asm(score_mod=None, mask_mod=None, dtype=np.float32) -> str:
     same body behind a C entry point)."""
     dtype = np.dtype(dtype)
     cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
-    _, inner = compile_hooked(mod_micro_tile, micro_tile_signature(dtype), score_mod, mask_mod, dtype, SOFTCAP=float(cap))
+    _, inner = compile_hooked(mod_micro_tile, micro_tile_signature(dtype), score_mod, mask_mod, dtype, SOFTCAP=float(cap),
+                              NR=micro_tile_keys(dtype))
     return inner.inspect_asm(micro_tile_signature(dtype).args)
 
 
@@ -515,7 +543,7 @@ def run_fused(problem, stats=False):
     bmap = rung3_gemm.tiles_to_run(problem, Br, Bc)
     has_mask = problem.mask is not None
     mask = (np.ascontiguousarray(problem.mask, dtype=np.bool_) if has_mask else _NO_MASK).view()
-    mask.setflags(write=False)  # one array type for the function pointer's signature
+    mask.setflags(write=False)  # one kernel specialisation for every call with mods
     left, right = (int(w) for w in problem.window)
     O, lse = problem.new_outputs()
     Tr = bmap.shape[2]

@@ -29,8 +29,8 @@ registers), with the softmax moved into the micro-kernel:
     window boundary crosses are masked; the others run the unmasked path.
   * With a score_mod / mask_mod (backend "numba"), the kernel takes mod_tile, a function pointer to the
     mods compiled by flashkit/cpu/mods_jit.py, and calls it on each micro-tile through the scratch Sb
-    (on every micro-tile with a score_mod, on PARTIAL tiles for a mask_mod alone); without it the branch
-    is not compiled at all.
+    (on every micro-tile with a score_mod, on PARTIAL tiles for a mask_mod alone), passing pointers
+    (vec.address), not arrays; without it the branch is not compiled at all.
   * The threads take tasks (a block of Br query rows of one head) from a shared counter (`fetch_add`),
     each with its own buffers, instead of prange's static split: a causal call's tasks differ in
     size, and on a machine shared with other work a thread the OS deschedules no longer holds back
@@ -109,7 +109,7 @@ from numba import njit, prange
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, cache_bytes, default_block_size, row_window, task_index, tile_map
 from flashkit.cpu.simd import fast_exp2
-from flashkit.cpu.vec import VECTOR_BYTES, any_gt, fetch_add, bcast, exp2, fma, hsum, keep_range, lanes, load, splat, store, vmax
+from flashkit.cpu.vec import VECTOR_BYTES, address, any_gt, fetch_add, bcast, exp2, fma, hsum, keep_range, lanes, load, splat, store, vmax
 
 BLOCKS = (128, 256)  # the largest (Br, Bc) before the cache rules (blocks)
 # Query rows per micro-tile: 8 rows x 2 registers = 16 accumulators of the 32 zmm registers (AVX-512);
@@ -245,6 +245,7 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
         lv = np.empty(BrP * W, Q.dtype)  # row sums, W partial sums a row
         Pb = np.empty(MR * BcP, Q.dtype)  # P of one row panel, MR rows of BcP keys
         Sb = np.empty(MR * NR, Q.dtype)  # a micro-tile to mask
+        task_ctx = np.empty(7, np.int64)  # for mod_tile: what is constant during a task
         t = fetch_add(next_task, 1)
         while t < n_tasks:
             b, h, i = task_index(t, Hq, Tr)
@@ -253,6 +254,10 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
             mh = h if bmap.shape[1] > 1 else 0
             Kp, Vp = KP[b, hk], VP[b, hk]
             i0 = i * Br
+            if mod_tile is not None:
+                task_ctx[0], task_ctx[1], task_ctx[2], task_ctx[3] = b, h, Nq, Nk
+                task_ctx[4], task_ctx[5], task_ctx[6] = left, right, has_mask
+                mask_plane = address(mask, (mb * mask.shape[1] + mh) * mask.shape[2] * mask.shape[3] if has_mask else 0)
             nr = min(Br, Nq - i0)
             QP[:] = 0  # padding rows 0
             for r in range(nr):
@@ -331,10 +336,12 @@ def forward_kernel(Q, KP, VP, Nk, scale, left, right, mask, has_mask, bmap, Br, 
                                                        a40, a41, a50, a51, a60, a61, a70, a71)):
                                     if x < 2 * MR:
                                         store(Sb, x * W, a)
-                                code = mod_tile(Sb, np.int64(b), np.int64(h), np.int64(i0 + row0), np.int64(j0 + col),
+                                # pointers, not arrays: an array argument travels as 7-13 words, most
+                                # on the stack (measured, an empty hook: 16 arguments with 2 arrays
+                                # 1.13-1.19x the time without a hook, 6 arguments 1.05x; mods_jit header)
+                                code = mod_tile(address(Sb, 0), np.int64(i0 + row0), np.int64(j0 + col),
                                                 np.int64(nr - row0), np.int64(nc - col), state == PARTIAL,
-                                                np.int64(Nq), np.int64(Nk), np.int64(left), np.int64(right), mask,
-                                                has_mask, np.int64(mb), np.int64(mh))
+                                                address(task_ctx, 0), mask_plane)
                                 if code != -1 and errors[t, 0] == -1:
                                     errors[t, 0] = code
                                     errors[t, 1] = j

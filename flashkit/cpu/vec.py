@@ -19,6 +19,8 @@ micro-kernels with explicit vectors, as C code with intrinsics does:
     exp2(v)             2**v lane by lane: a degree-5 polynomial (float32) on a whole register, scaled
                         by vscalefps where there is AVX-512
     scalef(p, n)        p * 2**n for integer-valued lanes n (vscalefps; else from the exponent bits)
+    address(a, i)       a pointer to a's element i, for a C callback (rung 4's mods hook);
+                        array_at(ptr, n) the n-element array there, in the callback
 
 A Vec lives in an SSA value, so LLVM allocates it a register (zmm0-31 or ymm0-15) and spills only when
 a kernel keeps more live than the register file holds. Nothing checks bounds: load and store trust
@@ -446,8 +448,44 @@ def _exp2_array(x, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# The task queue's counter (rung 4's kernels and the split-K decode)
+# Pointers for C callbacks, and the task queue's counter (rung 4's kernels and the split-K decode)
 # ---------------------------------------------------------------------------------------------
+@intrinsic
+def address(typingctx, a, i):
+    """A pointer to element i (flat index) of C-contiguous a, as types.CPointer: one machine word for a C
+    callback's argument, where an array travels as its 7-13 fields (data, shape, strides, meminfo...);
+    the callee views it again with numba.carray. No bounds check."""
+    if not (isinstance(a, types.Array) and a.layout == "C" and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _pointer(context, builder, sig.args[0], args[0], args[1])
+
+    return types.CPointer(a.dtype)(a, i), codegen
+
+
+@intrinsic
+def array_at(typingctx, ptr, n):
+    """The 1-D C array of n elements at ptr (a types.CPointer from `address`): numba.carray's view,
+    written as an intrinsic because carray cannot be called in a callback compiled without reference
+    counting (numba.cfunc(_nrt=False), as the mods hook is)."""
+    if not (isinstance(ptr, types.CPointer) and isinstance(n, types.Integer)):
+        return None
+    arrty = types.Array(ptr.dtype, 1, "C")
+
+    def codegen(context, builder, sig, args):
+        from numba.np.arrayobj import make_array, populate_array
+
+        ary = make_array(arrty)(context, builder)
+        intp = context.get_value_type(types.intp)
+        itemsize = context.get_abi_sizeof(context.get_data_type(ptr.dtype))
+        populate_array(ary, data=args[0], shape=[context.cast(builder, args[1], sig.args[1], types.intp)],
+                       strides=[ir.Constant(intp, itemsize)], itemsize=ir.Constant(intp, itemsize), meminfo=None)
+        return ary._getvalue()
+
+    return arrty(ptr, n), codegen
+
+
 @intrinsic
 def fetch_add(typingctx, counter, n):
     """counter[0] += n atomically; returns the value before. prange splits its range statically (each
