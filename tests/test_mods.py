@@ -433,8 +433,10 @@ def test_numba_names_what_it_cannot_compile():
     with pytest.raises(TypeError, match="reads_an_object.*could not be compiled by Numba.*OPAQUE.*numpy-tiled"):
         flashkit.attention(Q, K, V, score_mod=reads_an_object, backend="numba")
     o = flashkit.attention(Q, K, V, score_mod=reads_an_object, backend="numpy-tiled")  # any Python there
+    # float32 tiles against float32 standard: each output's error is relative to the row's scale (|V| ~ 1), not
+    # to an output near 0 (rtol alone failed on 3 of 320 such outputs, 9.5e-8 off, on an AMD znver5 machine)
     np.testing.assert_allclose(o, flashkit.attention(Q, K, V, scale=2.0 / math.sqrt(8), backend="numpy-standard"),
-                               rtol=1e-5)
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_backends_say_whether_they_take_mods():
