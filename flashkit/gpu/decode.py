@@ -62,11 +62,11 @@ def bulk_smem(dtype_name: str, D: int, stages: int, tile_bytes: int) -> int:
     return 2 * stages * bulk_tile_keys(dtype_name, D, tile_bytes) * D * np.dtype(dtype_name).itemsize
 
 
-_LAUNCH = {}  # kernel pointer -> (threads, dynamic shared memory) where not (THREADS, 0)
+_LAUNCH = {}  # id(kernel) -> (threads, dynamic shared memory) where not (THREADS, 0)
 
 
 def _launch(kernel):
-    return _LAUNCH.get(kernel.ptr, (THREADS, 0))
+    return _LAUNCH.get(id(kernel), (THREADS, 0))
 
 
 @functools.cache
@@ -85,7 +85,7 @@ def _compile_bulk(dtype_name: str, D: int, rows: int, stages: int, tile_bytes: i
     smem = bulk_smem(dtype_name, D, stages, tile_bytes)
     if smem > 48 * 1024:
         split.max_dynamic_shared_size_bytes = smem
-    _LAUNCH[split.ptr] = (160, smem)  # 4 consumer warps and the producer warp
+    _LAUNCH[id(split)] = (160, smem)  # 4 consumer warps and the producer warp (the kernel is cached: id stays)
     return split, module.get_function(merge_name)
 
 
@@ -114,13 +114,15 @@ def sm_count() -> int:
 def blocks_per_sm(kernel) -> int:
     """How many blocks of `kernel` (128 threads, or the BULK kernel's 160 and its dynamic shared memory) fit on
     one SM at once (registers, shared memory)."""
+    threads, smem = _launch(kernel)
     try:
         from cupy.cuda import driver
 
-        threads, smem = _launch(kernel)
-        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, threads, smem)))
-    except Exception:  # an older CuPy without the occupancy call: 3 blocks was the ptxas-derived figure
-        return 3
+        fn = getattr(kernel, "kernel", kernel)  # a RawKernel's driver function
+        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, smem)))
+    except Exception:  # no occupancy call: the ptxas-derived figures (3 for the register kernel; BULK: 2 by
+        # its ~160 registers, fewer where its stages do not fit twice in 227 KB)
+        return 3 if not smem else max(1, min(2, (227 * 1024) // (smem + 1024)))
 
 
 def _layout(Q, K):
