@@ -12,12 +12,16 @@ fp16, one new token, cache of 32768 tokens; copy bandwidth 3.01 TB/s read + writ
     batch 1: 63.6 us, 2.11 TB/s of K+V (70% of copy); torch flash 89.5 us, cuDNN 88.5 us; unsplit 742 us
     batch 8: 364.5 us, 2.95 TB/s (98% of copy); torch flash 363.2 us, cuDNN 360.7 us
     without PREFETCH: 67.3 us and 396.0 us. Splits sweep at batch 1: 32 splits 61.2 us, auto (49) 63.6 us.
-Measured on an NVIDIA H200 (benchmarks/results/decode-nvidia-h200.json, the same shapes, copy bandwidth 4.2
+Measured on an NVIDIA H200 (benchmarks/results/decode-nvidia-h200-history1.json, commit 6325270, the same shapes, copy bandwidth 4.2
 TB/s; CUDA events):
     batch 1: 51.0 us (2.63 TB/s of K+V); torch flash 78.6 us, cuDNN 68.0 us (1.33x ahead of cuDNN)
     batch 8: 263.0 us (4.08 TB/s, 96% of copy); torch flash 286.1 us, cuDNN 249.7 us (0.95x cuDNN: the goal,
       >= 1.0x, is not met; an earlier run of the same code: 259.0 against 242.2, 0.94x). Splits sweep: auto
       (6: one wave) is the best of 6, 8, 16, 32 ... 256; the .L2::256B load hint (L2_HINT) 279.5 us, slower.
+
+Again on the H200 (decode-nvidia-h200.json, commit f5ee5dc): batch 1 50.7 us, cuDNN 43.7 (0.86x: cuDNN was 68.0
+in the earlier run, so "ahead at batch 1" no longer holds); batch 8 281.0 us, cuDNN 249.6 (0.89x). The BULK kernel
+(bulk=(stages, tile bytes): cp.async.bulk into shared memory) 49.2-50.6 us / 283.0-302.7 us: not the default.
 
 Supported: float16 and float32; head size d in {64, 128, 256} (float16) or {64, 128} (float32);
 any GQA group and few query rows (the rows of a group are cut into blocks of at most 8).

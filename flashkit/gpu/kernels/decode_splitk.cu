@@ -18,9 +18,22 @@
 // PREFETCH = true issues the loads of step t + 1 before the arithmetic of step t (register double
 // buffering: 168 instead of 138 registers for fp16, d = 128, 4 rows; 3 blocks per SM either way).
 // Measured: 364.5 instead of 396.0 us at batch 8, 63.6 instead of 67.3 us at batch 1 (32k cache).
-// On an NVIDIA H200 (decode-nvidia-h200.json): batch 1 51.0 us (cuDNN 68.0), batch 8 263.0 us = 4.08 TB/s
+// On an NVIDIA H200 (decode-nvidia-h200-history1.json): batch 1 51.0 us (cuDNN 68.0), batch 8 263.0 us = 4.08 TB/s
 // (cuDNN 249.7 us, 4.30 TB/s); DECODE_L2_256B (loads with the .L2::256B prefetch hint) 279.5 us at batch 8,
 // 50.4 at batch 1: not the default (flashkit/gpu/decode.py L2_HINT).
+// BULK (decode_splitk_bulk, below): K and V through the copy engine (cp.async.bulk, 1-D, completing on mbarriers)
+// into STAGES shared-memory stages fed by a producer warp; the consumers' arithmetic is the register kernel's
+// (online_step). Why: cuDNN reads K + V faster than a copy runs (4.30 TB/s against 4.22), so a read-only stream
+// needs more bytes in flight per SM than the register kernel keeps (~24-48 KB at 3 blocks). Expected: >= cuDNN at
+// batch 8. Measured (H200, decode-nvidia-h200.json, commit f5ee5dc, one run; us at batch 1 / batch 8, 32k cache,
+// splits = one wave by occupancy / twice that): 2 stages of 2 x 16 KB (2 blocks per SM) 49.3 / 302.7 (66 and 8
+// splits: 67.7 / 296.6); 3 stages of 2 x 16 KB 50.6 / 283.0 (69.9 / 290.9); 4 stages of 2 x 8 KB 49.2 / 286.4
+// (66.9 / 300.1). The register kernel in the same run: 50.7 / 281.0 (an earlier run: 51.0 / 263.0); cuDNN 43.7 /
+// 249.6 (earlier 68.0 / 249.7). So more bytes in flight did not close the gap: BULK is level with the register
+// kernel at batch 8 and 3% faster at batch 1, not the default; both lose to cuDNN in this run (batch 8 0.89x,
+// batch 1 0.86x). Not yet tried: the merge folded into the last block, a persistent grid, cp.async.bulk's L2
+// evict_first hint, ncu's DRAM and issue counters (what limits a block: the consumers' arithmetic and shuffles,
+// ~60 instructions a key, may be it).
 // Scores are kept in base-2 units (q pre-multiplied by scale * log2(e)) so exp() is one exp2f;
 // M is written in natural-log units, like the CPU kernel's m.
 #include <cuda_fp16.h>
