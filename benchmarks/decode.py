@@ -233,6 +233,10 @@ def gpu_bandwidth(nbytes=2 * 2**30):
     return {"bytes": int(nbytes), "copy_GBps": ceilings.copy_tbps(nbytes) * 1e3}
 
 
+# BULK kernel variants timed beside the default: (stages, bytes of K per stage)
+BULK_SWEEP = ((2, 16384), (3, 16384), (4, 8192))
+
+
 def run_gpu(lengths, batches, Hq=32, Hkv=8, d=128, sweep=(8, 16, 32, 64, 128, 256)):
     import cupy
 
@@ -262,16 +266,24 @@ def run_gpu(lengths, batches, Hq=32, Hkv=8, d=128, sweep=(8, 16, 32, 64, 128, 25
                             not gpu_decode.L2_HINT)]
             if L == max(lengths):
                 splits_list += [("cupy-splitk-sweep", s, True, None) for s in sweep if s != auto]
+            splits_list = [row + (None,) for row in splits_list]
+            for stages, tile in BULK_SWEEP:  # the BULK kernel (cp.async.bulk into shared memory): one wave, and twice that
+                bulk = (stages, tile)
+                if L != max(lengths) and bulk != BULK_SWEEP[1]:
+                    continue
+                s_auto = gpu_decode.auto_splits(P, bulk=bulk)
+                for s in (s_auto, 2 * s_auto):
+                    splits_list.append((f"cupy-splitk-bulk-s{stages}-t{tile // 1024}k", s, True, None, bulk))
             ref = None
-            for name, s, prefetch, l2_hint in splits_list:
-                step = gpu_decode.prepare(P, s, prefetch=prefetch, l2_hint=l2_hint)
+            for name, s, prefetch, l2_hint, bulk in splits_list:
+                step = gpu_decode.prepare(P, s, prefetch=prefetch, l2_hint=l2_hint, bulk=bulk)
                 O, _ = step()
                 if ref is None:
                     ref = O.astype(cupy.float32).copy()
                 err = float(cupy.abs(O.astype(cupy.float32) - ref).max())
                 us = cuda_time(step)
                 rows.append(dict(method=name, B=B, Hq=Hq, Hkv=Hkv, d=d, L=L, dtype="float16", splits=s, us=us, prefetch=prefetch,
-                                 blocks_per_sm=step.config["blocks_per_sm"],
+                                 blocks_per_sm=step.config["blocks_per_sm"], bulk=bulk,
                                  tokens_per_s=B / (us * 1e-6), kv_GBps=nbytes / (us * 1e-6) / 1e9, kv_bytes=nbytes,
                                  max_abs_diff_vs_auto=err, grid=list(step.config["grid"])))
             if has_torch:

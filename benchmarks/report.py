@@ -267,7 +267,9 @@ def _decode_headline(path, data) -> str:
     if not side or not side.get("rows"):
         return ""
     rows = [r for r in side["rows"] if r.get("kind", "GQA") == "GQA" and "sweep" not in r["method"]
-            and "noprefetch" not in r["method"]]
+            and "noprefetch" not in r["method"]
+            and not (r.get("bulk") and r["splits"] != min(x["splits"] for x in side["rows"]
+                                                          if x["method"] == r["method"] and x["B"] == r["B"]))]  # BULK: one wave only
     L = max(r["L"] for r in rows)
     copy = side["bandwidth"]["copy_GBps"]
     where = side.get("name", "CPU")

@@ -12,12 +12,16 @@ fp16, one new token, cache of 32768 tokens; copy bandwidth 3.01 TB/s read + writ
     batch 1: 63.6 us, 2.11 TB/s of K+V (70% of copy); torch flash 89.5 us, cuDNN 88.5 us; unsplit 742 us
     batch 8: 364.5 us, 2.95 TB/s (98% of copy); torch flash 363.2 us, cuDNN 360.7 us
     without PREFETCH: 67.3 us and 396.0 us. Splits sweep at batch 1: 32 splits 61.2 us, auto (49) 63.6 us.
-Measured on an NVIDIA H200 (benchmarks/results/decode-nvidia-h200.json, the same shapes, copy bandwidth 4.2
+Measured on an NVIDIA H200 (benchmarks/results/decode-nvidia-h200-history1.json, commit 6325270, the same shapes, copy bandwidth 4.2
 TB/s; CUDA events):
     batch 1: 51.0 us (2.63 TB/s of K+V); torch flash 78.6 us, cuDNN 68.0 us (1.33x ahead of cuDNN)
     batch 8: 263.0 us (4.08 TB/s, 96% of copy); torch flash 286.1 us, cuDNN 249.7 us (0.95x cuDNN: the goal,
       >= 1.0x, is not met; an earlier run of the same code: 259.0 against 242.2, 0.94x). Splits sweep: auto
       (6: one wave) is the best of 6, 8, 16, 32 ... 256; the .L2::256B load hint (L2_HINT) 279.5 us, slower.
+
+Again on the H200 (decode-nvidia-h200.json, commit f5ee5dc): batch 1 50.7 us, cuDNN 43.7 (0.86x: cuDNN was 68.0
+in the earlier run, so "ahead at batch 1" no longer holds); batch 8 281.0 us, cuDNN 249.6 (0.89x). The BULK kernel
+(bulk=(stages, tile bytes): cp.async.bulk into shared memory) 49.2-50.6 us / 283.0-302.7 us: not the default.
 
 Supported: float16 and float32; head size d in {64, 128, 256} (float16) or {64, 128} (float32);
 any GQA group and few query rows (the rows of a group are cut into blocks of at most 8).
@@ -44,10 +48,49 @@ def _rows_per_block(R: int) -> int:
     return 8
 
 
-def _kernels(dtype_name: str, D: int, rows: int, prefetch: bool = True, l2_hint: bool = None):
-    """(decode_splitk, decode_merge) compiled for one (dtype, D, ROWS, PREFETCH, L2 hint); cached per
-    process (and on disk by CuPy)."""
+def _kernels(dtype_name: str, D: int, rows: int, prefetch: bool = True, l2_hint: bool = None, bulk=None):
+    """(split kernel, decode_merge) compiled for one (dtype, D, ROWS, PREFETCH, L2 hint) or, with bulk = (stages,
+    tile bytes), the BULK kernel; cached per process (and on disk by CuPy)."""
+    if bulk:
+        return _compile_bulk(dtype_name, D, rows, int(bulk[0]), int(bulk[1]))
     return _compile(dtype_name, D, rows, bool(prefetch), L2_HINT if l2_hint is None else bool(l2_hint))
+
+
+def bulk_tile_keys(dtype_name: str, D: int, tile_bytes: int) -> int:
+    """TK, the keys of one BULK stage: tile_bytes of K (and as many of V)."""
+    return max(1, tile_bytes // (D * np.dtype(dtype_name).itemsize))
+
+
+def bulk_smem(dtype_name: str, D: int, stages: int, tile_bytes: int) -> int:
+    """Dynamic shared memory of the BULK kernel: STAGES stages of K and V tiles (the block merge reuses them)."""
+    return 2 * stages * bulk_tile_keys(dtype_name, D, tile_bytes) * D * np.dtype(dtype_name).itemsize
+
+
+_LAUNCH = {}  # id(kernel) -> (threads, dynamic shared memory) where not (THREADS, 0)
+
+
+def _launch(kernel):
+    return _LAUNCH.get(id(kernel), (THREADS, 0))
+
+
+@functools.cache
+def _compile_bulk(dtype_name: str, D: int, rows: int, stages: int, tile_bytes: int):
+    import cupy
+
+    from flashkit.gpu.flash import include_options
+
+    T = "__half" if dtype_name == "float16" else "float"
+    TK = bulk_tile_keys(dtype_name, D, tile_bytes)
+    split_name = f"decode_splitk_bulk<{T}, {D}, {rows}, 4, {TK}, {stages}>"
+    merge_name = f"decode_merge<{T}>"
+    module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",) + include_options(),
+                            name_expressions=(split_name, merge_name))
+    split = module.get_function(split_name)
+    smem = bulk_smem(dtype_name, D, stages, tile_bytes)
+    if smem > 48 * 1024:
+        split.max_dynamic_shared_size_bytes = smem
+    _LAUNCH[id(split)] = (160, smem)  # 4 consumer warps and the producer warp (the kernel is cached: id stays)
+    return split, module.get_function(merge_name)
 
 
 @functools.cache
@@ -59,7 +102,10 @@ def _compile(dtype_name: str, D: int, rows: int, prefetch: bool, l2_hint: bool =
     split_name = f"decode_splitk<{T}, {D}, {rows}, {U}, {'true' if prefetch else 'false'}>"
     merge_name = f"decode_merge<{T}>"
     options = ("-std=c++17",) + (("-DDECODE_L2_256B",) if l2_hint else ())
-    module = cupy.RawModule(code=SOURCE.read_text(), options=options, name_expressions=(split_name, merge_name))
+    from flashkit.gpu.flash import include_options
+
+    module = cupy.RawModule(code=SOURCE.read_text(), options=options + include_options(),
+                            name_expressions=(split_name, merge_name))
     return module.get_function(split_name), module.get_function(merge_name)
 
 
@@ -70,13 +116,17 @@ def sm_count() -> int:
 
 
 def blocks_per_sm(kernel) -> int:
-    """How many 128-thread blocks of `kernel` fit on one SM at once (registers, shared memory)."""
+    """How many blocks of `kernel` (128 threads, or the BULK kernel's 160 and its dynamic shared memory) fit on
+    one SM at once (registers, shared memory)."""
+    threads, smem = _launch(kernel)
     try:
         from cupy.cuda import driver
 
-        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, THREADS, 0)))
-    except Exception:  # an older CuPy without the occupancy call: 3 blocks was the ptxas-derived figure
-        return 3
+        fn = getattr(kernel, "kernel", kernel)  # a RawKernel's driver function
+        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, smem)))
+    except Exception:  # no occupancy call: the ptxas-derived figures (3 for the register kernel; BULK: 2 by
+        # its ~160 registers, fewer where its stages do not fit twice in 227 KB)
+        return 3 if not smem else max(1, min(2, (227 * 1024) // (smem + 1024)))
 
 
 def _layout(Q, K):
@@ -114,22 +164,23 @@ def check_supported(Q, K, V):
         raise ValueError(reason)
 
 
-def auto_splits(problem, prefetch: bool = True) -> int:
+def auto_splits(problem, prefetch: bool = True, bulk=None) -> int:
     """Exactly one wave: as many blocks as fit on the GPU at once, never chunks under 128 keys."""
     check_supported(problem.Q, problem.K, problem.V)
     B, Hkv = problem.Q.shape[0], problem.K.shape[1]
     rows, row_groups = _layout(problem.Q, problem.K)
-    split_kernel, _ = _kernels(problem.Q.dtype.name, problem.Q.shape[3], rows, prefetch)
+    split_kernel, _ = _kernels(problem.Q.dtype.name, problem.Q.shape[3], rows, prefetch, bulk=bulk)
     slots = sm_count() * blocks_per_sm(split_kernel)
     want = max(1, slots // (B * Hkv * row_groups))
     return max(1, min(want, math.ceil(max(problem.n_keys, 1) / 128)))
 
 
-def prepare(problem, splits: int, prefetch: bool = True, l2_hint: bool = None):
+def prepare(problem, splits: int, prefetch: bool = True, l2_hint: bool = None, bulk=None):
     """A callable running one decoding step of `problem` (a flashkit.problem.DecodeProblem with CuPy
     arrays) with `splits` chunks; it returns (O (B, Hq, Nq, d) of Q's dtype, lse (B, Hq, Nq) float32).
     prefetch: the kernel variant that issues the loads of step t + 1 before the arithmetic of step t;
-    l2_hint: loads with the .L2::256B hint (default L2_HINT)."""
+    l2_hint: loads with the .L2::256B hint (default L2_HINT); bulk = (stages, tile bytes): the BULK kernel
+    (cp.async.bulk into shared memory, sm_90), which ignores prefetch and l2_hint."""
     import cupy
 
     Q, K, V = problem.Q, problem.K, problem.V
@@ -138,7 +189,8 @@ def prepare(problem, splits: int, prefetch: bool = True, l2_hint: bool = None):
     Hkv, Nmax = K.shape[1], K.shape[2]
     check_supported(Q, K, V)
     rows, row_groups = _layout(Q, K)
-    split_kernel, merge_kernel = _kernels(name, D, rows, prefetch, l2_hint)
+    split_kernel, merge_kernel = _kernels(name, D, rows, prefetch, l2_hint, bulk=bulk)
+    threads, smem = _launch(split_kernel)
     n_keys = problem.n_keys
     chunk = max(1, math.ceil(n_keys / splits))
     lo = cupy.asarray(np.ascontiguousarray(problem.lo, dtype=np.int32))
@@ -156,13 +208,13 @@ def prepare(problem, splits: int, prefetch: bool = True, l2_hint: bool = None):
     merge_threads = min(D, THREADS)
 
     def step():
-        split_kernel((splits, Hkv * row_groups, B), (THREADS,), split_args)
+        split_kernel((splits, Hkv * row_groups, B), (threads,), split_args, shared_mem=smem)
         merge_kernel((n_rows,), (merge_threads,), merge_args)
         return O, lse
 
     step.partials = (Mp, Lp, Op)  # (m, l, O) of every split after a call, for tests and pictures
     step.config = dict(splits=splits, chunk=chunk, rows_per_block=rows, row_groups=row_groups, prefetch=bool(prefetch),
-                       grid=(splits, Hkv * row_groups, B), threads=THREADS, blocks_per_sm=blocks_per_sm(split_kernel))
+                       grid=(splits, Hkv * row_groups, B), threads=threads, bulk=bulk, smem=smem, blocks_per_sm=blocks_per_sm(split_kernel))
     return step
 
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "elements.cuh"  // T, MMA_TYPE
+#include "mbarrier.cuh"  // smem_u32, mbar_init / expect_tx / arrive / wait
 
 // ---- wgmma: D (64 x N, fp32, registers) (+)= A (64 x 16) * B (16 x N) ---------------------------------------
 // The accumulator fragment (hopper_layout.accumulator_owner): warp w of the warpgroup holds rows 16 w .. 16 w + 15;
@@ -74,27 +75,7 @@ __device__ __forceinline__ unsigned long long descriptor(unsigned addr, unsigned
 // where an ordinary store must put a byte that wgmma reads through a swizzled descriptor.
 __device__ __forceinline__ unsigned swizzle128(unsigned addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
 
-// ---- mbarriers and TMA --------------------------------------------------------------------------------------
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-// Arrive and add `bytes` to the transactions this phase waits for (the copies that follow report them).
-__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Wait until the barrier's phase with this parity (0, 1, 0, ...: its completions counted mod 2) has completed.
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
+// ---- mbarriers (mbarrier.cuh) and TMA ----------------------------------------------------------------------
 // One box (64 columns x rows x 1 head) of a 3-D tensor map (columns, rows, heads) into shared memory.
 __device__ __forceinline__ void tma_load(unsigned dst, const void* map, int col, int row, int head, unsigned bar) {
     asm volatile(
