@@ -166,7 +166,7 @@ def run_timing(old_b1, out, quick=False):
                 measure(f"flashkit.attention ({backend})",
                         (lambda b: lambda: flashkit.attention(Q, K, V, causal=causal, backend=b))(backend), rows,
                         dict(meta, rung=None, public=True, backend=backend))
-            del Q, K, V
+            Q = K = V = None  # the views dropped, so that free_all can hand their memory back
             free_all()
             # backward
             meta = dict(meta, direction="backward", flops=bwd_flops(B, H, N, d, causal))
@@ -223,7 +223,7 @@ def main(argv=None):
         (out / "timing.json").write_text(json.dumps(dict(environment=environment(), rows=rows), indent=1, default=str))
         return 0
     t0 = time.time()
-    py, me = sys.executable, [sys.executable, "-m", "benchmarks.gpu_fp32_steps", "--out", str(out)] + \
+    me = [sys.executable, "-m", "benchmarks.gpu_fp32_steps", "--out", str(out)] + \
         (["--old-b1", args.old_b1] if args.old_b1 else [])
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     san = ["compute-sanitizer", "--error-exitcode", "1"]

@@ -603,7 +603,6 @@ def run(problem):
     left, right = (int(w) for w in problem.window)
     scale = float(problem.scale)
     lse = problem.lse
-    empty = np.isneginf(lse)
     with threads.for_work(problem.backward_flops()):  # holds the launch lock: the kept scratch is ours
         n_threads = numba.get_num_threads()
         # The streamed operands of dK, dV (Q, dO rows) and dQ (K rows) are the inputs themselves when their
