@@ -12,8 +12,9 @@ reports every method's K+V bytes per second beside it.
 Methods, one attention layer, batch B (default 1 and 8), GQA Hq/H_kv (default 32/8, d = 128, like
 Llama-3-8B):
   CPU  numba-splitk (splits="auto"), numba-splitk with splits=1 (unsplit: only the B * H_kv heads run
-       in parallel), numba-splitk-loops (the same splits through the kernel without explicit vector
-       registers, flashkit/cpu/decode.py:split_task), numpy-standard (batch 1: materialises S, P:
+       in parallel), numba-splitk-loops and numba-splitk-vector (the same splits through the kernel with
+       flashkit/cpu/decode.py's split_task, plain loops, and its split_task_vec, explicit vector registers:
+       which one numba-splitk takes depends on the registers, decode.VECTOR_PREFERRED), numpy-standard (batch 1: materialises S, P:
        flashkit.attention on the filled cache); an MQA case (H_kv = 1) where unsplit leaves all but
        one core idle; and TinyDecoder generation (32/8 heads of 128, d_model 1024, 2 layers, a cache
        of --model-length random tokens a layer): tokens/s beside the bandwidth limit, the bytes of
@@ -108,6 +109,8 @@ def run_cpu(lengths, repeats, batches=(1,), Hq=32, Hkv=8, d=128):
         if L == max(lengths) and kind == "GQA":
             # the kernel before registers (one dot product per row and key through LLVM's loops), same splits
             methods.append(("numba-splitk-loops", dict(vector=False)))
+            if cpu_decode.vector_path(d, np.float32):  # and the register task, whichever "auto" prefers here
+                methods.append(("numba-splitk-vector", dict(vector=True)))
         if B == 1:  # numpy-standard repeats K and V over the group: 4x the cache in memory at batch 8
             methods.append(("numpy-standard", dict(backend="numpy-standard")))
         if L == max(lengths) and B == 1:  # the kernel on one core: no wait for a second thread (a busy machine's worst case)

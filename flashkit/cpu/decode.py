@@ -393,8 +393,26 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
 
 
 def vector_path(d, dtype) -> bool:
-    """Whether split_task_vec serves head size d: d a multiple of 4 registers of the dtype."""
+    """Whether split_task_vec can serve head size d: d a multiple of 4 registers of the dtype."""
     return d % (4 * VECTOR_BYTES // np.dtype(dtype).itemsize) == 0
+
+
+# Whether a call that does not say (vector=None) takes split_task_vec where it can: only with 64-byte
+# registers. Its 4 x 4 tiles keep 16 accumulators and 5 operands live, 21 registers: AVX-512 has 32, AVX2 16.
+# Measured on a quiet 2-core AMD EPYC (znver3, AVX2 only, 2026-12-02, commit f3d8c97, python -m
+# benchmarks.decode --device cpu --lengths 32768 --batches 1,8 --model-length 0; GQA 32/8, d = 128):
+# split_task_vec 38.98 ms (batch 1) and 268.87 ms (batch 8), split_task 24.07 and 174.84 in the same run:
+# the loops 1.5-1.6x faster where the registers spill (the same on the Xeon compiled for Haswell, above).
+VECTOR_PREFERRED = VECTOR_BYTES >= 64
+
+
+def use_vector(d, dtype, vector=None) -> bool:
+    """The task a call runs: split_task_vec (True) or split_task (False). vector=None: the preferred one
+    for this machine (VECTOR_PREFERRED) where split_task_vec serves d; True or False ask for one (True
+    falls back to split_task where split_task_vec cannot serve d)."""
+    if vector is None:
+        return VECTOR_PREFERRED and vector_path(d, dtype)
+    return bool(vector) and vector_path(d, dtype)
 
 
 @njit(nogil=True, cache=True)
@@ -461,12 +479,12 @@ def new_partials(splits, B, Hq, Nq, d, dtype):
 def partials(Q, K, V, lo, hi, scale, splits, n_keys, vector=None, serial=None):
     """(M, L, O) of every split, computed in parallel. Q (B, Hq, Nq, d) and K, V (B, Hkv, Nmax, d)
     C-contiguous of one dtype (float32 or float64); lo, hi (B, Nq) int64; keys beyond n_keys unused.
-    vector: split_task_vec (True), split_task (False) or whichever serves d (None; the benchmark
-    compares the two). serial: on the calling thread (True), on all threads (False), or by the bytes
+    vector: split_task_vec (True), split_task (False) or this machine's preference (None: use_vector;
+    the benchmark compares the two). serial: on the calling thread (True), on all threads (False), or by the bytes
     of K and V the step reads (None: below SERIAL_BYTES on the calling thread)."""
     B, Hq, Nq, d = Q.shape
     Q = np.ascontiguousarray(Q)
-    vector = vector_path(d, Q.dtype) if vector is None else bool(vector) and vector_path(d, Q.dtype)
+    vector = use_vector(d, Q.dtype, vector)
     if vector and not (K.flags.c_contiguous and V.flags.c_contiguous):
         K, V = np.ascontiguousarray(K), np.ascontiguousarray(V)  # the vector loads need rows in place
     chunk = max(1, math.ceil(n_keys / splits))
@@ -495,7 +513,7 @@ def traced_partials(Q, K, V, lo, hi, scale, splits, n_keys, n_threads):
     chunk = max(1, math.ceil(n_keys / splits))
     M, L, O = new_partials(splits, B, Hq, Nq, d, Q.dtype)
     sc = Q.dtype.type(scale)
-    task = split_task_vec if vector_path(d, Q.dtype) else split_task
+    task = split_task_vec if use_vector(d, Q.dtype) else split_task
     task(Q, K, V, lo, hi, sc, 0, 0, 0, 0, 0, M, L, O)  # compile (or load) before the clock starts
     events, names = [], {}
     t_launch = time.perf_counter()
