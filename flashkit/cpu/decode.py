@@ -39,8 +39,10 @@ On one thread, in L2, d = 128, a group of 4 rows (Intel Xeon Emerald Rapids, loa
 against it, a horizontal sum per key and row) and 83 for split_task; over a 256 MiB cache (8 heads of
 32k keys) on one thread, 10 GB/s of K and V with the prefetches, 7 without. On an AVX2 machine the 16
 accumulators and the 4 rows of Q fill more than its 16 ymm registers: compiled for Haswell (AVX2 code
-only, flashkit.sysinfo.AVX2_ENV) LLVM spills some (99 ymm stores to the stack against 8 with AVX-512's
-32 zmm) and the answer stays within 2e-6 of float64 attention (tests/test_decode.py checks it).
+only, flashkit.sysinfo.AVX2_ENV) LLVM spilled some (99 ymm stores to the stack against 8 with AVX-512's
+32 zmm), so with 32-byte registers S now takes its 4 keys in two passes and O 2 registers a row at a time
+(TWO_PASS_S, RV: 1.3-1.5x faster there, measured below VECTOR_PREFERRED); the answer stays within 2e-6
+of float64 attention (tests/test_decode.py checks it). Even so, the loops are what a call takes there.
 benchmarks/results/decode-intel-xeon-emeraldrapids-2c.json (the 2 cores shared with other jobs, copy
 14.9 GB/s): 57% (batch 1) and 38% (batch 8) of the copy bandwidth at 32k keys, against 22% and 21%
 for split_task in the same run; an earlier run of the same kernel (commit 3daebd9, copy 13.7 GB/s):
@@ -211,7 +213,13 @@ def prefetch(typingctx, a, i):
     return types.none(a, i), codegen
 
 
-MR = 4  # query rows per register block: 4 rows x 4 keys of S, 4 rows x 4 registers of O
+MR = 4  # query rows per register block: 4 rows x 4 keys of S, 4 rows x RV registers of O
+# With 16 registers (AVX2) the 4 x 4 tiles spill: 16 accumulators + 4 rows of Q (or P) + 1 of K (or V)
+# are 21 live registers. There, S takes its 4 keys in two passes of 2 over d (8 accumulators + 5 = 13
+# live; the first pass's 8 sums wait on the stack, stored once per 4 keys, not once per step), and O
+# goes 2 registers a row at a time (8 + 5 = 13). With 32 registers (AVX-512) one pass and 4 registers.
+TWO_PASS_S = VECTOR_BYTES < 64
+RV = 4 if VECTOR_BYTES >= 64 else 2  # registers of O a row per step of the P V_j product
 LINE = 64  # bytes of a cache line: the prefetch stride
 
 
@@ -300,16 +308,33 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                     s11 = fma(x1, y, s11)
                     s12 = fma(x2, y, s12)
                     s13 = fma(x3, y, s13)
-                    y = load(Kh, k2 + c)
-                    s20 = fma(x0, y, s20)
-                    s21 = fma(x1, y, s21)
-                    s22 = fma(x2, y, s22)
-                    s23 = fma(x3, y, s23)
-                    y = load(Kh, k3 + c)
-                    s30 = fma(x0, y, s30)
-                    s31 = fma(x1, y, s31)
-                    s32 = fma(x2, y, s32)
-                    s33 = fma(x3, y, s33)
+                    if not TWO_PASS_S:  # a compile-time constant: LLVM keeps one of the two forms
+                        y = load(Kh, k2 + c)
+                        s20 = fma(x0, y, s20)
+                        s21 = fma(x1, y, s21)
+                        s22 = fma(x2, y, s22)
+                        s23 = fma(x3, y, s23)
+                        y = load(Kh, k3 + c)
+                        s30 = fma(x0, y, s30)
+                        s31 = fma(x1, y, s31)
+                        s32 = fma(x2, y, s32)
+                        s33 = fma(x3, y, s33)
+                if TWO_PASS_S:  # keys 2 and 3 in a second pass (Q's rows reloaded from L1)
+                    for c in range(0, d, W):
+                        x0 = load(q, qa + c)
+                        x1 = load(q, qb + c)
+                        x2 = load(q, qc + c)
+                        x3 = load(q, qd + c)
+                        y = load(Kh, k2 + c)
+                        s20 = fma(x0, y, s20)
+                        s21 = fma(x1, y, s21)
+                        s22 = fma(x2, y, s22)
+                        s23 = fma(x3, y, s23)
+                        y = load(Kh, k3 + c)
+                        s30 = fma(x0, y, s30)
+                        s31 = fma(x1, y, s31)
+                        s32 = fma(x2, y, s32)
+                        s33 = fma(x3, y, s33)
                 store_sums(P, pg + jj * MR, (s00, s01, s02, s03, s10, s11, s12, s13,
                                              s20, s21, s22, s23, s30, s31, s32, s33))
             if cut:
@@ -343,14 +368,22 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                 for u in range(r, W, MR):
                     t += lane[u]
                 l[G + r] = alpha[r] * l[G + r] + t
-            # O = alpha O + P V_j: 4 rows x 4 registers, each V register loaded once for the 4 rows
+            # O = alpha O + P V_j: 4 rows x RV registers, each V register loaded once for the 4 rows. Registers
+            # 2 and 3 of a row exist where RV says (a compile-time constant: LLVM drops the others' code)
             a0, a1, a2, a3 = splat(alpha[0]), splat(alpha[1]), splat(alpha[2]), splat(alpha[3])
-            for c in range(0, d, 4 * W):
+            z = splat(dt(0))
+            o02 = o03 = o12 = o13 = o22 = o23 = o32 = o33 = z
+            for c in range(0, d, RV * W):
                 oa, ob, oc, od = qa + c, qb + c, qc + c, qd + c
-                o00, o01, o02, o03 = load(acc, oa) * a0, load(acc, oa + W) * a0, load(acc, oa + 2 * W) * a0, load(acc, oa + 3 * W) * a0
-                o10, o11, o12, o13 = load(acc, ob) * a1, load(acc, ob + W) * a1, load(acc, ob + 2 * W) * a1, load(acc, ob + 3 * W) * a1
-                o20, o21, o22, o23 = load(acc, oc) * a2, load(acc, oc + W) * a2, load(acc, oc + 2 * W) * a2, load(acc, oc + 3 * W) * a2
-                o30, o31, o32, o33 = load(acc, od) * a3, load(acc, od + W) * a3, load(acc, od + 2 * W) * a3, load(acc, od + 3 * W) * a3
+                o00, o01 = load(acc, oa) * a0, load(acc, oa + W) * a0
+                o10, o11 = load(acc, ob) * a1, load(acc, ob + W) * a1
+                o20, o21 = load(acc, oc) * a2, load(acc, oc + W) * a2
+                o30, o31 = load(acc, od) * a3, load(acc, od + W) * a3
+                if RV > 2:
+                    o02, o03 = load(acc, oa + 2 * W) * a0, load(acc, oa + 3 * W) * a0
+                    o12, o13 = load(acc, ob + 2 * W) * a1, load(acc, ob + 3 * W) * a1
+                    o22, o23 = load(acc, oc + 2 * W) * a2, load(acc, oc + 3 * W) * a2
+                    o32, o33 = load(acc, od + 2 * W) * a3, load(acc, od + 3 * W) * a3
                 for jj in range(n):
                     v = (jb + jj) * d + c
                     if G == 0 and c == 0 and jb + Bc + jj < jhi:  # the next block's K row, wanted next
@@ -362,26 +395,28 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                     o00, o10, o20, o30 = fma(p0, y, o00), fma(p1, y, o10), fma(p2, y, o20), fma(p3, y, o30)
                     y = load(Vh, v + W)
                     o01, o11, o21, o31 = fma(p0, y, o01), fma(p1, y, o11), fma(p2, y, o21), fma(p3, y, o31)
-                    y = load(Vh, v + 2 * W)
-                    o02, o12, o22, o32 = fma(p0, y, o02), fma(p1, y, o12), fma(p2, y, o22), fma(p3, y, o32)
-                    y = load(Vh, v + 3 * W)
-                    o03, o13, o23, o33 = fma(p0, y, o03), fma(p1, y, o13), fma(p2, y, o23), fma(p3, y, o33)
+                    if RV > 2:
+                        y = load(Vh, v + 2 * W)
+                        o02, o12, o22, o32 = fma(p0, y, o02), fma(p1, y, o12), fma(p2, y, o22), fma(p3, y, o32)
+                        y = load(Vh, v + 3 * W)
+                        o03, o13, o23, o33 = fma(p0, y, o03), fma(p1, y, o13), fma(p2, y, o23), fma(p3, y, o33)
                 store(acc, oa, o00)
                 store(acc, oa + W, o01)
-                store(acc, oa + 2 * W, o02)
-                store(acc, oa + 3 * W, o03)
                 store(acc, ob, o10)
                 store(acc, ob + W, o11)
-                store(acc, ob + 2 * W, o12)
-                store(acc, ob + 3 * W, o13)
                 store(acc, oc, o20)
                 store(acc, oc + W, o21)
-                store(acc, oc + 2 * W, o22)
-                store(acc, oc + 3 * W, o23)
                 store(acc, od, o30)
                 store(acc, od + W, o31)
-                store(acc, od + 2 * W, o32)
-                store(acc, od + 3 * W, o33)
+                if RV > 2:
+                    store(acc, oa + 2 * W, o02)
+                    store(acc, oa + 3 * W, o03)
+                    store(acc, ob + 2 * W, o12)
+                    store(acc, ob + 3 * W, o13)
+                    store(acc, oc + 2 * W, o22)
+                    store(acc, oc + 3 * W, o23)
+                    store(acc, od + 2 * W, o32)
+                    store(acc, od + 3 * W, o33)
     for gi in range(g):
         for i in range(Nq):
             r = gi * Nq + i
@@ -398,11 +433,16 @@ def vector_path(d, dtype) -> bool:
 
 
 # Whether a call that does not say (vector=None) takes split_task_vec where it can: only with 64-byte
-# registers. Its 4 x 4 tiles keep 16 accumulators and 5 operands live, 21 registers: AVX-512 has 32, AVX2 16.
-# Measured on a quiet 2-core AMD EPYC (znver3, AVX2 only, 2026-12-02, commit f3d8c97, python -m
-# benchmarks.decode --device cpu --lengths 32768 --batches 1,8 --model-length 0; GQA 32/8, d = 128):
-# split_task_vec 38.98 ms (batch 1) and 268.87 ms (batch 8), split_task 24.07 and 174.84 in the same run:
-# the loops 1.5-1.6x faster where the registers spill (the same on the Xeon compiled for Haswell, above).
+# registers. Measured on a 2-core AMD EPYC (znver3, AVX2 only, 2026-12-02), GQA 32/8, d = 128, 32k keys:
+#   * quiet, python -m benchmarks.decode --device cpu --lengths 32768 --batches 1,8 --model-length 0
+#     (commit f3d8c97, the 4 x 4 tiles then in one pass, spilling): split_task_vec 38.98 ms (batch 1) and
+#     268.87 ms (batch 8), split_task 24.07 and 174.84 in the same run.
+#   * the two-pass form (TWO_PASS_S, RV), one process, min of 9 interleaved rounds, another job on one core:
+#     one thread (CPU time) 47.3 / 355.7 ms, the one-pass form 61.5 / 473.8, the loops 39.2 / 338.2; two
+#     threads 48.1 / 308.4, 63.7 / 468.1, 44.2 / 331.4. Its code moves ymm registers to and from the
+#     stack far less (57 stores and 17 loads against 167 and 109, counted in the asm), but at 6-11 GB/s
+#     of K and V (this machine reads 15.6-15.9 GB/s on both cores) the step is bound by memory, where the
+#     loops are as fast or faster: the compute the registers save is not what waits here.
 VECTOR_PREFERRED = VECTOR_BYTES >= 64
 
 
