@@ -59,14 +59,14 @@
 // Measured (fwd-issue11-h200.json; N=4096 d=128 dtype=bfloat16 causal=True): 486.7 TFLOP/s, 0.84x torch-cudnn
 // The defaults 192 x 128 at d = 64 and 128 x 128 at d = 128 (gpu-h200.json; commit 7957305, benchmarks.gpu_session,
 //   flashkit.gpu.check 191/191): alone 0.85-0.98x cuDNN; the public call 0.73-0.91x (1.07-1.16x the rung alone):
-// Measured (gpu-h200.json; N=4096 d=64 dtype=float16 causal=False): 462.5 TFLOP/s, 0.97x torch-cudnn
-// Measured (gpu-h200.json; N=4096 d=64 dtype=bfloat16 causal=False): 466.6 TFLOP/s, 0.98x torch-cudnn
-// Measured (gpu-h200.json; N=4096 d=64 dtype=float16 causal=True): 383.4 TFLOP/s, 0.90x torch-cudnn
-// Measured (gpu-h200.json; N=4096 d=64 dtype=bfloat16 causal=True): 396.4 TFLOP/s, 0.92x torch-cudnn
-// Measured (gpu-h200.json; N=4096 d=128 dtype=float16 causal=False): 573.1 TFLOP/s, 0.88x torch-cudnn
-// Measured (gpu-h200.json; N=4096 d=128 dtype=bfloat16 causal=False): 570.3 TFLOP/s, 0.85x torch-cudnn
-// Measured (gpu-h200.json; N=4096 d=128 dtype=float16 causal=True): 497.5 TFLOP/s, 0.88x torch-cudnn
-// Measured (gpu-h200.json; N=4096 d=128 dtype=bfloat16 causal=True): 506.7 TFLOP/s, 0.87x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=64 dtype=float16 causal=False): 462.5 TFLOP/s, 0.97x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=64 dtype=bfloat16 causal=False): 466.6 TFLOP/s, 0.98x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=64 dtype=float16 causal=True): 383.4 TFLOP/s, 0.90x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=64 dtype=bfloat16 causal=True): 396.4 TFLOP/s, 0.92x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=128 dtype=float16 causal=False): 573.1 TFLOP/s, 0.88x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=128 dtype=bfloat16 causal=False): 570.3 TFLOP/s, 0.85x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=128 dtype=float16 causal=True): 497.5 TFLOP/s, 0.88x torch-cudnn
+// Measured (gpu-h200-history3.json; N=4096 d=128 dtype=bfloat16 causal=True): 506.7 TFLOP/s, 0.87x torch-cudnn
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, S = Q_i K_j^T (unscaled), P = exp2(S * scale_log2 - m_i), m_i, l_i, O_i.
 

@@ -45,14 +45,14 @@
 // Measured (gpu-bwd-h200-history7.json; d=128 dtype=bfloat16 causal=True): 334.9 TFLOP/s, 1.32x torch-flash
 // The merged main (commit 7957305, benchmarks.gpu_session, 2026-12-02; check_backward 110/110, sanitizers clean): alone
 //   1.26-1.34x flash, 0.71-0.80x cuDNN; the public call 1.11-1.23x flash (auto 1.11-1.22x):
-// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=False): 336.7 TFLOP/s, 1.26x torch-flash
-// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=False): 337.8 TFLOP/s, 1.26x torch-flash
-// Measured (gpu-bwd-h200.json; d=64 dtype=float16 causal=True): 300.7 TFLOP/s, 1.31x torch-flash
-// Measured (gpu-bwd-h200.json; d=64 dtype=bfloat16 causal=True): 294.4 TFLOP/s, 1.28x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=False): 379.8 TFLOP/s, 1.32x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=False): 379.5 TFLOP/s, 1.32x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=float16 causal=True): 334.9 TFLOP/s, 1.32x torch-flash
-// Measured (gpu-bwd-h200.json; d=128 dtype=bfloat16 causal=True): 340.0 TFLOP/s, 1.34x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=64 dtype=float16 causal=False): 336.7 TFLOP/s, 1.26x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=64 dtype=bfloat16 causal=False): 337.8 TFLOP/s, 1.26x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=64 dtype=float16 causal=True): 300.7 TFLOP/s, 1.31x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=64 dtype=bfloat16 causal=True): 294.4 TFLOP/s, 1.28x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=128 dtype=float16 causal=False): 379.8 TFLOP/s, 1.32x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=128 dtype=bfloat16 causal=False): 379.5 TFLOP/s, 1.32x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=128 dtype=float16 causal=True): 334.9 TFLOP/s, 1.32x torch-flash
+// Measured (gpu-bwd-h200-history8.json; d=128 dtype=bfloat16 causal=True): 340.0 TFLOP/s, 1.34x torch-flash
 // Not tried yet: FA3's overlap of one step's softmax with the next step's products (two S^T / dP^T register sets do
 //   not fit beside dK_j, dV_j at 240 registers), a persistent grid, Bc = 192.
 //
