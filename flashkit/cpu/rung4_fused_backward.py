@@ -93,10 +93,14 @@ from numba.core.extending import intrinsic
 
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size, row_window, task_index, tile_map
-from flashkit.cpu.vec import Vec, bcast, exp2, fetch_add, fma, hsum, lanes, load, splat, store, vmin
+from flashkit.cpu.vec import VECTOR_BYTES, Vec, bcast, exp2, fetch_add, fma, hsum, lanes, load, splat, store, vmin
 
 BLOCKS = (128, 128)  # preferred (Br, Bc) before the L2 rule
-MR = 8  # rows (or keys) of a micro-tile; 8 x 2 registers = 16 accumulators of the 32 zmm
+# Rows (or keys) of a micro-tile: 8 x 2 registers = 16 accumulators of AVX-512's 32 zmm; with AVX2's 16 ymm
+# 4 (8 accumulators, 2 of K or V, 1 broadcast: 11), since 8 rows spilled there. Rows 4-7 of the code below
+# exist where MR says (a compile-time constant: LLVM drops the others). 4, not the forward's 6: the key
+# panels of dK and dV are MR keys of BcP, a multiple of NR = 16 keys there.
+MR = 8 if VECTOR_BYTES == 64 else 4
 LOG2E = 1.4426950408889634
 NO_KEY = 1e30  # lse' of a row that saw no key (and of padding rows): 2^(S' - 1e30) = 0
 CAP = 64.0  # S' - lse' is <= 0 for the forward's lse; a wrong lse is capped so P stays finite and fails the check
@@ -236,7 +240,7 @@ def finish_dq(dQp, scale, Br, BrP, Dp, dQ):
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
 def micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, acc):
-    """acc (16 registers: rows x = 0..7, 2 each) + sum_s A[a0 + s a_step + x a_x] * Bm[b0 + s b_step + (0, W)]."""
+    """acc (16 registers: rows x = 0..MR-1, 2 each; the others pass through) + sum_s A[a0 + s a_step + x a_x] * Bm[b0 + s b_step + (0, W)]."""
     a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71 = acc
     for s in range(n):
         bb = b0 + s * b_step
@@ -255,18 +259,19 @@ def micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, acc):
         x = bcast(A, ab + 3 * a_x)
         a30 = fma(x, v0, a30)
         a31 = fma(x, v1, a31)
-        x = bcast(A, ab + 4 * a_x)
-        a40 = fma(x, v0, a40)
-        a41 = fma(x, v1, a41)
-        x = bcast(A, ab + 5 * a_x)
-        a50 = fma(x, v0, a50)
-        a51 = fma(x, v1, a51)
-        x = bcast(A, ab + 6 * a_x)
-        a60 = fma(x, v0, a60)
-        a61 = fma(x, v1, a61)
-        x = bcast(A, ab + 7 * a_x)
-        a70 = fma(x, v0, a70)
-        a71 = fma(x, v1, a71)
+        if MR > 4:
+            x = bcast(A, ab + 4 * a_x)
+            a40 = fma(x, v0, a40)
+            a41 = fma(x, v1, a41)
+            x = bcast(A, ab + 5 * a_x)
+            a50 = fma(x, v0, a50)
+            a51 = fma(x, v1, a51)
+            x = bcast(A, ab + 6 * a_x)
+            a60 = fma(x, v0, a60)
+            a61 = fma(x, v1, a61)
+            x = bcast(A, ab + 7 * a_x)
+            a70 = fma(x, v0, a70)
+            a71 = fma(x, v1, a71)
     return (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71)
 
 
@@ -277,11 +282,16 @@ def zeros16(z):
 
 @njit(inline="always")
 def load16(C, c0, c_x, W):
-    """The 16 registers of rows c0 + x c_x (x = 0..7), 2 registers each."""
+    """The 16 registers of rows c0 + x c_x (x = 0..7), 2 registers each; rows MR..7 zero (not read)."""
+    if MR > 4:
+        return (load(C, c0), load(C, c0 + W), load(C, c0 + c_x), load(C, c0 + c_x + W),
+                load(C, c0 + 2 * c_x), load(C, c0 + 2 * c_x + W), load(C, c0 + 3 * c_x), load(C, c0 + 3 * c_x + W),
+                load(C, c0 + 4 * c_x), load(C, c0 + 4 * c_x + W), load(C, c0 + 5 * c_x), load(C, c0 + 5 * c_x + W),
+                load(C, c0 + 6 * c_x), load(C, c0 + 6 * c_x + W), load(C, c0 + 7 * c_x), load(C, c0 + 7 * c_x + W))
+    z = splat(C.dtype.type(0))
     return (load(C, c0), load(C, c0 + W), load(C, c0 + c_x), load(C, c0 + c_x + W),
             load(C, c0 + 2 * c_x), load(C, c0 + 2 * c_x + W), load(C, c0 + 3 * c_x), load(C, c0 + 3 * c_x + W),
-            load(C, c0 + 4 * c_x), load(C, c0 + 4 * c_x + W), load(C, c0 + 5 * c_x), load(C, c0 + 5 * c_x + W),
-            load(C, c0 + 6 * c_x), load(C, c0 + 6 * c_x + W), load(C, c0 + 7 * c_x), load(C, c0 + 7 * c_x + W))
+            z, z, z, z, z, z, z, z)
 
 
 @njit(inline="always")
@@ -294,14 +304,15 @@ def store16(C, c0, c_x, W, acc):
     store(C, c0 + 2 * c_x + W, acc[5])
     store(C, c0 + 3 * c_x, acc[6])
     store(C, c0 + 3 * c_x + W, acc[7])
-    store(C, c0 + 4 * c_x, acc[8])
-    store(C, c0 + 4 * c_x + W, acc[9])
-    store(C, c0 + 5 * c_x, acc[10])
-    store(C, c0 + 5 * c_x + W, acc[11])
-    store(C, c0 + 6 * c_x, acc[12])
-    store(C, c0 + 6 * c_x + W, acc[13])
-    store(C, c0 + 7 * c_x, acc[14])
-    store(C, c0 + 7 * c_x + W, acc[15])
+    if MR > 4:
+        store(C, c0 + 4 * c_x, acc[8])
+        store(C, c0 + 4 * c_x + W, acc[9])
+        store(C, c0 + 5 * c_x, acc[10])
+        store(C, c0 + 5 * c_x + W, acc[11])
+        store(C, c0 + 6 * c_x, acc[12])
+        store(C, c0 + 6 * c_x + W, acc[13])
+        store(C, c0 + 7 * c_x, acc[14])
+        store(C, c0 + 7 * c_x + W, acc[15])
 
 
 @njit(inline="always")
@@ -459,30 +470,34 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                         a10, a11 = window_row(a[2], a[3], iota, key0, q + 1, Nq, Nk, left, right, j0 + nc)
                         a20, a21 = window_row(a[4], a[5], iota, key0, q + 2, Nq, Nk, left, right, j0 + nc)
                         a30, a31 = window_row(a[6], a[7], iota, key0, q + 3, Nq, Nk, left, right, j0 + nc)
-                        a40, a41 = window_row(a[8], a[9], iota, key0, q + 4, Nq, Nk, left, right, j0 + nc)
-                        a50, a51 = window_row(a[10], a[11], iota, key0, q + 5, Nq, Nk, left, right, j0 + nc)
-                        a60, a61 = window_row(a[12], a[13], iota, key0, q + 6, Nq, Nk, left, right, j0 + nc)
-                        a70, a71 = window_row(a[14], a[15], iota, key0, q + 7, Nq, Nk, left, right, j0 + nc)
+                        a40, a41, a50, a51, a60, a61, a70, a71 = a[8:]
+                        if MR > 4:
+                            a40, a41 = window_row(a[8], a[9], iota, key0, q + 4, Nq, Nk, left, right, j0 + nc)
+                            a50, a51 = window_row(a[10], a[11], iota, key0, q + 5, Nq, Nk, left, right, j0 + nc)
+                            a60, a61 = window_row(a[12], a[13], iota, key0, q + 6, Nq, Nk, left, right, j0 + nc)
+                            a70, a71 = window_row(a[14], a[15], iota, key0, q + 7, Nq, Nk, left, right, j0 + nc)
                         a = (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71)
                     pb = row0 * BcP + col
                     p_row(a[0], a[1], splat(L2[rb]), cap, Pb, pb, lv, 0)
                     p_row(a[2], a[3], splat(L2[rb + 1]), cap, Pb, pb + BcP, lv, W)
                     p_row(a[4], a[5], splat(L2[rb + 2]), cap, Pb, pb + 2 * BcP, lv, 2 * W)
                     p_row(a[6], a[7], splat(L2[rb + 3]), cap, Pb, pb + 3 * BcP, lv, 3 * W)
-                    p_row(a[8], a[9], splat(L2[rb + 4]), cap, Pb, pb + 4 * BcP, lv, 4 * W)
-                    p_row(a[10], a[11], splat(L2[rb + 5]), cap, Pb, pb + 5 * BcP, lv, 5 * W)
-                    p_row(a[12], a[13], splat(L2[rb + 6]), cap, Pb, pb + 6 * BcP, lv, 6 * W)
-                    p_row(a[14], a[15], splat(L2[rb + 7]), cap, Pb, pb + 7 * BcP, lv, 7 * W)
+                    if MR > 4:
+                        p_row(a[8], a[9], splat(L2[rb + 4]), cap, Pb, pb + 4 * BcP, lv, 4 * W)
+                        p_row(a[10], a[11], splat(L2[rb + 5]), cap, Pb, pb + 5 * BcP, lv, 5 * W)
+                        p_row(a[12], a[13], splat(L2[rb + 6]), cap, Pb, pb + 6 * BcP, lv, 6 * W)
+                        p_row(a[14], a[15], splat(L2[rb + 7]), cap, Pb, pb + 7 * BcP, lv, 7 * W)
                     # ---- dP = dO_i V_j^T on the same micro-tile, then dS = P * (dP - D)
                     g = micro(dOp, qb, MR, 1, Vt, kb, NR, d, W, zeros16(zero))
                     ds_row(g[0], g[1], splat(Dh[rb]), Pb, pb, dSb)
                     ds_row(g[2], g[3], splat(Dh[rb + 1]), Pb, pb + BcP, dSb)
                     ds_row(g[4], g[5], splat(Dh[rb + 2]), Pb, pb + 2 * BcP, dSb)
                     ds_row(g[6], g[7], splat(Dh[rb + 3]), Pb, pb + 3 * BcP, dSb)
-                    ds_row(g[8], g[9], splat(Dh[rb + 4]), Pb, pb + 4 * BcP, dSb)
-                    ds_row(g[10], g[11], splat(Dh[rb + 5]), Pb, pb + 5 * BcP, dSb)
-                    ds_row(g[12], g[13], splat(Dh[rb + 6]), Pb, pb + 6 * BcP, dSb)
-                    ds_row(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb)
+                    if MR > 4:
+                        ds_row(g[8], g[9], splat(Dh[rb + 4]), Pb, pb + 4 * BcP, dSb)
+                        ds_row(g[10], g[11], splat(Dh[rb + 5]), Pb, pb + 5 * BcP, dSb)
+                        ds_row(g[12], g[13], splat(Dh[rb + 6]), Pb, pb + 6 * BcP, dSb)
+                        ds_row(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb)
                 for x in range(min(MR, nr - row0)):
                     psum[w, b, h, i0 + row0 + x] += hsum(load(lv, x * W))
             # ---- dV_j += P^T dO_i and dK_j += dS^T Q_i: 8 keys x 2 registers, nr steps
