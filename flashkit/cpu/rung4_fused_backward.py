@@ -51,8 +51,7 @@ Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a co
     -> in registers (`between`); a custom mask still goes through memory; Q, dO and K read in place
     where their rows need no padding (3 of 7 packed copies saved: packing 4.1 -> 3.5 ms at N=1024).
     Block sizes 64-256 x 64-256 within the noise (80-100 GFLOP/s non-causal at N=2048, one thread);
-    128 x 128 kept. Not tried: the two-pass variant (rung 3's header: slower there), AVX2 (16 ymm
-    registers: the 8 x 2 tile spills).
+    128 x 128 kept. Not tried: the two-pass variant (rung 3's header: slower there).
   * compile: about 27 s of CPU per dtype on first use (then from Numba's disk cache).
 
 Measured 2026-12-02 on a shared 2-core AMD EPYC (znver5, AVX-512 with full-width FMAs, 2 MiB L2 a core;
@@ -83,6 +82,18 @@ Measured 2026-12-02 on a shared 2-core AMD EPYC (znver5, AVX-512 with full-width
     alone 352-366 GFLOP/s causal against 386-389), the packing (2% of a call at N=4096, 4% causal: scalar
     transposes; Q and dO could be broadcast from their rows, the scale folded into P's FMA) and N=1024,
     where the fixed costs (packing, the dQ sum, validation) are 10-15% of the call.
+
+Measured 2026-12-02 on a 2-core AMD EPYC (znver3: AVX2 only, 16 ymm registers; 2-thread sgemm 4096^2 126-135
+GFLOP/s), fp32, B=1, d=64: the 8-row micro-tile of the AVX-512 build spilled there (16 accumulators, 2 operands
+and a broadcast in 16 registers), and benchmarks/cpu_backward.py gave time / torch SDPA's backward 1.60 at
+N=2048 (causal 1.60; load average 0.4-1). With MR = 4 on 32-byte registers (8 accumulators), the two builds in
+one process, fastest of 5 interleaved rounds, the same gradients bit for bit: N=2048 H=4 one thread (CPU time)
+321.7 -> 218.7 ms (causal 205.5 -> 101.5), N=2048 H=8 both cores 398.2 -> 221.7 ms (97 GFLOP/s counting 2.5x
+the forward; causal 229.7 -> 135.1). Then benchmarks/cpu_backward.py (benchmarks/results/cpu-backward-amd-
+epyc-znver3-2c.json, commit 46f0636, load average 1.2-2.3, sgemm 134.7): time / torch's 0.98, 0.99, 0.87, 1.11
+at N=1024, 2048, 4096, 8192 (fastest runs 0.92, 0.91, 0.90, 0.94), causal 0.76, 0.58, 1.56, 0.92; speed-up over
+numpy-standard 3.1-8.5. The causal N=4096 cell is an outlier of that run: the same call timed alone minutes
+later took 469-535 ms (the benchmark's median 906 ms, torch's 580).
 """
 from __future__ import annotations
 
