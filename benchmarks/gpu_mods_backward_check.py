@@ -264,8 +264,8 @@ def bad_cases(log):
         big = 1e308 * 10.0
         return score + (big - big) if kv_idx == 3 else score
 
-    def floor_score(score, b, h, q_idx, kv_idx):
-        return math.floor(score)
+    def mod_by_score(score, b, h, q_idx, kv_idx):  # (floor and int have a derivative: 0, almost everywhere)
+        return score - score % (score * score + 1.0)
 
     def loops(b, h, q_idx, kv_idx):
         for _ in range(2):
@@ -284,7 +284,8 @@ def bad_cases(log):
         ("mask_mod index out of bounds", dict(mask_mod=oob_mask), (o, lse), IndexError, "out of bounds"),
         ("division by zero", dict(score_mod=div_zero), (o, lse), ZeroDivisionError, "division by zero"),
         ("a NaN score", dict(score_mod=nan_score), (o, lse), ValueError, "kv_idx=3"),
-        ("a score_mod without a derivative (floor)", dict(score_mod=floor_score), (o, lse), TypeError, "floor"),
+        ("a score_mod without a derivative (% by the score)", dict(score_mod=mod_by_score), (o, lse), TypeError,
+         "cannot differentiate"),
         ("a for loop", dict(mask_mod=loops), (o, lse), UnsupportedMod, "For"),
         ("a lse from another call", dict(mask_mod=everything_hidden_but_diagonal), (o, lse), ValueError,
          "lse does not belong"),
