@@ -62,7 +62,8 @@ class Rung:
     head_dims       supported head sizes d (None: any)
     mask            whether a custom boolean mask is supported
     mods            whether it takes score_mod / mask_mod / block_mask (flashkit.gpu.flash_mods fills the
-                    kernel's FK_* hooks with the mods translated by flashkit.gpu.modlang)
+                    kernel's FK_* hooks with the mods translated by flashkit.gpu.modlang; for a backward row,
+                    flashkit.gpu.flash_mods_backward, and the registry's column is `backward_mods`)
     probe           "module:function" giving None when the rung can run here, else why not
     runner          "module:function" taking a Problem; None for a forward CUDA rung (the generic launcher)
     default_blocks  d -> (Br, Bc) used when the user forces none
@@ -152,7 +153,8 @@ class Rung:
             dtypes=self.dtypes,
             head_dims=self.head_dims,
             mask=self.mask,
-            mods=self.mods,
+            mods=self.mods and self.direction == "forward",
+            backward_mods=self.mods and self.direction == "backward",
             priority=self.priority,
             probe=self.probe,
             rung=self.number,
@@ -283,7 +285,7 @@ RUNGS = (
         2, "cupy-bwd-mma",
         "CUDA fp16/bf16 backward, mma.sync, dQ by fp32 vector atomics (kernels/b2_mma.cu)",
         dtypes=("float16", "bfloat16"), peer="flash", priority=110, direction="backward", source="b2_mma.cu",
-        probe=PROBE_TENSOR_CORES,
+        probe=PROBE_TENSOR_CORES, mods=True,  # score_mod / mask_mod / block_mask: flashkit/gpu/flash_mods_backward.py
         default_blocks={32: (64, 128), 64: (128, 128), 128: (64, 128)},
         allowed_blocks={32: ((32, 64), (64, 64), (64, 128), (128, 128)),
                         64: ((32, 64), (64, 64), (32, 128), (64, 128), (128, 128)),

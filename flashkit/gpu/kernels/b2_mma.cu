@@ -68,6 +68,24 @@ static_assert(NW % WM == 0 && DQN % 16 == 0, "the dQ step needs Br/16 to divide 
 #include "bwd_check.cuh"
 #include "bwd_atomic.cuh"  // bwd_preprocess, bwd_dq_convert, reduce_half (shared with b4; red_add4: common.cuh)
 
+// Hooks for score_mod / mask_mod / block masks (flashkit/gpu/flash_mods_backward.py defines them before this
+// file, as flash_mods.py does for forward rung 6); these defaults are the plain backward rung 2, unchanged:
+// each expands to the expression it replaced, so the code compiled without mods is the same.
+#ifndef FK_PARAMS
+#define FK_PARAMS                        // more kernel parameters: tile lists, captured arrays, the error word
+#define FK_STEPS(n) (n)                  // how many (query head, Q_i) steps this key block takes
+// the query head h and first query i0 of a step (flash_mods_backward: from this key block's tile list)
+#define FK_STEP(step, h, i0) ((h) = hk * group + (step) / n_i, (i0) = i_first + ((step) % n_i) * BR)
+#define FK_FULL(step, full) (full)       // whether the step's tile needs no per-element test
+#define FK_KEEP(i, j, step, in) (in)     // score (i, j) stays: in the window, and mask_mod / bits
+#define FK_SCALE_LOG2 (scale * LOG2E)    // S to log2 units; after a score_mod (natural units already): LOG2E
+#define FK_SCORES(s, i0, h, full)        // score_mod on S^T in registers (its derivative kept for dS)
+#define FK_P(p, x, l2) (p)               // P of one score (with mods: -0 marks a visible key of a lse = -inf row)
+#define FK_PSUM(p) (p)                   // a P's part of the lse check's row sum
+#define FK_DS(s)                         // dS *= f'(s), the derivative of score_mod at the raw score
+#define FK_DONE(dk, dv)                  // the block's dK_j, dV_j before they are written
+#endif
+
 // Grid: (Tc, Hkv, B), block: Bc / 16 warps. Dynamic shared memory: K_s, V_s [BC][LDS]; Q_s, dO_s [2][BR][LDS]
 // (two stages); dST_s [BC][LDT] (dS^T, key-major); lse_s, D_s [2][BR], psum_s [NW][BR] floats.
 // dQacc (fp32, B x Hq x Nq x d) must be zero on entry (bwd_preprocess); it receives dS K_j (unscaled).
@@ -77,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ lse, const float* __restrict__ Dvec,
     float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, float* __restrict__ Psum,
-    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right, int lse_every) {
+    int Hq, int Hkv, int Nq, int Nk, float scale, int left, int right, int lse_every FK_PARAMS) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T(*K_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw);
     T(*V_s)[LDS] = reinterpret_cast<T(*)[LDS]>(smem_raw + sizeof(T) * BC * LDS);
@@ -94,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
     const int j0 = blockIdx.x * BC, hk = blockIdx.y, b = blockIdx.z;
     const int group = Hq / Hkv;
     const int offset = Nk - Nq;
-    const float scale_log2 = scale * LOG2E;
+    const float scale_log2 = FK_SCALE_LOG2;
     const T* Kh = K + ((long long)b * Hkv + hk) * Nk * D;
     const T* Vh = V + ((long long)b * Hkv + hk) * Nk * D;
 
@@ -104,16 +122,19 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
     const int i_end = left < 0 ? Nq : min(Nq, j_end - offset + left);
     const int i_first = (i_begin / BR) * BR;
     const int n_i = i_end > i_first ? (i_end - i_first + BR - 1) / BR : 0;
-    const int n_steps = group * n_i;
+    const int n_steps = FK_STEPS(group * n_i);
 
     // A step's Q_i, dO_i by cp.async; its lse_i (log2 units, +inf where P must be 0) and D_i through registers.
     auto issue_tiles = [&](int step, int buf) {
-        const int h = hk * group + step / n_i, i0 = i_first + (step % n_i) * BR;
+        int h, i0;
+        FK_STEP(step, h, i0);
         async_tile(Q_s[buf], Q + ((long long)b * Hq + h) * Nq * D, i0, BR, Nq);
         async_tile(dO_s[buf], dO + ((long long)b * Hq + h) * Nq * D, i0, BR, Nq);
     };
     auto read_rows = [&](int step, float& l2, float& dd) {
-        const int h = hk * group + step / n_i, i = i_first + (step % n_i) * BR + tid;
+        int h, i0;
+        FK_STEP(step, h, i0);
+        const int i = i0 + tid;
         const long long r = ((long long)b * Hq + h) * Nq + i;
         const float l = (tid < BR && i < Nq) ? lse[r] : -INFINITY;
         l2 = l == -INFINITY ? INFINITY : l * LOG2E;  // a row that saw no key, or padding: P = 0
@@ -138,7 +159,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
 
     for (int step = 0; step < n_steps; ++step) {
         const int buf = step & 1;
-        const int h = hk * group + step / n_i, i0 = i_first + (step % n_i) * BR;
+        int h, i0;
+        FK_STEP(step, h, i0);
         cp_async_wait<0>();  // this step's Q_i, dO_i (and K_j, V_j) have landed
         __syncthreads();     // ... for every thread; the previous step is done with dST_s and the other buffers
         // The next step's Q_i, dO_i start loading into the other buffer; lse_i, D_i into registers.
@@ -169,21 +191,26 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
         // the per-element mask only where the tile is not FULL for every query of the step
         // (element (n, e): key wk + g + 8 (e >> 1), query 8n + 2t + (e & 1))
         const int i_last = min(i0 + BR, Nq) - 1;
-        const bool full = (j0 >= row_lo(i_last, offset, left)) && (j0 + BC <= row_hi(i0, offset, right, Nk));
+        const bool full = FK_FULL(step, (j0 >= row_lo(i_last, offset, left)) && (j0 + BC <= row_hi(i0, offset, right, Nk)));
         if (!full) {
 #pragma unroll
             for (int n = 0; n < BR / 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = i0 + 8 * n + 2 * t + (e & 1), j = j0 + wk + g + 8 * (e >> 1);
-                    if (!(j >= row_lo(i, offset, left) && j < row_hi(i, offset, right, Nk))) s[n][e] = -INFINITY;
+                    if (!FK_KEEP(i, j, step, j >= row_lo(i, offset, left) && j < row_hi(i, offset, right, Nk)))
+                        s[n][e] = -INFINITY;
                 }
         }
+        FK_SCORES(s, i0, h, full);
         // P^T = exp2(S^T * scale_log2 - lse_i): 0 where masked (-inf) and for rows with lse_i = +inf
 #pragma unroll
         for (int n = 0; n < BR / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = fast_exp2(fmaf(s[n][e], scale_log2, -lse_s[buf][8 * n + 2 * t + (e & 1)]));
+            for (int e = 0; e < 4; ++e) {
+                const float l2 = lse_s[buf][8 * n + 2 * t + (e & 1)];
+                s[n][e] = FK_P(fast_exp2(fmaf(s[n][e], scale_log2, -l2)), s[n][e], l2);
+            }
 
         // rowsum(P) over this warp's 16 keys for the lse check: per query the 8 lanes g (2 keys each) hold parts.
         // A reduce-scatter over lane bits 2-4 (3 x BR/16 .. BR/64 shuffles, not 3 x BR/4) leaves each lane
@@ -194,7 +221,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
         if (lse_tile) {
             float v[BR / 4];  // v[2n + c]: query 8n + 2t + c
 #pragma unroll
-            for (int n = 0; n < BR / 8; ++n) v[2 * n] = s[n][0] + s[n][2], v[2 * n + 1] = s[n][1] + s[n][3];
+            for (int n = 0; n < BR / 8; ++n)
+                v[2 * n] = FK_PSUM(s[n][0]) + FK_PSUM(s[n][2]), v[2 * n + 1] = FK_PSUM(s[n][1]) + FK_PSUM(s[n][3]);
             reduce_half<BR / 8>(v, lane, 4);   // lanes with g bit 0 set keep the upper half ...
             reduce_half<BR / 16>(v, lane, 8);  // ... bit 1 ...
             reduce_half<BR / 32>(v, lane, 16); // ... bit 2
@@ -246,6 +274,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
         for (int n = 0; n < BR / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - D_s[buf][8 * n + 2 * t + (e & 1)];
+        FK_DS(s);
 
         // dK_j += dS^T Q_i (scale at the end), and dS^T to shared memory for the dQ_i step (the same 16-bit values)
 #pragma unroll
@@ -310,6 +339,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) flash_bwd(
         }
     }
     cp_async_wait<0>();  // nothing may be left in flight when the block exits
+    FK_DONE(dk, dv);
 
     // Write dK_j = scale * dK_j and dV_j in the input dtype (keys < Nk)
     T* dKh = dK + ((long long)b * Hkv + hk) * Nk * D;

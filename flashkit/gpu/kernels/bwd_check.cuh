@@ -17,8 +17,20 @@
 // Whether row i (of Nq, against Nk keys, window left/right) fails the check: a finite lse whose P sums to
 // more than tol away from 1, or lse = -inf (a row that saw no key) on a row that does see keys. `shown` is
 // the sum, or minus the number of keys the row sees for the second case.
+// With score_mod / mask_mod / block masks (flash_mods_backward.py defines FK_LSE_COUNTS 1) the window cannot say
+// which rows see keys: there the main kernel adds, for a row with lse = -inf, the number of keys it sees after
+// the mods (each such P is written as -0, and counted by its sign), so a row that sees keys still fails.
+#ifndef FK_LSE_COUNTS
+#define FK_LSE_COUNTS 0
+#endif
 __device__ __forceinline__ bool lse_row_bad(float psum, float lse, int i, int Nq, int Nk, int left, int right,
                                             float tol, float& shown) {
+#if FK_LSE_COUNTS
+    if (lse == -INFINITY) {
+        shown = -psum;
+        return psum > 0.f;
+    }
+#endif
     if (lse == -INFINITY) {
         const int seen = row_hi(i, Nk - Nq, right, Nk) - row_lo(i, Nk - Nq, left);
         shown = -(float)max(seen, 0);
