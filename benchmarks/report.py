@@ -223,7 +223,9 @@ def _gpu_overhead_headline(path, data) -> str:
 def _gpu_mods_headline(path, data) -> str:
     """score_mod / mask_mod on rung 6 (benchmarks/gpu_mods_check.py): their cost, and a document mask."""
     s = data["summary"]
-    out = [f"**GPU score_mod / mask_mod on cupy-mma-2tile**: {s['checks'] - s['failed']} of {s['checks']} checks "
+    # gpu-mods-backward-*.json (benchmarks/gpu_mods_backward_check.py): the backward rung 2 with the same hooks
+    where = "the backward, cupy-bwd-mma" if "backward" in path.name else "cupy-mma-2tile"
+    out = [f"**GPU score_mod / mask_mod on {where}**: {s['checks'] - s['failed']} of {s['checks']} checks "
            "against the float64 reference passed. Time with a score_mod / time without (kernel), N=4096, fp16:", "",
            "| d | causal | no mod (ms) | identity | softcap(50) |", "| --- | --- | --- | --- | --- |"]
     for r in data.get("mod_cost", []):
