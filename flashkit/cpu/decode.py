@@ -443,6 +443,9 @@ def vector_path(d, dtype) -> bool:
 #     stack far less (57 stores and 17 loads against 167 and 109, counted in the asm), but at 6-11 GB/s
 #     of K and V (this machine reads 15.6-15.9 GB/s on both cores) the step is bound by memory, where the
 #     loops are as fast or faster: the compute the registers save is not what waits here.
+#   * quiet, python -m benchmarks.decode --device cpu (commit 84242e8, benchmarks/results/decode-amd-epyc-znver3-
+#     2c.json; copy 43.1 GB/s, parallel read 29.2): the two-pass split_task_vec 14.43 / 108.51 ms, the loops
+#     13.31 / 108.76: level at batch 8, the loops 8% ahead at batch 1; both 43-47% of the copy bandwidth.
 VECTOR_PREFERRED = VECTOR_BYTES >= 64
 
 
