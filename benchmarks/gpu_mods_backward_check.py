@@ -22,7 +22,6 @@ are made first by a pool of processes (they fill CuPy's on-disk cache).
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import flashkit
+from benchmarks.gpu_mods_check import _user_band, _user_softcap_if  # the forward check's user-written mods
 from flashkit import mods
 
 RUNG = "cupy-bwd-mma"
@@ -42,18 +42,6 @@ SHAPES = (  # B, Hq, Hkv, Nq, Nk, d: none a multiple of the tiles (128 x 128 at 
     (1, 2, 1, 300, 130, 128),  # MQA, Nq > Nk: with causal the first 170 rows see no key
     (2, 2, 2, 129, 129, 64),
 )
-
-
-def _user_softcap_if(score, b, h, q_idx, kv_idx):
-    """A user's score_mod with statements: an if, a local, math.exp (its derivative by flashkit.mods_grad)."""
-    bias = 0.1 * (h + 1)
-    if kv_idx % 2 == 0:
-        return 8.0 * math.tanh(score / 8.0) - bias
-    return score * 0.5 + math.exp(-abs(q_idx - kv_idx) / 16.0)
-
-
-def _user_band(b, h, q_idx, kv_idx):
-    return (q_idx - kv_idx) % 5 != 1 and not (kv_idx > 3 * q_idx + 7)
 
 
 def cases(shape):

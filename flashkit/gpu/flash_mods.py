@@ -72,6 +72,23 @@ def _remember(cache: OrderedDict, key, value):
 # ---------------------------------------------------------------------------------------------
 # The CUDA text
 # ---------------------------------------------------------------------------------------------
+
+# Whether score (i, j) of a visited tile stays (the FK_KEEP hook of the forward rung 6 and of the backward rung 2,
+# flashkit/gpu/flash_mods_backward.py): CUDA text shared by both generated sources.
+KEEP_FUNCTION = r"""__device__ __forceinline__ bool fk_keep(int entry, int bits_at, const unsigned* __restrict__ bits, int r, int c,
+                                        int b, int h, int i, int j, int Nq, bool in, int* fk_err FKM_PARAMS) {
+    if (!(entry & 1)) return in;  // the same for the whole tile: a uniform branch
+    bool keep = in && i < Nq;
+#if FK_HAS_BITS
+    if (bits_at >= 0) keep = keep && ((bits[bits_at + r * (BC / 32) + (c >> 5)] >> (c & 31)) & 1u);
+#endif
+#if FK_HAS_MASK_MOD
+    keep = keep & fkm_mask_mod(b, h, i, j, keep ? fk_err : nullptr FKM_ARGS);
+#endif
+    return keep;
+}
+"""
+
 def prelude(score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCode], bits: bool,
             ordered: bool = False) -> str:
     """The definitions put in front of rung 6's source: the runtime, the mods, and the FK_* hooks."""
@@ -123,19 +140,7 @@ def prelude(score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCo
 // for them, the bit mask and the mask_mod. Without branches per score (they cost more than the mask): the
 // mask_mod runs on every score of the tile, but only a score in the window of a real row may report an
 // error (a lookup out of bounds elsewhere reads element 0 and is ignored, as the score is hidden anyway).
-__device__ __forceinline__ bool fk_keep(int entry, int bits_at, const unsigned* __restrict__ bits, int r, int c,
-                                        int b, int h, int i, int j, int Nq, bool in, int* fk_err FKM_PARAMS) {
-    if (!(entry & 1)) return in;  // the same for the whole tile: a uniform branch
-    bool keep = in && i < Nq;
-#if FK_HAS_BITS
-    if (bits_at >= 0) keep = keep && ((bits[bits_at + r * (BC / 32) + (c >> 5)] >> (c & 31)) & 1u);
-#endif
-#if FK_HAS_MASK_MOD
-    keep = keep & fkm_mask_mod(b, h, i, j, keep ? fk_err : nullptr FKM_ARGS);
-#endif
-    return keep;
-}
-""")
+""" + KEEP_FUNCTION)
     if score is not None:
         parts.append(r"""
 // score_mod on every visible score of the tile, in natural units (q . k * scale), in registers: the

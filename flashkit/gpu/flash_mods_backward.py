@@ -132,19 +132,7 @@ __device__ __forceinline__ int fk_where(int step, int b, int hk, int group, cons
 // Whether score (i, j) of a visited tile stays: `in` (the window's verdict), and where the tile is PARTIAL
 // for the mods, the bit mask or the mask_mod (as the forward's fk_keep: no branch per score; only a score in
 // the window of a real row may report an error).
-__device__ __forceinline__ bool fk_keep(int entry, int bits_at, const unsigned* __restrict__ bits, int r, int c,
-                                        int b, int h, int i, int j, int Nq, bool in, int* fk_err FKM_PARAMS) {
-    if (!(entry & 1)) return in;  // the same for the whole tile: a uniform branch
-    bool keep = in && i < Nq;
-#if FK_HAS_BITS
-    if (bits_at >= 0) keep = keep && ((bits[bits_at + r * (BC / 32) + (c >> 5)] >> (c & 31)) & 1u);
-#endif
-#if FK_HAS_MASK_MOD
-    keep = keep & fkm_mask_mod(b, h, i, j, keep ? fk_err : nullptr FKM_ARGS);
-#endif
-    return keep;
-}
-""")
+""" + flash_mods.KEEP_FUNCTION)
     if score is not None:
         parts.append(r"""
 // score_mod on S^T in registers (element (n, e): key jw + g + 8 (e >> 1), query i0 + 8n + 2t + (e & 1)), in
