@@ -98,7 +98,14 @@ of the rung before the last step (the mask in registers, measured below):
   * What is left: packing K and V takes 1.9% of a call at N=4096 (measured, one thread); the
     softmax's vector instructions (exp2, the m_ref test, the row sums) are about 180 for every 2048
     FMAs of the two products at d=64 (counted from the code, not timed), on the same two ports.
-    Not yet measured: the backward.
+    The backward has its own rung (rung4_fused_backward.py).
+  * On a native AVX2 machine (2-core AMD EPYC znver3, 16 ymm, 512 KiB L2 a core, 2026-12-02, commit ebe5a4d,
+    benchmarks/cpu_forward.py --ns 2048,4096 --impls numpy-standard,numba-gemm,numba-fused,torch-sdpa, load
+    average 0.8-1.6, 2-thread sgemm 135.5 GFLOP/s; that run's file was not kept, its lines are these): 87.2 and
+    97.3 GFLOP/s at N=2048 and 4096, 64% and 72% of sgemm, 0.89x and 1.00x torch's time; causal 84.6 and 88.5,
+    62% and 65%, 0.91x and 0.98x. One thread, fastest of 7 rounds at N=2048 H=2: 66.1 GF/cpu-s, 89% of the
+    one-thread sgemm (74.4), causal 77%; two threads scaled 1.1-1.5x, not 2x (a VM's two vCPUs: not studied
+    further). Issue 14's goal (>= 85% of sgemm, <= 0.85x torch's time) is not met there.
 """
 from __future__ import annotations
 
