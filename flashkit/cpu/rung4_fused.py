@@ -104,8 +104,9 @@ of the rung before the last step (the mask in registers, measured below):
     average 0.8-1.6, 2-thread sgemm 135.5 GFLOP/s; that run's file was not kept, its lines are these): 87.2 and
     97.3 GFLOP/s at N=2048 and 4096, 64% and 72% of sgemm, 0.89x and 1.00x torch's time; causal 84.6 and 88.5,
     62% and 65%, 0.91x and 0.98x. One thread, fastest of 7 rounds at N=2048 H=2: 66.1 GF/cpu-s, 89% of the
-    one-thread sgemm (74.4), causal 77%; two threads scaled 1.1-1.5x, not 2x (a VM's two vCPUs: not studied
-    further). Issue 14's goal (>= 85% of sgemm, <= 0.85x torch's time) is not met there.
+    one-thread sgemm (74.4), causal 77%; at H=8 the same call ran 46-54 GF/cpu-s in other runs minutes apart
+    (this VM's speed moves by 15% or more), 89 GFLOP/s on both cores against 46 on one. Issue 14's goal
+    (>= 85% of sgemm, <= 0.85x torch's time) is not met there.
 """
 from __future__ import annotations
 
