@@ -89,11 +89,11 @@ and a broadcast in 16 registers), and benchmarks/cpu_backward.py gave time / tor
 N=2048 (causal 1.60; load average 0.4-1). With MR = 4 on 32-byte registers (8 accumulators), the two builds in
 one process, fastest of 5 interleaved rounds, the same gradients bit for bit: N=2048 H=4 one thread (CPU time)
 321.7 -> 218.7 ms (causal 205.5 -> 101.5), N=2048 H=8 both cores 398.2 -> 221.7 ms (97 GFLOP/s counting 2.5x
-the forward; causal 229.7 -> 135.1). Then benchmarks/cpu_backward.py (benchmarks/results/cpu-backward-amd-
-epyc-znver3-2c.json, commit 46f0636, load average 1.2-2.3, sgemm 134.7): time / torch's 0.98, 0.99, 0.87, 1.11
-at N=1024, 2048, 4096, 8192 (fastest runs 0.92, 0.91, 0.90, 0.94), causal 0.76, 0.58, 1.56, 0.92; speed-up over
-numpy-standard 3.1-8.5. The causal N=4096 cell is an outlier of that run: the same call timed alone minutes
-later took 469-535 ms (the benchmark's median 906 ms, torch's 580).
+the forward; causal 229.7 -> 135.1). Then benchmarks/cpu_backward.py twice: at 46f0636 (load average 1.2-2.3,
+sgemm 134.7) time / torch's 0.98, 0.99, 0.87, 1.11 at N=1024, 2048, 4096, 8192, causal 0.76, 0.58, 1.56 (an
+outlier: 469-535 ms alone minutes later), 0.92; again at fa970bf on a quieter machine (benchmarks/results/cpu-
+backward-amd-epyc-znver3-2c.json, sgemm 188.6, medians within 1-6% of the fastest runs): 1.04, 1.02, 0.98, 0.97,
+causal 0.79, 0.81, 0.84, 1.06; 66-73% of that sgemm; speed-up over numpy-standard 2.2-2.5 (causal 4.6-5.6).
 """
 from __future__ import annotations
 
