@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import flashkit
-from benchmarks.gpu_mods_check import _user_band, _user_softcap_if  # the forward check's user-written mods
+from benchmarks.gpu_mods_check import _time, _user_band, _user_softcap_if, expect_raises  # shared with the forward's check
 from flashkit import mods
 
 RUNG = "cupy-bwd-mma"
@@ -280,29 +280,14 @@ def bad_cases(log):
         ("lse = -inf on a row that sees a key", dict(mask_mod=everything_hidden_but_diagonal), (o_c, lse_dead),
          ValueError, "lse does not belong"),
     ]
-    rows = []
-    for name, kw, (o_, lse_), exc_type, words in cases_:
-        try:
-            flashkit.attention_backward(do, q, k, v, o_, lse_, backend=RUNG, **kw)
-            got, msg = None, "no error"
-        except Exception as exc:
-            got, msg = type(exc), str(exc)
-        ok = got is not None and issubclass(got, exc_type) and words in msg
-        rows.append({"case": name, "ok": bool(ok), "raised": getattr(got, "__name__", None), "message": msg[:400]})
-        log(f"  {'ok ' if ok else 'BAD'} {name}: {getattr(got, '__name__', None)}: {msg[:200]}")
-    return rows
+    return expect_raises([(name, lambda kw=kw, o_=o_, lse_=lse_: flashkit.attention_backward(do, q, k, v, o_, lse_,
+                                                                                          backend=RUNG, **kw),
+                           exc_type, words) for name, kw, (o_, lse_), exc_type, words in cases_], log)
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. measured
 # ---------------------------------------------------------------------------------------------
-def _time(fn, repeats=10):
-    from flashkit.measure.timing import time_call
-
-    t = time_call(fn, warmup=2, repeats=repeats, cuda=True)
-    return {"median_ms": t.median_ms, "min_ms": t.min_ms}
-
-
 def _grads_inputs(B, H, N, d):
     import cupy
 

@@ -244,10 +244,16 @@ def bad_mods(log):
         ("a division by zero", dict(score_mod=div_zero), ZeroDivisionError, "division by zero"),
         ("raise", dict(mask_mod=raises), UnsupportedMod, "Raise"),
     ]
+    return expect_raises([(name, lambda kw=kw: flashkit.attention(q, q, q, backend=RUNG, **kw), exc_type, words)
+                          for name, kw, exc_type, words in cases_], log)
+
+
+def expect_raises(cases_, log):
+    """[(name, call, exception type, words)] -> a row per case: ok when call() raised that type with those words."""
     rows = []
-    for name, kw, exc_type, words in cases_:
+    for name, call, exc_type, words in cases_:
         try:
-            flashkit.attention(q, q, q, backend=RUNG, **kw)
+            call()
             got, msg = None, "no error"
         except Exception as exc:
             got, msg = type(exc), str(exc)

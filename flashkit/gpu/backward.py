@@ -279,13 +279,19 @@ def run_problem(name: str, problem):
     grads = backward(name, problem.Q, problem.K, problem.V, problem.O, problem.dO, problem.lse,
                      scale=problem.scale, window=problem.window, element=problem.element,
                      block_size=problem.block_size, check=check)
+    report(problem, check)
+    return grads
+
+
+def report(problem, check) -> None:
+    """The lse check of a launch: joined to the Problem's `pending` list (the public call waits for it there,
+    validate.finish), or waited for and raised here for a Problem without that list."""
     if problem.pending is not None:
         problem.pending.append(check)
     else:
         message = check.error()
         if message is not None:
             raise ValueError(message)
-    return grads
 
 
 def __getattr__(name: str):

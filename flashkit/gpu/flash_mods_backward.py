@@ -413,12 +413,7 @@ def run_problem(problem, grads=None):
     launch, finish, dQ, dK, dV = prepare(problem, check, grads)
     launch()
     finish()
-    if problem.pending is not None:
-        problem.pending.append(check)
-    else:
-        message = check.error()
-        if message is not None:
-            raise ValueError(message)
+    gpu_backward.report(problem, check)
     return dQ, dK, dV
 
 
