@@ -312,4 +312,4 @@ def flops(B: int, Hq: int, Nq: int, Nk: int, d: int, window=(-1, -1)) -> float:
     return backward_flops(B, Hq, Nq, Nk, d, tuple(window))
 
 
-__all__ = ["RUNGS", "backward", "kernels", "blocks_for", "rung_of", "run", "run_problem", "flops", "LseCheck"]
+__all__ = ["RUNGS", "backward", "kernels", "blocks_for", "rung_of", "run", "run_problem", "report", "flops", "LseCheck"]
