@@ -13,9 +13,11 @@
 2. bad mods and bad lse: an index out of bounds (score_mod, its derivative, mask_mod), a division by zero, a
    NaN score, a non-differentiable score_mod, a lse from another call, a lse = -inf row the mods let see keys:
    each raises the error it should;
-3. measured (fp16, N = 4096, B = 4, H x d = 2048, d = 64): backward rung 2 with identity and with softcap(50) against
-   the plain rung, the kernels alone and the public call; a document mask (8 documents) as a block mask
-   against the same mask with every tile visited (BlockMask.without_sparsity), N = 4096 and 16384, H = 16.
+3. measured (fp16, N = 4096, B = 4, H x d = 2048, d = 64 and 128): backward rung 2 with identity and with softcap(50)
+   against the plain rung, the kernels alone and the public call; a document mask (8 documents) as a block mask
+   against the same mask with every tile visited (BlockMask.without_sparsity), N = 4096 and 16384, H = 16; torch
+   FlexAttention's backward (compiled) on the same document mask at N = 16384 and its softcap cost at d = 64,
+   where the machine's torch runs it.
 Writes gpu-mods-backward-<card>.json to out_dir (default: $OUT, else benchmarks/results). The NVRTC builds
 are made first by a pool of processes (they fill CuPy's on-disk cache).
 """
@@ -296,7 +298,7 @@ def _grads_inputs(B, H, N, d):
     return q, k, v, do
 
 
-def bench_mod_cost(log, N=4096, B=4, dims=(64,)):
+def bench_mod_cost(log, N=4096, B=4, dims=(64, 128)):
     """The plain rung against identity and softcap(50): the kernels alone (preprocess, main, convert) and
     the public call, fp16; ratios of minima taken in this run."""
     from flashkit import validate
@@ -336,7 +338,7 @@ def bench_mod_cost(log, N=4096, B=4, dims=(64,)):
     return rows
 
 
-def bench_documents(log, N, H=16, d=64, n_docs=8):
+def bench_documents(log, N, H=16, d=64, n_docs=8, flex=False):
     """A document mask of 8 equal documents: its block mask against every tile visited (the same mask_mod,
     BlockMask.without_sparsity), the kernels alone and the public call."""
     from flashkit import validate
@@ -365,6 +367,72 @@ def bench_documents(log, N, H=16, d=64, n_docs=8):
         f"{out['block_mask_kernel']['min_ms']:.2f} ms (public {out['block_mask_public']['min_ms']:.2f}), every tile "
         f"{out['every_tile_kernel']['min_ms']:.2f} ms (public {out['every_tile_public']['min_ms']:.2f}): "
         f"x{out['speedup_kernel']:.2f} kernel, x{out['speedup_public']:.2f} public")
+    if flex:
+        out["flex"] = flex_backward(log, q, k, v, do, mask_lens=lens)
+        if "min_ms" in out["flex"]:
+            out["ratio_flashkit_public_vs_flex"] = out["flex"]["min_ms"] / out["block_mask_public"]["min_ms"]
+            gq, gk, gv = flashkit.attention_backward(do, q, k, v, o, lse, block_mask=bm, backend=RUNG)
+            out["flex"]["max_diff_vs_flashkit"] = [float(abs(a.astype("float32") - b.astype("float32")).max())
+                                                   for a, b in zip((gq, gk, gv), out["flex"].pop("grads"))]
+        out["flex"].pop("grads", None)
+    return out
+
+
+def flex_backward(log, q, k, v, do, mask_lens=None, softcap=None):
+    """torch FlexAttention's backward (torch.compile'd flex_attention, autograd.grad of its output) on the same
+    inputs: with a document block mask (mask_lens) or a softcap score_mod; its time alone, as ours is timed."""
+    info = {}
+    try:
+        import cupy
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        info["torch"] = torch.__version__
+        qt, kt, vt = (torch.from_dlpack(x).detach().clone().requires_grad_(True) for x in (q, k, v))
+        dot = torch.from_dlpack(do)
+        N = qt.shape[2]
+        kw = {}
+        if mask_lens is not None:
+            doc = torch.repeat_interleave(torch.arange(len(mask_lens), device="cuda"),
+                                          torch.tensor(mask_lens, device="cuda"))
+
+            def doc_mask(b, h, q_idx, kv_idx):
+                return doc[q_idx] == doc[kv_idx]
+
+            kw["block_mask"] = create_block_mask(doc_mask, None, None, N, N, device="cuda")
+        if softcap is not None:
+            def capped(score, b, h, q_idx, kv_idx):
+                return softcap * torch.tanh(score / softcap)
+
+            kw["score_mod"] = capped
+        flex = torch.compile(flex_attention)
+        t0 = time.perf_counter()
+        out = flex(qt, kt, vt, **kw)
+        grads = torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True)
+        torch.cuda.synchronize()
+        info["compile_s"] = time.perf_counter() - t0
+        info.update(_time(lambda: torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True), repeats=5))
+        info["grads"] = [cupy.from_dlpack(g.detach()) for g in grads]
+        log(f"  FlexAttention backward{' documents' if mask_lens else ''}{' softcap' if softcap else ''} "
+            f"N={N}: {info['min_ms']:.2f} ms (compile {info['compile_s']:.1f} s)")
+    except Exception as exc:
+        info["error"] = f"{type(exc).__name__}: {exc}"[:1500]
+        log(f"  FlexAttention backward failed: {info['error'][:300]}")
+    return info
+
+
+def flex_softcap_backward(log, N=4096, B=4, d=64):
+    """FlexAttention's backward with softcap(50) against its backward with no score_mod (bench_mod_cost's ratio)."""
+    H = 2048 // d
+    q, k, v, do = _grads_inputs(B, H, N, d)
+    none = flex_backward(log, q, k, v, do)
+    capped = flex_backward(log, q, k, v, do, softcap=50.0)
+    for x in (none, capped):
+        x.pop("grads", None)
+    out = {"N": N, "B": B, "H": H, "d": d, "none": none, "softcap50": capped}
+    if "min_ms" in none and "min_ms" in capped:
+        out["ratio_softcap50"] = capped["min_ms"] / none["min_ms"]
+        log(f"  FlexAttention backward softcap x{out['ratio_softcap50']:.3f}")
     return out
 
 
@@ -396,7 +464,8 @@ def sanitize_case():
 
 def _benches(log):
     return [("mod_cost", lambda: bench_mod_cost(log))] + [
-        (f"documents_{N}", functools.partial(bench_documents, log, N)) for N in (4096, 16384)]
+        (f"documents_{N}", functools.partial(bench_documents, log, N, flex=N == 16384)) for N in (4096, 16384)] + [
+        ("flex_softcap", lambda: flex_softcap_backward(log))]
 
 
 def _section(result, name, fn, log, path=None):
