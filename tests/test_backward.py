@@ -176,6 +176,20 @@ def test_wrong_lse_raises(backend):
 
 
 @pytest.mark.parametrize("backend", BACKWARD)
+def test_lse_minus_inf_on_a_row_that_sees_keys_raises(backend):
+    """lse = -inf says "this row saw no key": on a row that does see keys it is a wrong lse, never zero gradients."""
+    rng = np.random.default_rng(15)
+    q, k, v = random_qkv(rng, 1, 2, 1, 37, 41, 16)
+    for causal in (False, True):
+        o, lse, do = forward_and_grad(rng, q, k, v, causal=causal)
+        lse = lse.copy()
+        lse[0, 1, 5] = -np.inf
+        with pytest.raises(ValueError, match=r"lse does not belong.*\(0, 1, 5\)"):
+            flashkit.attention_backward(do, q, k, v, o, lse, causal=causal, backend=backend)
+            pytest.fail(f"{backend} causal={causal}: lse = -inf on a row with keys was accepted")
+
+
+@pytest.mark.parametrize("backend", BACKWARD)
 def test_lse_of_masked_forward_used_without_mask_raises(backend):
     rng = np.random.default_rng(12)
     q, k, v = random_qkv(rng, 1, 1, 1, 40, 40, 8)

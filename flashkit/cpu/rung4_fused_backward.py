@@ -659,5 +659,9 @@ def run(problem):
                         right, mask, has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
         finish_dq(dQp, scale, Br, BrP, Dp, dQ)
         rows = psum.sum(axis=0)  # a new array: psum is kept for the next call
+    empty = np.isneginf(lse)
+    if empty.any():  # P = 0 on these rows (lse' = NO_KEY): the check needs how many keys each may see
+        idx = np.nonzero(empty)
+        rows[idx] = _keys_seen(problem, idx)  # must be 0: a row the forward saw no key for
     validate.check_lse_rowsums(rows, lse, dtype)
     return dQ, dK, dV
