@@ -405,6 +405,8 @@ def flex_backward(log, q, k, v, do, mask_lens=None, softcap=None):
                 return softcap * torch.tanh(score / softcap)
 
             kw["score_mod"] = capped
+        # a compiled backward with donated buffers refuses retain_graph=True, which timing it again needs
+        torch._functorch.config.donated_buffer = False
         flex = torch.compile(flex_attention)
         t0 = time.perf_counter()
         out = flex(qt, kt, vt, **kw)

@@ -50,6 +50,9 @@
 #ifndef BC
 #define BC 64  // keys per block (set by the loader: 64)
 #endif
+#ifndef WARP_TILES
+#define WARP_TILES 1  // the warps' shapes of 2026-12-03 (4 x 8 threads, see flash_bwd); 0: the earlier row-major grids
+#endif
 #define D HEAD_DIM
 #define NT 256             // threads per block
 #define MA (BR / 16)       // S tile: rows ty + 16a per thread (a < MA)
@@ -65,6 +68,7 @@
 
 static_assert(BR % 16 == 0 && BC % 16 == 0, "Br and Bc must be multiples of 16");
 static_assert(BC % TY == 0 && BR % TY == 0, "the dK/dV and dQ thread grids must tile Bc and Br");
+static_assert(NT == 256 && TX % 8 == 0, "the warps' 4 x 8 shapes assume 256 threads and 8 or 16 float4 columns");
 
 #include "common.cuh"
 #include "bwd_check.cuh"
@@ -120,8 +124,20 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
     float* D_s = lse_s + BR;
 
     const int tid = threadIdx.x;
+    const int lane = tid & 31, w = tid >> 5;
+#if WARP_TILES
+    // S / dP tile: 16 x 16 threads, a warp 4 rows x 8 keys: its float4 loads of Q_i (dO_i) rows and of K_j (V_j)
+    // rows are 4 and 8 distinct addresses, one 128-byte wavefront each (16 keys took two), and its stores of P^T,
+    // dS^T (row pitch LDT = 4 banks) hit 32 distinct banks (16 keys x 2 rows hit 16: 2-way conflicts).
+    const int ty = (lane & 3) + 4 * (w & 3), tx = (lane >> 2) + 8 * (w >> 2);
+    // dK, dV, dQ tiles: TY x TX threads, a warp 4 rows x 8 float4 columns: 8 distinct float4 of a dO_i / Q_i /
+    // K_j row (one wavefront; 16 took two), 4 distinct of P^T / dS^T
+    const int ux = (lane & 7) + 8 * (w % (TX / 8)), uy = (lane >> 3) + 4 * (w / (TX / 8));
+#else
     const int ty = tid >> 4, tx = tid & 15;     // S / dP tile: 16 x 16 threads
     const int uy = tid / TX, ux = tid % TX;     // dK, dV, dQ tiles: TY x TX threads
+    (void)lane, (void)w;
+#endif
     const int j0 = blockIdx.x * BC, hk = blockIdx.y, b = blockIdx.z;
     const int group = Hq / Hkv;
     const int offset = Nk - Nq;
