@@ -26,6 +26,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     ap.add_argument("--trace", action="store_true", help="one call of each inside the profiler's range (for ncu)")
     ap.add_argument("--profile", action="store_true", help="also cProfile 20 public calls (host time by function)")
+    ap.add_argument("--backward-mods", action="store_true",
+                    help="the backward with a block mask and with softcap instead (backward_mods' docstring)")
     args = ap.parse_args(argv)
 
     import cupy
@@ -81,9 +83,62 @@ def main(argv=None):
             cupy.cuda.Device().synchronize()
             pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
+    if args.backward_mods:
+        return backward_mods(args)
     for d in (int(x) for x in args.d.split(",")):
         one_size(d)
         cupy.get_default_memory_pool().free_all_blocks()
+
+
+def backward_mods(args):
+    """The backward with mods (backward rung 2's FK_* hooks): the kernels alone (flash_mods_backward.prepare's
+    launch) against the public call, host and stream time, and cProfile of 20 public calls (--profile): a
+    document block mask (8 documents, B=1, H=16, N=4096, d=64), and softcap(50) (B=4, H=32, N=4096, d=64)."""
+    import cProfile
+    import pstats
+
+    import cupy
+
+    import flashkit
+    from flashkit import mods, validate
+    from flashkit.gpu import flash_mods_backward as fmb
+    from flashkit.measure.timing import stream_time
+
+    def inputs(B, H, N, d):
+        return [cupy.random.standard_normal((B, H, N, d), dtype=cupy.float32).astype(cupy.float16) for _ in range(4)]
+
+    cases = []
+    q, k, v, do = inputs(1, 16, 4096, 64)
+    bm = flashkit.block_mask(mods.document_mask([512] * 8), None, None, 4096, 4096, block_size=(128, 128), engine="cuda")
+    cases.append(("documents N=4096", q, k, v, do, dict(block_mask=bm)))
+    q, k, v, do = inputs(4, 32, 4096, 64)
+    cases.append(("softcap(50) N=4096", q, k, v, do, dict(score_mod=mods.softcap(50.0))))
+    for label, q, k, v, do, kw in cases:
+        o, lse = flashkit.attention(q, k, v, return_lse=True, **kw)
+        p = validate.check_backward(do, q, k, v, o, lse, finite=False, **kw)
+        launch, finish, *_ = fmb.prepare(p)
+        calls = {"kernel": launch,
+                 "public": lambda: flashkit.attention_backward(do, q, k, v, o, lse, backend="cupy-bwd-mma", **kw),
+                 "unchecked": lambda: flashkit.attention_backward(do, q, k, v, o, lse, backend="cupy-bwd-mma",
+                                                                  check_finite=False, **kw)}
+        for fn in calls.values():
+            fn()
+        cupy.cuda.Device().synchronize()
+        for name, fn in calls.items():
+            cupy.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            host = (time.perf_counter() - t0) / 20 * 1e3
+            cupy.cuda.Device().synchronize()
+            gpu = stream_time(fn, calls=20, rounds=5, budget_s=0.5)["median_s"] * 1e3
+            print(f"{label:20} {name:9}  host {host:7.3f} ms a call   stream {gpu:7.3f} ms a call", flush=True)
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(lambda: [calls["public"]() for _ in range(20)])
+            cupy.cuda.Device().synchronize()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+            pstats.Stats(prof).sort_stats("cumtime").print_stats(25)
 
 
 if __name__ == "__main__":

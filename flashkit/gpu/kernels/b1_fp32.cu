@@ -36,6 +36,16 @@
 //   The goal (>= 1.0x torch efficient) is not met. Where the rest goes was not profiled; candidates: the dK/dV
 //   product reads 16 LDS.128 per 128 FMA (about as many shared-memory cycles as FMA cycles at d = 64), one block
 //   of 8 warps per SM at d = 128 (170 KB), and no load of Q_{i+1} / dO_{i+1} overlapped with the products.
+// Profiled and tried, 2026-12-03 (H200; ncu --clock-control none, tools/gpu_profile_rung.py, d = 64 / 128): issue
+//   slots 67.5 / 61.6% busy, shared memory ("Mem Busy") 79 / 67%, 4 / 2 warps per scheduler (1.7 / 1.0 eligible),
+//   no spills; the P^T / dS^T stores 2.6-way bank-conflicted (38% of the store wavefronts). Tried: warps of 4 x 8
+//   threads in every product (a warp's K_j / dO_i / Q_i row loads one wavefront instead of two, the P^T / dS^T
+//   stores conflict-free: a third fewer wavefronts a tile, counted from the code), timed beside this kernel in
+//   the same run (benchmarks/gpu_fp32_steps.py --old-b1, fp32-b1-warps-h200.json, checks 47/47 and both
+//   sanitizers clean): 42.54 vs 42.84 ms at d = 64 (causal 21.98 vs 22.16), 44.77 vs 44.52 at d = 128 (22.52 vs
+//   22.41): within 1%, so the wavefronts are not what limits this kernel; not kept. What is left is most likely
+//   latency with 4 (d = 64) or 2 (d = 128) warps a scheduler: the loads of each step wait at a barrier with
+//   nothing else to run.
 //
 // Paper names: Br, Bc, Q_i, K_j, V_j, dO_i, lse_i, D_i = rowsum(dO_i * O_i), S = Q_i K_j^T * scale,
 //   P = exp(S - lse_i), dP = dO_i V_j^T, dS = P * (dP - D_i); dV_j += P^T dO_i, dK_j += dS^T Q_i * scale,
@@ -49,9 +59,6 @@
 #endif
 #ifndef BC
 #define BC 64  // keys per block (set by the loader: 64)
-#endif
-#ifndef WARP_TILES
-#define WARP_TILES 1  // the warps' shapes of 2026-12-03 (4 x 8 threads, see flash_bwd); 0: the earlier row-major grids
 #endif
 #define D HEAD_DIM
 #define NT 256             // threads per block
@@ -68,7 +75,6 @@
 
 static_assert(BR % 16 == 0 && BC % 16 == 0, "Br and Bc must be multiples of 16");
 static_assert(BC % TY == 0 && BR % TY == 0, "the dK/dV and dQ thread grids must tile Bc and Br");
-static_assert(NT == 256 && TX % 8 == 0, "the warps' 4 x 8 shapes assume 256 threads and 8 or 16 float4 columns");
 
 #include "common.cuh"
 #include "bwd_check.cuh"
@@ -124,20 +130,8 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd(
     float* D_s = lse_s + BR;
 
     const int tid = threadIdx.x;
-    const int lane = tid & 31, w = tid >> 5;
-#if WARP_TILES
-    // S / dP tile: 16 x 16 threads, a warp 4 rows x 8 keys: its float4 loads of Q_i (dO_i) rows and of K_j (V_j)
-    // rows are 4 and 8 distinct addresses, one 128-byte wavefront each (16 keys took two), and its stores of P^T,
-    // dS^T (row pitch LDT = 4 banks) hit 32 distinct banks (16 keys x 2 rows hit 16: 2-way conflicts).
-    const int ty = (lane & 3) + 4 * (w & 3), tx = (lane >> 2) + 8 * (w >> 2);
-    // dK, dV, dQ tiles: TY x TX threads, a warp 4 rows x 8 float4 columns: 8 distinct float4 of a dO_i / Q_i /
-    // K_j row (one wavefront; 16 took two), 4 distinct of P^T / dS^T
-    const int ux = (lane & 7) + 8 * (w % (TX / 8)), uy = (lane >> 3) + 4 * (w / (TX / 8));
-#else
     const int ty = tid >> 4, tx = tid & 15;     // S / dP tile: 16 x 16 threads
     const int uy = tid / TX, ux = tid % TX;     // dK, dV, dQ tiles: TY x TX threads
-    (void)lane, (void)w;
-#endif
     const int j0 = blockIdx.x * BC, hk = blockIdx.y, b = blockIdx.z;
     const int group = Hq / Hkv;
     const int offset = Nk - Nq;
