@@ -247,9 +247,11 @@ def test_numba_variants_agree():
         backward_gemm.run(p, "racy")
 
 
-def test_numba_backward_is_rung4_and_mods_go_to_rung3():
-    """"numba" runs rung 4's backward (numba-fused) on a plain problem and rung 3's (numba-mods) with a mod."""
-    from flashkit import mods
+def test_numba_backward_is_rung4_with_or_without_mods():
+    """"numba" runs rung 4's backward (numba-fused) on a plain problem, and rung 4's with the mods' hooks with a
+    mod (the same gradients as rung 3's, numba-mods, to rounding)."""
+    from flashkit import mods, validate
+    from flashkit.cpu import rung4_fused_backward
 
     rng = np.random.default_rng(16)
     q, k, v = random_qkv(rng, 1, 2, 1, 40, 50, 16)
@@ -258,10 +260,12 @@ def test_numba_backward_is_rung4_and_mods_go_to_rung3():
                     flashkit.attention_backward(do, q, k, v, o, lse, causal=True, backend="numba-fused")):
         np.testing.assert_array_equal(x, y)
     o, lse = flashkit.attention(q, k, v, score_mod=mods.softcap(4.0), backend="numpy-tiled", return_lse=True)
-    for x, y in zip(flashkit.attention_backward(do, q, k, v, o, lse, score_mod=mods.softcap(4.0), backend="numba"),
-                    flashkit.attention_backward(do, q, k, v, o, lse, score_mod=mods.softcap(4.0),
-                                                backend="numba-mods")):
+    got = flashkit.attention_backward(do, q, k, v, o, lse, score_mod=mods.softcap(4.0), backend="numba")
+    direct = rung4_fused_backward.run(validate.check_backward(do, q, k, v, o, lse, score_mod=mods.softcap(4.0)))
+    rung3 = flashkit.attention_backward(do, q, k, v, o, lse, score_mod=mods.softcap(4.0), backend="numba-mods")
+    for x, y, z in zip(got, direct, rung3):
         np.testing.assert_array_equal(x, y)
+        assert rel_err(x, z) < 1e-5
 
 
 @pytest.mark.parametrize("block", [(1, 1), (8, 32), (9, 33), (40, 17), None])

@@ -96,21 +96,24 @@ def test_reference_backward_matches_finite_differences(case):
 
 
 @needs_numba
+@pytest.mark.parametrize("backend", ["numba", "numba-mods"])  # rung 4's backward with the hooks, rung 3's
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", list(CASES))
-def test_numba_backward_matches_reference(case, dtype):
+def test_numba_backward_matches_reference(case, dtype, backend):
     score_mod, mask_mod, causal, window = CASES[case]
     rng, seed = seeded_rng("mods backward numba", case, np.dtype(dtype).name)
     q, k, v = random_qkv(rng, B, HQ, HKV, NQ, NK, D, dtype=dtype)
     do = rng.standard_normal(q.shape).astype(dtype)
     want = grads(*(x.astype(np.float64) for x in (q, k, v, do)), "numpy-standard", score_mod, mask_mod, causal,
                  window)
-    got = grads(q, k, v, do, "numba", score_mod, mask_mod, causal, window, block_size=(16, 8))
-    tol = 1e-10 if dtype == np.float64 else 2e-4
-    for name, a, b in zip("qkv", got, want):
-        assert a.dtype == dtype and a.shape == b.shape
-        err = np.abs(a - b).max() / np.abs(b).max()
-        assert err < tol, f"{case} d{name} {np.dtype(dtype).name} seed={seed}: relative error {err:.2e}"
+    for block in ((16, 8), None):  # small tiles (every kind of tile and micro-tile), and the rung's own
+        got = grads(q, k, v, do, backend, score_mod, mask_mod, causal, window, block_size=block)
+        tol = 1e-10 if dtype == np.float64 else 2e-4
+        for name, a, b in zip("qkv", got, want):
+            assert a.dtype == dtype and a.shape == b.shape
+            err = np.abs(a - b).max() / np.abs(b).max()
+            assert err < tol, f"{backend} {case} d{name} {np.dtype(dtype).name} block {block} seed={seed}: " \
+                              f"relative error {err:.2e}"
 
 
 @needs_numba
@@ -128,7 +131,7 @@ def test_block_mask_and_torch_style_reuse():
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=f"seed={seed}")
 
 
-@pytest.mark.parametrize("backend", ["numpy-standard"] + (["numba"] if NUMBA else []))
+@pytest.mark.parametrize("backend", ["numpy-standard"] + (["numba", "numba-mods"] if NUMBA else []))
 def test_fully_masked_rows_give_zero_gradients(backend):
     rng, seed = seeded_rng("mods backward hidden rows", backend)
     q, k, v = random_qkv(rng, 1, 2, 1, 53, 37, 8, dtype=np.float64)  # Nq > Nk: causal hides the first 16 rows
@@ -159,7 +162,7 @@ def sqrt_at_zero(score, b, h, q_idx, kv_idx):
     return mods.where(q_idx == 2, np.sqrt(score * 0.0), score)  # finite value, slope 0.5 / 0: an error
 
 
-@pytest.mark.parametrize("backend", ["numpy-standard"] + (["numba"] if NUMBA else []))
+@pytest.mark.parametrize("backend", ["numpy-standard"] + (["numba", "numba-mods"] if NUMBA else []))
 @pytest.mark.parametrize("fn, exc, words", [
     (loops, TypeError, ["loops", "cannot differentiate", "For statement", "line"]),
     (erf_of_score, TypeError, ["erf_of_score", "math.erf", "no derivative"]),

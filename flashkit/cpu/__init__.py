@@ -10,7 +10,7 @@
                             lse, dQ in per-thread partials                      rung4_fused_backward.py
     numba                   the highest rung that can run here (rung 4); the backward: the highest rung
                             with one (rung 4); with a score_mod / mask_mod / block_mask, rung 4 with the
-                            hooks on its micro-tiles (mods_jit.run_fused), rung 3's for the backward
+                            hooks on its micro-tiles, forward (mods_jit.run_fused) and backward
     numba-mods              rung 3 with FlexAttention's hooks: the user's score_mod and mask_mod compiled
                             by Numba into rung 3's tile step (rung3_gemm.online_softmax_tile; mods_jit.py
                             compiles them), empty tiles of the BlockMask skipped; forward and backward
@@ -106,14 +106,14 @@ def available_rungs():
 
 
 def run_fastest_backward(problem):
-    """The "numba" backend's backward: the highest rung here that has one (rung 4); rung 3's (numba-mods)
-    when the problem has a score_mod, mask_mod or block_mask."""
+    """The "numba" backend's backward: the highest rung here that has one (rung 4), with the mods' hooks
+    when the problem has a score_mod, mask_mod or block_mask (rung4_fused_backward.run takes them)."""
     if problem.has_mods:
         reason = _probe_gemm()
         if reason is not None:
             raise RuntimeError(f"score_mod / mask_mod on the CPU need backend 'numba-mods', which cannot run here: "
                                f"{reason}; backend='numpy-tiled' takes them without Numba")
-        return importlib.import_module("flashkit.cpu.rung3_gemm_backward").run(problem)
+        return importlib.import_module("flashkit.cpu.rung4_fused_backward").run(problem)  # rung 4 with the hooks
     with_backward = [r for r in available_rungs() if r.backward_module is not None]
     if not with_backward:
         raise RuntimeError("no Numba rung with a backward can run here")

@@ -77,7 +77,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from flashkit import blockmask, mods
-from flashkit.cpu import rung3_gemm, rung4_fused, vec
+from flashkit.cpu import rung3_gemm, rung3_gemm_backward, rung4_fused, rung4_fused_backward, vec
 from flashkit.cpu.common import FASTMATH, NEG, row_window
 from flashkit.cpu.rung3_gemm import LOG2E, NUMBA_TYPES, OK, RAISED, tile_signature  # noqa: F401
 from flashkit.masks import FULL, PARTIAL, SKIP
@@ -513,6 +513,118 @@ def micro_tile_function(score_mod, mask_mod, dtype):
                                                     NR=micro_tile_keys(dtype)))
     _MICRO_TILES.move_to_end(key)
     return _MICRO_TILES[key][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward rung 4 with the mods: the same hooks on its micro-tile, and score_mod's derivative beside
+# ---------------------------------------------------------------------------------------------
+D_SCORE_MOD = rung3_gemm_backward.unit_slope  # replaced in each compiled copy by flashkit.mods_grad's derivative
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def softcap_register_grad(s, inv_cap, cap_base2):
+    """(cap * tanh(s / cap) * log2(e), 1 - tanh(s / cap)^2) on a whole register of float32 scores: the
+    softcap and its derivative from one tanh (softcap_register's rational function)."""
+    p0, p1, p2, p3, p4, p5 = _TANH_P
+    q0, q1, q2, q3, q4 = _TANH_Q
+    x = s * vec.splat(inv_cap)
+    x = _vmin(vec.vmax(x, vec.splat(-_TANH_CLAMP)), vec.splat(_TANH_CLAMP))
+    t = x * x
+    p = vec.fma(vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(p5), t, vec.splat(p4)), t, vec.splat(p3)), t,
+                                        vec.splat(p2)), t, vec.splat(p1)), t, vec.splat(p0))
+    q = vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(q4), t, vec.splat(q3)), t, vec.splat(q2)), t, vec.splat(q1)),
+                t, vec.splat(q0))
+    th = _vdiv_fast(x * p, q)
+    return th * vec.splat(cap_base2), vec.splat(np.float32(1)) - th * th
+
+
+def mod_micro_tile_backward(Sb_at, Fb_at, q0, key0, nr_left, nc_left, partial, task_at, mask_at):
+    """The hooks of backward rung 4 (rung4_fused_backward.key_block calls this through a function pointer):
+    as mod_micro_tile, on the backward's MR x NR micro-tile, and with a score_mod f also f'(s) of each score
+    into Fb (0 where the score is hidden), which the kernel multiplies into dS = P * (dP - D) (the chain rule
+    through f, rung 3's tile_dS). Sb holds S = q . k * scale (natural units) with a score_mod, which this
+    converts to base 2 (f(S) log2 e), S' = S log2 e without one."""
+    MR = rung4_fused_backward.MR
+    Sb = vec.array_at(Sb_at, MR * NR)
+    Fb = vec.array_at(Fb_at, MR * NR)
+    task = vec.array_at(task_at, 7)
+    b, h, Nq, Nk, left, right, has_mask = task[0], task[1], task[2], task[3], task[4], task[5], task[6] != 0
+    neg = Sb.dtype.type(NEG)
+    inf = Sb.dtype.type(np.inf)
+    zero = Sb.dtype.type(0)
+    to_base2 = Sb.dtype.type(LOG2E)
+    whole = not partial and nr_left >= MR and nc_left >= NR
+    if SOFTCAP > 0 and whole:  # the library's softcap, float32: both from one tanh, on whole registers
+        inv_cap, cap_base2 = Sb.dtype.type(1.0 / SOFTCAP), Sb.dtype.type(SOFTCAP * LOG2E)
+        for i in range(0, MR * NR, vec.lanes(Sb)):
+            t, f = softcap_register_grad(vec.load(Sb, i), inv_cap, cap_base2)
+            vec.store(Sb, i, t)
+            vec.store(Fb, i, f)
+        return OK
+    if HAS_SCORE_MOD and whole:
+        for i in range(MR * NR):  # one flat loop (LLVM vectorises it where the mod allows)
+            s = Sb[i]
+            t = SCORE_MOD(s, b, h, q0 + i // NR, key0 + i % NR) * to_base2
+            Sb[i] = t if t == t else inf  # NaN: +inf, P overflows to 2^64 and the lse check fails loudly
+            Fb[i] = D_SCORE_MOD(s, b, h, q0 + i // NR, key0 + i % NR) if t > neg else zero
+        return OK
+    if not HAS_SCORE_MOD and not has_mask and nr_left >= MR and nc_left >= NR:
+        for i in range(MR * NR):  # mask_mod alone on a whole micro-tile: branch-free, as in the forward
+            q_idx, kv_idx = q0 + i // NR, key0 + i % NR
+            lo, hi = row_window(q_idx, Nq, Nk, left, right)
+            keep = (kv_idx >= lo) & (kv_idx < hi) & MASK_MOD(b, h, q_idx, kv_idx)
+            Sb[i] = Sb[i] if keep else neg
+        return OK
+    mask = vec.array_at(mask_at, Nq * Nk)  # read only where has_mask
+    for r in range(MR):
+        q_idx = q0 + r
+        lo, hi = row_window(q_idx, Nq, Nk, left, right)
+        for c in range(NR):
+            kv_idx = key0 + c
+            i = r * NR + c
+            if r >= nr_left or c >= nc_left or kv_idx < lo or kv_idx >= hi or (has_mask and not mask[q_idx * Nk + kv_idx]):
+                Sb[i] = neg
+                Fb[i] = zero
+            elif HAS_MASK_MOD and partial and not MASK_MOD(b, h, q_idx, kv_idx):
+                Sb[i] = neg
+                Fb[i] = zero
+            elif HAS_SCORE_MOD:
+                s = Sb[i]
+                t = SCORE_MOD(s, b, h, q_idx, kv_idx) * to_base2
+                Sb[i] = t if t == t else inf
+                Fb[i] = D_SCORE_MOD(s, b, h, q_idx, kv_idx) if t > neg else zero
+    return OK
+
+
+def micro_tile_backward_signature(dtype):
+    """int64 mod_micro_tile_backward(Sb, Fb, q0, key0, nr_left, nc_left, partial, task, mask): Sb, Fb, task
+    and mask as pointers (vec.address)."""
+    dt = NUMBA_TYPES[np.dtype(dtype)]
+    i8 = types.int64
+    return types.int64(types.CPointer(dt), types.CPointer(dt), i8, i8, i8, i8, types.boolean, types.CPointer(i8),
+                       types.CPointer(types.boolean))
+
+
+_MICRO_TILES_BACKWARD: OrderedDict[tuple, object] = OrderedDict()
+
+
+def micro_tile_backward_function(score_mod, mask_mod, dtype):
+    """mod_micro_tile_backward compiled with these mods and score_mod's derivative (flashkit.mods_grad:
+    NotDifferentiable, a TypeError, when it cannot be written), as a C callback, as micro_tile_function."""
+    from flashkit import mods_grad
+
+    dtype = np.dtype(dtype)
+    key = mods_key(score_mod, mask_mod, dtype)
+    if key not in _MICRO_TILES_BACKWARD:
+        extra = {}
+        if score_mod is not None:
+            extra["D_SCORE_MOD"] = compiled_mod("score_mod", mods_grad.derivative(score_mod), dtype)
+        cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
+        _remember(_MICRO_TILES_BACKWARD, key, compile_hooked(
+            mod_micro_tile_backward, micro_tile_backward_signature(dtype), score_mod, mask_mod, dtype,
+            as_callback=True, SOFTCAP=float(cap), NR=micro_tile_keys(dtype), **extra))
+    _MICRO_TILES_BACKWARD.move_to_end(key)
+    return _MICRO_TILES_BACKWARD[key][0]
 
 
 def micro_tile_asm(score_mod=None, mask_mod=None, dtype=np.float32) -> str:

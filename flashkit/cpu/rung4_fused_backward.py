@@ -29,7 +29,17 @@ instead of 5); rung 3's header has that trade measured.
 Causal and window tiles skip the key panels no row of an 8-row panel sees, and mask only the panels a
 window boundary (or a custom mask, a ragged last panel) crosses, as the forward rung does. The lse check
 (rows of P summing to 1) is computed from the row sums in registers; rows with lse = -inf are checked
-in NumPy (they must have seen no key). No score_mod / mask_mod here: "numba" sends those to rung 3.
+in NumPy (they must have seen no key).
+
+FlexAttention's hooks (what backend "numba" runs with a score_mod, mask_mod or BlockMask) reach the
+micro-tile as in the forward rung 4: the kernel stores S of a micro-tile to a scratch Sb and calls a
+hook compiled per mod (flashkit/cpu/mods_jit.py, mod_micro_tile_backward, a function pointer: the
+kernel is compiled once per dtype), which hides what the mask_mod hides and, with a score_mod f, puts
+f(S) in Sb and f'(S) in a second scratch Fb; dS = P * (dP - D) * f'(S) then (rung 3's tile_dS does the
+same per tile). The tiles the mask_mod or the BlockMask leave empty are skipped, its FULL tiles run
+without a mask test; with a score_mod every micro-tile calls the hook (Q' carries scale alone, so f
+sees q . k * scale). The library's softcap runs on whole registers (mods_jit.softcap_register_grad:
+f and f' from one tanh).
 
 Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average of
 3-9 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
@@ -104,7 +114,7 @@ from numba.core.extending import intrinsic
 
 from flashkit.cpu import threads
 from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size, row_window, task_index, tile_map
-from flashkit.cpu.vec import VECTOR_BYTES, Vec, bcast, exp2, fetch_add, fma, hsum, lanes, load, splat, store, vmin
+from flashkit.cpu.vec import VECTOR_BYTES, Vec, address, bcast, exp2, fetch_add, fma, hsum, lanes, load, splat, store, vmin
 
 BLOCKS = (128, 128)  # preferred (Br, Bc) before the L2 rule
 # Rows (or keys) of a micro-tile: 8 x 2 registers = 16 accumulators of AVX-512's 32 zmm; with AVX2's 16 ymm
@@ -354,6 +364,29 @@ def ds_row(g0, g1, D_r, Pb, pb, dSb):
     store(dSb, pb + W, load(Pb, pb + W) * (g1 - D_r))
 
 
+@intrinsic
+def zero_where_zero(typingctx, p, g):
+    """g where p != 0, else 0, lane by lane: no gradient flows where P = 0, even if f'(s) is infinite there."""
+    if not (isinstance(p, Vec) and p == g):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pv, gv = args
+        zero = context.get_constant_null(sig.args[0])
+        return builder.select(builder.fcmp_unordered("!=", pv, zero), gv, zero)
+
+    return g(p, g), codegen
+
+
+@njit(inline="always")
+def ds_row_grad(g0, g1, D_r, Pb, pb, dSb, Fb, fb):
+    """ds_row with a score_mod f: dS = P * (dP - D) * f'(s), f'(s) read from Fb[fb] (the hook's), 0 where P = 0."""
+    W = lanes(Pb)
+    p0, p1 = load(Pb, pb), load(Pb, pb + W)
+    store(dSb, pb, zero_where_zero(p0, p0 * (g0 - D_r) * load(Fb, fb)))
+    store(dSb, pb + W, zero_where_zero(p1, p1 * (g1 - D_r) * load(Fb, fb + W)))
+
+
 @njit(cache=True)
 def mask_tile(Sb, W, q0, key0, nr_left, nc_left, Nq, Nk, left, right, mask, has_mask, xb, xh):
     """Scores of the scratch micro-tile Sb (8 rows x 2W) that are hidden (window, custom mask, keys past
@@ -389,12 +422,17 @@ def window_row(s0, s1, iota, key0, q, Nq, Nk, left, right, key_end):
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
 def backward_kernel(iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask, has_mask,
-                    bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum):
+                    bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum, mod_tile=None, mod_every_tile=False,
+                    errors=None):
     """Tasks (b, K/V head hk, key block j): `key_block` each, taken by dQp.shape[0] workers from a shared
     counter (vec.fetch_add, the forward rung's task queue) rather than prange's static split: on a machine
     shared with other work a descheduled worker no longer holds back half of the tasks, and causal tasks
     of unequal size balance themselves. Worker w adds into dQp[w]. The parallel loop is kept this small
-    because Numba's parfor passes are slow on a large body (the compile time halves)."""
+    because Numba's parfor passes are slow on a large body (the compile time halves).
+    mod_tile: FlexAttention's hooks (flashkit/cpu/mods_jit.py, mod_micro_tile_backward: a function pointer),
+    called on the micro-tiles of PARTIAL tiles, of every tile with mod_every_tile (a score_mod, whose
+    derivative it also gives); errors[t] = (code, b, h, i, j) of task t's first tile where it failed. None:
+    the branch is not compiled (the plain rung)."""
     B, Hkv = KT.shape[0], KT.shape[1]
     Tc = (Nk + Bc - 1) // Bc
     n_tasks = B * Hkv * Tc
@@ -404,13 +442,15 @@ def backward_kernel(iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, gro
         while t < n_tasks:
             b, hk, j = task_index(t, Hkv, Tc)
             key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask,
-                      has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
+                      has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum, mod_tile, mod_every_tile, errors,
+                      t)
             t = fetch_add(next_task, 1)
 
 
 @njit(cache=True)
 def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk, d, group, left, right, mask, has_mask,
-              bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum):
+              bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum, mod_tile=None, mod_every_tile=False, errors=None,
+              t=0):
     """One task: dK_j, dV_j (dK times scale) over the query heads of K/V head hk's group and every query
     block i; dS K_j into dQp[w] (worker w's copy of dQ); rowsum(P) into psum[w]."""
     dt = QP.dtype.type
@@ -433,11 +473,20 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
     dSb = np.zeros(BrP * BcP, QP.dtype)
     Sb = np.empty(MR * NR, QP.dtype)
     lv = np.empty(MR * W, QP.dtype)
+    if mod_tile is not None:
+        Fb = np.zeros(MR * NR, QP.dtype)  # f'(s) of the micro-tile, from the hook (with a score_mod)
+        task_ctx = np.empty(7, np.int64)  # for mod_tile: what is constant during a head
     for h in range(hk * group, (hk + 1) * group):
         mb = b if bmap.shape[0] > 1 else 0
         mh = h if bmap.shape[1] > 1 else 0
         xb = b if mask.shape[0] > 1 else 0
         xh = h if mask.shape[1] > 1 else 0
+        if mod_tile is not None:
+            task_ctx[0], task_ctx[1], task_ctx[2], task_ctx[3] = b, h, Nq, Nk
+            task_ctx[4], task_ctx[5], task_ctx[6] = left, right, has_mask
+            mask_plane = address(mask, (xb * mask.shape[1] + xh) * Nq * Nk if has_mask else 0)
+            if errors[t, 0] != -1:
+                break  # a mod raised: the call raises it from Python (rung3_gemm_backward._explain)
         Qp, dOp, Qr, dOr, L2, Dh, dQh = QP[b, h], dOP[b, h], QR[b, h], dOR[b, h], lse2[b, h], Dr[b, h], dQp[w, b, h]
         for i in range(Tr):
             state = bmap[mb, mh, i, j]
@@ -470,6 +519,15 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                     kb = (j * n_kp + p) * d * NR
                     # ---- S' = Q_i' K_j^T on 8 rows x NR keys, then P = 2^(S' - lse') in registers
                     a = micro(Qp, qb, MR, 1, Kt, kb, NR, d, W, zeros16(zero))
+                    if mod_tile is not None and (mod_every_tile or state == PARTIAL):
+                        # the mods on the micro-tile in Sb (pointers, not arrays: see rung4_fused.forward_kernel)
+                        store16(Sb, 0, NR, W, a)
+                        code = mod_tile(address(Sb, 0), address(Fb, 0), np.int64(i0 + row0), np.int64(key0),
+                                        np.int64(nr - row0), np.int64(nc - col), state == PARTIAL,
+                                        address(task_ctx, 0), mask_plane)
+                        if code != -1 and errors[t, 0] == -1:
+                            errors[t, 0], errors[t, 1], errors[t, 2], errors[t, 3], errors[t, 4] = code, b, h, i, j
+                        a = load16(Sb, 0, NR, W)
                     if must_mask and has_mask:
                         store16(Sb, 0, NR, W, a)
                         mask_tile(Sb, W, i0 + row0, key0, nr - row0, nc - col, Nq, Nk, left, right, mask,
@@ -500,6 +558,17 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                         p_row(a[14], a[15], splat(L2[rb + 7]), cap, Pb, pb + 7 * BcP, lv, 7 * W)
                     # ---- dP = dO_i V_j^T on the same micro-tile, then dS = P * (dP - D)
                     g = micro(dOp, qb, MR, 1, Vt, kb, NR, d, W, zeros16(zero))
+                    if mod_tile is not None and mod_every_tile:  # a score_mod: times f'(s)
+                        ds_row_grad(g[0], g[1], splat(Dh[rb]), Pb, pb, dSb, Fb, 0)
+                        ds_row_grad(g[2], g[3], splat(Dh[rb + 1]), Pb, pb + BcP, dSb, Fb, NR)
+                        ds_row_grad(g[4], g[5], splat(Dh[rb + 2]), Pb, pb + 2 * BcP, dSb, Fb, 2 * NR)
+                        ds_row_grad(g[6], g[7], splat(Dh[rb + 3]), Pb, pb + 3 * BcP, dSb, Fb, 3 * NR)
+                        if MR > 4:
+                            ds_row_grad(g[8], g[9], splat(Dh[rb + 4]), Pb, pb + 4 * BcP, dSb, Fb, 4 * NR)
+                            ds_row_grad(g[10], g[11], splat(Dh[rb + 5]), Pb, pb + 5 * BcP, dSb, Fb, 5 * NR)
+                            ds_row_grad(g[12], g[13], splat(Dh[rb + 6]), Pb, pb + 6 * BcP, dSb, Fb, 6 * NR)
+                            ds_row_grad(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb, Fb, 7 * NR)
+                        continue
                     ds_row(g[0], g[1], splat(Dh[rb]), Pb, pb, dSb)
                     ds_row(g[2], g[3], splat(Dh[rb + 1]), Pb, pb + BcP, dSb)
                     ds_row(g[4], g[5], splat(Dh[rb + 2]), Pb, pb + 2 * BcP, dSb)
@@ -550,6 +619,8 @@ def _keys_seen(problem, rows):
     off = Nk - Nq
     lo = np.zeros_like(q) if left < 0 else np.clip(q + off - left, 0, Nk)
     hi = np.full_like(q, Nk) if right < 0 else np.clip(q + off + right + 1, 0, Nk)
+    if problem.has_mods:
+        return _keys_seen_with_mods(problem, rows, lo, hi)
     if problem.mask is None:
         return np.maximum(hi - lo, 0)
     m = problem.mask
@@ -557,6 +628,28 @@ def _keys_seen(problem, rows):
     mb = b if m.shape[0] > 1 else np.zeros_like(b)
     mh = h if m.shape[1] > 1 else np.zeros_like(h)
     return np.where(hi > lo, cs[mb, mh, q, np.maximum(hi, lo)] - cs[mb, mh, q, lo], 0)
+
+
+def _keys_seen_with_mods(problem, rows, lo, hi):
+    """_keys_seen where a mask_mod or score_mod may hide keys too: the rows' scores in float64, hidden by the
+    window, mask= and the mods as the kernel hides them (flashkit.blockmask.apply_mods), counted; (b, h) by (b, h)."""
+    from flashkit import blockmask
+
+    b, h, q = rows
+    keys = np.arange(problem.Nk)
+    seen = np.zeros(q.shape, np.int64)
+    for bb, hh in sorted(set(zip(b.tolist(), h.tolist()))):
+        sel = np.flatnonzero((b == bb) & (h == hh))
+        qs = q[sel]
+        S = (problem.Q[bb, hh, qs].astype(np.float64) @ problem.K[bb, hh // problem.group].astype(np.float64).T
+             * problem.scale)
+        S[(keys[None, :] < lo[sel, None]) | (keys[None, :] >= hi[sel, None])] = -np.inf
+        if problem.mask is not None:
+            m = problem.mask
+            S[~m[bb if m.shape[0] > 1 else 0, hh if m.shape[1] > 1 else 0][qs]] = -np.inf
+        S = blockmask.apply_mods(S, problem.score_mod, problem.mask_mod, bb, hh, qs[:, None], keys[None, :])
+        seen[sel] = (S > -np.inf).sum(axis=1)
+    return seen
 
 
 def _read_only(a):
@@ -609,12 +702,12 @@ def _new_grads(problem):
 
 
 def run(problem):
-    """(dQ, dK, dV) of a Problem from validate.check_backward (no score_mod / mask_mod / block_mask)."""
-    from flashkit import validate
+    """(dQ, dK, dV) of a Problem from validate.check_backward, with or without score_mod / mask_mod /
+    block_mask (the mods: mods_jit.micro_tile_backward_function's hook on the micro-tiles, the tiles the
+    mask_mod or BlockMask leaves empty skipped)."""
+    from flashkit import blockmask, validate
     from flashkit.cpu.vec import VECTOR_BYTES
 
-    if problem.has_mods:
-        raise ValueError("rung 4's backward takes no score_mod / mask_mod / block_mask; use backend 'numba-mods'")
     Q, K, V, dO, O = (np.ascontiguousarray(x) for x in (problem.Q, problem.K, problem.V, problem.dO, problem.O))
     dtype = Q.dtype
     B, Hq, Nq, d = Q.shape
@@ -624,10 +717,22 @@ def run(problem):
     Br, BrP, Bc, BcP, Dp = blocks(problem, dtype.itemsize, W)
     Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
     bmap = tile_map(problem, Br, Bc)
+    mod_tile = None
+    if problem.has_mods:
+        from flashkit.cpu import mods_jit
+
+        bm = blockmask.for_problem(problem, Br, Bc)  # the tiles the mask_mod hides are skipped, its FULL ones unmasked
+        if bm is not None:
+            bmap = np.ascontiguousarray(np.minimum(bmap, bm.tiles))
+        mod_tile = mods_jit.micro_tile_backward_function(problem.score_mod, problem.mask_mod, dtype)
+    errors = np.full((B * Hkv * Tc, 5), -1, np.int64)  # (code, b, h, i, j) of a mod that raised (OK = -1)
     has_mask = problem.mask is not None
     mask = _read_only(np.ascontiguousarray(problem.mask, dtype=np.bool_) if has_mask else _NO_MASK)
     left, right = (int(w) for w in problem.window)
     scale = float(problem.scale)
+    # S' = Q' K^T with Q' = Q scale log2(e): base 2. A score_mod must see q . k * scale: Q' = Q scale, and the hook
+    # gives f(S) log2(e).
+    q_scale = scale * (1.0 if problem.score_mod is not None else LOG2E)
     lse = problem.lse
     with threads.for_work(problem.backward_flops()):  # holds the launch lock: the kept scratch is ours
         n_threads = numba.get_num_threads()
@@ -649,19 +754,28 @@ def run(problem):
         dQp = _scratch("dQp", (n_workers, B, Hq, Tr * BrP * Dp), dtype)  # zeroed by pack
         psum = _scratch("psum", (n_workers, B, Hq, Nq), dtype)  # likewise
         _keep(dict(QP=QP, dOP=dOP, QR=QR, dOR=dOR, L2=L2, Dr=Dr, KT=KT, VT=VT, KR=KR, dQp=dQp, psum=psum))
-        pack(Q, dO, O, lse, scale * LOG2E, K, V, Br, BrP, Bc, BcP, Dp, q_rows, k_rows, QP, dOP, QR, dOR, L2, Dr, dQp,
+        pack(Q, dO, O, lse, q_scale, K, V, Br, BrP, Bc, BcP, Dp, q_rows, k_rows, QP, dOP, QR, dOR, L2, Dr, dQp,
              psum, KT, VT, KR)
         QRk = _read_only(QR if q_rows else Q.reshape(B, Hq, Nq * d))
         dORk = _read_only(dOR if q_rows else dO.reshape(B, Hq, Nq * d))
         KRk = _read_only(KR if k_rows else K.reshape(B, Hkv, Nk * d))
         dQ, dK, dV = _new_grads(problem)
         backward_kernel(np.arange(NR, dtype=dtype), QP, dOP, QRk, dORk, KT, VT, KRk, L2, Dr, Nq, Nk, d, Hq // Hkv, left,
-                        right, mask, has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum)
+                        right, mask, has_mask, bmap, Br, BrP, Bc, BcP, Dp, scale, dK, dV, dQp, psum,
+                        *(() if mod_tile is None else (mod_tile, problem.score_mod is not None, errors)))
         finish_dq(dQp, scale, Br, BrP, Dp, dQ)
         rows = psum.sum(axis=0)  # a new array: psum is kept for the next call
+    if mod_tile is not None:
+        from flashkit.cpu import rung3_gemm_backward
+
+        rung3_gemm_backward._explain(problem, errors, Br, Bc)  # a mod that raised: its own exception, from Python
     empty = np.isneginf(lse)
     if empty.any():  # P = 0 on these rows (lse' = NO_KEY): the check needs how many keys each may see
         idx = np.nonzero(empty)
         rows[idx] = _keys_seen(problem, idx)  # must be 0: a row the forward saw no key for
     validate.check_lse_rowsums(rows, lse, dtype)
+    if problem.score_mod is not None:
+        from flashkit.cpu import mods_jit
+
+        mods_jit.check_gradients(problem, dQ, dK, dV)
     return dQ, dK, dV
