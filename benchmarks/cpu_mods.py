@@ -35,7 +35,8 @@ Then time against the tiles computed: documents k = 1 .. 32 through a block mask
 (`sparsity_sweep`: time proportional to the visible tiles if t(k) / t(1) = 1/k).
 
 Also what a score_mod costs, measured interleaved at N = 4096 (no mod, identity, softcap in turn, the
-fastest of 7 rounds each), and the time to make each block mask (flashkit.block_mask with the compiled classifier, and torch's
+fastest of 11 rounds each; the same for the backward, 7 rounds, with softcap on rung 3 beside: --cost-only runs
+only these and the checks), and the time to make each block mask (flashkit.block_mask with the compiled classifier, and torch's
 create_block_mask), which a model pays once per batch of sequences, not per layer.
 Results: benchmarks/results/cpu-mods-<machine>.json with the machine, versions and commit.
 """
@@ -243,6 +244,7 @@ def sparsity_sweep(N, documents=SWEEP_DOCUMENTS, rounds=3):
 
 
 MOD_COST_N, MOD_COST_ROUNDS = 4096, 11
+MOD_COST_BACKWARD_ROUNDS = 7
 
 
 def mod_cost(N=MOD_COST_N, rounds=MOD_COST_ROUNDS):
@@ -279,6 +281,47 @@ def mod_cost(N=MOD_COST_N, rounds=MOD_COST_ROUNDS):
           f"{out['identity_vs_none']:.3f}x, softcap {out['softcap_vs_none']:.3f}x (CPU time: "
           f"{out['identity_vs_none_cpu']:.3f}x, {out['softcap_vs_none_cpu']:.3f}x; median of the rounds' ratios: "
           f"{out['identity_vs_none_median_of_rounds']:.3f}x, {out['softcap_vs_none_median_of_rounds']:.3f}x)", flush=True)
+    return out
+
+
+def mod_cost_backward(N=MOD_COST_N, rounds=MOD_COST_BACKWARD_ROUNDS):
+    """The same for flashkit.attention_backward (backend numba: rung 4's backward, with the mods' hooks when
+    there is a mod), interleaved: no mod, identity, softcap(50), and softcap on rung 3 (numba-mods, which
+    "numba" ran with mods before rung 4's backward took them); each call gets the lse of its own forward."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    import flashkit
+
+    q, k, v = inputs(N)
+    do = np.random.default_rng(1).standard_normal(q.shape).astype(q.dtype)
+    runs = {"none": (None, "numba"), "identity": (variants(N)["identity"][0], "numba"),
+            "softcap": (variants(N)["softcap"][0], "numba"), "softcap rung 3": (variants(N)["softcap"][0], "numba-mods")}
+    saved = {}
+    for name, (fn, backend) in runs.items():
+        o, lse = flashkit.attention(q, k, v, score_mod=fn, backend="numba", return_lse=True)
+        saved[name] = (o, lse)
+        flashkit.attention_backward(do, q, k, v, o, lse, score_mod=fn, backend=backend)  # compile, warm up
+    best = {name: float("inf") for name in runs}
+    per_round = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (fn, backend) in runs.items():
+            o, lse = saved[name]
+            t0 = time.perf_counter()
+            flashkit.attention_backward(do, q, k, v, o, lse, score_mod=fn, backend=backend)
+            per_round[name].append(time.perf_counter() - t0)
+            best[name] = min(best[name], per_round[name][-1])
+    out = dict(N=N, rounds=rounds, min_ms={n: t * 1e3 for n, t in best.items()},
+               **{f"{n.replace(' ', '_')}_vs_none": best[n] / best["none"] for n in runs if n != "none"},
+               **{f"{n.replace(' ', '_')}_vs_none_median_of_rounds":
+                  statistics.median(a / b for a, b in zip(per_round[n], per_round["none"])) for n in runs if n != "none"})
+    print(f"  backward mod cost N={N}, {rounds} interleaved rounds: no mod {out['min_ms']['none']:.1f} ms, identity "
+          f"{out['identity_vs_none']:.3f}x, softcap {out['softcap_vs_none']:.3f}x, softcap on rung 3 "
+          f"{out['softcap_rung_3_vs_none']:.3f}x (median of the rounds' ratios: "
+          f"{out['identity_vs_none_median_of_rounds']:.3f}x, {out['softcap_vs_none_median_of_rounds']:.3f}x, "
+          f"{out['softcap_rung_3_vs_none_median_of_rounds']:.3f}x)", flush=True)
     return out
 
 
@@ -427,6 +470,8 @@ def main(argv=None):
     ap.add_argument("--out", help="results file (default benchmarks/results/cpu-mods-<machine>.json)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-torch", action="store_true", help="flashkit only")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="the checks and the interleaved mod costs (forward and backward) only, into cpu-mods-cost-<machine>.json")
     ap.add_argument("--keep-openblas-env", action="store_true", help="do not unset OPENBLAS_CORETYPE/L2_SIZE")
     ap.add_argument("--table", metavar="JSON", help="print the table of a results file and exit")
     ap.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
@@ -453,12 +498,22 @@ def main(argv=None):
     Ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else NS_QUICK if args.quick else NS
     print("what a score_mod costs (interleaved):", flush=True)
     cost = mod_cost(N=min(MOD_COST_N, max(Ns)))
+    cost_backward = mod_cost_backward(N=min(MOD_COST_N, max(Ns)))
+    if args.cost_only:
+        result = dict(env, benchmark="benchmarks/cpu_mods.py --cost-only", shape=dict(B=B, H=H, d=D, dtype="float32"),
+                      checks=checks, mod_cost=cost, mod_cost_backward=cost_backward,
+                      load_average_at_end=provenance.load_average())
+        out = args.out or RESULTS / f"cpu-mods-cost-{provenance.machine_slug(env['machine'])}.json"
+        write_json_atomic(out, result)
+        print(f"wrote {out}")
+        return 0
     rows, block_masks, torch_reason = run_grid(Ns, with_torch, args.threads)
     print("time against the tiles computed (documents through a block mask):", flush=True)
     sweep = sparsity_sweep(max(Ns), rounds=2 if args.quick else 3)
     result = dict(env, benchmark="benchmarks/cpu_mods.py", shape=dict(B=B, H=H, d=D, dtype="float32"),
                   documents=DOCUMENTS, window=WINDOW, block_size=(128, 128),
-                  flops_formula="4*B*H*N*N*d*visible_fraction", checks=checks, mod_cost=cost, results=rows,
+                  flops_formula="4*B*H*N*N*d*visible_fraction", checks=checks, mod_cost=cost,
+                  mod_cost_backward=cost_backward, results=rows,
                   sparsity_sweep=sweep,
                   block_masks=block_masks, torch_flex_unavailable=torch_reason,
                   load_average_at_end=provenance.load_average())

@@ -197,3 +197,27 @@ def test_torch_autograd_with_mods():
     score_mod, mask_mod = mods.softcap(2.0), mods.causal(12, 12)
     assert torch.autograd.gradcheck(lambda q, k, v: ft.attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod,
                                                                  backend="numpy-standard"), (q, k, v)), f"seed={seed}"
+
+
+@needs_numba
+def test_register_softcap_and_its_derivative_are_accurate():
+    """Backward rung 4's softcap on whole registers: f = cap tanh(s / cap) (in base 2) and f' = 1 - tanh^2 from the
+    same tanh, against float64 over scores that saturate it."""
+    import numba
+
+    from flashkit.cpu import mods_jit, vec
+
+    @numba.njit
+    def apply(x, f, g, inv_cap, cap_base2):
+        for i in range(0, x.shape[0], vec.lanes(x)):
+            a, b = mods_jit.softcap_register_grad(vec.load(x, i), inv_cap, cap_base2)
+            vec.store(f, i, a)
+            vec.store(g, i, b)
+
+    cap = 3.0
+    x = np.linspace(-40, 40, 64 * 1024, dtype=np.float32)
+    f, g = np.empty_like(x), np.empty_like(x)
+    apply(x, f, g, np.float32(1 / cap), np.float32(cap * mods_jit.LOG2E))
+    th = np.tanh(x.astype(np.float64) / cap)
+    assert np.abs(f - cap * th * mods_jit.LOG2E).max() <= cap * mods_jit.LOG2E * 4e-7
+    assert np.abs(g - (1 - th * th)).max() <= 1e-6
