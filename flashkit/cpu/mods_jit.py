@@ -48,6 +48,17 @@ B=1 d=64, against rung 4 without mods in the same process:
     reliably; not for softcap, whose tanh (19 vector instructions a register, counted from the code, about
     300 a micro-tile beside the 2048 FMAs of the two products) is near the 10% alone.
 
+Backward rung 4 (numba-fused's backward, what "numba" runs with mods since 2026-12-03; rung 3's before) takes
+them the same way through `mod_micro_tile_backward`, which also writes score_mod's derivative f'(S) per score
+(flashkit.mods_grad's, or softcap's 1 - tanh^2 from the same tanh on registers: softcap_register_grad) for
+the kernel's dS = P * (dP - D) * f'(S). Measured on a 2-core AMD EPYC (znver3, AVX2; load average 0.6-0.8),
+`python -m benchmarks.cpu_mods --cost-only` (benchmarks/results/cpu-mods-cost-amd-epyc-znver3-2c.json; fp32,
+B=1, H=8, N=4096, d=64, both cores, fastest of 7 interleaved rounds, against the backward without a mod
+in the same rounds): identity 1.027x, softcap 1.062x (median of the rounds' ratios 1.027x, 1.064x); softcap
+on rung 3, the path before, 2.50x. The forward in the same run: identity 1.050x, softcap 1.151x (AVX2's
+8-lane tanh weighs more beside two products than beside five; a vrcpps division in place of vdivps was
+tried there and changed nothing: 1.169x).
+
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
 

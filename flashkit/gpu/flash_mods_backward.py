@@ -30,19 +30,25 @@ Compiled once per (score_mod, mask_mod, bits or not, d, dtype, Br, Bc), cached (
 modules keyed by the generated source); captured arrays are kernel arguments. A bool `mask=` is not taken
 by this backward (the registry's `mask` column of cupy-bwd-mma says no).
 
-Measured (benchmarks/results/gpu-mods-backward-h200.json: H200, fp16, commit bd4f3f7, one run of
-benchmarks/gpu_mods_backward_check.py): 52 of 53 checks passed, dq, dk, dv of 15 cases x 3 awkward shapes within
-check_backward's criterion of the float64 reference (rows the mods hide entirely: dq = 0), and 7 of 8 bad-mod /
-bad-lse cases raising what they should; the eighth was the check's own mistake (math.floor has a derivative, 0),
-replaced in aafba98 by a truly non-differentiable mod, not re-run on the GPU. compute-sanitizer memcheck: 0 errors.
-  - Cost of a score_mod (d = 64, N = 4096, B = 4, H = 32, 128 x 128 tiles; ratio of minima against the plain
-    rung in the same run): identity 1.116x the kernels' time (public call 1.152x), causal 1.112x (1.163x);
-    softcap(50) 1.257x (1.300x), causal 1.250x (1.303x). Over the issue's 10% goal: the plain rung (6.42 ms,
-    214 TFLOP/s) has no registers to spare at 128 x 128 (ptxas: 255), and the derivative kept per score
-    (BR / 8 x 4 floats) spills 40 bytes with softcap (0 at 64 x 128, 241 registers); not measured further.
+Measured (benchmarks/results/gpu-mods-backward-h200.json: H200, fp16, the tree of 6e84958, two device calls of
+benchmarks/gpu_mods_backward_check.py; the run before, at bd4f3f7, gave the same times and 52/53 through a wrong
+expectation of the check, since fixed): 53 of 53 checks passed, dq, dk, dv of 15 cases x 3 awkward shapes within
+check_backward's criterion of the float64 reference (rows the mods hide entirely: dq = 0), and 8 of 8 bad-mod /
+bad-lse cases raising what they should. compute-sanitizer memcheck: 0 errors.
+  - Cost of a score_mod (N = 4096, B = 4, H x d = 2048, ratio of minima against the plain rung in the same run,
+    kernels alone; the public call in brackets, against the plain public call): d = 64, 128 x 128 tiles: identity
+    1.115x (1.166x), causal 1.102x (1.292x); softcap(50) 1.256x (1.291x), causal 1.238x (1.336x); d = 128: identity
+    1.095x (1.122x), causal 1.086x (1.200x); softcap 1.163x (1.251x), causal 1.151x (1.265x). Over the issue's 10%
+    goal at d = 64: the plain rung (6.42 ms, 214 TFLOP/s) has no registers to spare at 128 x 128 (ptxas: 255),
+    and the derivative kept per score (BR / 8 x 4 floats) spills 40 bytes with softcap (0 at 64 x 128, 241
+    registers); not measured further. torch FlexAttention's compiled backward in the same run: softcap 1.949x its
+    own time without a mod (6.64 -> 12.94 ms), so ours costs a quarter of what its softcap costs.
   - A document mask (8 equal documents, H = 16, d = 64), 0.125 of the tiles visited: N = 4096 block mask
-    0.16 ms against 1.91 ms with every tile visited (11.9x; public call 0.51 / 2.24 ms, 4.4x); N = 16384
-    1.84 ms against 34.56 ms (18.8x; public 2.25 / 35.04 ms, 15.6x).
+    0.17 ms against 1.95 ms with every tile visited (11.3x; public call 0.85 / 2.61 ms, 3.1x: the public call's
+    ~0.7 ms of host work and syncs dominate at this size, not profiled yet: tools/gpu_public_trace.py
+    --backward-mods is the tool); N = 16384 1.86 ms against 34.74 ms (18.7x; public 2.58 / 35.86 ms, 13.9x).
+    FlexAttention's backward on the same mask and inputs at N = 16384: 1.52 ms, so ours is 0.82x its speed
+    alone and 0.59x through the public call (max difference of the gradients 2.4e-4, fp16).
 """
 from __future__ import annotations
 
