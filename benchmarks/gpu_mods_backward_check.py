@@ -328,6 +328,20 @@ def bench_mod_cost(log, N=4096, B=4, dims=(64, 128)):
                     do, q, k, v, o_m, lse_m, causal=causal, score_mod=sm, backend=RUNG))
                 row[f"ratio_kernel_{label}"] = row[f"kernel_{label}"]["min_ms"] / row["kernel_none"]["min_ms"]
                 row[f"ratio_public_{label}"] = row[f"public_{label}"]["min_ms"] / row["public_none"]["min_ms"]
+                # the other tiles the rung allows at this d beside its default (at 128 x 128 with a derivative
+                # kept per score ptxas spills; 64 x 128 does not)
+                for other in gb.rung_of(RUNG).allowed(d):
+                    if tuple(other) == tuple(row["block"]) or other[1] != 128:
+                        continue
+                    p = validate.check_backward(do, q, k, v, o_m, lse_m, causal=causal, score_mod=sm, finite=False,
+                                                block_size=other)
+                    launch, finish, *_ = fmb.prepare(p)
+                    launch()
+                    finish()
+                    tag = f"kernel_{label}_{other[0]}x{other[1]}"
+                    row[tag] = _time(launch)
+                    row[f"ratio_{tag}"] = row[tag]["min_ms"] / row["kernel_none"]["min_ms"]
+                    log(f"    {label} at {other[0]} x {other[1]}: x{row[f'ratio_{tag}']:.3f} the plain rung's default")
             flops = validate.check(q, k, v, causal=causal).flops() * 2.5
             row["tflops_kernel_none"] = flops / (row["kernel_none"]["min_ms"] * 1e-3) / 1e12
             rows.append(row)

@@ -93,7 +93,8 @@ def main(argv=None):
 def backward_mods(args):
     """The backward with mods (backward rung 2's FK_* hooks): the kernels alone (flash_mods_backward.prepare's
     launch) against the public call, host and stream time, and cProfile of 20 public calls (--profile): a
-    document block mask (8 documents, B=1, H=16, N=4096, d=64), and softcap(50) (B=4, H=32, N=4096, d=64)."""
+    document block mask (8 documents, B=1, H=16, N=4096, d=64), and softcap(50) (B=4, H=32, N=4096, d=64);
+    then the forward with the same mods (rung 6's hooks, flash_mods.prepare) the same way."""
     import cProfile
     import pstats
 
@@ -101,6 +102,7 @@ def backward_mods(args):
 
     import flashkit
     from flashkit import mods, validate
+    from flashkit.gpu import flash_mods
     from flashkit.gpu import flash_mods_backward as fmb
     from flashkit.measure.timing import stream_time
 
@@ -113,14 +115,22 @@ def backward_mods(args):
     cases.append(("documents N=4096", q, k, v, do, dict(block_mask=bm)))
     q, k, v, do = inputs(4, 32, 4096, 64)
     cases.append(("softcap(50) N=4096", q, k, v, do, dict(score_mod=mods.softcap(50.0))))
-    for label, q, k, v, do, kw in cases:
-        o, lse = flashkit.attention(q, k, v, return_lse=True, **kw)
-        p = validate.check_backward(do, q, k, v, o, lse, finite=False, **kw)
-        launch, finish, *_ = fmb.prepare(p)
-        calls = {"kernel": launch,
-                 "public": lambda: flashkit.attention_backward(do, q, k, v, o, lse, backend="cupy-bwd-mma", **kw),
-                 "unchecked": lambda: flashkit.attention_backward(do, q, k, v, o, lse, backend="cupy-bwd-mma",
-                                                                  check_finite=False, **kw)}
+    for label, q, k, v, do, kw in cases + [("forward " + label, q, k, v, None, kw) for label, q, k, v, _, kw in cases]:
+        if do is None:  # the forward with the same mods, rung 6's hooks (flash_mods.prepare's launch alone)
+            p = validate.check(q, k, v, **kw)
+            launch, *_ = flash_mods.prepare(6, p)
+            calls = {"kernel": launch,
+                     "public": lambda: flashkit.attention(q, k, v, backend="cupy-mma-2tile", **kw),
+                     "unchecked": lambda: flashkit.attention(q, k, v, backend="cupy-mma-2tile", check_finite=False,
+                                                             **kw)}
+        else:
+            o, lse = flashkit.attention(q, k, v, return_lse=True, **kw)
+            p = validate.check_backward(do, q, k, v, o, lse, finite=False, **kw)
+            launch, finish, *_ = fmb.prepare(p)
+            calls = {"kernel": launch,
+                     "public": lambda: flashkit.attention_backward(do, q, k, v, o, lse, backend="cupy-bwd-mma", **kw),
+                     "unchecked": lambda: flashkit.attention_backward(do, q, k, v, o, lse, backend="cupy-bwd-mma",
+                                                                      check_finite=False, **kw)}
         for fn in calls.values():
             fn()
         cupy.cuda.Device().synchronize()
