@@ -37,18 +37,23 @@ check_backward's criterion of the float64 reference (rows the mods hide entirely
 bad-lse cases raising what they should. compute-sanitizer memcheck: 0 errors.
   - Cost of a score_mod (N = 4096, B = 4, H x d = 2048, ratio of minima against the plain rung in the same run,
     kernels alone; the public call in brackets, against the plain public call): d = 64, 128 x 128 tiles: identity
-    1.115x (1.166x), causal 1.102x (1.292x); softcap(50) 1.256x (1.291x), causal 1.238x (1.336x); d = 128: identity
-    1.095x (1.122x), causal 1.086x (1.200x); softcap 1.163x (1.251x), causal 1.151x (1.265x). Over the issue's 10%
-    goal at d = 64: the plain rung (6.42 ms, 214 TFLOP/s) has no registers to spare at 128 x 128 (ptxas: 255),
-    and the derivative kept per score (BR / 8 x 4 floats) spills 40 bytes with softcap (0 at 64 x 128, 241
-    registers); not measured further. torch FlexAttention's compiled backward in the same run: softcap 1.949x its
-    own time without a mod (6.64 -> 12.94 ms), so ours costs a quarter of what its softcap costs.
-  - A document mask (8 equal documents, H = 16, d = 64), 0.125 of the tiles visited: N = 4096 block mask
-    0.17 ms against 1.95 ms with every tile visited (11.3x; public call 0.85 / 2.61 ms, 3.1x: the public call's
-    ~0.7 ms of host work and syncs dominate at this size, not profiled yet: tools/gpu_public_trace.py
-    --backward-mods is the tool); N = 16384 1.86 ms against 34.74 ms (18.7x; public 2.58 / 35.86 ms, 13.9x).
-    FlexAttention's backward on the same mask and inputs at N = 16384: 1.52 ms, so ours is 0.82x its speed
-    alone and 0.59x through the public call (max difference of the gradients 2.4e-4, fp16).
+    1.104x (1.136x), causal 1.118x (1.149x); softcap(50) 1.243x (1.291x), causal 1.254x (1.288x); d = 128: identity
+    1.129x (1.158x), causal 1.111x (1.165x); softcap 1.190x (1.225x), causal 1.182x (1.243x). Over the issue's 10%
+    goal: the plain rung (6.44 ms, 213 TFLOP/s at d = 64) has no registers to spare at 128 x 128 (ptxas: 255), and
+    the derivative kept per score (BR / 8 x 4 floats) spills 40 bytes with softcap. The tiles that do not spill
+    are slower still: at d = 64, 64 x 128 identity 1.29x, softcap 1.38x; 32 x 128 1.69-1.80x (the same run). torch
+    FlexAttention's compiled backward in the same run: softcap 1.967x its own time without a mod (6.64 -> 13.06
+    ms), so ours costs a quarter of what its softcap costs.
+  - A document mask (8 equal documents, H = 16, d = 64), 0.125 of the tiles visited: N = 4096 block mask 0.16 ms
+    against 1.91 ms with every tile visited (11.7x; public call 0.48 / 2.25 ms, 4.7x); N = 16384 1.85 ms against
+    34.57 ms (18.7x; public 2.26 / 34.92 ms, 15.4x). FlexAttention's backward on the same mask and inputs at
+    N = 16384: 1.40 ms, so ours is 0.76x its speed alone and 0.62x through the public call (max difference of
+    the gradients 2.4e-4, fp16).
+  - The public call's own cost (tools/gpu_public_trace.py --backward-mods, same session): at N = 4096 with the
+    document mask the host spends 0.83 ms a call (0.65 with check_finite=False) for 0.16 ms of kernels, and the
+    GPU waits for it (one sync a call, the error word): Python (validation, the Problem, 7 allocations, the
+    launch arguments), not the GPU. The forward with the same mods: 0.52 ms (0.39 unchecked) for 0.04 ms. A
+    cached launch plan per (shapes, mods, tiles) would remove most of it; not built.
 """
 from __future__ import annotations
 
