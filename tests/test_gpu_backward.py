@@ -254,3 +254,57 @@ def test_non_contiguous_input_is_copied_and_inputs_untouched():
         assert float(abs(a - b).max()) <= 1e-5 * float(abs(b).max())
     for x, y in zip(before, (q, K, V, O, dO, lse)):
         assert bool((x == y).all())
+
+
+STANDARD_CASES = [  # B, Hq, Hkv, Nq, Nk, d, causal, masked: awkward sizes, GQA / MQA, a bool mask with a row it hides
+    (2, 4, 2, 37, 53, 16, False, False), (1, 8, 1, 130, 77, 32, True, False), (1, 2, 1, 20, 6, 8, True, False),
+    (1, 4, 2, 33, 41, 64, False, True), (2, 2, 2, 65, 65, 128, True, True), (1, 2, 2, 1, 1, 1, False, False)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize("case", STANDARD_CASES)
+def test_standard_backward_matches_float64(case, dtype):
+    """cupy-standard's backward (P and dP materialised, the GPU backward that takes mask= and float64) against
+    numpy-standard's in float64 on the host, the gradients poisoned first; "auto" sends mask= to it."""
+    import cupy
+
+    import flashkit
+    from flashkit import problem as problem_module
+
+    B, Hq, Hkv, Nq, Nk, d, causal, masked = case
+    rng = np.random.default_rng(cb.seed_of("standard backward", case, dtype))
+    q, do = (rng.standard_normal((B, Hq, Nq, d)) for _ in range(2))
+    k, v = (rng.standard_normal((B, Hkv, Nk, d)) for _ in range(2))
+    mask = None
+    if masked:
+        mask = rng.random((B, Hq, Nq, Nk)) < 0.6
+        mask[0, 1, 3] = False  # a row that sees no key: lse = -inf, gradients 0
+    host = [x.astype(dtype) for x in (q, k, v, do)]
+    o, lse = flashkit.attention(*host[:3], causal=causal, mask=mask, backend="numpy-standard", return_lse=True)
+    want = flashkit.attention_backward(*(x.astype(np.float64) for x in (host[3], *host[:3], o)), lse.astype(np.float64),
+                                       causal=causal, mask=mask, backend="numpy-standard")
+    dev = [cupy.asarray(x) for x in (host[3], *host[:3], o)] + [cupy.asarray(lse)]
+    before = [x.copy() for x in dev]
+    old, problem_module.POISON = problem_module.POISON, True
+    try:
+        for backend in ("cupy-standard",) + (("auto",) if masked or dtype == "float64" else ()):
+            got = flashkit.attention_backward(*dev, causal=causal, mask=None if mask is None else cupy.asarray(mask),
+                                              backend=backend)
+            tol = {"float64": 1e-10, "float32": 1e-5, "float16": 2e-2}[dtype]
+            for name, a, b in zip("qkv", got, want):
+                a = cupy.asnumpy(a).astype(np.float64)
+                assert a.dtype == np.float64 and np.isfinite(a).all(), f"{backend} d{name} {case} {dtype}: not finite"
+                err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+                assert err < tol, f"{backend} d{name} {case} {dtype}: relative error {err:.2e}"
+            if masked:
+                assert bool((got[0][0, 1, 3] == 0).all())
+    finally:
+        problem_module.POISON = old
+    for x, y in zip(before, dev):
+        assert bool((x == y).all())
+    wrong = dev[5] / np.log(2)  # lse in log2 units
+    if bool((cupy.abs(dev[5]) > 1e-2).any()):
+        with pytest.raises(ValueError, match="lse does not belong"):
+            flashkit.attention_backward(*dev[:5], wrong, causal=causal, backend="cupy-standard",
+                                        mask=None if mask is None else cupy.asarray(mask))

@@ -3,7 +3,8 @@
 A ladder: rung 1 in standard.py, rungs 2-7 one file each under flashkit/gpu/kernels/ (read them in order,
 each opens with what changed, why, and what it measured). Each rung is one row of the table in rungs.py:
 
-  rung 1  cupy-standard     S = Q K^T and P = softmax(S) materialised with CuPy (cuBLAS): O(N^2) memory
+  rung 1  cupy-standard     S = Q K^T and P = softmax(S) materialised with CuPy (cuBLAS): O(N^2) memory;
+                            its backward too (P and dP materialised: the GPU backward of mask= and float64)
   rung 2  cupy-fp32-row     fp32, one thread per query row, K_j/V_j tiles in shared memory
   rung 3  cupy-fp32-tile    fp32, 4x8 register blocks of S per thread, warp-shuffle row reductions
   rung 4  cupy-mma          fp16/bf16 tensor cores (inline PTX mma.sync.m16n8k16), FA2 warp partition

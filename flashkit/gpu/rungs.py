@@ -66,6 +66,7 @@ class Rung:
                     flashkit.gpu.flash_mods_backward, and the registry's column is `backward_mods`)
     probe           "module:function" giving None when the rung can run here, else why not
     runner          "module:function" taking a Problem; None for a forward CUDA rung (the generic launcher)
+    backward_runner for a forward row that also serves attention_backward: its "module:function"
     default_blocks  d -> (Br, Bc) used when the user forces none
     allowed_blocks  the (Br, Bc) a user may force with block_size=: one tuple for every d, or d -> tuple
     threads         (Br, Bc) -> threads per block (of the main kernels)
@@ -103,6 +104,7 @@ class Rung:
     arch: Optional[str] = None
     tensor_maps: bool = False
     precision: str = "exact"
+    backward_runner: Optional[str] = None  # a forward row that also serves attention_backward (cupy-standard)
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -141,7 +143,7 @@ class Rung:
         """This rung's entry in the registry: a forward backend, or a backward-only one
         (flashkit.attention_backward) for a backward row."""
         if self.direction == "forward":
-            runner, backward = self.runner or f"flashkit.gpu.flash:{self.name}", None
+            runner, backward = self.runner or f"flashkit.gpu.flash:{self.name}", self.backward_runner
         else:
             runner, backward = None, self.runner or f"flashkit.gpu.backward:{self.name}"
         return Backend(
@@ -167,6 +169,7 @@ RUNGS = (
         "CuPy/cuBLAS, materialises S and P (Nq x Nk per head) on the GPU: the O(N^2) baseline",
         dtypes=("float16", "bfloat16", "float32", "float64"), peer="math", priority=60,
         runner="flashkit.gpu.standard:standard_attention", head_dims=None, mask=True,
+        backward_runner="flashkit.gpu.standard:standard_backward",  # P and dP materialised: also O(N^2)
     ),
     # Q_s [Br][d+1] + K_s [Bc][d] + V_s [Bc][d] + S_s [Bc][Br], fp32.
     Rung(

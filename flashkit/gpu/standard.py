@@ -8,6 +8,10 @@ What it teaches: this is what FlashAttention avoids. Its extra memory is one Nq 
 query head (4 B H Nq Nk bytes: 17 GiB at B=1, H=16, N=16384), and S and P cross HBM several times.
 float16/bfloat16 input is computed in float32 (the tiled kernels also accumulate in float32) and the
 output cast back; float64 input is computed in float64, which makes this the on-device oracle.
+
+Its backward (standard_backward) is the derivation everyone does first, on the GPU: P recomputed from the
+forward's lse and dP = dO V^T materialised, dS = P * (dP - D). The tiled backward rungs take no bool mask=
+and no float64, so this is the GPU backward that does.
 """
 from __future__ import annotations
 
@@ -96,3 +100,65 @@ def standard_attention(problem):
     if ct is cupy.float64:
         return O, lse
     return O.astype(problem.dtype, copy=False), lse.astype(cupy.float32, copy=False)
+
+
+def standard_backward(problem):
+    """cupy-standard's backward: (dQ, dK, dV) with P and dP materialised, flashkit/reference.py's
+    standard_backward on the GPU (dV = P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = dS K * scale,
+    dK = dS^T Q * scale, P = exp(S - lse) recomputed from the forward's lse). Its extra memory is two
+    Nq x Nk matrices per query head (P, and dP turned into dS in place), the O(N^2) baseline the backward
+    rungs avoid; and the GPU backward that takes a bool mask= and float64. Computed in float32 for
+    16-bit input (bf16 as bits), float64 for float64; GQA's dK and dV summed over each group."""
+    import cupy as xp
+
+    from flashkit import validate
+
+    bf16 = problem.element == "bf16"
+    ct = xp.float64 if problem.dtype == xp.float64 else xp.float32
+
+    def computed(x):
+        return bf16_bits_to_float32(x) if bf16 else x.astype(ct, copy=False)
+
+    B, Hkv, g, Nq, Nk, d = problem.B, problem.Hkv, problem.group, problem.Nq, problem.Nk, problem.d
+    # query heads of one K/V head side by side (axis 2), as in the forward: one batched GEMM per (b, hkv)
+    Q5 = computed(problem.Q).reshape(B, Hkv, g, Nq, d)
+    dO5 = computed(problem.dO).reshape(B, Hkv, g, Nq, d)
+    O5 = computed(problem.O).reshape(B, Hkv, g, Nq, d)
+    K4, V4 = computed(problem.K)[:, :, None], computed(problem.V)[:, :, None]  # (B, Hkv, 1, Nk, d)
+    lse = problem.lse.astype(ct).reshape(B, Hkv, g, Nq)
+
+    # S = Q K^T * scale;  P = exp(S - lse), 0 where hidden or where the row saw no key (lse = -inf)
+    S = xp.matmul(Q5, K4.transpose(0, 1, 2, 4, 3))  # (B, Hkv, group, Nq, Nk)
+    S *= ct(problem.scale)
+    vis = visibility(problem, xp)  # (Nq, Nk) or None
+    if problem.mask is not None:
+        m = problem.mask  # (Bm, Hm, Nq, Nk), Hm in {1, Hq}
+        Bm, Hm = m.shape[:2]
+        m5 = m.reshape(Bm, Hkv, g, Nq, Nk) if Hm > 1 else m[:, :, None]
+        vis = m5 if vis is None else (m5 & vis)
+    empty = xp.isneginf(lse)
+    S -= xp.where(empty, 0, lse)[..., None]
+    P = xp.exp(S, out=S)
+    if vis is not None:
+        P *= vis  # hidden scores: P = 0 (a bool factor: exact)
+    P *= ~empty[..., None]
+    # the lse check: every row of P sums to 1 (a row with lse = -inf must see no key)
+    seen = xp.broadcast_to(vis, P.shape).sum(axis=-1) if vis is not None else xp.full(empty.shape, Nk)
+    psum = xp.where(empty, seen, P.sum(axis=-1))
+    tolerance_dtype = xp.float64 if ct == xp.float64 else xp.float32
+    validate.check_lse_rowsums(xp.asnumpy(psum).reshape(B, Hkv * g, Nq), xp.asnumpy(problem.lse), tolerance_dtype)
+
+    dV = xp.matmul(P.transpose(0, 1, 2, 4, 3), dO5).sum(axis=2)  # (B, Hkv, Nk, d): summed over the group
+    dS = xp.matmul(dO5, V4.transpose(0, 1, 2, 4, 3))  # dP = dO V^T, then in place dS = P * (dP - D)
+    dS -= (dO5 * O5).sum(axis=-1)[..., None]  # D = rowsum(dO * O)
+    dS *= P
+    del P
+    dQ = xp.matmul(dS, K4).reshape(B, Hkv * g, Nq, d)
+    dQ *= ct(problem.scale)
+    dK = xp.matmul(dS.transpose(0, 1, 2, 4, 3), Q5).sum(axis=2)
+    dK *= ct(problem.scale)
+
+    out = problem.new_grads()  # (poisoned first by the tests)
+    for dst, src in zip(out, (dQ, dK, dV)):
+        dst[...] = float32_to_bf16_bits(xp.ascontiguousarray(src, dtype=xp.float32)) if bf16 else src.astype(dst.dtype)
+    return out
