@@ -176,3 +176,54 @@ def test_out_of_bounds_mod_raises():
     o, lse = flashkit.attention(q, q, q, score_mod=mods.identity, return_lse=True)
     with pytest.raises(IndexError, match="out of bounds"):
         flashkit.attention_backward(q, q, q, q, o, lse, score_mod=bad)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["random GQA Nq<Nk", "causal + mask MQA Nq>Nk d=128", "per-head + softcap",
+                                  "documents aligned"])
+def test_bool_mask_gradients_against_the_float64_reference(name):
+    """mask= on backward rung 2 (the tiles classified on the GPU, PARTIAL ones as bits), through the public call:
+    "auto" picks it for fp16; against numpy-standard in float64 with the same mask, rows it hides give dq = 0."""
+    import cupy
+
+    from flashkit import problem as problem_mod
+
+    shape, extra = {"random GQA Nq<Nk": ((2, 4, 2, 77, 203, 64), {}),
+                    "causal + mask MQA Nq>Nk d=128": ((1, 2, 1, 300, 130, 128), dict(causal=True)),
+                    "per-head + softcap": ((1, 2, 2, 129, 129, 64), dict(score_mod=mods.softcap(5.0))),
+                    "documents aligned": ((1, 2, 2, 256, 256, 64), {})}[name]
+    B, Hq, Hkv, Nq, Nk, d = shape
+    rng = np.random.default_rng(len(name))
+    if name == "documents aligned":  # Nk % 16 == 0: the 16-byte loads of the classifier; whole tiles empty and full
+        doc = np.repeat(np.arange(4), Nq // 4)
+        mask = (doc[:, None] == doc[None, :])[None, None]
+        mask = np.ascontiguousarray(mask & (rng.random((1, 1, Nq, Nk)) < 0.97))
+    else:
+        mask = rng.random((B if name != "per-head + softcap" else 1, Hq if name == "per-head + softcap" else 1,
+                           Nq, Nk)) < 0.7
+        mask[..., 5, :] = False  # a row that sees no key
+        mask[..., :64, :64] = True  # a FULL tile
+    q, k, v, do = (rng.standard_normal(s).astype(np.float16)
+                   for s in ((B, Hq, Nq, d), (B, Hkv, Nk, d), (B, Hkv, Nk, d), (B, Hq, Nq, d)))
+    x64 = [a.astype(np.float64) for a in (q, k, v, do)]
+    o64, lse64 = flashkit.attention(*x64[:3], mask=mask, backend="numpy-standard", return_lse=True, **extra)
+    ref = flashkit.attention_backward(x64[3], *x64[:3], o64, lse64, mask=mask, backend="numpy-standard", **extra)
+    dev = [cupy.asarray(a) for a in (do, q, k, v)] + [cupy.asarray(o64.astype(np.float16)),
+                                                      cupy.asarray(lse64.astype(np.float32))]
+    p = flashkit.validate.check_backward(*dev, mask=cupy.asarray(mask), **extra)
+    assert flashkit.registry.choose(p, "auto", direction="backward").name in ("cupy-bwd-mma",)
+    problem_mod.POISON = True
+    try:
+        got = flashkit.attention_backward(*dev, mask=cupy.asarray(mask), **extra)
+    finally:
+        problem_mod.POISON = False
+    got = [cupy.asnumpy(g).astype(np.float64) for g in got]
+    for g, r, label in zip(got, ref, ("dq", "dk", "dv")):
+        assert not np.isnan(g).any(), (name, label)
+        err = np.abs(g - r).max() / max(1.0, np.abs(r).max())
+        assert err < 2e-2, (name, label, err)
+    assert (got[0][np.isneginf(lse64)] == 0).all()
+    wrong = dev[5].copy()
+    wrong[0, 0, Nq - 1] = -np.inf  # lse = -inf on a row the mask lets see keys: the lse check must catch it
+    with pytest.raises(ValueError, match="lse does not belong"):
+        flashkit.attention_backward(*dev[:5], wrong, mask=cupy.asarray(mask), **extra)

@@ -267,8 +267,9 @@ def run_problem(name: str, problem):
     The kernels test the lse (LseCheck). The check joins the Problem's `pending` list, which the public call
     reads after this returns (validate.finish), so the host waits for the testing kernel's event only then;
     a Problem without that list is checked here before returning."""
-    if problem.has_mods:  # score_mod / mask_mod / block_mask: the rung compiled with its FK_* hooks filled
-        if not rung_of(name).mods:
+    if problem.has_mods or (problem.mask is not None and rung_of(name).mods):
+        # score_mod / mask_mod / block_mask, or a bool mask= as bits: the rung compiled with its FK_* hooks filled
+        if problem.has_mods and not rung_of(name).mods:
             raise ValueError(f"{name} does not take a score_mod or mask_mod (flashkit.backends(): 'backward_mods')")
         from flashkit.gpu import flash_mods_backward
 

@@ -27,8 +27,10 @@ same code), with the user's functions translated to CUDA by flashkit/gpu/modlang
                 block tests its own once at the end (no test per score) and names the key
 
 Compiled once per (score_mod, mask_mod, bits or not, d, dtype, Br, Bc), cached (flash_mods' bounded LRU of
-modules keyed by the generated source); captured arrays are kernel arguments. A bool `mask=` is not taken
-by this backward (the registry's `mask` column of cupy-bwd-mma says no).
+modules keyed by the generated source); captured arrays are kernel arguments. A bool `mask=` (Bm, Hm, Nq, Nk) on the GPU goes the forward's way
+(flash_mods.BOOL_MASK): its tiles classified in one pass over it on the GPU, its PARTIAL tiles packed into bits
+for fk_keep, its empty tiles skipped, the lists made on the GPU (fk_lists on the transposed tile grids); O(N)
+extra memory beside the (N/Br) x (N/Bc) tile states, where cupy-standard's backward needs O(N^2).
 
 Measured (benchmarks/results/gpu-mods-backward-h200.json: H200, fp16, the tree of 6e84958, two device calls of
 benchmarks/gpu_mods_backward_check.py; the run before, at bd4f3f7, gave the same times and 52/53 through a wrong
@@ -304,6 +306,59 @@ def _lists(problem, Br, Bc, fp=None):
     return flash_mods._cached("backward lists", problem, Br, Bc, make, fp)
 
 
+def _bool_mask_lists(problem, Br, Bc, fp=None):
+    """(start, count, index, bits_at, bits) on the GPU of a call with a bool mask= (Bm, Hm, Nq, Nk): the forward's
+    GPU pipeline (flash_mods.BOOL_MASK: fk_mask_states classifies every tile in one pass over the mask, fk_mask_pack
+    packs the PARTIAL ones into bits, Br rows of Bc / 32 words, the layout fk_keep reads), then fk_lists on the
+    tile grids transposed, so its rows are key blocks and its entries 2 i + partial: the key-block-major lists
+    this rung walks. Nothing of size Nq x Nk is made; the host reads one number (how many tiles are PARTIAL).
+    Made in every call, as the forward's: the mask's contents may change between calls."""
+    import cupy
+
+    mask = problem.mask
+    Bm, Hm, Nq, Nk = mask.shape
+    Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
+    mod = flash_mods._module(flash_mods.BOOL_MASK, ("--std=c++17", f"--gpu-architecture={flash._arch()}"))
+    m8 = mask.view(cupy.uint8)
+    vec = np.int32(Nk % 16 == 0 and m8.data.ptr % 16 == 0)
+    tiles = Bm * Hm * Tr * Tc
+    states = cupy.empty(tiles, cupy.int8)
+    slot_of = cupy.empty(tiles, cupy.int32)
+    tile_of = cupy.empty(tiles, cupy.int32)
+    n_partial = cupy.zeros(1, cupy.int32)
+    i32 = np.int32
+    mod.get_function("fk_mask_states")((Tc, Tr, Bm * Hm), (128,), (m8, states, slot_of, tile_of, n_partial, i32(Nq),
+                                                                  i32(Nk), i32(Br), i32(Bc), vec))
+    partial = int(n_partial.get()[0])  # the host sync of the bool-mask path: the size of the bits
+    words = Br * (Bc // 32)
+    if partial * words >= 1 << 31:
+        raise ValueError(f"mask: {partial} partially masked tiles need more than 2^31 words of bits")
+    bits = cupy.empty(max(1, partial * words), cupy.uint32)
+    if partial:
+        mod.get_function("fk_mask_pack")((partial,), (min(256, words),), (m8, tile_of, bits, i32(Nq), i32(Nk), i32(Br),
+                                                                       i32(Bc), i32(Tr), i32(Tc), vec))
+    del tile_of
+    base = flash_mods._base_codes(problem, Br, Bc, fp)  # the window's and the mask_mod's states, (Bb, Hb, Tr, Tc)
+    Bb, Hb = base.shape[:2]
+
+    def key_major(a, planes):  # (planes..., Tr, Tc) -> (planes..., Tc, Tr)
+        return cupy.ascontiguousarray(a.reshape(planes + (Tr, Tc)).swapaxes(-1, -2))
+
+    Bl, Hl = max(Bb, Bm), max(Hb, Hm)
+    rows = Bl * Hl * Tc
+    if rows * Tr >= 1 << 31:
+        raise ValueError(f"mask: {rows * Tr} tiles are more than the kernel's int32 tile lists hold")
+    start, count, cost = (cupy.empty((Bl, Hl, Tc), cupy.int32) for _ in range(3))
+    index, bits_at = cupy.empty(rows * Tr, cupy.int32), cupy.empty(rows * Tr, cupy.int32)
+    # fk_lists with the roles of Tr and Tc swapped: a row per (b, h, key block j), entries 2 i + partial
+    mod.get_function("fk_lists")((-(-rows // 4),), (128,), (key_major(base, (Bb, Hb)), i32(Bb), i32(Hb),
+                                                           key_major(states, (Bm, Hm)), key_major(slot_of, (Bm, Hm)),
+                                                           i32(Bm), i32(Hm), i32(Bl), i32(Hl), i32(Tc), i32(Tr),
+                                                           i32(words), i32(flash_mods.PARTIAL_COST_BITS),
+                                                           start, count, index, bits_at, cost))
+    return start, count, index, bits_at, bits
+
+
 def visited_tiles(problem) -> dict:
     """How many (b, h) x query-block x key-block tiles the backward visits, and of how many (benchmarks)."""
     Br, Bc = blocks(problem)
@@ -360,9 +415,6 @@ def prepare(problem, check: Optional[gpu_backward.LseCheck] = None, grads=None):
     `grads`: (dQ, dK, dV) arrays to write into (tests poison them first)."""
     import cupy
 
-    if problem.mask is not None:
-        raise ValueError(f"{RUNG} with score_mod / mask_mod / block_mask does not take a bool mask; pass the pattern "
-                         "as a mask_mod")
     spec = gpu_backward.rung_of(RUNG)
     element = problem.element or gpu_backward.ELEMENTS.get(problem.Q.dtype.name)
     if element not in spec.elements:
@@ -371,14 +423,18 @@ def prepare(problem, check: Optional[gpu_backward.LseCheck] = None, grads=None):
     B, Hq, Hkv, Nq, Nk, d = problem.B, problem.Hq, problem.Hkv, problem.Nq, problem.Nk, problem.d
     score, grad, mask = _codes((problem.score_mod, problem.mask_mod))
     fp = flash_mods.mask_fingerprint(problem)
-    start_d, count_d, index_d, bits_at_d, bits = _lists(problem, Br, Bc, fp)
-    if bits is not None:  # the mask_mod's PARTIAL tiles are bits: the kernel needs no mask_mod
-        mask = None
+    if problem.mask is not None:  # a bool mask=: its PARTIAL tiles as bits; a mask_mod beside it runs in the kernel
+        start_d, count_d, index_d, bits_at_d, bits = _bool_mask_lists(problem, Br, Bc, fp)
+        has_bits = True
     else:
-        bits = flash_mods._NO_BITS.get("bits")
-        if bits is None:
-            bits = flash_mods._NO_BITS["bits"] = cupy.zeros(1, cupy.uint32)
-    has_bits = mask is None and problem.mask_mod is not None
+        start_d, count_d, index_d, bits_at_d, bits = _lists(problem, Br, Bc, fp)
+        if bits is not None:  # the mask_mod's PARTIAL tiles are bits: the kernel needs no mask_mod
+            mask = None
+        else:
+            bits = flash_mods._NO_BITS.get("bits")
+            if bits is None:
+                bits = flash_mods._NO_BITS["bits"] = cupy.zeros(1, cupy.uint32)
+        has_bits = mask is None and problem.mask_mod is not None
     fns = _kernels(score, grad, mask, has_bits, d, element, Br, Bc)
     Bm, Hm, _ = count_d.shape
 

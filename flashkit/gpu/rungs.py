@@ -289,6 +289,7 @@ RUNGS = (
         "CUDA fp16/bf16 backward, mma.sync, dQ by fp32 vector atomics (kernels/b2_mma.cu)",
         dtypes=("float16", "bfloat16"), peer="flash", priority=110, direction="backward", source="b2_mma.cu",
         probe=PROBE_TENSOR_CORES, mods=True,  # score_mod / mask_mod / block_mask: flashkit/gpu/flash_mods_backward.py
+        mask=True,  # a bool mask= as bits of its PARTIAL tiles, empty tiles skipped (flash_mods_backward too)
         default_blocks={32: (64, 128), 64: (128, 128), 128: (64, 128)},
         allowed_blocks={32: ((32, 64), (64, 64), (64, 128), (128, 128)),
                         64: ((32, 64), (64, 64), (32, 128), (64, 128), (128, 128)),
