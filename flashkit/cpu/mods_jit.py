@@ -48,16 +48,18 @@ B=1 d=64, against rung 4 without mods in the same process:
     reliably; not for softcap, whose tanh (19 vector instructions a register, counted from the code, about
     300 a micro-tile beside the 2048 FMAs of the two products) is near the 10% alone.
 
-Backward rung 4 (numba-fused's backward, what "numba" runs with mods since 2026-12-03; rung 3's before) takes
+Backward rung 4 (numba-fused's backward, what "numba" runs with mods since 2026-12-02; rung 3's before) takes
 them the same way through `mod_micro_tile_backward`, which also writes score_mod's derivative f'(S) per score
 (flashkit.mods_grad's, or softcap's 1 - tanh^2 from the same tanh on registers: softcap_register_grad) for
 the kernel's dS = P * (dP - D) * f'(S). Measured on a 2-core AMD EPYC (znver3, AVX2; load average 0.6-0.8),
 `python -m benchmarks.cpu_mods --cost-only` (benchmarks/results/cpu-mods-cost-amd-epyc-znver3-2c.json; fp32,
 B=1, H=8, N=4096, d=64, both cores, fastest of 7 interleaved rounds, against the backward without a mod
-in the same rounds): identity 1.027x, softcap 1.062x (median of the rounds' ratios 1.027x, 1.064x); softcap
-on rung 3, the path before, 2.50x. The forward in the same run: identity 1.050x, softcap 1.151x (AVX2's
-8-lane tanh weighs more beside two products than beside five; a vrcpps division in place of vdivps was
-tried there and changed nothing: 1.169x).
+in the same rounds): identity 1.027x, softcap 1.065x (median of the rounds' ratios 1.041x, 1.065x); softcap
+on rung 3, the path before, 2.45x. The forward in the same run: identity 1.060x, softcap 1.159x (AVX2's
+8-lane tanh weighs more beside two products than beside five). Tried on that machine, each changing nothing
+measurable: a vrcpps division in place of vdivps (1.169x), and the softcap applied in rung 4's own registers
+instead of through the hook (no store, call and reload: 1.153x, 2026-12-02). What is left is the arithmetic:
+11 FMAs, a division and 4 other instructions a register, about 12% of the two products' FMAs there.
 
 The same split serves the block mask: `classify` runs a parallel driver (compiled once) that calls a
 per-mask_mod tile classifier through a function pointer.
@@ -85,12 +87,13 @@ from contextlib import contextmanager
 import numpy as np
 import numba
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from flashkit import blockmask, mods
 from flashkit.cpu import rung3_gemm, rung3_gemm_backward, rung4_fused, rung4_fused_backward, vec
 from flashkit.cpu.common import FASTMATH, NEG, row_window
 from flashkit.cpu.rung3_gemm import LOG2E, NUMBA_TYPES, OK, RAISED, tile_signature  # noqa: F401
+from flashkit.cpu.softcap import TANH_CLAMP, TANH_P, TANH_Q, softcap_register, softcap_register_grad  # noqa: F401
 from flashkit.masks import FULL, PARTIAL, SKIP
 
 
@@ -114,19 +117,6 @@ def _where_of_scalars(condition, x, y):
     return lambda condition, x, y: np.where(condition, x, y)
 
 
-# tanh(x) = x P(x^2) / Q(x^2) on |x| <= 9, x clamped there (tanh(9) rounds to 1 in float32): P of degree 5,
-# Q of degree 4 in x^2, fitted in float64 for the least largest relative error on [0, 9] (a Lawson-weighted
-# linearised least-squares fit, `tools/fit_tanh32.py`; design error 1.3e-9). Evaluated in float32 with
-# FMAs: 4.5 ulp at most (2.7e-7 relative), measured against float64 on 5e5 points of [-12, 12]
-# (tests/test_mods.py::test_compiled_softcap_is_accurate). No exp, no branch, no libm call: 11 FMAs and
-# one division a score.
-_TANH_P = tuple(np.float32(c) for c in (0.999999998739546, 0.1368083884448083, 0.003869485346348885,
-                                        2.8030819664931693e-05, 3.064122460234438e-08, -1.2245190754793868e-11))
-_TANH_Q = tuple(np.float32(c) for c in (1.0, 0.4701417094165431, 0.027250075266480253, 0.00039406722023153234,
-                                        1.2889990736118155e-06))
-_TANH_CLAMP = np.float32(9.0)
-
-
 def tanh32(x):
     """tanh of a float32 without a libm call, so LLVM vectorises the loop around it (the overload below;
     np.tanh here, for Python)."""
@@ -141,9 +131,9 @@ def _tanh32_impl(x):
     where LLVM can inline and vectorise it. (Before: (1 - e) / (1 + e) with e = 2^(-2|x| log2 e) from the
     exp2 polynomial and a Taylor series near 0, 2.8 ulp but 2.2x the time: 0.92 ns a score against 0.42
     in a vectorised loop of the hook's shape, one core, 2026-12-02.)"""
-    p0, p1, p2, p3, p4, p5 = _TANH_P
-    q0, q1, q2, q3, q4 = _TANH_Q
-    clamp = _TANH_CLAMP
+    p0, p1, p2, p3, p4, p5 = TANH_P
+    q0, q1, q2, q3, q4 = TANH_Q
+    clamp = TANH_CLAMP
 
     def impl(x):
         x = min(max(x, -clamp), clamp)
@@ -165,62 +155,6 @@ def _soft_cap(score, cap):
             return c * tanh32(score * (np.float32(1) / c))  # a multiply per score: LLVM hoists 1 / c
         return soft_cap32
     return lambda score, cap: cap * np.tanh(score / cap)
-
-
-@intrinsic
-def _vdiv_fast(typingctx, a, b):
-    """a / b lane by lane, for float32 with AVX-512 as a * r, r = vrcp14ps(b) (2^-14 relative) refined by
-    one Newton step r (2 - b r) (about 1 ulp): 3 instructions where vdivps zmm takes 8-10 cycles for 16
-    lanes; elsewhere a plain division."""
-    if not (isinstance(a, vec.Vec) and a == b):
-        return None
-    rcp14 = a.dtype == types.float32 and a.lanes == 16
-
-    def codegen(context, builder, sig, args):
-        from llvmlite import ir
-
-        x, y = args
-        if not rcp14:
-            return builder.fdiv(x, y)
-        vt = y.type
-        fn = numba.core.cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vt, [vt, vt, ir.IntType(16)]), "llvm.x86.avx512.rcp14.ps.512")
-        r = builder.call(fn, [y, ir.Constant(vt, None), ir.Constant(ir.IntType(16), -1)])
-        one = ir.Constant(vt, [1.0] * 16)
-        e = builder.fsub(one, builder.fmul(y, r, flags=("contract",)), flags=("contract",))  # 1 - b r: an FMA
-        r = builder.fadd(r, builder.fmul(r, e, flags=("contract",)), flags=("contract",))
-        return builder.fmul(x, r)
-
-    return a(a, b), codegen
-
-
-@intrinsic
-def _vmin(typingctx, a, b):
-    """The smaller of a and b, lane by lane (vminps)."""
-    if not (isinstance(a, vec.Vec) and a == b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.select(builder.fcmp_ordered("<", args[0], args[1]), args[0], args[1])
-
-    return a(a, b), codegen
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def softcap_register(s, inv_cap, cap_base2):
-    """cap * tanh(s / cap) * log2(e) on a whole register of float32 scores: tanh32's rational function
-    written with explicit vectors (flashkit/cpu/vec.py), so that it runs 16 lanes at a time on AVX-512
-    where LLVM vectorises the scalar loop only 8 wide (its preference on this CPU)."""
-    p0, p1, p2, p3, p4, p5 = _TANH_P
-    q0, q1, q2, q3, q4 = _TANH_Q
-    x = s * vec.splat(inv_cap)
-    x = _vmin(vec.vmax(x, vec.splat(-_TANH_CLAMP)), vec.splat(_TANH_CLAMP))
-    t = x * x
-    p = vec.fma(vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(p5), t, vec.splat(p4)), t, vec.splat(p3)), t,
-                                        vec.splat(p2)), t, vec.splat(p1)), t, vec.splat(p0))
-    q = vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(q4), t, vec.splat(q3)), t, vec.splat(q2)), t, vec.splat(q1)),
-                t, vec.splat(q0))
-    return _vdiv_fast(x * p, q) * vec.splat(cap_base2)
 
 
 _OVERLOADED = {mods.where, mods.soft_cap}  # library functions Numba knows through an overload: never copied
@@ -530,23 +464,6 @@ def micro_tile_function(score_mod, mask_mod, dtype):
 # Backward rung 4 with the mods: the same hooks on its micro-tile, and score_mod's derivative beside
 # ---------------------------------------------------------------------------------------------
 D_SCORE_MOD = rung3_gemm_backward.unit_slope  # replaced in each compiled copy by flashkit.mods_grad's derivative
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def softcap_register_grad(s, inv_cap, cap_base2):
-    """(cap * tanh(s / cap) * log2(e), 1 - tanh(s / cap)^2) on a whole register of float32 scores: the
-    softcap and its derivative from one tanh (softcap_register's rational function)."""
-    p0, p1, p2, p3, p4, p5 = _TANH_P
-    q0, q1, q2, q3, q4 = _TANH_Q
-    x = s * vec.splat(inv_cap)
-    x = _vmin(vec.vmax(x, vec.splat(-_TANH_CLAMP)), vec.splat(_TANH_CLAMP))
-    t = x * x
-    p = vec.fma(vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(p5), t, vec.splat(p4)), t, vec.splat(p3)), t,
-                                        vec.splat(p2)), t, vec.splat(p1)), t, vec.splat(p0))
-    q = vec.fma(vec.fma(vec.fma(vec.fma(vec.splat(q4), t, vec.splat(q3)), t, vec.splat(q2)), t, vec.splat(q1)),
-                t, vec.splat(q0))
-    th = _vdiv_fast(x * p, q)
-    return th * vec.splat(cap_base2), vec.splat(np.float32(1)) - th * th
 
 
 def mod_micro_tile_backward(Sb_at, Fb_at, q0, key0, nr_left, nc_left, partial, task_at, mask_at):

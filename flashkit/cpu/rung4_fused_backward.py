@@ -40,8 +40,8 @@ same per tile). The tiles the mask_mod or the BlockMask leave empty are skipped,
 without a mask test; with a score_mod every micro-tile calls the hook (Q' carries scale alone, so f
 sees q . k * scale). The library's softcap runs on whole registers (mods_jit.softcap_register_grad:
 f and f' from one tanh). Measured (znver3, AVX2, N=4096, H=8, d=64, both cores, benchmarks/cpu_mods.py
---cost-only; mods_jit's header has the rest): identity 1.03x, softcap 1.06x the time without a mod;
-softcap on rung 3 2.50x.
+--cost-only; mods_jit's header has the rest): identity 1.03x, softcap 1.07x the time without a mod;
+softcap on rung 3 2.45x.
 
 Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average of
 3-9 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:

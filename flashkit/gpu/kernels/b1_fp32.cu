@@ -36,7 +36,7 @@
 //   The goal (>= 1.0x torch efficient) is not met. Where the rest goes was not profiled; candidates: the dK/dV
 //   product reads 16 LDS.128 per 128 FMA (about as many shared-memory cycles as FMA cycles at d = 64), one block
 //   of 8 warps per SM at d = 128 (170 KB), and no load of Q_{i+1} / dO_{i+1} overlapped with the products.
-// Profiled and tried, 2026-12-03 (H200; ncu --clock-control none, tools/gpu_profile_rung.py, d = 64 / 128): issue
+// Profiled and tried, 2026-12-02 (H200; ncu --clock-control none, tools/gpu_profile_rung.py, d = 64 / 128): issue
 //   slots 67.5 / 61.6% busy, shared memory ("Mem Busy") 79 / 67%, 4 / 2 warps per scheduler (1.7 / 1.0 eligible),
 //   no spills; the P^T / dS^T stores 2.6-way bank-conflicted (38% of the store wavefronts). Tried: warps of 4 x 8
 //   threads in every product (a warp's K_j / dO_i / Q_i row loads one wavefront instead of two, the P^T / dS^T
