@@ -17,7 +17,8 @@
    against the plain rung, the kernels alone and the public call; a document mask (8 documents) as a block mask
    against the same mask with every tile visited (BlockMask.without_sparsity), N = 4096 and 16384, H = 16; torch
    FlexAttention's backward (compiled) on the same document mask at N = 16384 and its softcap cost at d = 64,
-   where the machine's torch runs it.
+   where the machine's torch runs it; the same document mask as a dense bool mask= (rung 2 classifying its tiles
+   on the GPU, and cupy-standard's O(N^2) backward at N = 4096).
 Writes gpu-mods-backward-<card>.json to out_dir (default: $OUT, else benchmarks/results). The NVRTC builds
 are made first by a pool of processes (they fill CuPy's on-disk cache).
 """
@@ -392,6 +393,39 @@ def bench_documents(log, N, H=16, d=64, n_docs=8, flex=False):
     return out
 
 
+def bench_bool_mask(log, N, H=16, d=64, n_docs=8):
+    """The same document mask as a dense bool mask= (1, 1, N, N) on the GPU: backward rung 2 with the tiles
+    classified on the GPU in the call (what "auto" picks for fp16) against the block mask, and, at N <= 4096,
+    cupy-standard's backward (P and dP materialised); the public calls, and the largest difference of the
+    gradients from the block mask's."""
+    import cupy
+
+    q, k, v, do = _grads_inputs(1, H, N, d)
+    lens = [N // n_docs] * n_docs
+    doc = np.repeat(np.arange(n_docs), N // n_docs)
+    dense = cupy.asarray((doc[:, None] == doc[None, :])[None, None])
+    bm = flashkit.block_mask(mods.document_mask(lens), None, None, N, N, block_size=(128, 128), engine="cuda")
+    o, lse = flashkit.attention(q, k, v, block_mask=bm, return_lse=True)
+    want = flashkit.attention_backward(do, q, k, v, o, lse, block_mask=bm, backend=RUNG)
+    out = {"N": N, "H": H, "d": d, "B": 1, "documents": n_docs, "dtype": "float16"}
+    runs = {"block_mask": lambda: flashkit.attention_backward(do, q, k, v, o, lse, block_mask=bm, backend=RUNG),
+            "bool_mask_auto": lambda: flashkit.attention_backward(do, q, k, v, o, lse, mask=dense)}
+    if N <= 4096:
+        runs["bool_mask_cupy_standard"] = lambda: flashkit.attention_backward(do, q, k, v, o, lse, mask=dense,
+                                                                              backend="cupy-standard")
+    for label, fn in runs.items():
+        got = fn()
+        out[f"{label}_public"] = _time(fn, repeats=5)
+        out[f"{label}_max_diff"] = max(float(abs(a.astype(cupy.float32) - b.astype(cupy.float32)).max())
+                                       for a, b in zip(got, want))
+    out["auto_backend"] = flashkit.registry.choose(flashkit.validate.check_backward(do, q, k, v, o, lse, mask=dense),
+                                                   "auto", direction="backward").name
+    log(f"  bool mask N={N}: " + ", ".join(f"{label} {out[f'{label}_public']['min_ms']:.2f} ms (diff "
+                                            f"{out[f'{label}_max_diff']:.1e})" for label in runs)
+        + f"; auto = {out['auto_backend']}")
+    return out
+
+
 def flex_backward(log, q, k, v, do, mask_lens=None, softcap=None):
     """torch FlexAttention's backward (torch.compile'd flex_attention, autograd.grad of its output) on the same
     inputs: with a document block mask (mask_lens) or a softcap score_mod; its time alone, as ours is timed."""
@@ -481,6 +515,7 @@ def sanitize_case():
 def _benches(log):
     return [("mod_cost", lambda: bench_mod_cost(log))] + [
         (f"documents_{N}", functools.partial(bench_documents, log, N, flex=N == 16384)) for N in (4096, 16384)] + [
+        (f"bool_mask_{N}", functools.partial(bench_bool_mask, log, N)) for N in (4096, 16384)] + [
         ("flex_softcap", lambda: flex_softcap_backward(log))]
 
 
