@@ -489,7 +489,7 @@ def flex_softcap_backward(log, N=4096, B=4, d=64):
 # ---------------------------------------------------------------------------------------------
 def sanitize_case():
     """One small launch of each path (score_mod + derivative + block mask + causal, mask_mod as bits, mask_mod
-    in the kernel, GQA) with CuPy's memory pool off, for compute-sanitizer (`--sanitize`)."""
+    in the kernel, GQA, a bool mask=) with CuPy's memory pool off, for compute-sanitizer (`--sanitize`)."""
     import cupy
 
     from flashkit.gpu import flash_mods
@@ -508,6 +508,9 @@ def sanitize_case():
             o, lse = flashkit.attention(q, k, v, return_lse=True, **kw)
             flashkit.attention_backward(do, q, k, v, o, lse, backend=RUNG, **kw)
     flash_mods.MOD_BITS = True
+    mask = cupy.asarray(np.random.default_rng(1).random((1, 1, Nq, Nk)) < 0.7)  # a bool mask=, with causal
+    o, lse = flashkit.attention(q, k, v, mask=mask, causal=True, return_lse=True)
+    flashkit.attention_backward(do, q, k, v, o, lse, mask=mask, causal=True, backend=RUNG)
     cupy.cuda.Device().synchronize()
     print("sanitize case done")
 
