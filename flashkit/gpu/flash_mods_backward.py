@@ -32,26 +32,30 @@ modules keyed by the generated source); captured arrays are kernel arguments. A 
 for fk_keep, its empty tiles skipped, the lists made on the GPU (fk_lists on the transposed tile grids); O(N)
 extra memory beside the (N/Br) x (N/Bc) tile states, where cupy-standard's backward needs O(N^2).
 
-Measured (benchmarks/results/gpu-mods-backward-h200.json: H200, fp16, the tree of 6e84958, two device calls of
-benchmarks/gpu_mods_backward_check.py; the run before, at bd4f3f7, gave the same times and 52/53 through a wrong
-expectation of the check, since fixed): 53 of 53 checks passed, dq, dk, dv of 15 cases x 3 awkward shapes within
+Measured (benchmarks/results/gpu-mods-backward-h200.json: H200, fp16, one device call on the tree of 85e06b6 of
+benchmarks/gpu_mods_backward_check.py): 53 of 53 checks passed, dq, dk, dv of 15 cases x 3 awkward shapes within
 check_backward's criterion of the float64 reference (rows the mods hide entirely: dq = 0), and 8 of 8 bad-mod /
-bad-lse cases raising what they should. compute-sanitizer memcheck: 0 errors.
+bad-lse cases raising what they should. compute-sanitizer memcheck (every path, the bool mask= one included): 0
+errors. The GPU tests of mask= on this rung (tests/test_gpu_mods_backward.py) passed in the same call.
   - Cost of a score_mod (N = 4096, B = 4, H x d = 2048, ratio of minima against the plain rung in the same run,
     kernels alone; the public call in brackets, against the plain public call): d = 64, 128 x 128 tiles: identity
-    1.104x (1.136x), causal 1.118x (1.149x); softcap(50) 1.243x (1.291x), causal 1.254x (1.288x); d = 128: identity
-    1.129x (1.158x), causal 1.111x (1.165x); softcap 1.190x (1.225x), causal 1.182x (1.243x). Over the issue's 10%
-    goal: the plain rung (6.44 ms, 213 TFLOP/s at d = 64) has no registers to spare at 128 x 128 (ptxas: 255), and
+    1.112x (1.149x), causal 1.125x (1.184x); softcap(50) 1.264x (1.292x), causal 1.262x (1.318x); d = 128: identity
+    1.106x (1.146x), causal 1.109x (1.187x); softcap 1.192x (1.253x), causal 1.179x (1.251x). Over the issue's 10%
+    goal: the plain rung (6.38 ms, 215 TFLOP/s at d = 64) has no registers to spare at 128 x 128 (ptxas: 255), and
     the derivative kept per score (BR / 8 x 4 floats) spills 40 bytes with softcap. The tiles that do not spill
-    are slower still: at d = 64, 64 x 128 identity 1.29x, softcap 1.38x; 32 x 128 1.69-1.80x (the same run). torch
-    FlexAttention's compiled backward in the same run: softcap 1.967x its own time without a mod (6.64 -> 13.06
-    ms), so ours costs a quarter of what its softcap costs.
+    are slower still: at d = 64, 64 x 128 identity 1.31x, softcap 1.40x; 32 x 128 1.73-1.83x (the same run). torch
+    FlexAttention's compiled backward in the same run: softcap 1.98x its own time without a mod (6.68 -> 13.25
+    ms), so ours costs about a quarter of what its softcap costs.
   - A document mask (8 equal documents, H = 16, d = 64), 0.125 of the tiles visited: N = 4096 block mask 0.16 ms
-    against 1.91 ms with every tile visited (11.7x; public call 0.48 / 2.25 ms, 4.7x); N = 16384 1.85 ms against
-    34.57 ms (18.7x; public 2.26 / 34.92 ms, 15.4x). FlexAttention's backward on the same mask and inputs at
-    N = 16384: 1.40 ms, so ours is 0.76x its speed alone and 0.62x through the public call (max difference of
-    the gradients 2.4e-4, fp16).
-  - The public call's own cost (tools/gpu_public_trace.py --backward-mods, same session): at N = 4096 with the
+    against 1.92 ms with every tile visited (11.8x; public call 0.53 / 2.33 ms, 4.4x); N = 16384 1.84 ms against
+    34.64 ms (18.8x; public 2.25 / 35.37 ms, 15.8x). FlexAttention's backward on the same mask and inputs at
+    N = 16384: 1.39 ms, so ours is 0.76x its speed alone and 0.62x through the public call (largest difference of
+    the gradients 2.4e-4 in the run before, fp16).
+  - The same document mask as a dense bool mask= (1, 1, N, N), public calls: N = 4096 0.61 ms ("auto" picks this
+    rung; the block mask 0.51, cupy-standard's O(N^2) backward 18.93 ms: 31x); N = 16384 2.38 ms (block mask 2.24:
+    classifying the 256 MiB mask in the call costs 6%). The gradients differ from the block mask's by 1.2e-4 at most
+    (the atomics' order: the block mask's own two runs differ as much).
+  - The public call's own cost (tools/gpu_public_trace.py --backward-mods, the call before): at N = 4096 with the
     document mask the host spends 0.83 ms a call (0.65 with check_finite=False) for 0.16 ms of kernels, and the
     GPU waits for it (one sync a call, the error word): Python (validation, the Problem, 7 allocations, the
     launch arguments), not the GPU. The forward with the same mods: 0.52 ms (0.39 unchecked) for 0.04 ms. A
