@@ -700,13 +700,12 @@ def _base_codes(problem, Br, Bc, fp=None):
     return _cached("base", problem, Br, Bc, make, fp)
 
 
-def _bool_mask_lists(problem, Br, Bc, fp=None):
-    """(start, count, index, bits_at, bits, n_partial, order, ordered) on the GPU of a call with a bool mask
-    (Bm, Hm, Nq, Nk): the mask's tiles classified on the GPU in one pass over it, the bits of its PARTIAL
-    tiles only (Br x Bc / 8 bytes each), the tile lists and the block order made on the GPU (fk_lists,
-    block_order). Nothing of size Nq x Nk is made; the host reads one number (how many tiles are PARTIAL,
-    to size the bits) and one flag (whether the order differs from rung 6's own). Made in every call: the
-    mask's contents may change between calls."""
+def bool_mask_bits(problem, Br, Bc):
+    """(module, states, slot_of, bits, n_partial) of a call with a bool mask (Bm, Hm, Nq, Nk) on the GPU, at
+    tiles of Br x Bc: every tile classified in one pass over the mask (fk_mask_states: states SKIP / PARTIAL /
+    FULL, slot_of its slot in the bits or -1), the PARTIAL tiles' bits packed (fk_mask_pack: Br rows of Bc / 32
+    words a tile, in slot order, what fk_keep reads). The host reads one number, how many tiles are PARTIAL, to
+    size the bits. Shared by the forward (rung 6) and the backward (flash_mods_backward)."""
     import cupy
 
     mask = problem.mask
@@ -731,7 +730,23 @@ def _bool_mask_lists(problem, Br, Bc, fp=None):
     if partial:
         mod.get_function("fk_mask_pack")((partial,), (min(256, words),), (m8, tile_of, bits, i32(Nq), i32(Nk), i32(Br),
                                                                        i32(Bc), i32(Tr), i32(Tc), vec))
-    del tile_of
+    return mod, states, slot_of, bits, partial
+
+
+def _bool_mask_lists(problem, Br, Bc, fp=None):
+    """(start, count, index, bits_at, bits, n_partial, order, ordered) on the GPU of a call with a bool mask
+    (Bm, Hm, Nq, Nk): the mask's tiles classified on the GPU in one pass over it, the bits of its PARTIAL
+    tiles only (Br x Bc / 8 bytes each; bool_mask_bits), the tile lists and the block order made on the GPU
+    (fk_lists, block_order). Nothing of size Nq x Nk is made; the host reads one number (how many tiles are
+    PARTIAL, to size the bits) and one flag (whether the order differs from rung 6's own). Made in every call:
+    the mask's contents may change between calls."""
+    import cupy
+
+    Bm, Hm, Nq, Nk = problem.mask.shape
+    Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
+    mod, states, slot_of, bits, partial = bool_mask_bits(problem, Br, Bc)
+    words = Br * (Bc // 32)
+    i32 = np.int32
     base = _base_codes(problem, Br, Bc, fp)
     Bb, Hb = base.shape[:2]
     Bl, Hl = max(Bb, Bm), max(Hb, Hm)

@@ -312,36 +312,18 @@ def _lists(problem, Br, Bc, fp=None):
 
 def _bool_mask_lists(problem, Br, Bc, fp=None):
     """(start, count, index, bits_at, bits) on the GPU of a call with a bool mask= (Bm, Hm, Nq, Nk): the forward's
-    GPU pipeline (flash_mods.BOOL_MASK: fk_mask_states classifies every tile in one pass over the mask, fk_mask_pack
-    packs the PARTIAL ones into bits, Br rows of Bc / 32 words, the layout fk_keep reads), then fk_lists on the
+    GPU pipeline (flash_mods.bool_mask_bits: every tile classified in one pass over the mask, the PARTIAL ones
+    packed into bits, Br rows of Bc / 32 words, the layout fk_keep reads), then fk_lists on the
     tile grids transposed, so its rows are key blocks and its entries 2 i + partial: the key-block-major lists
     this rung walks. Nothing of size Nq x Nk is made; the host reads one number (how many tiles are PARTIAL).
     Made in every call, as the forward's: the mask's contents may change between calls."""
     import cupy
 
-    mask = problem.mask
-    Bm, Hm, Nq, Nk = mask.shape
+    Bm, Hm, Nq, Nk = problem.mask.shape
     Tr, Tc = -(-Nq // Br), -(-Nk // Bc)
-    mod = flash_mods._module(flash_mods.BOOL_MASK, ("--std=c++17", f"--gpu-architecture={flash._arch()}"))
-    m8 = mask.view(cupy.uint8)
-    vec = np.int32(Nk % 16 == 0 and m8.data.ptr % 16 == 0)
-    tiles = Bm * Hm * Tr * Tc
-    states = cupy.empty(tiles, cupy.int8)
-    slot_of = cupy.empty(tiles, cupy.int32)
-    tile_of = cupy.empty(tiles, cupy.int32)
-    n_partial = cupy.zeros(1, cupy.int32)
-    i32 = np.int32
-    mod.get_function("fk_mask_states")((Tc, Tr, Bm * Hm), (128,), (m8, states, slot_of, tile_of, n_partial, i32(Nq),
-                                                                  i32(Nk), i32(Br), i32(Bc), vec))
-    partial = int(n_partial.get()[0])  # the host sync of the bool-mask path: the size of the bits
+    mod, states, slot_of, bits, _ = flash_mods.bool_mask_bits(problem, Br, Bc)
     words = Br * (Bc // 32)
-    if partial * words >= 1 << 31:
-        raise ValueError(f"mask: {partial} partially masked tiles need more than 2^31 words of bits")
-    bits = cupy.empty(max(1, partial * words), cupy.uint32)
-    if partial:
-        mod.get_function("fk_mask_pack")((partial,), (min(256, words),), (m8, tile_of, bits, i32(Nq), i32(Nk), i32(Br),
-                                                                       i32(Bc), i32(Tr), i32(Tc), vec))
-    del tile_of
+    i32 = np.int32
     base = flash_mods._base_codes(problem, Br, Bc, fp)  # the window's and the mask_mod's states, (Bb, Hb, Tr, Tc)
     Bb, Hb = base.shape[:2]
 
