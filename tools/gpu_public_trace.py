@@ -20,6 +20,22 @@ import argparse
 import time
 
 
+def host_and_stream_ms(fn, calls=20):
+    """(host ms, stream ms) a call of fn: the calling thread's time for `calls` calls issued back to back
+    without a wait, and the GPU's time a call over the same number (flashkit.measure.timing.stream_time)."""
+    import cupy
+
+    from flashkit.measure.timing import stream_time
+
+    cupy.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e3
+    cupy.cuda.Device().synchronize()
+    return host, stream_time(fn, calls=calls, rounds=5, budget_s=0.5)["median_s"] * 1e3
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", default="64,128", help="head sizes, comma-separated")
@@ -36,7 +52,6 @@ def main(argv=None):
     import flashkit
     from flashkit import registry, validate
     from flashkit.gpu import flash
-    from flashkit.measure.timing import stream_time
 
     marker = cupy.ElementwiseKernel("float32 x", "float32 y", "y = x + 1", "fk_marker")
     one = cupy.zeros(1, cupy.float32)
@@ -65,13 +80,7 @@ def main(argv=None):
             print(f"d={d}: traced, in order, between fk_marker kernels: {', '.join(calls)} (rung {rung})", flush=True)
             return
         for name, fn in calls.items():
-            cupy.cuda.Device().synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                fn()
-            host = (time.perf_counter() - t0) / 20 * 1e3
-            cupy.cuda.Device().synchronize()
-            gpu = stream_time(fn, calls=20, rounds=5, budget_s=0.5)["median_s"] * 1e3
+            host, gpu = host_and_stream_ms(fn)
             print(f"d={d:3} {args.dtype} rung {rung} {name:9}  host {host:7.3f} ms a call   stream {gpu:7.3f} ms a call",
                   flush=True)
         if args.profile:  # where the public call's host time goes, by function
@@ -104,7 +113,6 @@ def backward_mods(args):
     from flashkit import mods, validate
     from flashkit.gpu import flash_mods
     from flashkit.gpu import flash_mods_backward as fmb
-    from flashkit.measure.timing import stream_time
 
     def inputs(B, H, N, d):
         return [cupy.random.standard_normal((B, H, N, d), dtype=cupy.float32).astype(cupy.float16) for _ in range(4)]
@@ -135,13 +143,7 @@ def backward_mods(args):
             fn()
         cupy.cuda.Device().synchronize()
         for name, fn in calls.items():
-            cupy.cuda.Device().synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                fn()
-            host = (time.perf_counter() - t0) / 20 * 1e3
-            cupy.cuda.Device().synchronize()
-            gpu = stream_time(fn, calls=20, rounds=5, budget_s=0.5)["median_s"] * 1e3
+            host, gpu = host_and_stream_ms(fn)
             print(f"{label:20} {name:9}  host {host:7.3f} ms a call   stream {gpu:7.3f} ms a call", flush=True)
         if args.profile:
             prof = cProfile.Profile()
