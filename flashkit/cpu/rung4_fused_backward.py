@@ -106,8 +106,18 @@ sgemm 134.7) time / torch's 0.98, 0.99, 0.87, 1.11 at N=1024, 2048, 4096, 8192, 
 outlier: 469-535 ms alone minutes later), 0.92; again at fa970bf on a quieter machine (benchmarks/results/cpu-
 backward-amd-epyc-znver3-2c.json, sgemm 188.6, medians within 1-6% of the fastest runs): 1.04, 1.02, 0.98, 0.97,
 causal 0.79, 0.81, 0.84, 1.06; 66-73% of that sgemm; speed-up over numpy-standard 3.3, 2.2, 2.5 at N=1024-4096 (causal 5.5, 4.6, 5.6).
+Step of 2026-12-03 (same znver3 machine): the micro-kernel alone (S's 4 x 16 against the forward's 6 x 16, one
+thread, 200 passes over a 128 x 128 tile at d=64) ran at 76-80 against 83-96 GFLOP/s: 8 accumulators are just
+the 2 FMA pipes x 4 cycles of latency Zen 3 needs in flight, 12 leave slack. So MR = 6 query rows (S, dP, dQ:
+Br 128 -> 126) and MK = 6 keys (dK, dV: Bc to whole multiples of lcm(16, 6) = 48, 128 -> 144). The two builds
+in one process, fastest of 3-5 interleaved calls, H=8, d=64, both cores, gradients within 1.2e-6 of each other:
+MR = 6 alone (MK = 4) 0.88x the time at N=1024, 0.96-0.99x at N 2048-4096; with MK = 6 too 0.82x (N=1024),
+0.78x (4096), causal 0.93x (4096) and 0.85x (8192). Bc = 96 / 144 / 192 at N=2048: 173 / 161 / 181 ms
+(causal 94 / 95 / 89); 144 kept.
 """
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -119,11 +129,12 @@ from flashkit.cpu.common import NEG, PARTIAL, SKIP, _NO_MASK, default_block_size
 from flashkit.cpu.vec import VECTOR_BYTES, Vec, address, bcast, exp2, fetch_add, fma, hsum, lanes, load, splat, store, vmin
 
 BLOCKS = (128, 128)  # preferred (Br, Bc) before the L2 rule
-# Rows (or keys) of a micro-tile: 8 x 2 registers = 16 accumulators of AVX-512's 32 zmm; with AVX2's 16 ymm
-# 4 (8 accumulators, 2 of K or V, 1 broadcast: 11), since 8 rows spilled there. Rows 4-7 of the code below
-# exist where MR says (a compile-time constant: LLVM drops the others). 4, not the forward's 6: the key
-# panels of dK and dV are MR keys of BcP, a multiple of NR = 16 keys there.
-MR = 8 if VECTOR_BYTES == 64 else 4
+# Query rows of a micro-tile (S, dP and dQ: MR) and keys of one (dK and dV: MK): 8 x 2 registers = 16
+# accumulators of AVX-512's 32 zmm. With AVX2's 16 ymm, 8 rows spilled; MR = 6 (12 accumulators, 2 of K or V,
+# 1 broadcast: 15, as the forward rung) and MK = 4 (the key groups of dK and dV divide BcP, a multiple of NR = 16
+# keys). Rows 4-7 of the code below exist where the constant says (LLVM drops the others).
+MR = 8 if VECTOR_BYTES == 64 else 6
+MK = 8 if VECTOR_BYTES == 64 else 6
 LOG2E = 1.4426950408889634
 NO_KEY = 1e30  # lse' of a row that saw no key (and of padding rows): 2^(S' - 1e30) = 0
 CAP = 64.0  # S' - lse' is <= 0 for the forward's lse; a wrong lse is capped so P stays finite and fails the check
@@ -262,8 +273,10 @@ def finish_dq(dQp, scale, Br, BrP, Dp, dQ):
 # The micro-kernel: 8 x 2 registers, C += sum over steps of (8 broadcasts of A) x (2 registers of B)
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
-def micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, acc):
-    """acc (16 registers: rows x = 0..MR-1, 2 each; the others pass through) + sum_s A[a0 + s a_step + x a_x] * Bm[b0 + s b_step + (0, W)]."""
+def micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, acc, rows):
+    """acc (16 registers: rows x = 0..rows-1, 2 each; the others pass through) + sum_s A[a0 + s a_step + x a_x] *
+    Bm[b0 + s b_step + (0, W)]. rows (4, 6 or 8: MR or MK) is a constant where it is called: LLVM drops the
+    rows past it."""
     a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71 = acc
     for s in range(n):
         bb = b0 + s * b_step
@@ -282,13 +295,14 @@ def micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, acc):
         x = bcast(A, ab + 3 * a_x)
         a30 = fma(x, v0, a30)
         a31 = fma(x, v1, a31)
-        if MR > 4:
+        if rows > 4:
             x = bcast(A, ab + 4 * a_x)
             a40 = fma(x, v0, a40)
             a41 = fma(x, v1, a41)
             x = bcast(A, ab + 5 * a_x)
             a50 = fma(x, v0, a50)
             a51 = fma(x, v1, a51)
+        if rows > 6:
             x = bcast(A, ab + 6 * a_x)
             a60 = fma(x, v0, a60)
             a61 = fma(x, v1, a61)
@@ -304,21 +318,26 @@ def zeros16(z):
 
 
 @njit(inline="always")
-def load16(C, c0, c_x, W):
-    """The 16 registers of rows c0 + x c_x (x = 0..7), 2 registers each; rows MR..7 zero (not read)."""
-    if MR > 4:
+def load16(C, c0, c_x, W, rows):
+    """The 16 registers of rows c0 + x c_x (x = 0..7), 2 registers each; rows past `rows` zero (not read)."""
+    if rows > 6:
         return (load(C, c0), load(C, c0 + W), load(C, c0 + c_x), load(C, c0 + c_x + W),
                 load(C, c0 + 2 * c_x), load(C, c0 + 2 * c_x + W), load(C, c0 + 3 * c_x), load(C, c0 + 3 * c_x + W),
                 load(C, c0 + 4 * c_x), load(C, c0 + 4 * c_x + W), load(C, c0 + 5 * c_x), load(C, c0 + 5 * c_x + W),
                 load(C, c0 + 6 * c_x), load(C, c0 + 6 * c_x + W), load(C, c0 + 7 * c_x), load(C, c0 + 7 * c_x + W))
     z = splat(C.dtype.type(0))
+    if rows > 4:
+        return (load(C, c0), load(C, c0 + W), load(C, c0 + c_x), load(C, c0 + c_x + W),
+                load(C, c0 + 2 * c_x), load(C, c0 + 2 * c_x + W), load(C, c0 + 3 * c_x), load(C, c0 + 3 * c_x + W),
+                load(C, c0 + 4 * c_x), load(C, c0 + 4 * c_x + W), load(C, c0 + 5 * c_x), load(C, c0 + 5 * c_x + W),
+                z, z, z, z)
     return (load(C, c0), load(C, c0 + W), load(C, c0 + c_x), load(C, c0 + c_x + W),
             load(C, c0 + 2 * c_x), load(C, c0 + 2 * c_x + W), load(C, c0 + 3 * c_x), load(C, c0 + 3 * c_x + W),
             z, z, z, z, z, z, z, z)
 
 
 @njit(inline="always")
-def store16(C, c0, c_x, W, acc):
+def store16(C, c0, c_x, W, acc, rows):
     store(C, c0, acc[0])
     store(C, c0 + W, acc[1])
     store(C, c0 + c_x, acc[2])
@@ -327,11 +346,12 @@ def store16(C, c0, c_x, W, acc):
     store(C, c0 + 2 * c_x + W, acc[5])
     store(C, c0 + 3 * c_x, acc[6])
     store(C, c0 + 3 * c_x + W, acc[7])
-    if MR > 4:
+    if rows > 4:
         store(C, c0 + 4 * c_x, acc[8])
         store(C, c0 + 4 * c_x + W, acc[9])
         store(C, c0 + 5 * c_x, acc[10])
         store(C, c0 + 5 * c_x + W, acc[11])
+    if rows > 6:
         store(C, c0 + 6 * c_x, acc[12])
         store(C, c0 + 6 * c_x + W, acc[13])
         store(C, c0 + 7 * c_x, acc[14])
@@ -339,10 +359,10 @@ def store16(C, c0, c_x, W, acc):
 
 
 @njit(inline="always")
-def product(A, a0, a_step, a_x, Bm, b0, b_step, n, W, C, c0, c_x):
+def product(A, a0, a_step, a_x, Bm, b0, b_step, n, W, C, c0, c_x, rows):
     """C[rows c0 + x c_x, 2 registers] += the micro-kernel's sum: one read-modify-write of the 16 registers.
     A call, not inlined: one compiled copy serves the three products (a third of the compile time)."""
-    store16(C, c0, c_x, W, micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, load16(C, c0, c_x, W)))
+    store16(C, c0, c_x, W, micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, load16(C, c0, c_x, W, rows), rows), rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +487,7 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
     nc = min(Bc, Nk - j0)
     np_j = (nc + NR - 1) // NR  # key panels holding keys of this block
     n_keys = np_j * NR
-    n_ko = (nc + MR - 1) // MR  # key octets for dK and dV
+    n_ko = (nc + MK - 1) // MK  # key groups (MK keys) for dK and dV
     Kt, Vt, Kr = KT[b, hk], VT[b, hk], KR[b, hk]
     dKa = np.zeros(BcP * Dp, QP.dtype)
     dVa = np.zeros(BcP * Dp, QP.dtype)
@@ -520,21 +540,21 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                         must_mask = must_mask or has_mask or key0 < lo_last or key1 > hi_first
                     kb = (j * n_kp + p) * d * NR
                     # ---- S' = Q_i' K_j^T on 8 rows x NR keys, then P = 2^(S' - lse') in registers
-                    a = micro(Qp, qb, MR, 1, Kt, kb, NR, d, W, zeros16(zero))
+                    a = micro(Qp, qb, MR, 1, Kt, kb, NR, d, W, zeros16(zero), MR)
                     if mod_tile is not None and (mod_every_tile or state == PARTIAL):
                         # the mods on the micro-tile in Sb (pointers, not arrays: see rung4_fused.forward_kernel)
-                        store16(Sb, 0, NR, W, a)
+                        store16(Sb, 0, NR, W, a, MR)
                         code = mod_tile(address(Sb, 0), address(Fb, 0), np.int64(i0 + row0), np.int64(key0),
                                         np.int64(nr - row0), np.int64(nc - col), state == PARTIAL,
                                         address(task_ctx, 0), mask_plane)
                         if code != -1 and errors[t, 0] == -1:
                             errors[t, 0], errors[t, 1], errors[t, 2], errors[t, 3], errors[t, 4] = code, b, h, i, j
-                        a = load16(Sb, 0, NR, W)
+                        a = load16(Sb, 0, NR, W, MR)
                     if must_mask and has_mask:
-                        store16(Sb, 0, NR, W, a)
+                        store16(Sb, 0, NR, W, a, MR)
                         mask_tile(Sb, W, i0 + row0, key0, nr - row0, nc - col, Nq, Nk, left, right, mask,
                                   has_mask, xb, xh)
-                        a = load16(Sb, 0, NR, W)
+                        a = load16(Sb, 0, NR, W, MR)
                     elif must_mask:  # a window boundary or the block's end crosses the panel: in registers
                         q = i0 + row0
                         a00, a01 = window_row(a[0], a[1], iota, key0, q, Nq, Nk, left, right, j0 + nc)
@@ -545,6 +565,7 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                         if MR > 4:
                             a40, a41 = window_row(a[8], a[9], iota, key0, q + 4, Nq, Nk, left, right, j0 + nc)
                             a50, a51 = window_row(a[10], a[11], iota, key0, q + 5, Nq, Nk, left, right, j0 + nc)
+                        if MR > 6:
                             a60, a61 = window_row(a[12], a[13], iota, key0, q + 6, Nq, Nk, left, right, j0 + nc)
                             a70, a71 = window_row(a[14], a[15], iota, key0, q + 7, Nq, Nk, left, right, j0 + nc)
                         a = (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71)
@@ -556,10 +577,11 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                     if MR > 4:
                         p_row(a[8], a[9], splat(L2[rb + 4]), cap, Pb, pb + 4 * BcP, lv, 4 * W)
                         p_row(a[10], a[11], splat(L2[rb + 5]), cap, Pb, pb + 5 * BcP, lv, 5 * W)
+                    if MR > 6:
                         p_row(a[12], a[13], splat(L2[rb + 6]), cap, Pb, pb + 6 * BcP, lv, 6 * W)
                         p_row(a[14], a[15], splat(L2[rb + 7]), cap, Pb, pb + 7 * BcP, lv, 7 * W)
                     # ---- dP = dO_i V_j^T on the same micro-tile, then dS = P * (dP - D)
-                    g = micro(dOp, qb, MR, 1, Vt, kb, NR, d, W, zeros16(zero))
+                    g = micro(dOp, qb, MR, 1, Vt, kb, NR, d, W, zeros16(zero), MR)
                     if mod_tile is not None and mod_every_tile:  # a score_mod: times f'(s)
                         ds_row_grad(g[0], g[1], splat(Dh[rb]), Pb, pb, dSb, Fb, 0)
                         ds_row_grad(g[2], g[3], splat(Dh[rb + 1]), Pb, pb + BcP, dSb, Fb, NR)
@@ -568,6 +590,7 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                         if MR > 4:
                             ds_row_grad(g[8], g[9], splat(Dh[rb + 4]), Pb, pb + 4 * BcP, dSb, Fb, 4 * NR)
                             ds_row_grad(g[10], g[11], splat(Dh[rb + 5]), Pb, pb + 5 * BcP, dSb, Fb, 5 * NR)
+                        if MR > 6:
                             ds_row_grad(g[12], g[13], splat(Dh[rb + 6]), Pb, pb + 6 * BcP, dSb, Fb, 6 * NR)
                             ds_row_grad(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb, Fb, 7 * NR)
                         continue
@@ -578,6 +601,7 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                     if MR > 4:
                         ds_row(g[8], g[9], splat(Dh[rb + 4]), Pb, pb + 4 * BcP, dSb)
                         ds_row(g[10], g[11], splat(Dh[rb + 5]), Pb, pb + 5 * BcP, dSb)
+                    if MR > 6:
                         ds_row(g[12], g[13], splat(Dh[rb + 6]), Pb, pb + 6 * BcP, dSb)
                         ds_row(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb)
                 for x in range(min(MR, nr - row0)):
@@ -586,13 +610,13 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
             ib = i * BrP * Dp
             for ko in range(n_ko):
                 for dc in range(0, Dp, NR):
-                    product(Pb, ko * MR, BcP, 1, dOr, ib + dc, Dp, nr, W, dVa, ko * MR * Dp + dc, Dp)
-                    product(dSb, ko * MR, BcP, 1, Qr, ib + dc, Dp, nr, W, dKa, ko * MR * Dp + dc, Dp)
+                    product(Pb, ko * MK, BcP, 1, dOr, ib + dc, Dp, nr, W, dVa, ko * MK * Dp + dc, Dp, MK)
+                    product(dSb, ko * MK, BcP, 1, Qr, ib + dc, Dp, nr, W, dKa, ko * MK * Dp + dc, Dp, MK)
             # ---- dQ_i += dS K_j: 8 rows x 2 registers, n_keys steps, into this thread's copy
             for rp in range((nr + MR - 1) // MR):
                 for dc in range(0, Dp, NR):
                     product(dSb, rp * MR * BcP, 1, BcP, Kr, j * BcP * Dp + dc, Dp, n_keys, W, dQh,
-                            (i * BrP + rp * MR) * Dp + dc, Dp)
+                            (i * BrP + rp * MR) * Dp + dc, Dp, MR)
     sc = dt(scale)
     for c in range(nc):
         for k in range(d):
@@ -604,13 +628,14 @@ def blocks(problem, itemsize, W):
     """(Br, BrP, Bc, BcP, Dp): the tile from problem.block_size or the L2 rule, Br padded to whole
     8-row panels (BrP), Bc to whole panels of NR = 2W keys (BcP), d to whole pairs of registers (Dp)."""
     NR = 2 * W
+    KP = math.lcm(NR, MK)  # BcP holds whole key panels (S, dP) and whole key groups (dK, dV)
     if problem.block_size is not None:
         Br, Bc = (int(x) for x in problem.block_size)
     else:
         Br, Bc = default_block_size(problem.d, itemsize, *BLOCKS)
-        Br, Bc = max(MR, Br // MR * MR), max(NR, Bc // NR * NR)
+        Br, Bc = max(MR, Br // MR * MR), max(KP, (Bc + KP // 2) // KP * KP)  # Bc to the nearest whole KP
     Br, Bc = max(1, min(Br, problem.Nq)), max(1, min(Bc, problem.Nk))
-    return Br, -(-Br // MR) * MR, Bc, -(-Bc // NR) * NR, -(-problem.d // NR) * NR
+    return Br, -(-Br // MR) * MR, Bc, -(-Bc // KP) * KP, -(-problem.d // NR) * NR
 
 
 def _keys_seen(problem, rows):
