@@ -113,7 +113,12 @@ Br 128 -> 126) and MK = 6 keys (dK, dV: Bc to whole multiples of lcm(16, 6) = 48
 in one process, fastest of 3-5 interleaved calls, H=8, d=64, both cores, gradients within 1.2e-6 of each other:
 MR = 6 alone (MK = 4) 0.88x the time at N=1024, 0.96-0.99x at N 2048-4096; with MK = 6 too 0.82x (N=1024),
 0.78x (4096), causal 0.93x (4096) and 0.85x (8192). Bc = 96 / 144 / 192 at N=2048: 173 / 161 / 181 ms
-(causal 94 / 95 / 89); 144 kept.
+(causal 94 / 95 / 89); 144 kept. Then benchmarks/cpu_backward.py at 0fc5d28 (benchmarks/results/cpu-backward-amd-
+epyc-znver3-2c.json; the run before it is -history1.json; this VM ran slower that hour: sgemm 141.7 against 188.6,
+load average 1.2-1.9): time / torch SDPA's backward (median) 0.83, 0.92, 0.73, 0.88 at N=1024, 2048, 4096, 8192,
+causal 0.76, 0.82, 0.79, 0.97 (from each one's fastest run: 0.88, 0.94, 0.94, 0.87; causal 0.73, 0.83, 0.82,
+0.95): issue 10's <= 1.0x in every cell; 92%, 78%, 85%, 83% of that run's sgemm (causal 60-83%); speed-up over
+numpy-standard 4.5, 2.6, 2.7 (causal 5.2, 5.1, 5.4): 3x is not reached at N=2048 and 4096.
 """
 from __future__ import annotations
 
