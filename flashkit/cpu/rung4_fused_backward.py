@@ -41,7 +41,10 @@ without a mask test; with a score_mod every micro-tile calls the hook (Q' carrie
 sees q . k * scale). The library's softcap runs on whole registers (mods_jit.softcap_register_grad:
 f and f' from one tanh). Measured (znver3, AVX2, N=4096, H=8, d=64, both cores, benchmarks/cpu_mods.py
 --cost-only; mods_jit's header has the rest): identity 1.03x, softcap 1.07x the time without a mod;
-softcap on rung 3 2.45x.
+softcap on rung 3 2.45x (cpu-mods-cost-amd-epyc-znver3-2c-history1.json, the 4 x 16 build). With the 6 x 16
+micro-tiles, at a977ce6 (cpu-mods-cost-amd-epyc-znver3-2c.json, 7 interleaved rounds): identity 1.04x, softcap
+1.02x (medians of the rounds' ratios 1.05x, 1.04x); softcap on rung 3 3.04x. The forward in the same run
+(unchanged code): identity 1.05x, softcap 1.20x (1.16x in the run before).
 
 Measured on the shared 2-core Intel Xeon (Emerald Rapids, AVX-512, 2 MiB L2 a core) under a load average of
 3-9 from other jobs, fp32, B=1, d=64, so wall-clock times are noisy; ratios are from one run:
