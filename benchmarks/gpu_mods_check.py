@@ -570,7 +570,9 @@ def _section(result, name, fn, log, path=None):
         write_json(path, dict(result, summary={"partial": f"written after section {name!r}"}))
 
 
-def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> dict:
+def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> int:
+    """Checks and measurements into gpu-mods-<card>.json; 0 when every check passed (benchmarks/gpu_session.py's
+    convention for its extra check scripts: it read the results dict returned before as a failure)."""
     from flashkit.atomic import write_json
     from flashkit.measure import provenance
 
@@ -624,7 +626,7 @@ def main(out_dir=None, bench: bool = True, deadline_s: float = 200.0) -> dict:
     log(f"== {n_bad} failed of {len(rows)}; {result['summary']['seconds']:.0f} s")
     write_json(path, result)
     log(f"wrote {path}")
-    return result
+    return int(n_bad > 0)
 
 
 if __name__ == "__main__":
@@ -633,4 +635,4 @@ if __name__ == "__main__":
     elif "--profile" in sys.argv:
         profile_case()
     else:
-        main(sys.argv[1] if len(sys.argv) > 1 else None)
+        sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))
