@@ -2,14 +2,14 @@
 
 The readable twin is flashkit/tiled.py:fa2_backward_head; rung 3's backward (rung3_gemm_backward.py) is
 the same algorithm with its five tile products as np.dot calls. Here they are the forward rung 4's
-register-tiled micro-kernel (flashkit/cpu/vec.py), one generic 8 x 2-register kernel (`micro`) used
-five times per tile (Br query rows x Bc keys):
+register-tiled micro-kernel (flashkit/cpu/vec.py), one generic rows x 2-register kernel (`micro`; 8 rows
+with AVX-512, 6 with AVX2) used five times per tile (Br query rows x Bc keys):
 
-    S   = Q_i K_j^T       8 rows x NR keys, d steps      then, in registers: P = 2^(S' - lse'), row sums
-    dP  = dO_i V_j^T      8 rows x NR keys, d steps      then, in registers: dS = P * (dP - D)
-    dV_j += P^T dO_i      8 keys x NR features, Br steps (P and dS of the tile wait in L1/L2 buffers)
-    dK_j += dS^T Q_i      8 keys x NR features, Br steps
-    dQ_i += dS K_j        8 rows x NR features, Bc steps (into this thread's private copy of dQ)
+    S   = Q_i K_j^T       MR rows x NR keys, d steps     then, in registers: P = 2^(S' - lse'), row sums
+    dP  = dO_i V_j^T      MR rows x NR keys, d steps     then, in registers: dS = P * (dP - D)
+    dV_j += P^T dO_i      MK keys x NR features, Br steps (P and dS of the tile wait in L1/L2 buffers)
+    dK_j += dS^T Q_i      MK keys x NR features, Br steps
+    dQ_i += dS K_j        MR rows x NR features, Bc steps (into this thread's private copy of dQ)
 
 What is packed once per call (parallel over blocks), so no product re-packs anything: Q' = Q scale log2(e)
 and dO in panels of 8 rows (d x 8, the broadcast operand of S and dP), K^T and V^T in panels of NR keys
@@ -139,8 +139,8 @@ from flashkit.cpu.vec import VECTOR_BYTES, Vec, address, bcast, exp2, fetch_add,
 BLOCKS = (128, 128)  # preferred (Br, Bc) before the L2 rule
 # Query rows of a micro-tile (S, dP and dQ: MR) and keys of one (dK and dV: MK): 8 x 2 registers = 16
 # accumulators of AVX-512's 32 zmm. With AVX2's 16 ymm, 8 rows spilled; MR = 6 (12 accumulators, 2 of K or V,
-# 1 broadcast: 15, as the forward rung) and MK = 4 (the key groups of dK and dV divide BcP, a multiple of NR = 16
-# keys). Rows 4-7 of the code below exist where the constant says (LLVM drops the others).
+# 1 broadcast: 15, as the forward rung) and MK = 6 (BcP is then a multiple of lcm(NR, MK): 48 keys in float32, whole key
+# panels and whole key groups). Rows 4-7 of the code below exist where the constant says (LLVM drops the others).
 MR = 8 if VECTOR_BYTES == 64 else 6
 MK = 8 if VECTOR_BYTES == 64 else 6
 LOG2E = 1.4426950408889634
@@ -278,7 +278,7 @@ def finish_dq(dQp, scale, Br, BrP, Dp, dQ):
 
 
 # ---------------------------------------------------------------------------------------------
-# The micro-kernel: 8 x 2 registers, C += sum over steps of (8 broadcasts of A) x (2 registers of B)
+# The micro-kernel: rows x 2 registers (rows = MR or MK), C += sum over steps of (rows broadcasts of A) x (2 registers of B)
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
 def micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, acc, rows):
@@ -368,8 +368,8 @@ def store16(C, c0, c_x, W, acc, rows):
 
 @njit(inline="always")
 def product(A, a0, a_step, a_x, Bm, b0, b_step, n, W, C, c0, c_x, rows):
-    """C[rows c0 + x c_x, 2 registers] += the micro-kernel's sum: one read-modify-write of the 16 registers.
-    A call, not inlined: one compiled copy serves the three products (a third of the compile time)."""
+    """C[rows c0 + x c_x (x < rows), 2 registers] += the micro-kernel's sum: one read-modify-write of the
+    accumulators."""
     store16(C, c0, c_x, W, micro(A, a0, a_step, a_x, Bm, b0, b_step, n, W, load16(C, c0, c_x, W, rows), rows), rows)
 
 
@@ -419,7 +419,7 @@ def ds_row_grad(g0, g1, D_r, Pb, pb, dSb, Fb, fb):
 
 @njit(cache=True)
 def mask_tile(Sb, W, q0, key0, nr_left, nc_left, Nq, Nk, left, right, mask, has_mask, xb, xh):
-    """Scores of the scratch micro-tile Sb (8 rows x 2W) that are hidden (window, custom mask, keys past
+    """Scores of the scratch micro-tile Sb (MR rows x 2W) that are hidden (window, custom mask, keys past
     the tile or the sequence) become NEG, so P = 0 there. Not inlined: only the masked tiles pay for it."""
     NR = 2 * W
     neg = Sb.dtype.type(NEG)
@@ -547,7 +547,7 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                             continue
                         must_mask = must_mask or has_mask or key0 < lo_last or key1 > hi_first
                     kb = (j * n_kp + p) * d * NR
-                    # ---- S' = Q_i' K_j^T on 8 rows x NR keys, then P = 2^(S' - lse') in registers
+                    # ---- S' = Q_i' K_j^T on MR rows x NR keys, then P = 2^(S' - lse') in registers
                     a = micro(Qp, qb, MR, 1, Kt, kb, NR, d, W, zeros16(zero), MR)
                     if mod_tile is not None and (mod_every_tile or state == PARTIAL):
                         # the mods on the micro-tile in Sb (pointers, not arrays: see rung4_fused.forward_kernel)
@@ -614,13 +614,13 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
                         ds_row(g[14], g[15], splat(Dh[rb + 7]), Pb, pb + 7 * BcP, dSb)
                 for x in range(min(MR, nr - row0)):
                     psum[w, b, h, i0 + row0 + x] += hsum(load(lv, x * W))
-            # ---- dV_j += P^T dO_i and dK_j += dS^T Q_i: 8 keys x 2 registers, nr steps
+            # ---- dV_j += P^T dO_i and dK_j += dS^T Q_i: MK keys x 2 registers, nr steps
             ib = i * BrP * Dp
             for ko in range(n_ko):
                 for dc in range(0, Dp, NR):
                     product(Pb, ko * MK, BcP, 1, dOr, ib + dc, Dp, nr, W, dVa, ko * MK * Dp + dc, Dp, MK)
                     product(dSb, ko * MK, BcP, 1, Qr, ib + dc, Dp, nr, W, dKa, ko * MK * Dp + dc, Dp, MK)
-            # ---- dQ_i += dS K_j: 8 rows x 2 registers, n_keys steps, into this thread's copy
+            # ---- dQ_i += dS K_j: MR rows x 2 registers, n_keys steps, into this thread's copy
             for rp in range((nr + MR - 1) // MR):
                 for dc in range(0, Dp, NR):
                     product(dSb, rp * MR * BcP, 1, BcP, Kr, j * BcP * Dp + dc, Dp, n_keys, W, dQh,
@@ -634,7 +634,8 @@ def key_block(b, hk, j, w, iota, QP, dOP, QR, dOR, KT, VT, KR, lse2, Dr, Nq, Nk,
 
 def blocks(problem, itemsize, W):
     """(Br, BrP, Bc, BcP, Dp): the tile from problem.block_size or the L2 rule, Br padded to whole
-    8-row panels (BrP), Bc to whole panels of NR = 2W keys (BcP), d to whole pairs of registers (Dp)."""
+    MR-row panels (BrP), Bc to whole multiples of lcm(NR, MK) keys (BcP: key panels of NR = 2W for S and dP,
+    groups of MK keys for dK and dV), d to whole pairs of registers (Dp)."""
     NR = 2 * W
     KP = math.lcm(NR, MK)  # BcP holds whole key panels (S, dP) and whole key groups (dK, dV)
     if problem.block_size is not None:
