@@ -32,8 +32,9 @@ of the group go 4 at a time (padded with zero rows): S for 4 keys x 4 rows is 16
 each K register loaded once for the 4 rows, and the 16 dot products leave the registers through one
 tree of shuffles (store_sums: 30 shuffles and 15 adds, where 16 horizontal sums take 64 of each);
 P = 2^(S - m') runs on whole registers of 4 keys x 4 rows; O for 4 rows x 4 registers takes each V
-register once for the 4 rows. Software prefetches ask for each block's V rows while S runs and for the
-next block's K rows while P V runs (the hardware prefetcher alone left the core waiting on memory).
+register once for the 4 rows. Software prefetches ask for the K rows of the block AHEAD = 2 blocks on
+while S runs and for its V rows, a line at a time, while P V runs (the hardware prefetcher alone left
+the core waiting on memory; see AHEAD for the distance).
 On one thread, in L2, d = 128, a group of 4 rows (Intel Xeon Emerald Rapids, loaded machine, min of
 30): 29 ns a key, against 57 for the previous version of this function (one row at a time, 4 keys
 against it, a horizontal sum per key and row) and 83 for split_task; over a 256 MiB cache (8 heads of
@@ -221,6 +222,7 @@ MR = 4  # query rows per register block: 4 rows x 4 keys of S, 4 rows x RV regis
 TWO_PASS_S = VECTOR_BYTES < 64
 RV = 4 if VECTOR_BYTES >= 64 else 2  # registers of O a row per step of the P V_j product
 LINE = 64  # bytes of a cache line: the prefetch stride
+AHEAD = 2  # blocks of K and V asked for ahead of their use (measured in split_task_vec's docstring)
 
 
 @njit(nogil=True, cache=True)
@@ -234,9 +236,20 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                           out of 16 registers in one tree; P holds them key-major (P[key * 4 + row])
         P   = 2^(S - m')  whole registers of 4 keys x 4 rows against a register of the 4 rows' maxima
         O   = alpha O + P V_j   4 rows x 4 registers of O, each V register loaded once for the 4 rows
-    with software prefetches (into L2) spread through both products: while S runs, the V rows its keys
-    will need; while P V_j runs, the next block's K rows. The hardware prefetcher alone left the core
-    waiting for memory (a 256 MiB cache on one thread: 7 GB/s without, 10 with, min of 6 rounds).
+    with software prefetches (into L2) spread evenly through both products, AHEAD blocks ahead: while S
+    runs, the K rows of block j + AHEAD; while P V_j runs, one slice of a V row of that block per slice of
+    V_j read. The hardware prefetcher alone left the core waiting for memory (a 256 MiB cache on one
+    thread: 7 GB/s without, 10 with, min of 6 rounds; Emerald Rapids, the earlier prefetch pattern below).
+
+    The prefetch pattern before AHEAD: this block's V rows while S ran, the next block's K rows in the
+    first of P V_j's passes (a burst of 512 lines). Measured on the 2-core AMD EPYC (znver3, AVX2), 8 K/V
+    heads of 32k keys, 2 threads, one process, min of 5, two rounds: 14.4-15.4 ms before, 12.3-13.2 ms
+    with AHEAD = 2 (AHEAD = 1: 12.6-13.2, 3: 12.3-12.7; prefetcht0/t2/nta no better than t1). In the same
+    kind of run split_task (plain loops, no prefetches) took 12.8 ms: on AVX2 the register task still only
+    draws level, so VECTOR_PREFERRED stays False there. Both reach about 21 GB/s of K and V, where a plain
+    parallel read of the same K and V blocks (a sum, no compute) reads 33-34 GB/s: at this compute per byte
+    the 2 cores do not overlap the arithmetic with the memory stream (1 thread: the task 25.5 ms, the read
+    14.7, the arithmetic alone in L2 about 14), and prefetching further ahead did not change that.
     """
     Hq, Nq, d = Q.shape[1], Q.shape[2], Q.shape[3]
     g = Hq // K.shape[1]
@@ -287,9 +300,9 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                 k1 = min(jb + jj + 1, last) * d
                 k2 = min(jb + jj + 2, last) * d
                 k3 = min(jb + jj + 3, last) * d
-                if G == 0:  # these four keys' V rows, wanted by the P V_j below
-                    for x in range(k0, min(k0 + 4 * d, jhi * d), step):
-                        prefetch(Vh, x)
+                if G == 0:  # the K rows of these four keys AHEAD blocks on
+                    for x in range(k0 + AHEAD * Bc * d, min(k0 + AHEAD * Bc * d + 4 * d, jhi * d), step):
+                        prefetch(Kh, x)
                 z = splat(dt(0))
                 s00, s01, s02, s03, s10, s11, s12, s13 = z, z, z, z, z, z, z, z
                 s20, s21, s22, s23, s30, s31, s32, s33 = z, z, z, z, z, z, z, z
@@ -386,9 +399,9 @@ def split_task_vec(Q, K, V, lo, hi, scale, b, h, s, j0, j1, M, L, O):
                     o32, o33 = load(acc, od + 2 * W) * a3, load(acc, od + 3 * W) * a3
                 for jj in range(n):
                     v = (jb + jj) * d + c
-                    if G == 0 and c == 0 and jb + Bc + jj < jhi:  # the next block's K row, wanted next
-                        for x in range(v + Bc * d, v + Bc * d + d, step):
-                            prefetch(Kh, x)
+                    if G == 0 and jb + AHEAD * Bc + jj < jhi:  # this slice of a V row AHEAD blocks on
+                        for x in range(v + AHEAD * Bc * d, v + AHEAD * Bc * d + RV * W, step):
+                            prefetch(Vh, x)
                     w = pg + jj * MR
                     p0, p1, p2, p3 = bcast(P, w), bcast(P, w + 1), bcast(P, w + 2), bcast(P, w + 3)
                     y = load(Vh, v)
