@@ -314,6 +314,22 @@ def _combine(parts, how):
 # ---------------------------------------------------------------------------------------------
 # Score modifications
 # ---------------------------------------------------------------------------------------------
+def cannot_fail(fn):
+    """Mark a score_mod as one that returns a finite score (and has a finite derivative) for every finite
+    score and position, and never divides by zero or reads out of bounds: the GPU forward then does not
+    wait for the kernel's error word after the call (flashkit.gpu.flash_mods; one host sync fewer, so the
+    next call's host work overlaps this call's kernel). For the library's own mods, whose arguments are
+    checked when they are made; a wrong mark turns a clear error into NaN in the output. Returns fn."""
+    getattr(fn, "py_func", fn).__flashkit_cannot_fail__ = True  # (a Numba dispatcher: its Python function)
+    return fn
+
+
+def declared_cannot_fail(fn) -> bool:
+    """Whether `fn` carries cannot_fail's mark."""
+    return bool(getattr(getattr(fn, "py_func", fn), "__flashkit_cannot_fail__", False))
+
+
+@cannot_fail
 def identity(score, b, h, q_idx, kv_idx):
     """The score unchanged: a score_mod that costs only the hook itself (the benchmark's baseline)."""
     return score
@@ -332,7 +348,8 @@ def softcap(cap: float):
         return soft_cap(score, cap)
 
     score_mod.__flashkit_softcap__ = cap  # flashkit.cpu.mods_jit runs it on whole registers
-    return _named(score_mod, f"softcap({cap:g})")
+    # |cap tanh(s / cap)| <= cap for every finite s, and cap > 0 is checked above: no error can happen
+    return cannot_fail(_named(score_mod, f"softcap({cap:g})"))
 
 
 def soft_cap(score, cap):

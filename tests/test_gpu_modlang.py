@@ -76,6 +76,28 @@ def test_every_library_mod_translates():
     assert len(rpb.arrays) == 2 and rpb.arrays[0].shape == (H, 8) and "* 8LL" in rpb.source  # 2-D lookup
 
 
+def test_only_codes_that_cannot_record_an_error_skip_the_error_word():
+    """DeviceCode.cannot_fail decides whether the GPU forward reads the error word (a host sync) after the
+    kernel: a mask_mod without lookups or divisions, and the score_mods the library marks (mods.cannot_fail:
+    softcap, identity). Everything that can index, divide or return NaN keeps the check."""
+    safe_masks = {"causal", "causal_top_left", "sliding_window", "sliding_window_unbounded", "dilated", "strided",
+                  "global_window", "user_floor", "lambda"}
+    for name, fn in MASKS.items():
+        code = modlang.translate("mask_mod", fn)
+        assert code.cannot_fail == (name in safe_masks) == (not code.sites), name
+    for name, fn in SCORES.items():
+        assert modlang.translate("score_mod", fn).cannot_fail == (name in ("identity", "softcap")), name
+    assert modlang.translate("score_mod", mods.softcap(2.0)).sites  # a division site, discharged by the mark
+    assert modlang.translate_derivative(mods.softcap(2.0)).cannot_fail
+    assert not modlang.translate_derivative(SCORES["user_if"]).cannot_fail
+
+    def doubled(score, b, h, q_idx, kv_idx):  # no site, but it can overflow to +inf: not marked, so checked
+        return score * 1e30
+
+    assert not modlang.translate("score_mod", doubled).sites and not modlang.translate("score_mod", doubled).cannot_fail
+    assert mods.declared_cannot_fail(mods.cannot_fail(doubled))  # the mark, as the library uses it
+
+
 def test_translation_is_cached_and_follows_captured_values():
     ids = np.array([0, 0, 1])
 

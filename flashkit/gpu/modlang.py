@@ -102,6 +102,11 @@ class DeviceCode:
     arrays: List[Capture]
     sites: Dict[int, Site]
     key: tuple  # what the code depends on besides array contents: the compile cache's key
+    # True when the kernel cannot record an error for this code with finite inputs, so the launcher may skip
+    # reading the error word (the host sync that keeps the GPU waiting for the next call's host work): a
+    # mask_mod without lookups or divisions (its only errors are those sites), or a score_mod the library
+    # declares so (mods.cannot_fail: finite for every finite score, no error at any position)
+    cannot_fail: bool = False
 
     @property
     def params(self) -> str:
@@ -727,8 +732,12 @@ def _device_code(kind, fn, prefix, tr, inner, call) -> DeviceCode:
            f"    const {prefix}_ctx ctx{{{{fk_err, (int)b, (int)h, (int)q_idx, (int)kv_idx}}{init}}};\n"
            f"    return ({ret})({inner}(ctx, {call}b, h, q_idx, kv_idx));\n}}")
     source = "\n\n".join([ctx] + tr.functions + [top]) + "\n"
+    if kind == "mask_mod":
+        safe = not tr.sites
+    else:  # a score_mod (or its derivative) may also return NaN or +inf: only a declaration rules that out
+        safe = mods.declared_cannot_fail(fn)
     return DeviceCode(kind, fn, prefix, entry, source, tr.arrays, tr.sites,
-                      key=(kind, source, tuple((a.ctype, a.shape) for a in tr.arrays)))
+                      key=(kind, source, tuple((a.ctype, a.shape) for a in tr.arrays)), cannot_fail=safe)
 
 
 def translate_derivative(score_mod, prefix: str = "fkd") -> DeviceCode:
