@@ -43,6 +43,10 @@ position i + (Nk - Nq). Your own mods see raw positions and align as you write t
     and_masks(*masks), or_masks(*masks)    combine masks (FlexAttention has the same two)
     where(cond, x, y)                      a select for your own mods: np.where on arrays, x if cond
                                            else y when Numba compiles it
+    cannot_fail(fn)                        marks a score_mod that cannot fail (finite for every finite
+                                           score, no lookup or division that can go wrong): the GPU
+                                           forward then skips its error check's host sync (softcap and
+                                           identity carry the mark)
 """
 from __future__ import annotations
 
