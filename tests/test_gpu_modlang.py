@@ -296,13 +296,17 @@ def test_generated_code_compiles_with_nvcc(tmp_path):
     run = subprocess.run(["nvcc", "-cubin", "-gencode=arch=compute_90,code=sm_90", "-o", str(tmp_path / "m.cubin"),
                           str(src)], capture_output=True, text=True)  # small kernels: ptxas too
     assert run.returncode == 0, run.stderr[-3000:]
-    # and one whole kernel: rung 6 with a score_mod, a mask_mod and the bit mask
-    full = tmp_path / "rung6.cu"
-    full.write_text(flash_mods.source(SCORES["softcap"], MASKS["document_mask"], bits=True))
-    # to PTX only: the C++ is checked, ptxas (half a minute for rung 6 on 2 cores) is left to the GPU run
-    run = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", "-DHEAD_DIM=64", "-DBR=128", "-DBC=64", f"-I{KERNEL_DIR}",
-                          "-o", str(tmp_path / "r6.ptx"), str(full)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # and whole kernels: rung 6 with a score_mod, a mask_mod and the bit mask; softcap takes its own path
+    # (flash_mods.softcap_of: the cap folded into the scales), alibi the generic one
+    for name in ("softcap", "alibi"):
+        full = tmp_path / f"rung6_{name}.cu"
+        text = flash_mods.source(SCORES[name], MASKS["document_mask"], bits=True)
+        assert ("fk_tanh((x) * (scale))" in text) == (name == "softcap")
+        full.write_text(text)
+        # to PTX only: the C++ is checked, ptxas (half a minute for rung 6 on 2 cores) is left to the GPU run
+        run = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", "-DHEAD_DIM=64", "-DBR=128", "-DBC=64", f"-I{KERNEL_DIR}",
+                              "-o", str(tmp_path / f"r6_{name}.ptx"), str(full)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
 
 
 HOST_SHIMS = r"""

@@ -96,6 +96,16 @@ KEEP_FUNCTION = r"""__device__ __forceinline__ bool fk_keep(int entry, int bits_
 }
 """
 
+def softcap_of(score: Optional[modlang.DeviceCode]) -> float:
+    """The cap of the library's softcap (mods.softcap marks its function), else 0. Rung 6 runs it with the cap
+    folded into the two scales it applies anyway: tanh(S * (scale / cap)) in place of the score, and cap * log2(e)
+    as the softmax's scale_log2, so cap * tanh(S scale / cap) costs one multiply and one tanh.approx a score
+    instead of a multiply, a division (fk_div: the cap is an argument of mods.soft_cap), a tanh and a multiply."""
+    if score is None or not FOLD_SOFTCAP:
+        return 0.0
+    return float(getattr(blockmask.python_function(score.fn), "__flashkit_softcap__", 0.0))
+
+
 def prelude(score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCode], bits: bool,
             ordered: bool = False) -> str:
     """The definitions put in front of rung 6's source: the runtime, the mods, and the FK_* hooks."""
@@ -149,6 +159,10 @@ def prelude(score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCo
 // error (a lookup out of bounds elsewhere reads element 0 and is ignored, as the score is hidden anyway).
 """ + KEEP_FUNCTION)
     if score is not None:
+        if softcap_of(score):  # the library's softcap: cap folded into the scales (see prepare)
+            parts.append("#define FK_MOD(x, scale, b, h, i, j, err) fk_tanh((x) * (scale))")
+        else:
+            parts.append("#define FK_MOD(x, scale, b, h, i, j, err) fks_score_mod((x) * (scale), b, h, i, j, err FKS_ARGS)")
         parts.append(r"""
 // score_mod on every visible score of the tile, in natural units (q . k * scale), in registers: the
 // fragment layout of mma.m16n8k16 puts score (g + 8 (e >> 1), 8 n + 2 t + (e & 1)) of m-tile mt in s[mt][n][e].
@@ -179,10 +193,10 @@ __device__ __forceinline__ void fk_scores(float (&s)[M_][N_][4], int r0, int j0,
                 const int j = j0 + 8 * n + 2 * t + (e & 1);
                 const float x = s[mt][n][e];
                 if (FULL) {
-                    s[mt][n][e] = fks_score_mod(x * scale, b, h, i, j, err_row FKS_ARGS);
+                    s[mt][n][e] = FK_MOD(x, scale, b, h, i, j, err_row);
                 } else {
                     const bool keep = x != -INFINITY;
-                    const float y = fks_score_mod(x * scale, b, h, i, j, keep ? err_row : nullptr FKS_ARGS);
+                    const float y = FK_MOD(x, scale, b, h, i, j, keep ? err_row : nullptr);
                     s[mt][n][e] = keep ? y : -INFINITY;
                 }
             }
@@ -618,6 +632,7 @@ PARTIAL_COST_MASK_MOD, PARTIAL_COST_BITS = 6, 3
 # lists (block_order), and turn a mask_mod's PARTIAL tiles into bits. Changing one needs clear_caches().
 ORDER_BLOCKS = True
 MOD_BITS = True
+FOLD_SOFTCAP = True  # the library's softcap with its cap in the scales (softcap_of); False: the generic hook
 
 
 def clear_caches():
@@ -818,10 +833,14 @@ def prepare(rung: int, problem):
     err = cupy.zeros(8, cupy.int32)
     i32, f32 = np.int32, np.float32
     scale_log2 = flash.LOG2E if score is not None else problem.scale * flash.LOG2E  # a score_mod's output is natural
+    fk_scale = problem.scale  # what FK_SCORES multiplies S by before the score_mod
+    cap = softcap_of(score)
+    if cap:  # softcap with its cap in the scales: S (scale / cap) into tanh, then cap log2(e) for the softmax
+        scale_log2, fk_scale = cap * flash.LOG2E, problem.scale / cap
     left, right = (int(w) for w in problem.window)
     args = (problem.Q, problem.K, problem.V, O, lse, i32(Hq), i32(problem.Hkv), i32(Nq), i32(Nk), f32(scale_log2),
             i32(left), i32(right), err, start_d, count_d, index_d, bits_at_d, bits, order_d, i32(Bm), i32(Hm),
-            f32(problem.scale)) + _arrays(score) + _arrays(mask, fp)
+            f32(fk_scale)) + _arrays(score) + _arrays(mask, fp)
     grid, threads, smem = (Tr, Hq, B), (spec.threads(Br, Bc),), spec.smem(d, Br, Bc)
 
     def launch():
