@@ -151,12 +151,26 @@ __device__ __forceinline__ int fk_where(int step, int b, int hk, int group, cons
 // the window of a real row may report an error).
 """ + flash_mods.KEEP_FUNCTION)
     if score is not None:
+        cap = flash_mods.softcap_of(score)
+        if cap:  # the library's softcap: one tanh for f and f', the cap in the softmax's scale (flash_mods.softcap_of)
+            parts.append(f"#define FK_CAP {modlang._float_literal(cap)}\n#define FK_INV_CAP {modlang._float_literal(1 / cap)}\n"
+                         "#define FK_MOD(raw, y, fd, err) { const float fk_t = fk_tanh((raw) * FK_INV_CAP); "
+                         "(y) = fk_t; (fd) = 1.f - fk_t * fk_t; }\n#define FK_SOFTCAP 1")
+        else:
+            parts.append("#define FK_MOD(raw, y, fd, err) { (y) = fks_score_mod(raw, b, h, i, j, err FKS_ARGS); "
+                         "(fd) = fkd_score_grad(raw, b, h, i, j, err FKD_ARGS); }\n#define FK_SOFTCAP 0")
         parts.append(r"""
 // score_mod on S^T in registers (element (n, e): key jw + g + 8 (e >> 1), query i0 + 8n + 2t + (e & 1)), in
 // natural units: S' = f(s), s = q . k * scale; and f'(s) into fd for dS. P = exp2(S' log2 e - lse log2 e), so
 // the kernel's scale_log2 is log2 e. In a FULL tile every score is visible (a uniform branch, no select);
 // else a hidden score (-inf) stays hidden and reports nothing. Padding rows (i >= Nq) report nothing.
+// With the library's softcap (FK_SOFTCAP) S' is tanh(s / cap) and the scale cap log2 e: P the same, one tanh a
+// score for f and f' = 1 - tanh^2 (the generic hooks divided by the cap and ran tanh twice).
+#if FK_SOFTCAP
+#define FK_SCALE_LOG2 (LOG2E * FK_CAP)
+#else
 #define FK_SCALE_LOG2 LOG2E
+#endif
 #define FK_SCORES(s, i0, h, full)                                                                        \
     float fk_fd[BR / 8][4];                                                                               \
     if (full) fk_scores<true>(s, fk_fd, i0, j0 + wk, b, h, Nq, scale, fk_err FKS_ARGS FKD_ARGS);         \
@@ -173,8 +187,8 @@ __device__ __forceinline__ void fk_scores(float (&s)[N_][4], float (&fd)[N_][4],
             const float x = s[n][e], raw = x * scale;
             const bool keep = FULL || x != -INFINITY;
             int* err = keep && i < Nq ? fk_err : nullptr;
-            const float y = fks_score_mod(raw, b, h, i, j, err FKS_ARGS);
-            fd[n][e] = fkd_score_grad(raw, b, h, i, j, err FKD_ARGS);
+            float y;
+            FK_MOD(raw, y, fd[n][e], err);
             s[n][e] = keep ? y : -INFINITY;
         }
 }
