@@ -2,10 +2,7 @@
 widget rendered, one control moved per widget notebook (interactions.py), a screenshot of each.
 
 All notebooks run one after another in one server and one browser (each with a fresh page and a
-fresh kernel), so the whole series costs its run time plus a few seconds a notebook. The workshop
-exercises (notebooks/exercises/) run the same check from test_exercises_in_browser.py: a file of its
-own, so that pytest-xdist (--dist loadfile) can give them to the other worker (the two files are 7
-and 3 minutes of a 2-core run).
+fresh kernel), so the whole series costs its run time plus a few seconds a notebook.
 """
 from __future__ import annotations
 
@@ -18,21 +15,15 @@ from .lab_driver import NOTEBOOKS_ROOT, RUN_ALL_TIMEOUT, record_screenshot, reco
 from .interactions import INTERACTIONS, moves
 
 NOTEBOOKS = lab_driver.notebook_paths(NOTEBOOKS_ROOT)
-LESSONS = [rel for rel in NOTEBOOKS if not rel.startswith("exercises/")]  # the exercises: the other file
 
 
 def _screenshot_name(rel: str) -> str:
     return rel.replace("/", "__").removesuffix(".ipynb") + ".png"
 
 
-@pytest.mark.skipif(not LESSONS, reason=f"no notebooks under {NOTEBOOKS_ROOT}")
-@pytest.mark.parametrize("rel", LESSONS)
+@pytest.mark.skipif(not NOTEBOOKS, reason=f"no notebooks under {NOTEBOOKS_ROOT}")
+@pytest.mark.parametrize("rel", NOTEBOOKS)
 def test_notebook_runs_in_jupyterlab(rel, page, lab, artifacts):
-    run_in_jupyterlab(rel, page, lab, artifacts)
-
-
-def run_in_jupyterlab(rel, page, lab, artifacts):
-    """Run All of notebook `rel` in the lab, then every check of the module docstring; fail with the list."""
     expected = lab_driver.expected_outputs(NOTEBOOKS_ROOT / rel)
     problems, seconds = [], {}
     t = time.monotonic()
