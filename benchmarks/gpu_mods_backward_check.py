@@ -332,13 +332,10 @@ def bench_mod_cost(log, N=4096, B=4, dims=(64, 128)):
                 if label == "softcap50":  # beside it, the generic hooks (the cap not folded: flash_mods.softcap_of)
                     from flashkit.gpu import flash_mods
 
-                    flash_mods.FOLD_SOFTCAP = False
-                    try:
+                    with flash_mods.generic_softcap():
                         generic, finish_g, *_ = fmb.prepare(p)
                         generic()
                         finish_g()
-                    finally:
-                        flash_mods.FOLD_SOFTCAP = True
                     row["kernel_softcap50_generic"] = _time(generic)
                     row["ratio_kernel_softcap50_generic"] = (row["kernel_softcap50_generic"]["min_ms"]
                                                              / row["kernel_none"]["min_ms"])

@@ -298,11 +298,8 @@ def bench_mod_cost(log, N=4096, B=4, H=16):
                 row[f"ratio_kernel_{label}"] = row[f"kernel_{label}"]["min_ms"] / row["kernel_none"]["min_ms"]
                 row[f"ratio_public_{label}"] = row[f"public_{label}"]["min_ms"] / row["public_none"]["min_ms"]
                 if label == "softcap50":  # beside it, the generic hook (the cap not folded into the scales)
-                    flash_mods.FOLD_SOFTCAP = False
-                    try:
+                    with flash_mods.generic_softcap():
                         generic, _, _, _ = flash_mods.prepare(6, p)
-                    finally:
-                        flash_mods.FOLD_SOFTCAP = True
                     generic()
                     row["kernel_softcap50_generic"] = _time(generic)
                     row["ratio_kernel_softcap50_generic"] = (row["kernel_softcap50_generic"]["min_ms"]

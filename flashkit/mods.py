@@ -54,6 +54,8 @@ import math
 
 import numpy as np
 
+from flashkit.blockmask import python_function
+
 
 def _named(fn, name: str):
     """Give a generated mod a readable name: errors and block masks print it."""
@@ -324,13 +326,19 @@ def cannot_fail(fn):
     wait for the kernel's error word after the call (flashkit.gpu.flash_mods; one host sync fewer, so the
     next call's host work overlaps this call's kernel). For the library's own mods, whose arguments are
     checked when they are made; a wrong mark turns a clear error into NaN in the output. Returns fn."""
-    getattr(fn, "py_func", fn).__flashkit_cannot_fail__ = True  # (a Numba dispatcher: its Python function)
+    python_function(fn).__flashkit_cannot_fail__ = True
     return fn
 
 
 def declared_cannot_fail(fn) -> bool:
     """Whether `fn` carries cannot_fail's mark."""
-    return bool(getattr(getattr(fn, "py_func", fn), "__flashkit_cannot_fail__", False))
+    return bool(getattr(python_function(fn), "__flashkit_cannot_fail__", False))
+
+
+def softcap_cap(fn) -> float:
+    """The cap of a score_mod made by `softcap`, else 0.0: the kernels that run it on whole registers
+    (flashkit.cpu.mods_jit) or with the cap folded into their scales (flashkit.gpu.flash_mods) ask this."""
+    return float(getattr(python_function(fn), "__flashkit_softcap__", 0.0))
 
 
 @cannot_fail
@@ -351,7 +359,7 @@ def softcap(cap: float):
     def score_mod(score, b, h, q_idx, kv_idx):
         return soft_cap(score, cap)
 
-    score_mod.__flashkit_softcap__ = cap  # flashkit.cpu.mods_jit runs it on whole registers
+    score_mod.__flashkit_softcap__ = cap  # softcap_cap: the CPU's whole registers, the GPU's folded scales
     # |cap tanh(s / cap)| <= cap for every finite s, and cap > 0 is checked above: no error can happen
     return cannot_fail(_named(score_mod, f"softcap({cap:g})"))
 

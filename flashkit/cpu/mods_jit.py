@@ -452,7 +452,7 @@ def micro_tile_function(score_mod, mask_mod, dtype):
     dtype = np.dtype(dtype)
     key = mods_key(score_mod, mask_mod, dtype)
     if key not in _MICRO_TILES:
-        cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
+        cap = mods.softcap_cap(score_mod) if dtype == np.float32 else 0.0
         _remember(_MICRO_TILES, key, compile_hooked(mod_micro_tile, micro_tile_signature(dtype), score_mod, mask_mod,
                                                     dtype, as_callback=True, SOFTCAP=float(cap),
                                                     NR=micro_tile_keys(dtype)))
@@ -547,7 +547,7 @@ def micro_tile_backward_function(score_mod, mask_mod, dtype):
         extra = {}
         if score_mod is not None:
             extra["D_SCORE_MOD"] = compiled_mod("score_mod", mods_grad.derivative(score_mod), dtype)
-        cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
+        cap = mods.softcap_cap(score_mod) if dtype == np.float32 else 0.0
         _remember(_MICRO_TILES_BACKWARD, key, compile_hooked(
             mod_micro_tile_backward, micro_tile_backward_signature(dtype), score_mod, mask_mod, dtype,
             as_callback=True, SOFTCAP=float(cap), NR=micro_tile_keys(dtype), **extra))
@@ -560,7 +560,7 @@ def micro_tile_asm(score_mod=None, mask_mod=None, dtype=np.float32) -> str:
     mod_micro_tile), compiled apart as a plain function for the reading (the callback's own code is the
     same body behind a C entry point)."""
     dtype = np.dtype(dtype)
-    cap = getattr(blockmask.python_function(score_mod), "__flashkit_softcap__", 0.0) if dtype == np.float32 else 0.0
+    cap = mods.softcap_cap(score_mod) if dtype == np.float32 else 0.0
     _, inner = compile_hooked(mod_micro_tile, micro_tile_signature(dtype), score_mod, mask_mod, dtype, SOFTCAP=float(cap),
                               NR=micro_tile_keys(dtype))
     return inner.inspect_asm(micro_tile_signature(dtype).args)

@@ -60,6 +60,7 @@ against the float64 reference, compute-sanitizer memcheck clean on a small case 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections import OrderedDict
@@ -67,7 +68,7 @@ from typing import Optional
 
 import numpy as np
 
-from flashkit import blockmask, masks
+from flashkit import blockmask, masks, mods
 from flashkit.gpu import flash, modlang
 from flashkit.masks import PARTIAL, SKIP
 
@@ -109,7 +110,7 @@ def softcap_of(score: Optional[modlang.DeviceCode]) -> float:
     instead of a multiply, a division (fk_div: the cap is an argument of mods.soft_cap), a tanh and a multiply."""
     if score is None or not FOLD_SOFTCAP:
         return 0.0
-    return float(getattr(blockmask.python_function(score.fn), "__flashkit_softcap__", 0.0))
+    return mods.softcap_cap(score.fn)
 
 
 def prelude(score: Optional[modlang.DeviceCode], mask: Optional[modlang.DeviceCode], bits: bool,
@@ -639,6 +640,18 @@ PARTIAL_COST_MASK_MOD, PARTIAL_COST_BITS = 6, 3
 ORDER_BLOCKS = True
 MOD_BITS = True
 FOLD_SOFTCAP = True  # the library's softcap with its cap in the scales (softcap_of); False: the generic hook
+
+
+@contextlib.contextmanager
+def generic_softcap():
+    """Within this block, prepare() builds softcap with the generic hook (FOLD_SOFTCAP off): the benchmarks
+    time it beside the folded one."""
+    global FOLD_SOFTCAP
+    FOLD_SOFTCAP = False
+    try:
+        yield
+    finally:
+        FOLD_SOFTCAP = True
 
 
 def clear_caches():
