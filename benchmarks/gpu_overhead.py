@@ -5,8 +5,9 @@
 Forward: fp16 and bf16 (from torch through DLPack), B*N = 16384, H*d = 2048, N in {2048, 4096}, d in
 {64, 128}, causal and not. The baseline is the rung "auto" picks for the call (rung 7 on a Hopper) called
 alone (flashkit.gpu.flash.run on a validated Problem), beside: flashkit.attention (what users call: the
-NaN/Inf scan on a side stream, flashkit.finite), the same with check_finite=False, and rung 6 alone and
-public. Timing: flashkit.measure.timing.stream_time (calls back to
+NaN/Inf check of q, k, v inside rung 7's kernel, flashkit/gpu/kernels/input_check.cuh), the same with the
+separate scan on a side stream (flashkit.finite.separate_scan(), the way before), the same with
+check_finite=False, and rung 6 alone and public (rung 6 always uses the separate scan). Timing: flashkit.measure.timing.stream_time (calls back to
 back, as a training loop issues them; median of 3 rounds). Then, at d=64, N=4096, the pieces of the
 difference: validate.check, the scan alone (start + wait), registry.choose; and the backward (the rung
 alone, with its in-kernel lse check reported and waited for, attention_backward, validate.check_backward).
@@ -68,9 +69,14 @@ def main(argv=None):
                     def public(**kw):
                         return lambda: flashkit.attention(q, k, v, causal=causal, **kw)
 
+                    def public_separate_scan():
+                        with finite.separate_scan():
+                            return flashkit.attention(q, k, v, causal=causal)
+
                     pieces = {
                         "auto's rung alone": lambda: flash.run(auto, p),
                         "flashkit.attention": public(),
+                        "flashkit.attention (separate scan)": public_separate_scan,
                         "flashkit.attention(check_finite=False)": public(check_finite=False),
                         "rung 6 alone": lambda: flash.run(6, p),
                         "flashkit.attention(backend=cupy-mma-2tile)": public(backend="cupy-mma-2tile"),
@@ -81,12 +87,14 @@ def main(argv=None):
                         by[name] = ms = timed(fn)
                         rows.append(dict(meta, what=name, ms=ms))
                     for public_name, alone in (("flashkit.attention", "auto's rung alone"),
+                                               ("flashkit.attention (separate scan)", "auto's rung alone"),
                                                ("flashkit.attention(check_finite=False)", "auto's rung alone"),
                                                ("flashkit.attention(backend=cupy-mma-2tile)", "rung 6 alone")):
                         ratios.append(dict(meta, what=f"{public_name} / {alone}", ratio=by[public_name] / by[alone]))
                     a, r6 = by["auto's rung alone"], by["rung 6 alone"]
                     print(f"{dtype:9} d={d:3} N={N:5} causal={causal!s:5} rung {auto} alone {a:.3f} ms; public "
-                          f"{by['flashkit.attention'] / a:.3f}x, unchecked {by['flashkit.attention(check_finite=False)'] / a:.3f}x; "
+                          f"{by['flashkit.attention'] / a:.3f}x (separate scan {by['flashkit.attention (separate scan)'] / a:.3f}x), "
+                          f"unchecked {by['flashkit.attention(check_finite=False)'] / a:.3f}x; "
                           f"rung 6 {r6:.3f} ms, public {by['flashkit.attention(backend=cupy-mma-2tile)'] / r6:.3f}x", flush=True)
                     del q, k, v, ts, p
                     cupy.get_default_memory_pool().free_all_blocks()
@@ -108,7 +116,7 @@ def main(argv=None):
 
         pieces = {
             "validate.check (scan waited for)": lambda: validate.check(q, k, v),
-            "validate.check (scan started, not waited for)": lambda: validate.check(q, k, v, finite="async"),
+            "validate.check (check deferred to the kernel or the scan)": lambda: validate.check(q, k, v, finite="async"),
             "finiteness scan of q, k, v (start + wait)": lambda: finite.start(cupy, (p.Q, p.K, p.V), names).wait(),
             "registry.choose": lambda: registry.choose(p, "auto"),
             "backward rung 2 alone": lambda: backward.backward("cupy-bwd-mma", pb.Q, pb.K, pb.V, pb.O, pb.dO, pb.lse,

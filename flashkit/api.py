@@ -57,12 +57,13 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, back
     if backend != "auto":
         registry.get(backend)  # an unknown name fails before any work on the arrays
     backend = _precision_backend(precision, backend, q)
-    # On the GPU the NaN/Inf scan of q, k, v runs beside the attention kernel (validate.finish waits for the
-    # scan alone, not for the kernel); a flagged input raises and the output is dropped.
+    # On the GPU the NaN/Inf check of q, k, v runs beside the attention kernel, or inside it (rung 7), and
+    # validate.finish waits for the check alone, not for the kernel; a flagged input raises, the output dropped.
     problem = validate.check(q, k, v, causal=causal, scale=scale, window=window, mask=mask,
                              block_size=block_size, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
                              finite="async" if check_finite else False)
     with precompile.serving(problem, registry.choose(problem, backend), "forward", backend) as chosen:
+        validate.begin(problem, chosen)
         O, lse = chosen.run(problem)
     validate.finish(problem)
     o = _as_input(O, q)

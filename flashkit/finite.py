@@ -30,6 +30,7 @@ a 0.55 ms kernel needs the reads overlapped with the kernel's compute (see bench
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -104,6 +105,10 @@ extern "C" __global__ void nonfinite(
 _STATE = threading.local()  # per host thread: its flags, serial numbers, side stream and events
 FLAG_WORDS = 16  # [0, MAX_ARRAYS): the finiteness check's arrays; from LSE_WORD: flashkit.gpu.backward's lse check
 LSE_WORD = 8
+DONE_WORD = 12  # a fused check (`Fused`) stores its serial here once every block of its share has reported
+FUSED_SHARE = 256 << 10  # bytes of q, k, v one block of a fused check tests (~8 us at its share of the DRAM)
+FUSED_MAX_SHARE = 1 << 20  # more per block and the separate scan runs instead (the block would outlast its work)
+FUSE = True  # False: the separate scan for every backend (benchmarks time both ways in one run: `separate_scan()`)
 
 
 def _module():
@@ -156,6 +161,16 @@ class HostFlags:
             self.events[name] = cupy.cuda.Event(disable_timing=True)
         return self.events[name]
 
+    @property
+    def count(self):
+        """A 64-bit word of device memory where the blocks of a fused check count themselves
+        (kernels/input_check.cuh): (serial << 32) | blocks counted, so it is never reset."""
+        import cupy
+
+        if getattr(self, "_count", None) is None:
+            self._count = cupy.zeros(1, cupy.uint64)
+        return self._count
+
 
 def host_flags() -> HostFlags:
     import cupy
@@ -194,6 +209,103 @@ class Pending:
         if i in self.allow_neg_inf:
             return f"{name} contains NaN or +inf; a logsumexp is finite, or -inf for a row that saw no key"
         return f"{name} contains NaN or Inf; attention of non-finite input is undefined"
+
+
+class Fused:
+    """The NaN/Inf check of q, k, v done by the attention kernel itself (rung 7: kernels/input_check.cuh).
+
+    `launch_args` go at the end of the kernel's arguments; `launched(stream)` records the kernel's end event
+    (the backstop). `wait()` polls the page-locked DONE_WORD, which the kernel's last checking block writes long
+    before the kernel ends, then reads the array words; it returns what `Pending.wait` returns, and `error()`
+    the same sentences."""
+
+    def __init__(self, arrays, shares, names, columns=1 << 30):
+        flags = host_flags()
+        self._flags, self._serial, self.shares, self.names = flags, flags.next_serial(), shares, names
+        self.columns = columns  # the kernel's blocks with blockIdx.x < columns take the shares
+        self._n, self._end, self._bad, self._done = len(arrays), None, None, False
+        self.allow_neg_inf = ()
+        self.backstop = False  # set by wait(): True when the kernel ended before the done word came (a diagnostic)
+
+    @property
+    def launch_args(self):
+        i64, i32 = np.int64, np.int32
+        return (i32(self.columns), i32(self.shares), self._flags.device_ptr, i32(DONE_WORD), i64(self._serial), self._flags.count)
+
+    def launched(self, stream):
+        self._end = self._flags.event("fused-end")
+        self._end.record(stream)
+
+    def wait(self):
+        if not self._done:
+            if self._end is None:
+                raise RuntimeError("Fused.wait() before the kernel was launched (launched(stream) not called)")
+            words, serial, end = self._flags.words, self._serial, self._end
+            while words[DONE_WORD] != serial and not end.done:  # end.done: the backstop (cudaEventQuery)
+                pass
+            self.backstop = bool(words[DONE_WORD] != serial)
+            self._bad = next((i for i in range(self._n) if words[i] == serial), None)
+            self._done = True
+        return self._bad
+
+    error = Pending.error
+
+
+def fused_shares(arrays, grid_blocks):
+    """How many blocks of a grid of `grid_blocks` share a fused check of `arrays` (16-bit elements, each
+    16-byte aligned and a whole number of 16-byte units), or 0 when the separate scan should run instead
+    (the shares would exceed FUSED_MAX_SHARE bytes, or an array is not in whole units)."""
+    if any(x.dtype.itemsize != 2 or x.data.ptr % 16 or x.nbytes % 16 for x in arrays):
+        return 0
+    total = sum(x.nbytes for x in arrays)
+    shares = min(int(grid_blocks), max(1, -(-total // FUSED_SHARE)))
+    return shares if total <= shares * FUSED_MAX_SHARE else 0
+
+
+class Deferred:
+    """validate.check(..., finite="async")'s check of q, k, v on the GPU before it starts: either the kernel
+    that reads them tests them itself (`claim`, rung 7) or the separate scan runs (`start`); whichever comes
+    first. `error()` waits for it, starting the scan first if nothing did (so no path can skip the check)."""
+
+    def __init__(self, xp, arrays, dtype_names, names):
+        self.xp, self.arrays, self.dtype_names, self.names = xp, tuple(arrays), tuple(dtype_names), names
+        self._check = None
+
+    def start(self):
+        """Launch the separate scan now (before the attention kernel), unless a check is under way."""
+        if self._check is None:
+            self._check = start(self.xp, self.arrays, self.dtype_names, names=self.names)
+        return self._check
+
+    def claim(self, arrays, grid_blocks, columns=1 << 30):
+        """For a kernel about to read `arrays` (the same objects) with `grid_blocks` blocks able to take a share
+        (those with blockIdx.x < columns): a `Fused` check it runs (its launch_args, then launched(stream)), or
+        None: then the separate scan has been started, or was already, and the kernel launches without it."""
+        if self._check is None and FUSE:
+            same = len(arrays) == len(self.arrays) and all(a is b for a, b in zip(arrays, self.arrays))
+            shares = fused_shares(self.arrays, grid_blocks) if same else 0
+            if shares:
+                self._check = Fused(self.arrays, shares, self.names, columns)
+                return self._check
+        self.start()
+        return None
+
+    def wait(self):
+        return self.start().wait()
+
+    def error(self):
+        return self.start().error()
+
+
+@contextlib.contextmanager
+def separate_scan():
+    """Inside: every public call checks its inputs with the separate scan, as before rung 7 checked its own."""
+    global FUSE
+    was, FUSE = FUSE, False
+    try:
+        yield
+    finally:
+        FUSE = was
 
 
 def start(xp, arrays, dtype_names, allow_neg_inf=(), names=None):

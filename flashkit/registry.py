@@ -45,6 +45,8 @@ class Backend:
                it cannot serve it: limits the fields above cannot state (head sizes per dtype, alignment)
     jit        whether its kernels compile on first use (Numba); once one has run for a direction and
                dtype, `is_compiled` says so, and "auto" stops serving that request from NumPy
+    checks_inputs  whether its forward kernel tests q, k, v for NaN/Inf itself when it can (rung 7:
+               flashkit/gpu/kernels/input_check.cuh): validate.begin then leaves the check to its runner
     """
 
     name: str
@@ -64,6 +66,7 @@ class Backend:
     supports: Optional[str] = None
     rung: Optional[int] = None  # place in its ladder (None for baselines outside a ladder)
     jit: bool = False  # compiled by Numba on first use: "auto" serves from NumPy meanwhile (flashkit.precompile)
+    checks_inputs: bool = False  # the forward kernel tests q, k, v for NaN/Inf itself (flashkit.finite.Deferred.claim)
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run on this machine, else why not (probed once per process)."""

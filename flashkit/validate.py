@@ -200,10 +200,11 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
     """The Problem of attention(q, k, v, ...), or TypeError/ValueError naming the argument at fault.
 
     finite=False leaves the NaN/Inf scan of q, k, v to the caller (check_backward scans them together
-    with dO, O and lse). finite="async": on the GPU the scan is started (one kernel on a side stream,
-    flashkit.finite.start) and the Problem carries it as `pending`; the caller launches its kernel and
-    then calls `finish(problem)`, which waits for the scan alone and raises if it flagged. NumPy input
-    is scanned at once either way."""
+    with dO, O and lse). finite="async": on the GPU the Problem carries the check as `pending`, not yet
+    started (flashkit.finite.Deferred); the caller calls `begin(problem, backend)`, which starts the
+    separate scan (one kernel on a side stream, flashkit.finite.start) unless the backend's kernel tests
+    its inputs itself, launches the kernel, then calls `finish(problem)`, which waits for the check alone
+    and raises if it flagged. NumPy input is scanned at once either way."""
     if finite not in (True, False, "async"):
         raise ValueError(f"finite must be True, False or 'async'; got {finite!r}")
     xp, Q, K, V = _check_qkv(("q", "k", "v"), q, k, v, finite=False)
@@ -252,10 +253,10 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
     element = "bf16" if dtype_name(q) == "bfloat16" and xp is not np else None
     Q, K, V = (_contiguous(xp, bf16_bits(x)) for x in (Q, K, V))
     pending = None
-    if finite == "async" and xp is not np:  # the scan reads the arrays the kernel will read
+    if finite == "async" and xp is not np:  # the check of the arrays the kernel will read, not started yet
         from flashkit import finite as finite_scan
 
-        pending = [finite_scan.start(xp, (Q, K, V), (dtype_name(q),) * 3, names=QKV)]
+        pending = [finite_scan.Deferred(xp, (Q, K, V), (dtype_name(q),) * 3, names=QKV)]
     return Problem(
         Q=Q, K=K, V=V,
         scale=float(scale), causal=bool(causal), window=win, mask=mask4,
@@ -267,6 +268,18 @@ def check(q, k, v, *, causal=False, scale=None, window=None, mask=None, block_si
 def _contiguous(xp, x):
     """x itself when C-contiguous (no new array object: a hot path), else a contiguous copy."""
     return x if x.flags.c_contiguous else xp.ascontiguousarray(x)
+
+
+def begin(problem, backend) -> None:
+    """Start the checks `problem` carries not yet started (validate.check(..., finite="async") on the GPU),
+    before `backend` launches its kernel: the separate NaN/Inf scan, unless the backend's kernel tests its
+    inputs itself (Backend.checks_inputs: its runner claims the check, flashkit.finite.Deferred.claim)."""
+    if getattr(backend, "checks_inputs", False):
+        return
+    for check in problem.pending or ():
+        start = getattr(check, "start", None)
+        if start is not None:
+            start()
 
 
 def finish(problem) -> None:

@@ -83,6 +83,8 @@ def main(argv=None):
             host, gpu = host_and_stream_ms(fn)
             print(f"d={d:3} {args.dtype} rung {rung} {name:9}  host {host:7.3f} ms a call   stream {gpu:7.3f} ms a call",
                   flush=True)
+        if registry.choose(p, "auto").checks_inputs:
+            fused_check(p, rung, host_and_stream_ms)
         if args.profile:  # where the public call's host time goes, by function
             import cProfile
             import pstats
@@ -97,6 +99,32 @@ def main(argv=None):
     for d in (int(x) for x in args.d.split(",")):
         one_size(d)
         cupy.get_default_memory_pool().free_all_blocks()
+
+
+def fused_check(p, rung, host_and_stream_ms):
+    """A rung that checks its own inputs (rung 7, kernels/input_check.cuh): its kernel with the check claimed
+    (20 launches back to back, never waited for: what the check costs the kernel), then from an idle GPU, 7
+    times: the host's time from the launch to the answer (Fused.wait) and to the kernel's end, and whether
+    the answer came from the done word or from the backstop (the kernel's end event)."""
+    import statistics
+
+    import cupy
+
+    from benchmarks.gpu_input_check import answer_latency
+    from flashkit import finite
+    from flashkit.gpu import flash
+
+    def claimed():
+        check = finite.Deferred(cupy, (p.Q, p.K, p.V), (p.dtype_name,) * 3, ("q", "k", "v"))
+        flash.forward(rung, p.Q, p.K, p.V, scale=p.scale, window=p.window, element=p.element, check=check)
+        return check
+
+    host, gpu = host_and_stream_ms(claimed)
+    print(f"      rung {rung} with its check claimed, never waited for: stream {gpu:7.3f} ms a call", flush=True)
+    runs = [answer_latency(claimed) for _ in range(7)]
+    print(f"      from an idle GPU: the answer after {statistics.median(r[0] for r in runs):.3f} ms, the kernel's end "
+          f"after {statistics.median(r[1] for r in runs):.3f} ms (medians of 7); answers from the backstop: "
+          f"{sum(r[2] for r in runs)} of 7", flush=True)
 
 
 def backward_mods(args):

@@ -35,6 +35,7 @@ CASES = (
 # The forward CUDA rungs and the element types each computes, in ladder order (from flashkit/gpu/rungs.py).
 ELEMENT_OF = {r.number: r.elements for r in kernels("forward")}
 HEAD_DIMS_OF = {r.number: r.head_dims for r in kernels("forward")}
+CHECKS_INPUTS = {r.number for r in kernels("forward") if r.checks_inputs}  # rung 7: its kernel tests q, k, v too
 
 
 def _precision(rung) -> str:
@@ -352,7 +353,9 @@ def sanitize_run(only=None):
     """One small launch of every rung and element type; run under compute-sanitizer.
 
     CuPy's memory pool hands out pieces of large blocks, so an out-of-bounds access inside the pool
-    would go unseen by memcheck: the pool is switched off and every array is its own cudaMalloc.
+    would go unseen by memcheck: the pool is switched off and every array is its own cudaMalloc. A rung
+    whose kernel checks its inputs for NaN/Inf (CHECKS_INPUTS) also runs check_public, whose calls take
+    that path, clean and with a NaN in each of q, k and v.
     """
     import cupy
 
@@ -363,6 +366,8 @@ def sanitize_run(only=None):
         for rung, elements in ELEMENT_OF.items():
             for element in elements if runs(rung, case) and (only is None or rung in only) else ():
                 rows.append(check_rung(rung, case, element, 3))
+                if rung in CHECKS_INPUTS and element != "bf16":  # its NaN/Inf check, through the public call
+                    rows.append(check_public(rung, case, element, seed=3))
     cupy.cuda.Device().synchronize()
     print_table(rows)
     return rows

@@ -6,6 +6,9 @@ fresh machine pays NVRTC's compile time. Every kernel has the same signature:
 
     flash_fwd(Q, K, V, O, lse, Hq, Hkv, Nq, Nk, scale_log2, left, right)    grid (Tr, Hq, B)
 
+rung 7 adds its TMA tensor maps (flashkit.gpu.tma) and the six arguments of its fused NaN/Inf check of Q, K and
+V (flashkit.finite.Fused.launch_args, or NO_CHECK).
+
 Block sizes are constants of each rung, listed in the ladder's table (flashkit/gpu/rungs.py: defaults per d,
 and what may be forced with block_size=(Br, Bc)); a block size a kernel cannot honour raises ValueError,
 never falls back. The registry runs every forward rung through `run`: `flashkit.gpu.flash:<backend name>`
@@ -17,6 +20,8 @@ import functools
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
+
+import numpy as np
 
 from flashkit.gpu.rungs import ELEMENTS, kernels
 
@@ -95,12 +100,14 @@ def blocks_for(rung: int, d: int, block_size: Optional[Tuple[int, int]]) -> Tupl
 
 
 def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optional[str] = None,
-            block_size=None, out=None, lse_out=None):
+            block_size=None, out=None, lse_out=None, check=None):
     """Run one rung on CuPy arrays Q (B, Hq, Nq, d), K and V (B, Hkv, Nk, d); returns (O, lse).
 
     `element` names the kernel's element type when the arrays' dtype cannot say it (bf16 data held as
     uint16 bits when CuPy has no bfloat16). `out` / `lse_out`, if given, are written in place (tests
-    poison them with NaN first); lse is float32 (B, Hq, Nq) in natural-log units.
+    poison them with NaN first); lse is float32 (B, Hq, Nq) in natural-log units. `check`: a
+    flashkit.finite.Deferred of Q, K, V for a rung whose kernel tests its inputs (checks_inputs): the
+    kernel claims it (or the separate scan starts, before the launch).
     """
     import cupy
 
@@ -134,8 +141,25 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
         from flashkit.gpu.tma import tensor_maps
 
         args += (tensor_maps(Q, K, V, Br, Bc),)
-    fn((-(-Nq // Br), Hq, B), threads, args, shared_mem=smem)
+    grid = (-(-Nq // Br), Hq, B)
+    fused = None
+    if spec.checks_inputs:
+        # causal (right = 0): the check goes to the heavy half of the query tiles, whose long key ranges hide its
+        # copies (measured on the H200: the whole grid cost causal calls 8-19%, light blocks outlasting their work)
+        columns = -(-grid[0] // 2) if right == 0 and CHECK_HEAVY_HALF else grid[0]
+        fused = check.claim((Q, K, V), columns * Hq * B, columns) if check is not None else None
+        args += fused.launch_args if fused is not None else NO_CHECK
+    elif check is not None:
+        check.start()
+    fn(grid, threads, args, shared_mem=smem)
+    if fused is not None:
+        fused.launched(cupy.cuda.get_current_stream())
     return O, lse
+
+
+CHECK_HEAVY_HALF = True  # False: causal grids check in all their blocks (benchmarks/gpu_input_check.py times both)
+# the fused check's arguments when it is off: no block tests anything (flashkit.finite.Fused.launch_args)
+NO_CHECK = (np.int32(0), np.int32(0), np.uint64(0), np.int32(0), np.int64(0), np.uint64(0))
 
 
 @functools.cache
@@ -157,8 +181,13 @@ def run(rung: int, problem):
     if problem.mask is not None:
         raise ValueError(f"rung {rung} does not support a custom mask (causal and sliding windows are supported)")
     O, lse = problem.new_outputs(lse_dtype="float32")
+    check = None
+    if RUNGS[rung].checks_inputs:  # validate.begin left the NaN/Inf check to this kernel
+        from flashkit import finite
+
+        check = next((c for c in problem.pending or () if isinstance(c, finite.Deferred)), None)
     return forward(rung, problem.Q, problem.K, problem.V, scale=problem.scale, window=problem.window,
-                   element=problem.element, block_size=problem.block_size, out=O, lse_out=lse)
+                   element=problem.element, block_size=problem.block_size, out=O, lse_out=lse, check=check)
 
 
 _BY_NAME = {r.name: r.number for r in RUNGS.values()}

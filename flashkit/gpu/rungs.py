@@ -25,6 +25,7 @@ from flashkit.registry import Backend
 
 HEAD_DIMS = (32, 64, 128)  # the head sizes every CUDA rung is compiled for (-DHEAD_DIM)
 ELEMENTS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # dtype name -> kernel element type
+INPUT_CHECK_SMEM = 3 * 16384  # rung 7's buffers for its fused NaN/Inf check: SCAN_SMEM of kernels/input_check.cuh
 DIRECTIONS = ("forward", "backward")
 
 PROBE = "flashkit.gpu:_probe"
@@ -74,8 +75,11 @@ class Rung:
     kernels         what one call launches, in order (Kernel rows); a forward rung launches one, `flash_fwd`
     defines_br      whether Br is a -DBR of the source (else fixed in it); defines_bc likewise
     arch            the exact compile target when the kernel needs one (e.g. "sm_90a"); None: the device's own
-    tensor_maps     whether the kernel takes TMA tensor maps as a last argument (flashkit.gpu.tma): of Q, K, V for
+    tensor_maps     whether the kernel takes TMA tensor maps as an argument (flashkit.gpu.tma): of Q, K, V for
                     a forward, of Q, K, V, dO for a backward (its main kernel)
+    checks_inputs   whether the forward kernel tests Q, K, V for NaN/Inf itself (its last six arguments:
+                    flashkit.finite.Fused.launch_args; kernels/input_check.cuh), so the public call needs no
+                    separate scan
     precision       "exact": the dtype's own arithmetic; "tf32": float32 inputs rounded to TF32 for the
                     tensor cores (opt-in only, flashkit.attention(..., precision="tf32"); lowest priority,
                     so "auto" never picks it otherwise; flashkit.gpu.check holds it to a TF32 reference)
@@ -103,6 +107,7 @@ class Rung:
     defines_bc: bool = True
     arch: Optional[str] = None
     tensor_maps: bool = False
+    checks_inputs: bool = False
     precision: str = "exact"
     backward_runner: Optional[str] = None  # a forward row that also serves attention_backward (cupy-standard)
 
@@ -160,6 +165,7 @@ class Rung:
             priority=self.priority,
             probe=self.probe,
             rung=self.number,
+            checks_inputs=self.checks_inputs,
         )
 
 
@@ -244,8 +250,8 @@ RUNGS = (
         default_blocks={64: (192, 128), 128: (128, 128)},
         allowed_blocks=((64, 64), (64, 128), (128, 64), (128, 128), (192, 64), (192, 128)),
         threads=lambda Br, Bc: 128 * (Br // 64 + 1),
-        smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 8 * 9 + 1024,
-        arch="sm_90a", tensor_maps=True,
+        smem=lambda d, Br, Bc: 2 * d * (Br + 4 * Bc) + 128 + INPUT_CHECK_SMEM + 1024,
+        arch="sm_90a", tensor_maps=True, checks_inputs=True,
     ),
     # K_s, V_s [2 stages][Bc][d+4], fp32; 4 warps x 16 rows fix Br = 64. Default Bc = 32 at d = 128 (204 registers,
     # 67.6 KB: two blocks per SM; Bc = 64 takes 223 registers and 135 KB, one block per SM); not swept yet.

@@ -73,6 +73,7 @@
 #include "common.cuh"    // INFINITY, fast_exp2, row_lo / row_hi (the window rule)
 #include "elements.cuh"  // T, MMA_TYPE, pack2
 #include "hopper.cuh"    // wgmma fences and waits, descriptors, mbarriers, TMA
+#include "input_check.cuh"  // check_share: the NaN/Inf check of Q, K, V by the producer warpgroup's idle warps
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128  // d: 64 or 128 (set by the loader)
@@ -244,11 +245,17 @@ struct __align__(64) TensorMaps { unsigned long long q[16], k[16], v[16]; };
 
 // Shared memory (bytes from a 1024-aligned base): Q_s [NHALF][BR][64], K_s [STAGES][NHALF][BC][64],
 // V_s [STAGES][NHALF][BC][64], each [rows][64] block 128-byte swizzled (hopper_layout.swizzle128), then the
-// mbarriers. Grid: (Tr, Hq, B), block: NT threads.
+// mbarriers (128 bytes), then the input check's SCAN_STAGES buffers (input_check.cuh). Grid: (Tr, Hq, B), block:
+// NT threads. The last six arguments are the fused NaN/Inf check of Q, K, V (flashkit.finite.Fused): the blocks
+// of the first check_columns values of blockIdx.x are numbered column-first, and those numbered below check_shares
+// each test one share of them; check_shares = 0 turns it off. Causal grids check in their heavy half only
+// (blockIdx.x < Tr / 2, the longest key ranges: see i0), where the copies hide behind the most compute.
 extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
     T* __restrict__ O, float* __restrict__ lse,
-    int Hq, int Hkv, int Nq, int Nk, float scale_log2, int left, int right, const TensorMaps* __restrict__ maps) {
+    int Hq, int Hkv, int Nq, int Nk, float scale_log2, int left, int right, const TensorMaps* __restrict__ maps,
+    int check_columns, int check_shares, unsigned long long check_flags, int check_done_word, long long check_serial,
+    unsigned long long* check_count) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned base = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const unsigned Q_s = base;
@@ -260,6 +267,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
     #define FULL_V(s) (bars + 8 * (1 + STAGES + (s)))      // V_j landed in stage s
     #define EMPTY_K(s) (bars + 8 * (1 + 2 * STAGES + (s))) // every consumer thread is done with K in stage s
     #define EMPTY_V(s) (bars + 8 * (1 + 3 * STAGES + (s))) // ... with V in stage s
+    const unsigned check_bars = bars + 8 * (1 + 4 * STAGES);  // SCAN_STAGES: a chunk of the input check landed
+    const unsigned check_buf = bars + 128;
+    static_assert(8 * (1 + 4 * STAGES + SCAN_STAGES) <= 128, "the mbarriers must fit in front of the check's buffers");
 
     const int tid = threadIdx.x;
     const int wg = tid / 128;  // warpgroup
@@ -281,6 +291,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
             mbar_init(EMPTY_K(s), 128 * NC);
             mbar_init(EMPTY_V(s), 128 * NC);
         }
+        for (int s = 0; s < SCAN_STAGES; ++s) mbar_init(check_bars + 8 * s, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
     }
     __syncthreads();
@@ -307,11 +318,17 @@ extern "C" __global__ void __launch_bounds__(NT, 1) flash_fwd(
     };
 
 #if WARP_SPECIALIZE
-    if (wg == 0) {  // producer warpgroup: one thread issues every copy; the others have nothing to do
+    if (wg == 0) {  // producer warpgroup: one thread issues every copy; warps 1-3 check the inputs, in some blocks
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REG_PRODUCER));
         if (tid == 0 && n_tiles > 0) {
             issue_q();
             for (int t = 0; t < n_tiles; ++t) issue_tile(t);
+        }
+        const int block = blockIdx.x + check_columns * (blockIdx.y + gridDim.y * blockIdx.z);
+        if (tid >= 32 && (int)blockIdx.x < check_columns && block < check_shares) {
+            const long long q16 = (long long)gridDim.z * Hq * Nq * D / 8, kv16 = (long long)gridDim.z * Hkv * Nk * D / 8;
+            check_share(Q, K, V, q16, kv16, block, check_shares, check_buf, check_bars, check_flags, check_done_word,
+                        check_serial, check_count);
         }
         return;
     }
