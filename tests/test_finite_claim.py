@@ -78,3 +78,16 @@ def test_begin_leaves_the_check_to_a_kernel_that_checks_its_inputs(recorded, che
     problem = SimpleNamespace(pending=[finite.Deferred(np, arrays, ("float16",) * 3, ("q", "k", "v"))])
     validate.begin(problem, SimpleNamespace(checks_inputs=checks_inputs))
     assert recorded == ([] if checks_inputs else [("scan", 3)])
+
+
+def test_the_kernel_checks_where_its_blocks_have_work_to_hide_it():
+    from flashkit.gpu.flash import check_columns
+
+    causal, full = (-1, 0), (-1, -1)
+    assert check_columns(4096, 4096, 128, 128, full) == 32  # every query tile: 32 key tiles each
+    assert check_columns(8192, 8192, 128, 128, causal) == 32  # the heavy half of 64: 48 key tiles on average
+    assert check_columns(8192, 8192, 192, 128, causal) == 22
+    assert check_columns(2048, 2048, 128, 128, full) == 0  # 16 key tiles: the separate scan
+    assert check_columns(4096, 4096, 128, 128, causal) == 0  # 24 on average
+    assert check_columns(1, 8192, 128, 128, full) == 1  # one query tile over 64 key tiles
+    assert check_columns(4096, 4096, 128, 128, (512, 0)) == 0  # a window of 4-5 tiles

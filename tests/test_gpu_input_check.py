@@ -6,7 +6,9 @@ of the first blocks), each copied 16 KB at a time into shared memory. A bad valu
 at the first and last element of each array, at the edges of shares and of chunks, and in the middle, in float16
 and bfloat16, for shapes with one share and with many, GQA and Nq != Nk: each call must raise naming the argument,
 and a clean call after it must pass (the blocks' count starts again with every call). The separate scan is
-made to fail in these tests, so a pass cannot come from it.
+made to fail in these tests, so a pass cannot come from it, and the fused check is taken on every shape
+(by default only where its blocks have enough work to hide it: flashkit.gpu.flash.check_columns, tested on
+the CPU in tests/test_finite_claim.py).
 """
 import numpy as np
 import pytest
@@ -32,7 +34,16 @@ BAD = (np.nan, np.inf, -np.inf)
 
 
 @pytest.fixture
-def no_separate_scan(monkeypatch):
+def fused_everywhere(monkeypatch):
+    """The fused check on every shape, not only where it pays (flash.check_columns: 32 key tiles a block)."""
+    monkeypatch.setattr(flash, "CHECK_MIN_KEY_TILES", 0)
+    flash.check_columns.cache_clear()
+    yield
+    flash.check_columns.cache_clear()
+
+
+@pytest.fixture
+def no_separate_scan(monkeypatch, fused_everywhere):
     def refuse(*args, **kwargs):
         raise AssertionError("the separate scan ran: rung 7 was to check its inputs itself")
 
@@ -106,7 +117,7 @@ def test_the_public_call_is_the_rung_alone(no_separate_scan):
         assert bool((o == o_r).all()) and bool((lse.reshape(lse_r.shape) == lse_r).all())
 
 
-def test_auto_takes_the_fused_check_and_the_switch_turns_it_off(monkeypatch):
+def test_auto_takes_the_fused_check_and_the_switch_turns_it_off(monkeypatch, fused_everywhere):
     q, k, v = _inputs((1, 4, 4, 512, 512, 64), "float16", seed=6)
     assert registry.choose(validate.check(q, k, v, finite=False), "auto").name == RUNG
     started = []

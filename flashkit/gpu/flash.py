@@ -144,10 +144,10 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
     grid = (-(-Nq // Br), Hq, B)
     fused = None
     if spec.checks_inputs:
-        # causal (right = 0): the check goes to the heavy half of the query tiles, whose long key ranges hide its
-        # copies (measured on the H200: the whole grid cost causal calls 8-19%, light blocks outlasting their work)
-        columns = -(-grid[0] // 2) if right == 0 and CHECK_HEAVY_HALF else grid[0]
-        fused = check.claim((Q, K, V), columns * Hq * B, columns) if check is not None else None
+        columns = check_columns(Nq, Nk, Br, Bc, tuple(window)) if check is not None else 0
+        fused = check.claim((Q, K, V), columns * Hq * B, columns) if columns else None
+        if check is not None and fused is None:
+            check.start()  # the separate scan, launched before the kernel
         args += fused.launch_args if fused is not None else NO_CHECK
     elif check is not None:
         check.start()
@@ -158,6 +158,35 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
 
 
 CHECK_HEAVY_HALF = True  # False: causal grids check in all their blocks (benchmarks/gpu_input_check.py times both)
+CHECK_MIN_KEY_TILES = 32  # the fused check only where its blocks average this many K/V tiles each (see check_columns)
+
+
+@functools.lru_cache(maxsize=256)
+def check_columns(Nq: int, Nk: int, Br: int, Bc: int, window: tuple) -> int:
+    """How many values of blockIdx.x take shares of rung 7's fused NaN/Inf check (kernels/input_check.cuh), or 0
+    for the separate scan instead.
+
+    A block's share (finite.FUSED_SHARE bytes) hides behind its compute only if the block has enough of it:
+    measured on an H200 (benchmarks/results/gpu-input-check-h200.json, fp16, B*N = 16384, H*d = 2048, 7
+    interleaved rounds), the public call over the kernel alone was 1.01-1.05x with the fused check against
+    1.03-1.08x with the separate scan where the checking blocks average 32 or more key tiles of 128 (N >= 4096
+    non-causal, N = 8192 causal), but 1.09-1.78x against 1.08-1.19x with 8-16 tiles (N = 2048), and mixed with 24
+    (N = 4096 causal: 1.05x against 1.08x at d = 64, 1.24x against 1.07x at d = 128, the answer coming late).
+    Causal grids (right = 0) check in their heavy half (blockIdx.x < Tr / 2: the kernel runs the longest key
+    ranges first), where the whole grid cost causal calls 8-37%: light blocks outlasted their work."""
+    from flashkit.masks import row_bounds
+
+    lo, hi = row_bounds(Nq, Nk, window)
+    Tr = -(-Nq // Br)
+    tiles = []
+    for x in range(Tr):  # as the kernel: block x computes query tile Tr - 1 - x
+        i0 = (Tr - 1 - x) * Br
+        begin, end = int(lo[i0]), int(hi[min(i0 + Br, Nq) - 1])
+        first = begin // Bc * Bc
+        tiles.append(-(-(end - first) // Bc) if end > first else 0)
+    columns = -(-Tr // 2) if window[1] == 0 and CHECK_HEAVY_HALF else Tr
+    return columns if sum(tiles[:columns]) >= CHECK_MIN_KEY_TILES * columns else 0
+
 # the fused check's arguments when it is off: no block tests anything (flashkit.finite.Fused.launch_args)
 NO_CHECK = (np.int32(0), np.int32(0), np.uint64(0), np.int32(0), np.int64(0), np.uint64(0))
 
