@@ -132,7 +132,7 @@ def test_auto_takes_the_fused_check_and_the_switch_turns_it_off(monkeypatch, fus
     assert started == [1]
 
 
-def test_a_count_that_never_completes_ends_with_the_kernel():
+def test_a_count_that_never_completes_ends_with_the_kernel(fused_everywhere):
     """The end event is the backstop: with more shares than blocks the count cannot complete, and the
     wait must return once the kernel has ended (never hang), with the shares that ran reported."""
     q, k, v = _inputs((1, 2, 2, 256, 256, 64), "float16", seed=7)
