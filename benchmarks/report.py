@@ -58,7 +58,7 @@ def results_section() -> str:
         elif data.get("benchmark", "benchmarks/cpu_forward.py") == "benchmarks/cpu_forward.py":  # not cpu-mods-*, cpu-small-*
             parts.append(_cpu_headline(path, data))
     gpu = [(p, d) for p, d in _load("gpu-*.json") if not p.name.startswith(("gpu-session-", "gpu-ring-"))]
-    forward = [(p, d) for p, d in gpu if not p.name.startswith(("gpu-bwd-", "gpu-overhead-", "gpu-mods-"))]
+    forward = [(p, d) for p, d in gpu if not p.name.startswith(("gpu-bwd-", "gpu-overhead-", "gpu-mods-", "gpu-input-check-"))]
     backward = [(p, d) for p, d in gpu if p.name.startswith("gpu-bwd-")]
     if forward:
         parts.append(_gpu_table(forward, "forward"))
@@ -69,6 +69,8 @@ def results_section() -> str:
             parts.append(_gpu_overhead_headline(path, data))
         elif path.name.startswith("gpu-mods-"):
             parts.append(_gpu_mods_headline(path, data))
+        elif path.name.startswith("gpu-input-check-"):
+            parts.append(_gpu_input_check_headline(path, data))
     for path, data in _load("decode-*.json"):
         parts.append(_decode_headline(path, data))
     if not parts:
@@ -199,15 +201,18 @@ def _gpu_overhead_headline(path, data) -> str:
         out += ["**GPU public call against the rung alone**, B*N=16384, H*d=2048: auto's rung called directly (ms) and "
                 "flashkit.attention's time over it, with its NaN/Inf scan (the default) and with check_finite=False; "
                 "rung 6 likewise", "",
-                "| d | N | causal | dtype | rung | alone (ms) | public | unchecked | rung 6 (ms) | rung 6 public |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| d | N | causal | dtype | rung | alone (ms) | public | separate scan | unchecked | rung 6 (ms) | rung 6 public |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         cells = {}
         for r in shaped:
             cells.setdefault((r["d"], r["N"], r["causal"], r["dtype"], r["auto_rung"]), {})[r["what"]] = r["ms"]
         for (d, N, causal, dtype, rung), ms in cells.items():
             a, r6 = ms["auto's rung alone"], ms["rung 6 alone"]
             out.append(f"| {d} | {N} | {'yes' if causal else 'no'} | {dtype} | {rung} | {a:.3f} | "
-                       f"{ms['flashkit.attention'] / a:.3f}x | {ms['flashkit.attention(check_finite=False)'] / a:.3f}x | "
+                       f"{ms['flashkit.attention'] / a:.3f}x | "
+                       + (f"{ms['flashkit.attention (separate scan)'] / a:.3f}x | "
+                          if "flashkit.attention (separate scan)" in ms else " | ")
+                       + f"{ms['flashkit.attention(check_finite=False)'] / a:.3f}x | "
                        f"{r6:.3f} | "
                        f"{ms['flashkit.attention(backend=cupy-mma-2tile)'] / r6:.3f}x |")
         out += ["", "Pieces, B=4, N=4096, H=32, d=64, not causal (ms per call)", ""]
@@ -217,6 +222,22 @@ def _gpu_overhead_headline(path, data) -> str:
     for r in rows:
         if "auto_rung" not in r and "ms" in r:
             out.append(f"| {r['dtype']} | {r['what']} | {r['ms']:.3f} |")
+    return "\n".join(out + ["", _label(path, data)])
+
+
+def _gpu_input_check_headline(path, data) -> str:
+    """Rung 7's NaN/Inf check inside its kernel (benchmarks/gpu_input_check.py): per shape and variant, the kernel
+    with the check and the public call with it or with the separate scan, over the kernel alone (medians of
+    interleaved rounds), and when the answer came."""
+    out = ["**GPU NaN/Inf check inside rung 7's kernel**, fp16, B*N=16384, H*d=2048 (time over the kernel alone, "
+           "median of interleaved rounds; flashkit.gpu.flash.check_columns picks the fused check where it pays)", "",
+           "| d | N | causal | variant | kernel alone (ms) | kernel with the check | public, fused | public, separate scan "
+           "| answer / kernel end (ms) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["results"]:
+        q = r["ratios"]
+        out.append(f"| {r['d']} | {r['N']} | {'yes' if r['causal'] else 'no'} | {r['variant']} | {r['alone_ms']:.3f} | "
+                   f"{q['fused']:.3f}x | {q['public']:.3f}x | {q['separate']:.3f}x | "
+                   f"{r['answer_ms']:.2f} / {r['end_ms']:.2f} |")
     return "\n".join(out + ["", _label(path, data)])
 
 
