@@ -37,6 +37,10 @@
 //     the full flashkit.gpu.check with these defaults (gpu-session-h200.json: 191/191).
 //   The public call (flashkit.attention, NaN/Inf scan included) over this rung alone, same run: 1.025-1.150x
 //     (gpu-overhead-h200-history6.json: 1.05-1.18x with the scan, 1.01-1.12x without it).
+//   The NaN/Inf check inside this kernel (input_check.cuh: the producer warpgroup's idle warps bulk-copy and test a
+//     share of Q, K, V while the consumers compute; taken where its blocks average >= 32 key tiles, flash.check_columns):
+//     public / alone 1.024-1.033x against the separate scan's 1.037-1.063x in the same interleaved rounds (N 4096-8192,
+//     gpu-input-check-h200.json); the kernel itself 1.010-1.025x with the check. Shorter kernels keep the separate scan.
 // Expected (written before the first run): well above rung 6's ~300 TFLOP/s.
 // Measured for the default (rung7-h200.json; 1.41-1.77x rung 6 in the same run; the goal, >= 1.0x cuDNN, is not
 //   met: 0.87-0.98x):
