@@ -8,7 +8,8 @@ alone (flashkit.gpu.flash.run on a validated Problem), beside: flashkit.attentio
 NaN/Inf check of q, k, v inside rung 7's kernel, flashkit/gpu/kernels/input_check.cuh), the same with the
 separate scan on a side stream (flashkit.finite.separate_scan(), the way before), the same with
 check_finite=False, and rung 6 alone and public (rung 6 always uses the separate scan). Timing: flashkit.measure.timing.stream_time (calls back to
-back, as a training loop issues them; median of 3 rounds). Then, at d=64, N=4096, the pieces of the
+back, as a training loop issues them), the pieces in interleaved rounds (--rounds, 5): per piece the median
+of its rounds, per ratio the median of the rounds' own ratios. Then, at d=64, N=4096, the pieces of the
 difference: validate.check, the scan alone (start + wait), registry.choose; and the backward (the rung
 alone, with its in-kernel lse check reported and waited for, attention_backward, validate.check_backward).
 Results: benchmarks/results/gpu-overhead-<card>.json.
@@ -16,6 +17,7 @@ Results: benchmarks/results/gpu-overhead-<card>.json.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="N = 4096 only")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per shape (medians reported)")
     args = ap.parse_args(argv)
 
     import cupy
@@ -53,7 +56,7 @@ def main(argv=None):
     rows, ratios = [], []  # ratios: a public call's time over its rung's, per shape (kept apart: rows all have ms)
 
     def timed(fn):
-        return stream_time(fn, calls=20, rounds=3, budget_s=0.3)["median_s"] * 1e3
+        return stream_time(fn, calls=20, rounds=1, budget_s=0.15)["median_s"] * 1e3
 
     for d in (64, 128):
         for N in ((4096,) if args.quick else (2048, 4096)):
@@ -82,20 +85,24 @@ def main(argv=None):
                         "flashkit.attention(backend=cupy-mma-2tile)": public(backend="cupy-mma-2tile"),
                     }
                     meta = dict(dtype=dtype, B=B, N=N, H=H, d=d, causal=causal, auto_rung=auto)
-                    by = {}
-                    for name, fn in pieces.items():
-                        by[name] = ms = timed(fn)
-                        rows.append(dict(meta, what=name, ms=ms))
-                    for public_name, alone in (("flashkit.attention", "auto's rung alone"),
-                                               ("flashkit.attention (separate scan)", "auto's rung alone"),
-                                               ("flashkit.attention(check_finite=False)", "auto's rung alone"),
-                                               ("flashkit.attention(backend=cupy-mma-2tile)", "rung 6 alone")):
-                        ratios.append(dict(meta, what=f"{public_name} / {alone}", ratio=by[public_name] / by[alone]))
+                    # interleaved rounds: the GPU's clocks drift over a run by more than the few percent looked for
+                    rounds = [{name: timed(fn) for name, fn in pieces.items()} for _ in range(args.rounds)]
+                    by = {name: statistics.median(r[name] for r in rounds) for name in pieces}
+                    for name in pieces:
+                        rows.append(dict(meta, what=name, ms=by[name], rounds_ms=[r[name] for r in rounds]))
+                    pairs = (("flashkit.attention", "auto's rung alone"),
+                             ("flashkit.attention (separate scan)", "auto's rung alone"),
+                             ("flashkit.attention(check_finite=False)", "auto's rung alone"),
+                             ("flashkit.attention(backend=cupy-mma-2tile)", "rung 6 alone"))
+                    for public_name, alone in pairs:  # the median of the rounds' own ratios
+                        ratios.append(dict(meta, what=f"{public_name} / {alone}",
+                                           ratio=statistics.median(r[public_name] / r[alone] for r in rounds)))
+                    ratio = {(p_, a_): statistics.median(r[p_] / r[a_] for r in rounds) for p_, a_ in pairs}
                     a, r6 = by["auto's rung alone"], by["rung 6 alone"]
+                    public, separate, unchecked, public6 = ratio.values()
                     print(f"{dtype:9} d={d:3} N={N:5} causal={causal!s:5} rung {auto} alone {a:.3f} ms; public "
-                          f"{by['flashkit.attention'] / a:.3f}x (separate scan {by['flashkit.attention (separate scan)'] / a:.3f}x), "
-                          f"unchecked {by['flashkit.attention(check_finite=False)'] / a:.3f}x; "
-                          f"rung 6 {r6:.3f} ms, public {by['flashkit.attention(backend=cupy-mma-2tile)'] / r6:.3f}x", flush=True)
+                          f"{public:.3f}x (separate scan {separate:.3f}x), unchecked {unchecked:.3f}x; "
+                          f"rung 6 {r6:.3f} ms, public {public6:.3f}x", flush=True)
                     del q, k, v, ts, p
                     cupy.get_default_memory_pool().free_all_blocks()
 
