@@ -64,8 +64,9 @@ class Problem:
     mask_mod: Optional[Callable] = None  # mask_mod(b, h, q_idx, kv_idx) -> bool, True = may attend (and'ed)
     block_mask: Optional[Any] = None  # a BlockMask of mask_mod for these shapes; block_size is then its tiles
     # Checks still running on the GPU, each with an `error()` that waits for it: the finiteness scan of
-    # validate.check(finite="async") (flashkit.finite.Pending), and what a backend appends (the CUDA backward's
-    # lse check). The caller launches its kernels, then validate.finish(problem) waits and raises if one flagged.
+    # validate.check(finite="async") (flashkit.finite.Deferred until validate.begin starts it or a kernel that tests
+    # its own inputs claims it), and what a backend appends (the CUDA backward's lse check). The caller calls
+    # validate.begin, launches its kernels, then validate.finish(problem) waits and raises if one flagged.
     pending: Optional[list] = None
 
     # Shapes, named as in the papers.
