@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from flashkit.atomic import write_text
+from flashkit.measure.gpu_results import kind_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -57,20 +58,17 @@ def results_section() -> str:
             parts.append(_cpu_backward_headline(path, data))
         elif data.get("benchmark", "benchmarks/cpu_forward.py") == "benchmarks/cpu_forward.py":  # not cpu-mods-*, cpu-small-*
             parts.append(_cpu_headline(path, data))
-    gpu = [(p, d) for p, d in _load("gpu-*.json") if not p.name.startswith(("gpu-session-", "gpu-ring-"))]
-    forward = [(p, d) for p, d in gpu if not p.name.startswith(("gpu-bwd-", "gpu-overhead-", "gpu-mods-", "gpu-input-check-"))]
-    backward = [(p, d) for p, d in gpu if p.name.startswith("gpu-bwd-")]
+    gpu = [(p, d) for p, d in _load("gpu-*.json") if kind_of(p) not in ("session", "ring")]
+    forward = [(p, d) for p, d in gpu if kind_of(p) == "forward"]
+    backward = [(p, d) for p, d in gpu if kind_of(p) == "backward"]
     if forward:
         parts.append(_gpu_table(forward, "forward"))
     if backward:
         parts.append(_gpu_table(backward, "backward"))
+    headline = {"overhead": _gpu_overhead_headline, "mods": _gpu_mods_headline, "input-check": _gpu_input_check_headline}
     for path, data in gpu:
-        if path.name.startswith("gpu-overhead-"):
-            parts.append(_gpu_overhead_headline(path, data))
-        elif path.name.startswith("gpu-mods-"):
-            parts.append(_gpu_mods_headline(path, data))
-        elif path.name.startswith("gpu-input-check-"):
-            parts.append(_gpu_input_check_headline(path, data))
+        if kind_of(path) in headline:
+            parts.append(headline[kind_of(path)](path, data))
     for path, data in _load("decode-*.json"):
         parts.append(_decode_headline(path, data))
     if not parts:

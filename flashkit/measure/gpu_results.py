@@ -89,14 +89,23 @@ def committed_files() -> List[Path]:
     return sorted(p for p in RESULTS.glob("gpu-*.json") if "-history" not in p.stem)
 
 
+# What a GPU results file records, by how its name starts; anything else is the forward ladder (gpu-<card>.json)
+KINDS = {"gpu-bwd": "backward", "gpu-overhead": "overhead", "gpu-mods": "mods", "gpu-ring": "ring",
+         "gpu-session": "session", "gpu-input-check": "input-check"}
+
+
+def kind_of(path) -> str:
+    """The kind of a GPU results file: "forward" or one of KINDS' values."""
+    return next((k for prefix, k in KINDS.items() if Path(path).stem.startswith(prefix)), "forward")
+
+
 def card_and_ceilings(path) -> dict:
-    """{"file", "card", "date", "kind" ("forward", "backward", "overhead", "mods", "ring" or "session"), "ceilings"} of one results
-    file, the ceilings as `ceilings()` gives them ({} of each when the file records none)."""
+    """{"file", "card", "date", "kind" ("forward" or one of KINDS' values), "ceilings"} of one results file, the
+    ceilings as `ceilings()` gives them ({} of each when the file records none)."""
     path = Path(path)
     with open(path) as f:
         data = json.load(f)
-    kinds = {"gpu-bwd": "backward", "gpu-overhead": "overhead", "gpu-mods": "mods", "gpu-ring": "ring", "gpu-session": "session"}
-    kind = next((k for prefix, k in kinds.items() if path.stem.startswith(prefix)), "forward")
+    kind = kind_of(path)
     recorded = data.get("ceilings") or {}
     return {"file": path.name, "card": str(data.get("card", "card not recorded")), "date": str(data.get("date", ""))[:10],
             "kind": kind, "gemm_tflops": {str(k): float(v) for k, v in (recorded.get("gemm_tflops") or {}).items()},
