@@ -284,8 +284,9 @@ class Deferred:
 
     def claim(self, arrays, grid_blocks, columns=1 << 30):
         """For a kernel about to read `arrays` (the same objects) with `grid_blocks` blocks able to take a share
-        (those with blockIdx.x < columns): a `Fused` check it runs (its launch_args, then launched(stream)), or
-        None: then the separate scan has been started, or was already, and the kernel launches without it."""
+        (those with blockIdx.x < columns; 0: none, the kernel declines): a `Fused` check it runs (its
+        launch_args, then launched(stream)), or None: then the separate scan has been started, or was already,
+        and the kernel launches without it."""
         if self._check is None and FUSE:
             same = len(arrays) == len(self.arrays) and all(a is b for a, b in zip(arrays, self.arrays))
             shares = fused_shares(self.arrays, grid_blocks) if same else 0

@@ -16,6 +16,17 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(flashkit.problem, "POISON", True)
 
 
+def cupy_or_skip():
+    """CuPy, when a CUDA device answers; else the calling test module is skipped (call it at module level)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device", allow_module_level=True)
+    except Exception as exc:  # CuPy installed without a driver
+        pytest.skip(f"no CUDA device ({exc})", allow_module_level=True)
+    return cupy
+
+
 def cpu_backends():
     """Names of the CPU backends that can run here (the GPU ones are tested in test_gpu*.py)."""
     return [b.name for b in registry.all_backends() if b.device == "cpu" and b.available]

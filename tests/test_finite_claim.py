@@ -49,7 +49,7 @@ def test_the_kernel_claims_the_check_of_the_arrays_it_reads(recorded):
     assert recorded == [("fused", 12)]
 
 
-@pytest.mark.parametrize("why", ["other arrays", "too much per block", "switched off"])
+@pytest.mark.parametrize("why", ["other arrays", "too much per block", "no block takes it", "switched off"])
 def test_otherwise_the_scan_starts_before_the_kernel(recorded, why):
     arrays = [fake(1 << 20) for _ in range(3)]
     check = finite.Deferred(np, arrays, ("float16",) * 3, ("q", "k", "v"))
@@ -57,6 +57,8 @@ def test_otherwise_the_scan_starts_before_the_kernel(recorded, why):
         got = check.claim([fake(1 << 20) for _ in range(3)], grid_blocks=1000)
     elif why == "too much per block":
         got = check.claim(arrays, grid_blocks=1)
+    elif why == "no block takes it":  # flash.check_columns found too little work to hide it
+        got = check.claim(arrays, grid_blocks=0, columns=0)
     else:
         with finite.separate_scan():
             got = check.claim(arrays, grid_blocks=1000)
@@ -91,3 +93,14 @@ def test_the_kernel_checks_where_its_blocks_have_work_to_hide_it():
     assert check_columns(4096, 4096, 128, 128, causal) == 0  # 24 on average
     assert check_columns(1, 8192, 128, 128, full) == 1  # one query tile over 64 key tiles
     assert check_columns(4096, 4096, 128, 128, (512, 0)) == 0  # a window of 4-5 tiles
+
+
+def test_rung_7_reserves_the_shared_memory_its_check_uses():
+    import re
+    from pathlib import Path
+
+    from flashkit.gpu import rungs
+
+    source = (Path(rungs.__file__).parent / "kernels" / "input_check.cuh").read_text()
+    chunk, stages = (int(re.search(rf"#define {name} (\d+)", source).group(1)) for name in ("SCAN_CHUNK", "SCAN_STAGES"))
+    assert chunk * stages == rungs.INPUT_CHECK_SMEM

@@ -8,12 +8,9 @@ with -inf allowed or not.
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no CUDA device", allow_module_level=True)
-except Exception as exc:  # CuPy installed without a driver
-    pytest.skip(f"no CUDA device ({exc})", allow_module_level=True)
+from conftest import cupy_or_skip
+
+cupy = cupy_or_skip()
 
 from flashkit import finite  # noqa: E402
 

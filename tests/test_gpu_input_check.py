@@ -13,12 +13,9 @@ the CPU in tests/test_finite_claim.py).
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no CUDA device", allow_module_level=True)
-except Exception as exc:  # CuPy installed without a driver
-    pytest.skip(f"no CUDA device ({exc})", allow_module_level=True)
+from conftest import cupy_or_skip
+
+cupy = cupy_or_skip()
 
 import flashkit  # noqa: E402
 from flashkit import finite, registry, validate  # noqa: E402

@@ -7,14 +7,9 @@ the caller's dtype. Skips without a GPU.
 import numpy as np
 import pytest
 
-from conftest import oracle, rel_err
+from conftest import cupy_or_skip, oracle, rel_err
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no CUDA device", allow_module_level=True)
-except Exception as exc:  # CuPy installed without a driver
-    pytest.skip(f"no CUDA device ({exc})", allow_module_level=True)
+cupy = cupy_or_skip()
 
 import flashkit  # noqa: E402
 from flashkit.gpu.standard import bf16_bits_to_float32  # noqa: E402

@@ -143,14 +143,13 @@ def forward(rung: int, Q, K, V, *, scale: float, window=(-1, -1), element: Optio
         args += (tensor_maps(Q, K, V, Br, Bc),)
     grid = (-(-Nq // Br), Hq, B)
     fused = None
-    if spec.checks_inputs:
-        columns = check_columns(Nq, Nk, Br, Bc, tuple(window)) if check is not None else 0
-        fused = check.claim((Q, K, V), columns * Hq * B, columns) if columns else None
-        if check is not None and fused is None:
-            check.start()  # the separate scan, launched before the kernel
-        args += fused.launch_args if fused is not None else NO_CHECK
+    if check is not None and spec.checks_inputs:  # None: the claim started the separate scan, before the launch
+        columns = check_columns(Nq, Nk, Br, Bc, tuple(window))
+        fused = check.claim((Q, K, V), columns * Hq * B, columns)
     elif check is not None:
         check.start()
+    if spec.checks_inputs:
+        args += fused.launch_args if fused is not None else NO_CHECK
     fn(grid, threads, args, shared_mem=smem)
     if fused is not None:
         fused.launched(cupy.cuda.get_current_stream())
